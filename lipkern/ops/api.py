@@ -1,0 +1,272 @@
+"""Public op functions: argument checking, normalisation, and the backend dispatcher.
+
+Every backend receives the same normalised arguments (float32 ``()``/``(C,)`` threshold and
+centre on ``x``'s device, non-negative ``channel_dim``) and must agree with
+:mod:`lipkern.ops.reference`. Backends:
+
+- ``"reference"``: :mod:`lipkern.ops.reference`, pure PyTorch, any device.
+- ``"cpu"``: the C++ kernels of ``lipkern._C``, through the ``lipkern::*`` ops.
+- ``"triton"``: :mod:`lipkern.ops.triton_backend`; on CUDA through the ``lipkern::*`` ops, on CPU
+  tensors only under ``TRITON_INTERPRET=1`` (the Triton interpreter).
+- ``"auto"``: ``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional, Protocol
+
+import torch
+
+from lipkern import _ext
+from lipkern.ops import library  # noqa: F401  (defines the lipkern::* ops)
+from lipkern.ops import reference
+from lipkern.ops.reference import ACTIVATIONS
+from lipkern.ops.stats import ChannelStats
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = ("auto", "cpu", "reference", "triton")
+
+
+class Backend(Protocol):
+    """What a backend provides; all arguments are normalised (see module docstring)."""
+
+    name: str
+
+    def supports(self, device: torch.device) -> Optional[str]:
+        """``None`` if tensors on ``device`` can run here, else the reason they cannot."""
+
+    def remap_act(self, x, threshold, center, act, channel_dim, straight_through): ...
+
+    def remap_act_stats(self, x, threshold, center, act, channel_dim): ...
+
+    def remap_act_(self, x, threshold, center, act, channel_dim): ...
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Backends that live in their own module, imported on first use: importing triton is slow and
+# must happen after TRITON_INTERPRET is decided.
+_LAZY_BACKENDS = {"triton": "lipkern.ops.triton_backend"}
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def _backend_object(name: str) -> Backend:
+    if name not in _REGISTRY and name in _LAZY_BACKENDS:
+        try:
+            importlib.import_module(_LAZY_BACKENDS[name])
+        except ImportError as error:
+            raise RuntimeError(
+                f"backend={name!r} is unavailable: importing {_LAZY_BACKENDS[name]} failed "
+                f"({error})"
+            ) from error
+    return _REGISTRY[name]
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def supports(self, device):
+        return None
+
+    def remap_act(self, x, threshold, center, act, channel_dim, straight_through):
+        return reference.remap_act_reference(
+            x, threshold, center, act, channel_dim, straight_through
+        )
+
+    def remap_act_stats(self, x, threshold, center, act, channel_dim):
+        return reference.remap_act_stats_reference(x, threshold, center, act, channel_dim)
+
+    def remap_act_(self, x, threshold, center, act, channel_dim):
+        reference.remap_act_inplace_reference(x, threshold, center, act, channel_dim)
+
+
+class OpsBackend:
+    """A backend whose kernels are registered on the ``lipkern::*`` ops for one device type."""
+
+    def __init__(self, name: str, device_type: str):
+        self.name, self.device_type = name, device_type
+
+    def supports(self, device):
+        if device.type != self.device_type:
+            return f"backend {self.name!r} runs on {self.device_type} tensors, x is on {device}"
+        return _ext.missing_reason()
+
+    def remap_act(self, x, threshold, center, act, channel_dim, straight_through):
+        return torch.ops.lipkern.remap_act(
+            x, threshold, center, act, channel_dim, straight_through
+        )
+
+    def remap_act_stats(self, x, threshold, center, act, channel_dim):
+        return torch.ops.lipkern.remap_act_stats(x, threshold, center, act, channel_dim)
+
+    def remap_act_(self, x, threshold, center, act, channel_dim):
+        torch.ops.lipkern.remap_act_(x, threshold, center, act, channel_dim)
+
+
+register_backend(ReferenceBackend())
+register_backend(OpsBackend("cpu", "cpu"))
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Names of the backends that can run tensors on ``device`` in this process."""
+    device = torch.device(device)
+    names = []
+    for name in ("reference", "cpu", "triton"):
+        try:
+            backend = _backend_object(name)
+        except RuntimeError:
+            continue
+        if backend.supports(device) is None:
+            names.append(name)
+    return names
+
+
+def _resolve_backend(backend, x: torch.Tensor) -> Backend:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if x.device.type == "cuda" else "cpu"
+    chosen = _backend_object(backend)
+    reason = chosen.supports(x.device)
+    if reason is not None:
+        error = _ext.ExtensionNotBuiltError if backend == "cpu" and x.is_cpu else RuntimeError
+        raise error(f"backend={backend!r} cannot run here: {reason}")
+    return chosen
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got dtype {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the channel axis), got a 0-d tensor")
+
+
+def _normalise_channel_dim(channel_dim, x: torch.Tensor) -> int:
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    if not -x.dim() <= channel_dim < x.dim():
+        raise ValueError(
+            f"channel_dim={channel_dim} is out of range for x with {x.dim()} dimensions "
+            f"(expected {-x.dim()} <= channel_dim < {x.dim()})"
+        )
+    return channel_dim % x.dim()
+
+
+def _normalise_parameter(name: str, value, x: torch.Tensor, channels: int) -> torch.Tensor:
+    """A threshold or centre as a float32 tensor of shape () or (C,) on x's device."""
+    is_threshold = name == "threshold"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+        if math.isnan(number):
+            raise ValueError(f"{name} must not be NaN")
+        if is_threshold and number < 0:
+            raise ValueError(f"threshold must be >= 0, got {number}")
+        if not is_threshold and math.isinf(number):
+            raise ValueError(f"center must be finite, got {number}")
+        return torch.full((), number, dtype=torch.float32, device=x.device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.shape not in ((), (channels,)):
+        raise ValueError(
+            f"{name} must have shape () or ({channels},) (the size of x along channel_dim), "
+            f"got {tuple(value.shape)}"
+        )
+    if value.device != x.device:
+        raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
+    value = value.detach().to(torch.float32).contiguous()
+    if value.is_cpu and not torch.compiler.is_compiling():
+        # On CUDA this check would cost a device sync per call; there the kernels trust the
+        # model layer, which validates thresholds when it sets them.
+        if torch.isnan(value).any():
+            raise ValueError(f"{name} must not contain NaN")
+        if is_threshold and (value < 0).any():
+            raise ValueError(f"threshold must be >= 0, got min {value.min().item()}")
+        if not is_threshold and torch.isinf(value).any():
+            raise ValueError("center must be finite")
+    return value
+
+
+def _normalise(x, threshold, act, center, channel_dim):
+    _check_x(x)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    channel_dim = _normalise_channel_dim(channel_dim, x)
+    channels = x.shape[channel_dim]
+    threshold = _normalise_parameter("threshold", threshold, x, channels)
+    if center is not None:
+        center = _normalise_parameter("center", center, x, channels)
+    return threshold, center, channel_dim
+
+
+def remap_act(
+    x: torch.Tensor,
+    threshold,
+    act: str = "gelu",
+    center=None,
+    channel_dim: int = -1,
+    backend: str = "auto",
+    straight_through: bool = False,
+) -> torch.Tensor:
+    """Fused ``act`` + threshold remap: ``a = act(x)``; ``y = c if |a - c| < t else a``.
+
+    Args:
+        x: float16, bfloat16 or float32 tensor; any layout (channels_last without a copy).
+        threshold: ``t >= 0``, a float or a tensor of shape ``()`` or ``(C,)``.
+        act: ``"identity"``, ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"silu"``.
+        center: ``None`` (remap to 0, the paper's forged function) or a float / ``()`` / ``(C,)``
+            tensor (the MeanSparse variant).
+        channel_dim: the channel axis of ``x`` (``-1`` for ``[..., C]``, ``1`` for NCHW).
+        backend: ``"auto"``, ``"cpu"``, ``"reference"`` or ``"triton"``.
+        straight_through: backward ignores the mask (``dx = dy * act'(x)``): the BPDA gradient
+            an adaptive attack uses. The forward value is unchanged.
+
+    Returns ``y`` in ``x``'s dtype and memory format, differentiable with respect to ``x``.
+    """
+    threshold, center, channel_dim = _normalise(x, threshold, act, center, channel_dim)
+    chosen = _resolve_backend(backend, x)
+    return chosen.remap_act(x, threshold, center, act, channel_dim, bool(straight_through))
+
+
+def remap_act_stats(
+    x: torch.Tensor,
+    threshold,
+    act: str = "gelu",
+    center=None,
+    channel_dim: int = -1,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, ChannelStats]:
+    """:func:`remap_act` plus per-channel statistics of ``act(x)`` taken in the same pass."""
+    threshold, center, channel_dim = _normalise(x, threshold, act, center, channel_dim)
+    chosen = _resolve_backend(backend, x)
+    y, amax, remapped, count, total, total_sq = chosen.remap_act_stats(
+        x, threshold, center, act, channel_dim
+    )
+    return y, ChannelStats(amax, remapped, count, total, total_sq)
+
+
+def remap_act_(
+    x: torch.Tensor,
+    threshold,
+    act: str = "relu",
+    center=None,
+    channel_dim: int = -1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """In-place :func:`remap_act` for inference: overwrites and returns ``x``."""
+    threshold, center, channel_dim = _normalise(x, threshold, act, center, channel_dim)
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "remap_act_ is for inference and overwrites x, which requires grad; "
+            "use lipkern.remap_act or run under torch.no_grad()"
+        )
+    chosen = _resolve_backend(backend, x)
+    chosen.remap_act_(x, threshold, center, act, channel_dim)
+    return x

@@ -1,0 +1,130 @@
+"""The semantics of every lipkern op, in plain PyTorch.
+
+This module is the ground truth: the C++ and Triton kernels are tested against it, and
+``backend="reference"`` runs it. It favours clarity over speed.
+
+All functions take *normalised* arguments (see :mod:`lipkern.ops.api`): ``threshold`` and
+``center`` are float32 tensors of shape ``()`` or ``(C,)`` on ``x``'s device, ``channel_dim`` is
+non-negative, ``act`` is one of :data:`ACTIVATIONS`.
+
+Per element, in float32::
+
+    a    = act(float32(x))
+    mask = |a - c| < t          # NaN compares false, so NaN is never remapped; t = 0 never remaps
+    y    = c if mask else a     # rounded once to x.dtype
+    dx   = dy * act'(x) * (1 if straight_through else not mask)
+
+Statistics are taken per channel on ``a`` before the remap: max |a| (float32, NaN propagates,
+0 for no elements), remapped and seen counts (int64), and the sum and sum of squares of ``a``
+(float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def activation_reference(x: torch.Tensor, act: str) -> torch.Tensor:
+    """``act(x)`` on a float32 tensor, with PyTorch's own eager kernels."""
+    if act == "identity":
+        return x
+    if act == "relu":
+        return torch.relu(x)
+    if act == "gelu":
+        return F.gelu(x)
+    if act == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if act == "silu":
+        return F.silu(x)
+    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def activation_backward_reference(grad_a: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
+    """``grad_a * act'(x)`` in float32, as PyTorch's autograd computes it.
+
+    ReLU'(0) = 0 as in PyTorch; ReLU'(NaN) is taken as 0 (x > 0 is false), so that every backend
+    can use the one comparison.
+    """
+    if act == "identity":
+        return grad_a
+    if act == "relu":
+        return grad_a * (x > 0).to(grad_a.dtype)
+    if act == "gelu":
+        return torch.ops.aten.gelu_backward(grad_a, x)
+    if act == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad_a, x, approximate="tanh")
+    if act == "silu":
+        return torch.ops.aten.silu_backward(grad_a, x)
+    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def _broadcast_per_channel(p: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    """View a () or (C,) parameter so that it broadcasts along ``channel_dim`` of an ndim tensor."""
+    if p.dim() == 0:
+        return p
+    shape = [1] * ndim
+    shape[channel_dim] = p.numel()
+    return p.view(shape)
+
+
+def _activate_and_mask(x, threshold, center, act, channel_dim):
+    a = activation_reference(x.float(), act)
+    t = _broadcast_per_channel(threshold, x.dim(), channel_dim)
+    c = None if center is None else _broadcast_per_channel(center, x.dim(), channel_dim)
+    distance = a.abs() if c is None else (a - c).abs()
+    return a, c, distance < t
+
+
+def _remapped(a, c, mask):
+    fill = torch.zeros((), dtype=a.dtype, device=a.device) if c is None else c
+    return torch.where(mask, fill, a)
+
+
+def remap_act_reference(x, threshold, center, act, channel_dim, straight_through=False):
+    """The fused op's output, differentiable through autograd.
+
+    With ``straight_through`` the forward value is unchanged but the gradient skips the mask
+    (the BPDA gradient an adaptive attacker uses).
+    """
+    a, c, mask = _activate_and_mask(x, threshold, center, act, channel_dim)
+    y = _remapped(a, c, mask)
+    if straight_through:
+        y = a + (y - a).detach()
+    return y.to(x.dtype)
+
+
+def remap_act_backward_reference(grad_y, x, threshold, center, act, channel_dim, straight_through):
+    """``dx`` for :func:`remap_act_reference`, written out (the kernels implement this formula)."""
+    grad_a = grad_y.float()
+    if not straight_through:
+        _, _, mask = _activate_and_mask(x, threshold, center, act, channel_dim)
+        grad_a = grad_a.masked_fill(mask, 0.0)
+    return activation_backward_reference(grad_a, x.float(), act).to(x.dtype)
+
+
+def remap_act_stats_reference(x, threshold, center, act, channel_dim):
+    """``(y, amax, remapped, count, sum, sumsq)``: the output plus per-channel statistics."""
+    a, c, mask = _activate_and_mask(x, threshold, center, act, channel_dim)
+    y = _remapped(a, c, mask).to(x.dtype)
+    channels = x.shape[channel_dim]
+    reduce_dims = [d for d in range(x.dim()) if d != channel_dim]
+    if x.numel() == 0:
+        amax = torch.zeros(channels, dtype=torch.float32, device=x.device)
+    else:
+        amax = a.abs().amax(dim=reduce_dims) if reduce_dims else a.abs()
+    per_channel = x.numel() // channels if channels else 0
+    count = torch.full((channels,), per_channel, dtype=torch.int64, device=x.device)
+    remapped = mask.to(torch.int64).sum(dim=reduce_dims) if reduce_dims else mask.to(torch.int64)
+    a64 = a.double()
+    total = a64.sum(dim=reduce_dims) if reduce_dims else a64
+    total_sq = (a64 * a64).sum(dim=reduce_dims) if reduce_dims else a64 * a64
+    return y, amax, remapped, count, total, total_sq
+
+
+def remap_act_inplace_reference(x, threshold, center, act, channel_dim):
+    """In-place forward: writes :func:`remap_act_reference` into ``x``."""
+    x.copy_(remap_act_reference(x, threshold, center, act, channel_dim))
+    return x
