@@ -51,7 +51,8 @@ def activation_backward_reference(grad_a: torch.Tensor, x: torch.Tensor, act: st
     if act == "identity":
         return grad_a
     if act == "relu":
-        return grad_a * (x > 0).to(grad_a.dtype)
+        # A select, not a product: the gradient is +0 where x <= 0, as PyTorch's threshold_backward.
+        return torch.where(x > 0, grad_a, 0.0)
     if act == "gelu":
         return torch.ops.aten.gelu_backward(grad_a, x)
     if act == "gelu_tanh":

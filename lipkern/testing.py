@@ -1,0 +1,150 @@
+"""How a backend's output is judged against the reference (shared by the tests and ``verify``).
+
+Exactness rules:
+
+- ``relu`` and ``identity`` involve no rounding but the final cast, so every backend must be
+  bit-identical to the reference (NaN matches any NaN).
+- ``gelu``, ``gelu_tanh`` and ``silu`` go through ``erf`` / ``tanh`` / ``exp``, whose fp32
+  implementations differ between libraries by an ulp or two. An element passes when it is within
+  1 ulp of the reference in the output dtype, or when it is no further from the float64 value
+  of the activation than the reference is, plus 1 ulp (PyTorch's fp32 ``1 + erf`` form cancels
+  for negative inputs, so the reference itself can be many ulps off there).
+- The mask ``|a - c| < t`` is compared outside a *tie band*: where ``|a - c|`` lies within
+  ``TIE_BAND_ULPS`` fp32 ulps of ``t`` (ulps of ``a``, ``c`` and ``t`` added, the rounding a
+  backend's ``a`` and ``a - c`` can carry), a 1-ulp difference in ``a`` legitimately flips the
+  comparison; there either outcome is accepted, as long as the value is the remapped ``c`` or
+  the activation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lipkern.ops import reference
+from lipkern.ulp import same_bits, ulp_distance, ulp_size
+
+EXACT_ACTIVATIONS = ("identity", "relu")
+TIE_BAND_ULPS = 4
+
+
+@dataclass
+class Comparison:
+    max_ulp: int  # largest ulp distance from the reference outside the tie band
+    mask_mismatches: int  # elements outside the tie band whose remap decision differs
+    failures: int  # elements that break the rule for this activation
+    tie_band: int  # elements inside the tie band
+
+    @property
+    def ok(self) -> bool:
+        return self.failures == 0 and self.mask_mismatches == 0
+
+
+def _per_channel(p, ndim, channel_dim):
+    return reference._broadcast_per_channel(p, ndim, channel_dim)
+
+
+def _fp32_ulp(v: torch.Tensor) -> torch.Tensor:
+    return ulp_size(v.float().nan_to_num(posinf=0.0, neginf=0.0), torch.float32)
+
+
+def reference_mask_and_band(x, threshold, center, act, channel_dim):
+    """Reference activation ``a`` (fp32), its mask, and the tie band around ``t``."""
+    a = reference.activation_reference(x.float(), act)
+    t = _per_channel(threshold, x.dim(), channel_dim).expand_as(a)
+    c = (
+        torch.zeros_like(a)
+        if center is None
+        else _per_channel(center, x.dim(), channel_dim).expand_as(a)
+    )
+    distance = (a - c).abs()
+    mask = distance < t
+    width = TIE_BAND_ULPS * (_fp32_ulp(a) + _fp32_ulp(c) + _fp32_ulp(t))
+    band = ((distance.double() - t.double()).abs() <= width) & t.gt(0) & a.isfinite()
+    return a, c, mask, band
+
+
+def _close_or_more_accurate(value, ref_value, truth64, max_ulps):
+    """``value`` within ``max_ulps`` of ``ref_value``, or no further from ``truth64`` + 1 ulp."""
+    near = ulp_distance(value, ref_value) <= max_ulps
+    err = (value.double() - truth64).abs()
+    ref_err = (ref_value.double() - truth64).abs()
+    more_accurate = err <= ref_err + ulp_size(ref_value, value.dtype)
+    both_nan = value.isnan() & ref_value.isnan()
+    return near | (more_accurate & truth64.isfinite()) | both_nan
+
+
+def compare_forward(y, x, threshold, center, act, channel_dim) -> Comparison:
+    """Judge a backend's forward output ``y`` for the normalised arguments."""
+    y_ref = reference.remap_act_reference(x, threshold, center, act, channel_dim)
+    a, c, ref_mask, band = reference_mask_and_band(x, threshold, center, act, channel_dim)
+    fill = c.to(y.dtype)
+    distance = ulp_distance(y, y_ref)
+    if act in EXACT_ACTIVATIONS:
+        failures = int((~same_bits(y, y_ref)).sum())
+        return Comparison(_max(distance), 0, failures, 0)
+    truth = reference.activation_reference(x.double(), act)
+    truth = torch.where(ref_mask, c.double(), truth)
+    good = _close_or_more_accurate(y, y_ref, truth, 1)
+    activation_value = a.to(y.dtype)
+    # Where the activation rounds to the fill value the two decisions give the same output.
+    decisions_differ = ~same_bits(activation_value, fill)
+    mismatch = (same_bits(y, fill) != ref_mask) & ~band & decisions_differ
+    # Inside the band either decision is right, provided the value is one of the two outcomes.
+    either = same_bits(y, fill) | _close_or_more_accurate(
+        y, activation_value, reference.activation_reference(x.double(), act), 1
+    )
+    failures = (~good & ~band) | (band & ~either)
+    return Comparison(
+        _max(torch.where(band, 0, distance)),
+        int(mismatch.sum()),
+        int(failures.sum()),
+        int(band.sum()),
+    )
+
+
+def _derivative_error_bound(grad_y, x, dtype):
+    """Absolute error an fp32 evaluation of ``dy * act'(x)`` may carry.
+
+    The derivative's terms cancel (GELU' crosses zero near x = -0.75, SiLU' near x = -1.28), so
+    fp32 evaluations are accurate only relative to the terms' size, about ``|dy| (1 + |x|)``;
+    the output rounding to ``dtype`` comes on top.
+    """
+    terms = grad_y.double().abs() * (1.0 + x.double().abs())
+    return 8 * 2.0**-24 * terms
+
+
+def compare_backward(dx, grad_y, x, threshold, center, act, channel_dim, straight_through):
+    """Judge a backend's ``dx``: exact for ReLU / identity; else within 2 ulps, or no less
+    accurate than the reference, or within the fp32 cancellation bound of the derivative.
+
+    Elements in the tie band may use either mask decision.
+    """
+    dx_ref = reference.remap_act_backward_reference(
+        grad_y, x, threshold, center, act, channel_dim, straight_through
+    )
+    distance = ulp_distance(dx, dx_ref)
+    if act in EXACT_ACTIVATIONS:
+        return Comparison(_max(distance), 0, int((~same_bits(dx, dx_ref)).sum()), 0)
+    _, _, ref_mask, band = reference_mask_and_band(x, threshold, center, act, channel_dim)
+    if straight_through:
+        ref_mask, band = torch.zeros_like(ref_mask), torch.zeros_like(band)
+    unmasked_truth = reference.activation_backward_reference(grad_y.double(), x.double(), act)
+    truth = unmasked_truth.masked_fill(ref_mask, 0.0)
+    bound = _derivative_error_bound(grad_y, x, dx.dtype)
+    good = _close_or_more_accurate(dx, dx_ref, truth, 2) | (
+        (dx.double() - truth).abs() <= bound + ulp_size(truth, dx.dtype)
+    )
+    unmasked = reference.activation_backward_reference(grad_y.float(), x.float(), act)
+    either = (dx == 0) | _close_or_more_accurate(dx, unmasked.to(dx.dtype), unmasked_truth, 2) | (
+        (dx.double() - unmasked_truth).abs() <= bound + ulp_size(unmasked_truth, dx.dtype)
+    )
+    failures = (~good & ~band) | (band & ~either)
+    return Comparison(
+        _max(torch.where(band, 0, distance)), 0, int(failures.sum()), int(band.sum())
+    )
+
+
+def _max(distance: torch.Tensor) -> int:
+    return int(distance.max()) if distance.numel() else 0

@@ -1,0 +1,287 @@
+"""Every kernel backend against the reference: forward, statistics, backward, in place.
+
+One suite, parametrised over the backends available here (``cpu``, and ``triton`` through the
+interpreter when there is no GPU). The exactness rules are those of :mod:`lipkern.testing`.
+"""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+import lipkern
+from lipkern.ops import reference
+from lipkern.ops.api import _normalise
+from lipkern.testing import EXACT_ACTIVATIONS, compare_backward, compare_forward
+from lipkern.ulp import same_bits, ulp_distance
+
+from conftest import kernel_backends
+
+BACKENDS = kernel_backends()
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTS = lipkern.ACTIVATIONS
+
+# name -> (shape, channel_dim, how the tensor is laid out)
+LAYOUTS = {
+    "rows": ((37, 65), -1, "contiguous"),
+    "nchw": ((3, 19, 5, 7), 1, "contiguous"),
+    "channels_last": ((3, 19, 5, 7), 1, "channels_last"),
+    "ncl": ((4, 11, 6), 1, "contiguous"),
+    "strided": ((33, 24), -1, "every_other_column"),
+    "transposed": ((24, 33), 0, "transposed"),
+}
+
+
+def make_x(shape, dtype, how="contiguous", scale=2.0):
+    """Random activations-like data in the requested layout (values shared across layouts)."""
+    if how == "every_other_column":
+        base = torch.randn(shape[0], shape[1] * 2) * scale
+        x = base.to(dtype)[:, ::2]
+    elif how == "transposed":
+        x = (torch.randn(shape[1], shape[0]) * scale).to(dtype).t()
+    else:
+        x = (torch.randn(shape) * scale).to(dtype)
+        if how == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    assert tuple(x.shape) == tuple(shape)
+    return x
+
+
+def make_threshold(kind, channels, scale=0.6):
+    if kind == "tensor":
+        return torch.tensor(scale)
+    t = torch.rand(channels) * 2 * scale
+    t[0] = 0.0  # per-channel zero: that channel is the plain activation
+    if channels > 1:
+        t[1] = 1e30  # huge: everything finite in that channel is remapped
+    return t
+
+
+def make_center(kind, channels):
+    if kind is None:
+        return None
+    if kind == "tensor":
+        return torch.tensor(0.25)
+    return torch.randn(channels) * 0.5
+
+
+def plant_ties(x, threshold, center, channel_dim):
+    """Overwrite some elements so that |x - c| == t exactly (a tie for identity / relu)."""
+    flat = x.movedim(channel_dim, -1)
+    t = threshold.expand(flat.shape[-1])
+    c = torch.zeros_like(t) if center is None else center.expand(flat.shape[-1])
+    tie = (c + t).to(x.dtype)
+    finite = (tie.float() - c).abs() == t  # only where c + t is exact in x's dtype
+    rows = flat.reshape(-1, flat.shape[-1]) if flat.is_contiguous() else None
+    if rows is not None and rows.shape[0] > 2:
+        rows[0] = torch.where(finite & t.isfinite(), tie, rows[0])
+        rows[1] = torch.where(finite & t.isfinite(), (c - t).to(x.dtype), rows[1])
+
+
+def check(comparison, what):
+    assert comparison.ok, f"{what}: {comparison}"
+
+
+def run_case(backend, act, dtype, layout, threshold_kind, center_kind):
+    shape, channel_dim, how = LAYOUTS[layout]
+    x = make_x(shape, dtype, how)
+    channels = shape[channel_dim]
+    threshold = make_threshold(threshold_kind, channels)
+    center = make_center(center_kind, channels)
+    if act in ("identity", "relu") and threshold_kind == "tensor" and how == "contiguous":
+        plant_ties(x, threshold, center, channel_dim)
+    return x, threshold, center, channel_dim
+
+
+def test_required_backends_are_available():
+    """The C++ backend must be built, and Triton must run (GPU or interpreter) when installed."""
+    assert "cpu" in lipkern.available_backends("cpu"), lipkern._ext.missing_reason()
+    if importlib.util.find_spec("triton") is not None:
+        assert "triton" in lipkern.available_backends("cpu"), (
+            "triton is installed and TRITON_INTERPRET=1, yet backend 'triton' is unavailable"
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("center_kind", [None, "tensor", "channel"])
+@pytest.mark.parametrize("threshold_kind", ["tensor", "channel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_forward_and_stats_match_reference(
+    backend, act, dtype, threshold_kind, center_kind, layout
+):
+    x, threshold, center, channel_dim = run_case(
+        backend, act, dtype, layout, threshold_kind, center_kind
+    )
+    y = lipkern.remap_act(x, threshold, act, center, channel_dim, backend=backend)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    t, c, d = _normalise(x, threshold, act, center, channel_dim)
+    check(compare_forward(y, x, t, c, act, d), "forward")
+
+    y_stats, stats = lipkern.remap_act_stats(x, threshold, act, center, channel_dim, backend=backend)
+    assert same_bits(y_stats, y).all(), "remap_act_stats must return the same y as remap_act"
+    _, amax, remapped, count, total, total_sq = reference.remap_act_stats_reference(
+        x, t, c, act, d
+    )
+    assert torch.equal(stats.count, count)
+    if act in EXACT_ACTIVATIONS:
+        assert same_bits(stats.amax, amax).all()
+        assert torch.equal(stats.remapped, remapped)
+    else:
+        # A backend's fp32 activation may differ from the reference's by an ulp or two (see
+        # lipkern.testing), so its maximum may too, and its counts only inside the tie band.
+        assert (ulp_distance(stats.amax, amax) <= 2).all()
+        band = compare_forward(y, x, t, c, act, d).tie_band
+        assert (stats.remapped - remapped).abs().sum() <= band
+    a = reference.activation_reference(x.float(), act).double()
+    reduce = [i for i in range(x.dim()) if i != d]
+    tolerance_scale = 1e-12 if act in EXACT_ACTIVATIONS else 2.0**-22
+    assert (stats.sum - total).abs().le(tolerance_scale * a.abs().sum(reduce) + 1e-300).all()
+    assert (stats.sumsq - total_sq).abs().le(tolerance_scale * (a * a).sum(reduce) + 1e-300).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("straight_through", [False, True])
+@pytest.mark.parametrize("layout", ["rows", "channels_last", "strided"])
+@pytest.mark.parametrize("center_kind", [None, "channel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_backward_matches_reference(backend, act, dtype, center_kind, layout, straight_through):
+    x, threshold, center, channel_dim = run_case(backend, act, dtype, layout, "channel", center_kind)
+    x.requires_grad_(True)
+    y = lipkern.remap_act(
+        x, threshold, act, center, channel_dim, backend=backend, straight_through=straight_through
+    )
+    grad_y = torch.randn(x.shape).to(dtype)
+    (dx,) = torch.autograd.grad(y, x, grad_y)
+    assert dx.dtype == x.dtype
+    t, c, d = _normalise(x.detach(), threshold, act, center, channel_dim)
+    check(
+        compare_backward(dx, grad_y, x.detach(), t, c, act, d, straight_through), "backward"
+    )
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_reference_backward_formula_equals_autograd(act, dtype, straight_through):
+    """The written-out backward the kernels implement is what autograd derives."""
+    x = make_x((16, 40), dtype)
+    t = torch.rand(40) * 0.8
+    c = torch.randn(40) * 0.1
+    x.requires_grad_(True)
+    y = reference.remap_act_reference(x, t, c, act, 1, straight_through)
+    grad_y = torch.randn(x.shape).to(dtype)
+    (auto,) = torch.autograd.grad(y, x, grad_y)
+    # compare_backward judges `auto` against remap_act_backward_reference, the written form.
+    assert compare_backward(auto, grad_y, x.detach(), t, c, act, 1, straight_through).ok
+
+
+SPECIALS = [
+    float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-40, 3e-8, -3e-8,
+    65504.0, -65504.0, 0.5, -0.5, 0.4999, 0.5001, 1.0, -1.0, 3.0, -3.0, 1e30, -1e30,
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1e30, math.inf])
+@pytest.mark.parametrize("center", [None, 0.5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_special_values(backend, act, dtype, center, threshold):
+    """NaN stays NaN, +-inf pass, -0 and subnormals, exact ties at t, fp16 max, t = 0 / huge / inf."""
+    x = torch.tensor(SPECIALS * 3, dtype=torch.float32).to(dtype).reshape(3, -1)
+    y = lipkern.remap_act(x, threshold, act, center, -1, backend=backend)
+    t, c, d = _normalise(x, threshold, act, center, -1)
+    check(compare_forward(y, x, t, c, act, d), "forward")
+    a = reference.activation_reference(x.float(), act)
+    assert y[a.isnan()].isnan().all(), "NaN must stay NaN"
+    if threshold == 0.0:
+        plain = a.to(dtype)
+        if act in EXACT_ACTIVATIONS:
+            assert same_bits(y, plain).all(), "t = 0 must be the plain activation, bit for bit"
+        else:
+            assert (ulp_distance(y, plain) <= 1).all()
+    _, stats = lipkern.remap_act_stats(x, threshold, act, center, -1, backend=backend)
+    ref = reference.remap_act_stats_reference(x, t, c, act, d)
+    assert same_bits(stats.amax, ref[1]).all() or act not in EXACT_ACTIVATIONS
+    assert stats.amax[a.abs().amax(0).isnan()].isnan().all(), "NaN must propagate into amax"
+    assert torch.equal(stats.count, ref[3])
+    if act in EXACT_ACTIVATIONS:
+        assert torch.equal(stats.remapped, ref[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape, channel_dim",
+    [((1,), -1), ((1, 1), -1), ((0, 5), -1), ((5, 0), -1), ((2, 0, 3, 3), 1), ((7,), 0),
+     ((1, 3, 1, 1), 1), ((70_001, 3), -1), ((2, 3, 131, 257), 1)],
+    ids=str,
+)
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_shapes(backend, act, shape, channel_dim):
+    """1 element, empty, odd sizes, more than 65,535 rows."""
+    x = make_x(shape, torch.float32)
+    channels = shape[channel_dim]
+    threshold = torch.rand(channels) * 0.6
+    y, stats = lipkern.remap_act_stats(x, threshold, act, None, channel_dim, backend=backend)
+    t, c, d = _normalise(x, threshold, act, None, channel_dim)
+    check(compare_forward(y, x, t, c, act, d), "forward")
+    _, amax, remapped, count, total, _ = reference.remap_act_stats_reference(x, t, c, act, d)
+    assert torch.equal(stats.count, count)
+    if act == "relu":
+        assert torch.equal(stats.amax, amax) and torch.equal(stats.remapped, remapped)
+        assert torch.allclose(stats.sum, total, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_scan_of_ten_million_counts_exactly(backend):
+    """10^7 bf16 elements: counts exact and sums right (a bf16 accumulator stalls at 256)."""
+    channels = 4
+    rows = 2_500_000
+    x = torch.ones(rows, channels, dtype=torch.bfloat16)
+    x[::2, 1] = 2.0
+    x[::5, 3] = 0.25
+    _, stats = lipkern.remap_act_stats(x, 0.5, "identity", None, -1, backend=backend)
+    assert stats.count.tolist() == [rows] * channels
+    assert stats.remapped.tolist() == [0, 0, 0, rows // 5]
+    expected = [rows * 1.0, rows * 1.5, rows * 1.0, rows * 0.8 + rows // 5 * 0.25]
+    assert stats.sum.tolist() == pytest.approx(expected, rel=1e-12)
+    assert stats.amax.tolist() == [1.0, 2.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["relu", "identity"])
+def test_merge_of_two_halves_equals_one_scan(backend, act):
+    x = make_x((301, 17), torch.bfloat16)
+    x[5, 3] = float("nan")
+    _, whole = lipkern.remap_act_stats(x, 0.3, act, backend=backend)
+    _, first = lipkern.remap_act_stats(x[:150], 0.3, act, backend=backend)
+    _, second = lipkern.remap_act_stats(x[150:], 0.3, act, backend=backend)
+    merged = first.merge(second)
+    assert same_bits(merged.amax, whole.amax).all()
+    assert torch.equal(merged.count, whole.count) and torch.equal(merged.remapped, whole.remapped)
+    a = reference.activation_reference(x.float(), act).double()
+    bound = 1e-12 * a.abs().nansum(0)
+    finite = whole.sum.isfinite()
+    assert ((merged.sum - whole.sum).abs() <= bound)[finite].all()
+    assert merged.sum[~finite].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["rows", "channels_last"])
+def test_inplace_equals_out_of_place(backend, act, dtype, layout):
+    shape, channel_dim, how = LAYOUTS[layout]
+    x = make_x(shape, dtype, how)
+    threshold = torch.rand(shape[channel_dim])
+    expected = lipkern.remap_act(x, threshold, act, None, channel_dim, backend=backend)
+    pointer = x.data_ptr()
+    out = lipkern.remap_act_(x, threshold, act, None, channel_dim, backend=backend)
+    assert out is x and x.data_ptr() == pointer
+    assert same_bits(x, expected).all()
