@@ -1,0 +1,180 @@
+"""The public op API: argument errors, torch.library integration, compile, export, properties."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lipkern
+from lipkern.ops.api import _normalise
+from lipkern.testing import compare_forward
+from lipkern.ulp import same_bits
+
+from conftest import kernel_backends
+
+BACKENDS = kernel_backends()
+X = torch.randn(4, 6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(x=torch.zeros(3, dtype=torch.int32)), TypeError, "x must be float16, bfloat16 or float32"),
+        (dict(x=torch.zeros(3, dtype=torch.complex64)), TypeError, "x must be float16"),
+        (dict(x=torch.zeros(3, dtype=torch.float64)), TypeError, "got dtype torch.float64"),
+        (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+        (dict(x=torch.tensor(1.0)), ValueError, "x must have at least one dimension"),
+        (dict(threshold=-0.1), ValueError, "threshold must be >= 0"),
+        (dict(threshold=float("nan")), ValueError, "threshold must not be NaN"),
+        (dict(threshold=torch.tensor([0.1, -1, 0, 0, 0, 0])), ValueError, "threshold must be >= 0"),
+        (dict(threshold=torch.tensor([0.1, float("nan"), 0, 0, 0, 0])), ValueError, "threshold must not contain NaN"),
+        (dict(threshold=torch.zeros(5)), ValueError, r"threshold must have shape \(\) or \(6,\)"),
+        (dict(threshold=torch.zeros(6, dtype=torch.int64)), TypeError, "threshold must be a floating-point"),
+        (dict(threshold="0.1"), TypeError, "threshold must be a float or a tensor"),
+        (dict(center=torch.zeros(2, 3)), ValueError, r"center must have shape \(\) or \(6,\)"),
+        (dict(center=float("inf")), ValueError, "center must be finite"),
+        (dict(center=torch.tensor(float("nan"))), ValueError, "center must not contain NaN"),
+        (dict(channel_dim=2), ValueError, "channel_dim=2 is out of range"),
+        (dict(channel_dim=-3), ValueError, "channel_dim=-3 is out of range"),
+        (dict(channel_dim=1.0), TypeError, "channel_dim must be an int"),
+        (dict(act="tanh"), ValueError, "act must be one of"),
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+@pytest.mark.parametrize("function", ["remap_act", "remap_act_stats", "remap_act_"])
+def test_bad_input_raises_a_clear_error(function, kwargs, error, match):
+    arguments = dict(x=X.clone(), threshold=0.1, act="relu", center=None, channel_dim=-1)
+    arguments.update(kwargs)
+    with pytest.raises(error, match=match):
+        getattr(lipkern, function)(**arguments)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_mismatch_names_the_argument():
+    with pytest.raises(ValueError, match="threshold is on cuda"):
+        lipkern.remap_act(X, torch.tensor(0.1, device="cuda"), "relu")
+
+
+def test_device_mismatch_on_meta_names_the_argument():
+    """Same check without a GPU: a threshold on another device than x is refused by name."""
+    with pytest.raises(ValueError, match="center is on meta"):
+        lipkern.remap_act(X, 0.1, "relu", center=torch.zeros((), device="meta"))
+
+
+def test_cpu_backend_on_a_non_cpu_tensor_is_refused():
+    with pytest.raises(RuntimeError, match="backend 'cpu' runs on cpu tensors"):
+        lipkern.remap_act(torch.zeros(3, device="meta"), 0.1, "relu", backend="cpu")
+
+
+def test_inplace_refuses_a_tensor_that_requires_grad():
+    with pytest.raises(RuntimeError, match="remap_act_ is for inference"):
+        lipkern.remap_act_(torch.randn(3, requires_grad=True), 0.1)
+
+
+def test_missing_extension_is_a_clear_error(monkeypatch):
+    from lipkern import _ext
+
+    monkeypatch.setattr(_ext, "missing_reason", lambda: "lipkern._C is not built; build it with pip")
+    with pytest.raises(_ext.ExtensionNotBuiltError, match="build it"):
+        lipkern.remap_act(X, 0.1, "relu", backend="cpu")
+    with pytest.raises(_ext.ExtensionNotBuiltError):
+        lipkern.remap_act(X, 0.1, "relu")  # auto must not fall back to the reference
+
+
+def _op_samples():
+    x = torch.randn(5, 7, 3)
+    t = torch.rand(7)
+    c = torch.randn(7) * 0.1
+    for act in lipkern.ACTIVATIONS:
+        yield (x, t, None, act, 1)
+        yield (x.to(torch.bfloat16), torch.tensor(0.3), c, act, 2 if act == "relu" else 1)
+
+
+@pytest.mark.parametrize("sample", list(_op_samples()), ids=lambda s: f"{s[3]}-{s[0].dtype}")
+def test_opcheck(sample):
+    x, t, c, act, dim = sample
+    if dim == 2:
+        t = torch.tensor(0.3)
+        c = None
+    grad_x = x.clone().requires_grad_(x.dtype == torch.float32)
+    torch.library.opcheck(torch.ops.lipkern.remap_act.default, (grad_x, t, c, act, dim, False))
+    torch.library.opcheck(torch.ops.lipkern.remap_act_stats.default, (x, t, c, act, dim))
+    torch.library.opcheck(
+        torch.ops.lipkern.remap_act_backward.default, (torch.randn_like(x), x, t, c, act, dim, True)
+    )
+    torch.library.opcheck(torch.ops.lipkern.remap_act_.default, (x.clone(), t, c, act, dim))
+
+
+def test_compile_fullgraph_has_no_graph_break():
+    def block(x, threshold):
+        h = torch.nn.functional.linear(x, torch.ones(16, 16) / 16)
+        return lipkern.remap_act(h, threshold, "gelu", channel_dim=-1) * 2
+
+    x = torch.randn(8, 16, requires_grad=True)
+    threshold = torch.full((16,), 0.05)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    eager = block(x, threshold)
+    out = compiled(x, threshold)
+    assert same_bits(out, eager).all()
+    (g_eager,) = torch.autograd.grad(eager.sum(), x)
+    (g_compiled,) = torch.autograd.grad(compiled(x, threshold).sum(), x)
+    assert torch.allclose(g_eager, g_compiled)
+    explanation = torch._dynamo.explain(block)(x, threshold)
+    assert explanation.graph_break_count == 0
+
+
+def test_compile_of_stats_has_no_graph_break():
+    def scan(x):
+        y, stats = lipkern.remap_act_stats(x, 0.1, "relu", channel_dim=1)
+        return y, stats.amax, stats.count
+
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    y, amax, count = torch.compile(scan, fullgraph=True)(x)
+    y_eager, amax_eager, count_eager = scan(x)
+    assert same_bits(y, y_eager).all() and torch.equal(amax, amax_eager)
+    assert torch.equal(count, count_eager)
+
+
+def test_export_keeps_the_op():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.register_buffer("threshold", torch.full((8,), 0.05))
+
+        def forward(self, x):
+            return self.fc(lipkern.remap_act(x, self.threshold, "silu"))
+
+    exported = torch.export.export(Block(), (torch.randn(4, 8),))
+    targets = {str(node.target) for node in exported.graph.nodes}
+    assert "lipkern.remap_act.default" in targets
+    x = torch.randn(4, 8)
+    assert torch.equal(exported.module()(x), exported.module()(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(0, 40),
+    channels=st.integers(1, 40),
+    act=st.sampled_from(lipkern.ACTIVATIONS),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    threshold=st.floats(0, 4),
+    per_channel=st.booleans(),
+    with_center=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_forward_matches_reference(
+    backend, rows, channels, act, dtype, threshold, per_channel, with_center, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, channels, generator=generator) * 3).to(dtype)
+    t = torch.rand(channels, generator=generator) * threshold if per_channel else threshold
+    c = torch.randn(channels, generator=generator) if with_center else None
+    y, stats = lipkern.remap_act_stats(x, t, act, c, -1, backend=backend)
+    tn, cn, d = _normalise(x, t, act, c, -1)
+    assert compare_forward(y, x, tn, cn, act, d).ok
+    assert stats.count.tolist() == [rows] * channels
