@@ -1,0 +1,67 @@
+"""pytest-benchmark suite: lipkern's fused ops side by side with their baselines.
+
+Run with ``pytest benchmarks/ --benchmark-only`` (not part of ``pytest tests``). Each group is
+one op on one shape and dtype, holding lipkern's callable and the baselines ``lipkern bench``
+compares it with (eager reference, ``torch.compile`` of the reference, the bare activation,
+``copy_``), so pytest-benchmark's table shows them together. The callables and the grouping come
+from :mod:`lipkern.bench`; set ``LIPKERN_BENCH_SHAPES`` (comma-separated ``lipkern bench --shape``
+strings), ``LIPKERN_BENCH_DTYPES`` (e.g. ``fp32,bf16``), ``LIPKERN_BENCH_ACT``,
+``LIPKERN_BENCH_BATCH`` and ``LIPKERN_BENCH_BACKEND`` (CPU backend, default the C++ kernels) to
+change the configurations; CUDA groups (the Triton backend) run when a GPU is present.
+"""
+
+import functools
+import os
+
+import pytest
+import torch
+
+from lipkern import bench
+
+ACT = os.environ.get("LIPKERN_BENCH_ACT", "gelu")
+SHAPES = (
+    [bench.parse_shape(s) for s in os.environ["LIPKERN_BENCH_SHAPES"].split(",")]
+    if os.environ.get("LIPKERN_BENCH_SHAPES")
+    else bench.default_shapes(int(os.environ.get("LIPKERN_BENCH_BATCH", "16")))
+)
+DTYPES = os.environ.get("LIPKERN_BENCH_DTYPES", "fp32,bf16").split(",")
+CPU_BACKEND = os.environ.get("LIPKERN_BENCH_BACKEND", "auto")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _members(op):
+    """lipkern's timing for ``op`` followed by the baselines it is compared with."""
+    baselines = [bench.BASELINE_TIMING[op][b] for b in bench.COMPARISONS[op]]
+    return [bench.SUBJECT_TIMING[op]] + baselines
+
+
+@functools.lru_cache(maxsize=2)
+def _candidates(shape, dtype_name, device):
+    backend = "triton" if device == "cuda" else CPU_BACKEND
+    return bench.candidates(shape, bench.DTYPES[dtype_name], ACT, True, backend, device)
+
+
+CASES = [
+    pytest.param(shape, dtype, device, op, name, id=f"{device}-{shape.label}-{dtype}-{op}-{name}")
+    for device in DEVICES
+    for shape in SHAPES
+    for dtype in DTYPES
+    for op in bench.COMPARISONS
+    for name in _members(op)
+]
+
+
+@pytest.mark.parametrize("shape,dtype,device,op,name", CASES)
+def test_op(benchmark, shape, dtype, device, op, name):
+    fn = _candidates(shape, dtype, device)[name]
+    if device == "cuda":
+        run = fn
+
+        def fn():
+            run()
+            torch.cuda.synchronize()
+
+    fn()  # warm-up; compiles the torch.compile baselines
+    benchmark.group = f"{device} {op} {shape.label} {dtype} ({ACT})"
+    benchmark.extra_info.update(op=op, lipkern=name.startswith("lipkern"))
+    benchmark(fn)

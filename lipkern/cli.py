@@ -1,0 +1,156 @@
+"""The ``lipkern`` command: ``verify``, ``bench`` and ``eval``.
+
+``lipkern verify`` checks every available backend against the reference; ``lipkern bench`` times
+the fused ops against eager PyTorch, ``torch.compile`` and memory copies; ``lipkern eval`` (from
+:mod:`lipkern.eval.cli_eval`) evaluates converted models. Heavy modules are imported by the
+subcommand that needs them, so ``lipkern verify`` never loads the evaluation stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def _prefer_triton_interpreter() -> None:
+    """Without a CUDA device, run Triton kernels in its interpreter on CPU tensors.
+
+    Triton picks interpreter or compiler when a kernel is decorated, i.e. when the Triton
+    backend module is first imported, so this must run before anything imports it.
+    An explicit ``TRITON_INTERPRET`` in the environment wins.
+    """
+    import torch
+
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    if "lipkern.ops.triton_kernels" in sys.modules:
+        print(
+            "lipkern: the Triton kernels were imported before TRITON_INTERPRET was set; "
+            "backend 'triton' will not run on CPU in this process",
+            file=sys.stderr,
+        )
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _add_verify_parser(subparsers) -> None:
+    from lipkern.ops.reference import ACTIVATIONS
+
+    ops = ("fwd", "stats", "inplace", "bwd")
+    p = subparsers.add_parser(
+        "verify",
+        help="check every available backend against the reference",
+        description=(
+            "Run every available backend (C++ 'cpu', 'triton' - through the interpreter when "
+            "there is no GPU) against the pure-PyTorch reference on random and special-value "
+            "inputs, for each op, activation and dtype. Exit status 1 if any check fails."
+        ),
+    )
+    p.add_argument("--quick", action="store_true", help="two small layouts instead of four")
+    p.add_argument(
+        "--backend",
+        action="append",
+        help="backend to check (repeatable; default: every available one but the reference)",
+    )
+    p.add_argument("--act", action="append", choices=ACTIVATIONS, help="repeatable; default all")
+    p.add_argument("--dtype", action="append", choices=("fp16", "bf16", "fp32"), help="repeatable")
+    p.add_argument("--op", action="append", choices=ops, help="repeatable; default all")
+    p.add_argument("--device", action="append", help="cpu and/or cuda (default: all present)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the results as JSON to FILE ('-': JSON on stdout instead of the table)",
+    )
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(args) -> int:
+    from lipkern import verify
+
+    report = verify.run_verify(
+        backends=args.backend,
+        acts=args.act or verify.reference.ACTIVATIONS,
+        dtypes=args.dtype or tuple(verify.DTYPES),
+        ops=args.op or verify.OPS,
+        devices=args.device,
+        quick=args.quick,
+        seed=args.seed,
+    )
+    if args.json == "-":
+        print(report.to_json())
+    else:
+        print(verify.format_table(report))
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(report.to_json() + "\n")
+    if not report.rows:
+        print("lipkern verify: no backend could run, nothing was checked", file=sys.stderr)
+    return 0 if report.passed else 1
+
+
+def _add_bench_parser(subparsers) -> None:
+    from lipkern import bench
+
+    p = subparsers.add_parser(
+        "bench",
+        help="time the fused ops against eager, torch.compile, the bare activation and copy_",
+        description=bench.__doc__.split("\n\n")[0],
+    )
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run_from_args)
+
+
+def _add_eval_placeholder(subparsers) -> None:
+    # The real parser comes from lipkern.eval.cli_eval and is built only when `eval` is the
+    # command (see _run_eval), so that other commands do not import the evaluation stack.
+    subparsers.add_parser(
+        "eval",
+        help="evaluate converted models (lipkern eval --help for its options)",
+        add_help=False,
+    )
+
+
+def _run_eval(argv: Sequence[str]) -> int:
+    try:
+        from lipkern.eval import cli_eval
+    except ImportError as error:
+        print(f"lipkern eval is unavailable: {error}", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="lipkern")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    cli_eval.add_eval_parser(subparsers)
+    args = parser.parse_args(["eval", *argv])
+    status = cli_eval.run_eval(args)
+    return 0 if status is None else int(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lipkern import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lipkern",
+        description="Fused activation + threshold-remap kernels: verification and benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"lipkern {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_verify_parser(subparsers)
+    _add_bench_parser(subparsers)
+    _add_eval_placeholder(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``lipkern`` console script and ``python -m lipkern``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _prefer_triton_interpreter()
+    if argv and argv[0] == "eval":
+        return _run_eval(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

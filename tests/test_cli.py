@@ -1,0 +1,186 @@
+"""The ``lipkern`` command line: verify, bench and the eval hook (smoke tests, kept fast)."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import lipkern
+from lipkern import cli, testing, verify
+from lipkern.ops import api
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_verify_quick_passes_on_every_backend(capsys):
+    status = cli.main(["verify", "--quick"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:4] == ["op", "act", "dtype", "backend"]
+    assert "FAIL" not in out, out
+    assert status == 0
+
+
+def test_verify_json_on_stdout(capsys):
+    status = cli.main(
+        ["verify", "--quick", "--backend", "reference", "--op", "fwd", "--act", "relu", "--json", "-"]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert status == 0 and report["passed"]
+    assert {r["dtype"] for r in report["rows"]} == {"fp16", "bf16", "fp32"}
+    assert all(r["verdict"] == "PASS" and r["cases"] == 2 for r in report["rows"])
+
+
+class _ShiftedForward(api.ReferenceBackend):
+    """The reference, except that every forward output is nudged by a few ulps."""
+
+    def remap_act(self, x, threshold, center, act, channel_dim, straight_through):
+        y = super().remap_act(x, threshold, center, act, channel_dim, straight_through)
+        return y * (1 + 8 * torch.finfo(y.dtype).eps)
+
+
+class _WrongMask(api.ReferenceBackend):
+    """The reference with the threshold doubled: a genuine remap-decision bug."""
+
+    def remap_act_stats(self, x, threshold, center, act, channel_dim):
+        return super().remap_act_stats(x, threshold * 2, center, act, channel_dim)
+
+
+def _verify_with(monkeypatch, capsys, backend, *args):
+    monkeypatch.setitem(api._REGISTRY, "reference", backend)
+    status = cli.main(["verify", "--quick", "--backend", "reference", "--dtype", "fp32", *args])
+    return status, capsys.readouterr().out
+
+
+def test_broken_values_fail(monkeypatch, capsys):
+    status, out = _verify_with(monkeypatch, capsys, _ShiftedForward(), "--op", "fwd", "--act", "relu")
+    assert status == 1
+    row = [line for line in out.splitlines() if line.startswith("fwd")][0]
+    assert "FAIL" in row and "bad elements" in row
+
+
+def test_wrong_mask_is_a_mask_mismatch(monkeypatch, capsys):
+    status, out = _verify_with(monkeypatch, capsys, _WrongMask(), "--op", "stats", "--act", "gelu")
+    assert status == 1
+    report = verify.run_verify(
+        backends=[verify.BackendUnderTest("reference")], acts=["gelu"], dtypes=["fp32"],
+        ops=["stats"], devices=["cpu"], quick=True,
+    )
+    (row,) = report.rows
+    assert row.verdict == "FAIL" and row.mask_mismatches > 0
+
+
+def test_exceptions_become_fail_rows(capsys):
+    class Raising(verify.BackendUnderTest):
+        def forward(self, case, act):
+            raise RuntimeError("kernel exploded")
+
+    report = verify.run_verify(
+        backends=[Raising("reference")], acts=["relu"], dtypes=["bf16"], ops=["fwd"],
+        devices=["cpu"], quick=True,
+    )
+    (row,) = report.rows
+    assert row.verdict == "FAIL" and "kernel exploded" in row.notes[0]
+    assert "kernel exploded" in verify.format_table(report)
+
+
+def test_cases_hold_special_values_and_exact_ties():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for case in verify.make_cases(dtype, "gelu", quick=True):
+            x = case.x.float()
+            assert x.isnan().any() and x.isposinf().any() and x.isneginf().any()
+            assert (torch.signbit(x) & (x == 0)).any()  # -0.0
+            assert (x.abs() == torch.finfo(dtype).max).any()
+            _, _, _, band = testing.reference_mask_and_band(
+                case.x, case.threshold, case.center, "gelu", case.channel_dim
+            )
+            assert band.any()  # elements sitting on the threshold
+    cl = verify.make_cases(torch.float32, "relu", quick=True)[1]
+    assert cl.x.is_contiguous(memory_format=torch.channels_last) and not cl.x.is_contiguous()
+
+
+def test_bench_quick_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    # The C++ kernels when built (the suite builds them); the bench plumbing is the same.
+    backend = "cpu" if "cpu" in lipkern.available_backends() else "reference"
+    status = cli.main(
+        ["bench", "--quick", "--shape", "64x32", "--shape", "nchw_cl:2x8x4x4", "--no-compile",
+         "--min-time", "0.01", "--backend", backend, "--json", str(path)]
+    )
+    out = capsys.readouterr().out
+    assert status == 0
+    report = json.loads(path.read_text())
+    assert [c["shape"] for c in report["cpu"]] == ["64x32", "nchw_cl:2x8x4x4"]
+    for config in report["cpu"]:
+        ops = {row["op"] for row in config["comparisons"]}
+        assert ops == {"fwd", "stats", "bwd", "fwd+bwd", "inplace"}
+        assert all(row["ratio"] > 0 for row in config["comparisons"])
+    targets = [r for c in report["cpu"] for r in c["comparisons"] if r["target"]]
+    assert {(r["op"], r["baseline"]) for r in targets} >= {("fwd", "act"), ("inplace", "copy_")}
+    assert "baseline" in out and ("no CUDA device" in out) != torch.cuda.is_available()
+
+
+def test_eval_subcommand_is_lazy_and_forwarded(monkeypatch):
+    seen = {}
+
+    def add_eval_parser(subparsers):
+        p = subparsers.add_parser("eval")
+        p.add_argument("--model")
+
+    def run_eval(args):
+        seen["model"] = args.model
+        return 3
+
+    fake = types.ModuleType("lipkern.eval.cli_eval")
+    fake.add_eval_parser, fake.run_eval = add_eval_parser, run_eval
+    monkeypatch.setitem(sys.modules, "lipkern.eval.cli_eval", fake)
+    assert cli.main(["eval", "--model", "wrn"]) == 3
+    assert seen == {"model": "wrn"}
+
+
+def test_python_m_lipkern_sets_interpreter_and_skips_eval_imports():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import sys, json, io, contextlib\n"
+        "from lipkern.cli import main\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    status = main(['verify', '--quick', '--op', 'fwd', '--act', 'relu', '--dtype', 'fp32',"
+        " '--json', '-'])\n"
+        "report = json.loads(buf.getvalue())\n"
+        "print(json.dumps({'status': status, 'backends': report['backends'],"
+        " 'heavy': [m for m in ('matplotlib', 'autoattack') if m in sys.modules]}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["heavy"] == []
+    if not torch.cuda.is_available():
+        assert "triton@cpu" in summary["backends"]
+    help_text = subprocess.run(
+        [sys.executable, "-m", "lipkern", "--help"], cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert help_text.returncode == 0
+    assert all(cmd in help_text.stdout for cmd in ("verify", "bench", "eval"))
+
+
+@pytest.mark.parametrize("text,sizes,channel_dim,cl", [
+    ("4096x1024", (4096, 1024), -1, False),
+    ("nlc:2x3x4", (2, 3, 4), -1, False),
+    ("nchw_cl:2x3x4x5", (2, 3, 4, 5), 1, True),
+])
+def test_parse_shape(text, sizes, channel_dim, cl):
+    from lipkern.bench import parse_shape
+
+    shape = parse_shape(text)
+    assert (shape.sizes, shape.channel_dim, shape.channels_last) == (sizes, channel_dim, cl)
+    assert shape.make(torch.bfloat16).is_contiguous(
+        memory_format=torch.channels_last if cl else torch.contiguous_format
+    )
