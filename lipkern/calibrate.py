@@ -1,0 +1,462 @@
+"""Thresholds from data: :func:`calibrate`, :func:`set_ratio`, :func:`measure_remapped`, persistence.
+
+``calibrate(model, data, c_r=2**-7, granularity="tensor", statistic="max", center=None,
+max_batches=None, progress=True)`` runs ONE no-grad scan of a converted model (in eval mode,
+restored afterwards) in which every :class:`lipkern.nn.RemapAct` computes its activation with the
+fused ``lipkern.remap_act_stats`` op and merges per-channel statistics of ``a = act(x)``. Then, per
+layer (``granularity="tensor"``) or per channel (``"channel"``)::
+
+    t = float32(c_r * M)          # the product taken in float64
+    M = max |a|                   statistic="max" (the paper)
+      = std(a)                    statistic="std" (population std, exact from sums in one scan)
+      = quantile_q(|a|)           statistic="quantile:q" (from a log histogram, see below)
+    c = 0                         center=None (the paper's forged function)
+      = mean(a)                   center="mean" (MeanSparse: f(a) = c if |a - c| < t)
+
+MeanSparse proper is ``center="mean", statistic="std"`` (``t = c_r * std``, the ``alpha x std``
+rule with ``alpha = c_r``). With ``center="mean"`` and ``statistic="max"`` M is still max |a|: the
+mean is not known during the scan, so max |a - mean| would need a second pass.
+
+``statistic="quantile:q"`` keeps, per layer, a histogram of |a| with bins 2**-7 of their value wide
+(:data:`lipkern.nn.HIST_MANTISSA_BITS`) and returns the upper edge of the bin holding the
+q-quantile, capped at max |a|: relative error below 2**-7 from one scan. It supports
+``granularity="tensor"`` only (a histogram per channel would cost megabytes per layer).
+
+The statistics are kept, so :func:`set_ratio` re-thresholds without a new scan (a c^r sweep needs
+one scan). Remapped fractions at the final thresholds cannot be known during the scan that finds
+the maximum; ``measure=True`` (or :func:`measure_remapped` on any data) runs a second pass in
+``"monitor"`` mode that counts them exactly. Without it the report's ``remapped_fraction`` is None.
+
+Distributed: when ``torch.distributed`` is initialised every rank scans its own shard, then the
+statistics are all-reduced (MAX for maxima, SUM for counts, sums and histograms) before thresholds
+are set, so all ranks get the thresholds of a single scan over all shards. Every rank must call
+``calibrate`` with the same settings and have at least one batch; an error on one rank (bad data,
+non-finite activations) is raised on every rank instead of hanging the others.
+
+Persistence: :func:`save_calibration` writes a safetensors file (tensors named ``"<layer>/<buffer>"``
+plus JSON metadata with every layer's settings); :func:`load_calibration` checks that the model has
+the same converted layers (names, order, kinds, activations, channel axes and channel counts)
+before it changes anything, and names the first layer that differs (layers are matched by name;
+the model's layers are checked first, in model order, then the file's extra layers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from lipkern import nn as lnn
+
+FORMAT = "lipkern-calibration/1"
+_SAVED_BUFFERS = ("threshold", "center", "amax", "remapped", "count", "sum", "sumsq", "hist")
+
+
+class NonFiniteActivationError(ValueError):
+    """An activation seen during calibration was NaN or infinite."""
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    act: str
+    channels: int  # entries of the statistics: C for granularity="channel", 1 for "tensor"
+    count: int  # elements seen
+    amax: float  # max |a| over the layer
+    threshold: torch.Tensor  # () or (C,), float32
+    remapped_fraction: Optional[float] = None
+    redundant: bool = False
+    fed_by: Optional[str] = None
+
+
+@dataclass
+class CalibrationReport:
+    """Per-layer results of :func:`calibrate` / :func:`set_ratio`; ``str()`` is a table."""
+
+    ratio: float
+    granularity: str
+    statistic: str
+    center: Optional[str]
+    batches: int
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        header = ("layer", "act", "amax", "threshold", "remapped", "elements", "note")
+        rows = [header]
+        for layer in self.layers:
+            t = layer.threshold
+            threshold = (
+                f"{float(t):.4g}"
+                if t.numel() == 1
+                else f"{float(t.min()):.3g}..{float(t.max()):.3g}"
+            )
+            fraction = "-" if layer.remapped_fraction is None else f"{layer.remapped_fraction:.2%}"
+            note = f"redundant: fed by {layer.fed_by}" if layer.redundant else ""
+            rows.append(
+                (layer.name, layer.act, f"{layer.amax:.4g}", threshold, fraction,
+                 str(layer.count), note)
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        title = (
+            f"lipkern calibration: c_r={self.ratio:g}, granularity={self.granularity}, "
+            f"statistic={self.statistic}, center={self.center}, batches={self.batches}"
+        )
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in rows
+        ]
+        return "\n".join([title, *lines])
+
+
+def check_ratio(c_r) -> float:
+    if isinstance(c_r, bool) or not isinstance(c_r, numbers.Real):
+        raise TypeError(f"c_r must be a real number, got {type(c_r).__name__}")
+    c_r = float(c_r)
+    if not 0.0 < c_r < 1.0:
+        raise ValueError(f"c_r must be in (0, 1), got {c_r}")
+    return c_r
+
+
+def _converted(model: nn.Module) -> list[tuple[str, lnn.RemapAct]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    modules = lnn.remap_modules(model)
+    if not modules:
+        raise ValueError("model has no lipkern RemapAct layers; call lipkern.convert(model) first")
+    for name, module in modules:
+        module.layer_name = name or type(module).__name__
+    return modules
+
+
+def _model_device(model: nn.Module) -> Optional[torch.device]:
+    for tensor in model.parameters():
+        return tensor.device
+    return None
+
+
+def _inputs(batch, index: int, device) -> torch.Tensor:
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"data batch {index}: expected a tensor or an (x, y, ...) tuple whose first item is "
+            f"a tensor, got {type(x).__name__}"
+        )
+    return x if device is None else x.to(device)
+
+
+def _batches(data, max_batches, progress: bool, desc: str):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ValueError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
+    total = max_batches
+    if hasattr(data, "__len__"):
+        total = len(data) if max_batches is None else min(len(data), max_batches)
+    from tqdm.auto import tqdm
+
+    for index, batch in enumerate(tqdm(data, total=total, desc=desc, disable=not progress)):
+        if max_batches is not None and index >= max_batches:
+            return
+        yield index, batch
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _agree(batches: int, error: Optional[BaseException], group) -> None:
+    """Across ranks: raise on every rank if any rank failed or saw no data."""
+    if _distributed():
+        import torch.distributed as dist
+
+        status = torch.tensor([-batches, int(error is not None)], dtype=torch.int64)
+        dist.all_reduce(status, op=dist.ReduceOp.MAX, group=group)
+        if error is not None:
+            raise error
+        if status[1]:
+            raise RuntimeError("lipkern.calibrate failed on another rank (see its error)")
+        batches = -int(status[0])
+    elif error is not None:
+        raise error
+    if batches == 0:
+        raise ValueError("data is empty: calibration needs at least one batch")
+
+
+def _scan(model, modules, data, max_batches, progress, desc, check_finite, group) -> int:
+    """Run ``model`` over ``data`` without gradients in eval mode; returns the batch count."""
+    device = _model_device(model)
+    was_training = model.training
+    batches, error = 0, None
+    lnn.begin_scan_tracking()
+    model.eval()
+    try:
+        with torch.no_grad():
+            for index, batch in _batches(data, max_batches, progress, desc):
+                model(_inputs(batch, index, device))
+                lnn.clear_scan_outputs()
+                batches += 1
+                if check_finite:
+                    for name, module in modules:
+                        if module.amax.numel() and not bool(torch.isfinite(module.amax).all()):
+                            raise NonFiniteActivationError(
+                                f"non-finite activation (NaN or inf) at layer {name!r} in "
+                                f"calibration batch {index}"
+                            )
+    except (ValueError, TypeError, RuntimeError) as caught:
+        if not _distributed():
+            raise
+        error = caught
+    finally:
+        lnn.end_scan_tracking()
+        model.train(was_training)
+    _agree(batches, error, group)
+    return batches
+
+
+def _all_reduce_calibration(modules, group) -> None:
+    import torch.distributed as dist
+
+    for _, module in modules:
+        stats = module.stats
+        if stats is None:
+            raise RuntimeError(
+                f"{module.layer_name}: not called on this rank; distributed calibration needs "
+                "every converted layer to run on every rank"
+            )
+        module.stats = stats.all_reduce(group)
+        if module.hist.numel():
+            dist.all_reduce(module.hist, op=dist.ReduceOp.SUM, group=group)
+        sites = torch.tensor([module.sites_seen, module.sites_fed], dtype=torch.int64)
+        dist.all_reduce(sites, op=dist.ReduceOp.SUM, group=group)
+        module.sites_seen, module.sites_fed = int(sites[0]), int(sites[1])
+
+
+def _layer_report(name: str, module: lnn.RemapAct) -> LayerReport:
+    stats = module.stats
+    return LayerReport(
+        name=name,
+        kind=module.kind,
+        act=module.act,
+        channels=stats.channels,
+        count=int(stats.count.sum()),
+        amax=float(stats.amax.max()),
+        threshold=module.threshold.detach().cpu().clone(),
+        redundant=module.redundant,
+        fed_by=module.fed_by,
+    )
+
+
+def _report(modules, ratio, batches) -> CalibrationReport:
+    first = modules[0][1]
+    report = CalibrationReport(
+        ratio=ratio,
+        granularity=first.granularity,
+        statistic=first.statistic,
+        center=first.center_mode,
+        batches=batches,
+    )
+    report.layers = [_layer_report(name, m) for name, m in modules if m.calibrated]
+    return report
+
+
+def calibrate(
+    model: nn.Module,
+    data: Iterable,
+    c_r: float = 2**-7,
+    granularity: str = "tensor",
+    statistic: str = "max",
+    center: Optional[str] = None,
+    max_batches: Optional[int] = None,
+    progress: bool = True,
+    measure: bool = False,
+    group=None,
+) -> CalibrationReport:
+    """Scan ``data`` once and set every converted layer's threshold (see module docstring).
+
+    ``data``: any iterable of tensors or of ``(x, y, ...)`` tuples (only ``x`` is used; it is
+    moved to the model's device). ``measure=True`` adds a second pass that fills the report's
+    remapped fractions (needs re-iterable data). ``group``: the torch.distributed process group.
+    """
+    c_r = check_ratio(c_r)
+    if granularity not in lnn.GRANULARITIES:
+        raise ValueError(f"granularity must be one of {lnn.GRANULARITIES}, got {granularity!r}")
+    lnn.parse_statistic(statistic)
+    if center not in lnn.CENTERS:
+        raise ValueError(f"center must be None or 'mean', got {center!r}")
+    modules = _converted(model)
+    previous_modes = [m.mode for _, m in modules]
+    for _, module in modules:
+        module.begin_calibration(granularity, statistic, center)
+    try:
+        batches = _scan(model, modules, data, max_batches, progress, "lipkern calibrate", True, group)
+        if _distributed():
+            _all_reduce_calibration(modules, group)
+    except BaseException:
+        for (_, module), mode in zip(modules, previous_modes):
+            module.mode = mode
+        raise
+    unused = []
+    for name, module in modules:
+        if module.stats is None:
+            unused.append(name)
+            module.threshold = torch.zeros(0, dtype=torch.float32, device=module.threshold.device)
+            module.mode = "apply"
+        else:
+            module.finish_calibration(c_r)
+    if unused:
+        warnings.warn(
+            f"lipkern.calibrate: layers never called on the data stay uncalibrated: {unused}"
+        )
+    report = _report(modules, c_r, batches)
+    if measure:
+        fractions = measure_remapped(
+            model, data, max_batches=max_batches, progress=progress, group=group
+        )
+        for layer in report.layers:
+            layer.remapped_fraction = fractions.get(layer.name)
+    return report
+
+
+def measure_remapped(
+    model: nn.Module,
+    data: Iterable,
+    max_batches: Optional[int] = None,
+    progress: bool = False,
+    group=None,
+) -> dict[str, Optional[float]]:
+    """Fraction of elements each calibrated layer remaps over ``data`` (applying the remap).
+
+    Redundant input remaps (fed by a converted activation) map to None. All-reduced across ranks
+    when torch.distributed is initialised.
+    """
+    modules = _converted(model)
+    previous_modes = [m.mode for _, m in modules]
+    for _, module in modules:
+        module._check_calibrated()
+        module.mode = "monitor"
+        module.monitor_remapped = torch.zeros(0, dtype=torch.int64, device=module.threshold.device)
+        module.monitor_count = torch.zeros(0, dtype=torch.int64, device=module.threshold.device)
+    try:
+        _scan(model, modules, data, max_batches, progress, "lipkern measure", False, group)
+    finally:
+        for (_, module), mode in zip(modules, previous_modes):
+            module.mode = mode
+    fractions: dict[str, Optional[float]] = {}
+    for name, module in modules:
+        if module.redundant or module.monitor_count.numel() == 0:
+            fractions[name] = None
+            continue
+        counts = torch.stack([module.monitor_remapped.sum(), module.monitor_count.sum()])
+        if _distributed():
+            import torch.distributed as dist
+
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        fractions[name] = float(counts[0]) / max(int(counts[1]), 1)
+    return fractions
+
+
+def set_ratio(model: nn.Module, c_r: float) -> CalibrationReport:
+    """Re-derive every layer's threshold at ratio ``c_r`` from the stored statistics (no scan)."""
+    c_r = check_ratio(c_r)
+    modules = _converted(model)
+    for name, module in modules:
+        if module.stats is None:
+            raise RuntimeError(
+                f"{name}: no stored statistics; run lipkern.calibrate or load_calibration first"
+            )
+    for _, module in modules:
+        module.set_ratio(c_r)
+    return _report(modules, c_r, batches=0)
+
+
+def _layer_metadata(name: str, module: lnn.RemapAct) -> dict:
+    return {"name": name, "channels": _expected_channels(module), **module.config()}
+
+
+def _expected_channels(module: lnn.RemapAct) -> Optional[int]:
+    """The channel count this layer is known to have (calibrated per channel), else None."""
+    if module.granularity == "channel" and module.amax.numel():
+        return module.amax.numel()
+    return getattr(module, "expected_channels", None)
+
+
+def save_calibration(model: nn.Module, path) -> None:
+    """Write every converted layer's thresholds, centres, statistics and settings to ``path``."""
+    from safetensors.torch import save_file
+
+    modules = _converted(model)
+    tensors = {}
+    for name, module in modules:
+        for buffer in _SAVED_BUFFERS:
+            value = getattr(module, buffer)
+            if value.numel():
+                tensors[f"{name}/{buffer}"] = value.detach().cpu().contiguous()
+    layers = [_layer_metadata(name, m) for name, m in modules]
+    save_file(tensors, str(path), metadata={"format": FORMAT, "layers": json.dumps(layers)})
+
+
+def _mismatch(name: str, what: str) -> ValueError:
+    return ValueError(f"calibration file does not fit the model: first mismatching layer {name!r}: {what}")
+
+
+def load_calibration(model: nn.Module, path) -> None:
+    """Load a :func:`save_calibration` file into a converted model (checked before any change)."""
+    from safetensors import safe_open
+
+    modules = _converted(model)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a lipkern calibration file (format {FORMAT})")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    saved = {entry["name"]: entry for entry in json.loads(metadata["layers"])}
+    names = {name for name, _ in modules}
+    for name, module in modules:
+        entry = saved.get(name)
+        if entry is None:
+            raise _mismatch(name, "converted in the model but not in the file")
+        for key in ("kind", "act", "channel_dim"):
+            if entry[key] != getattr(module, key):
+                raise _mismatch(name, f"{key} is {getattr(module, key)!r}, the file has {entry[key]!r}")
+        known = _expected_channels(module)
+        if known is not None and entry["channels"] is not None and known != entry["channels"]:
+            raise _mismatch(name, f"{known} channels, the file has {entry['channels']}")
+    for name in saved:
+        if name not in names:
+            raise _mismatch(name, "in the file but not converted in the model")
+    for name, module in modules:
+        entry = saved[name]
+        device = module.threshold.device
+        for buffer in _SAVED_BUFFERS:
+            value = tensors.get(f"{name}/{buffer}")
+            if value is None:
+                value = torch.zeros(0, dtype=getattr(module, buffer).dtype)
+            setattr(module, buffer, value.to(device))
+        module.set_extra_state(entry)
+
+
+__all__ = [
+    "CalibrationReport",
+    "LayerReport",
+    "NonFiniteActivationError",
+    "calibrate",
+    "load_calibration",
+    "measure_remapped",
+    "save_calibration",
+    "set_ratio",
+]

@@ -1,0 +1,518 @@
+"""Drop-in modules that apply lipkern's remap inside a network.
+
+:class:`RemapAct` replaces an activation module (``act`` in identity / relu / gelu / gelu_tanh /
+silu) and :class:`InputRemap` is the identity-activation remap placed on the *input* of a Linear
+or Conv layer (e.g. the LayerNorm output that feeds a transformer's FC1). Both have a ``mode``:
+
+- ``"off"``: the plain activation, bit-identical to the module it replaced.
+- ``"calibrate"``: the plain activation, computed by the fused ``lipkern.remap_act_stats`` op with
+  threshold 0 (so nothing is remapped), whose per-channel statistics are merged into buffers.
+- ``"apply"``: ``lipkern.remap_act`` with the calibrated threshold (and centre). Calling it before
+  any calibration raises an error that names the layer.
+- ``"monitor"``: like ``"apply"``, and also counts remapped elements
+  (:func:`lipkern.calibrate.measure_remapped`).
+
+Thresholds, centres, statistics and the calibration settings are buffers / extra state, so they
+live in ``state_dict``. Their shapes are only known after calibration, so loading a state_dict
+resizes them. ``Module.to(dtype)`` / ``.half()`` move them between devices but never change their
+dtypes: thresholds and maxima stay float32, counts int64 and sums float64 (contract: statistics
+never accumulate in the storage dtype).
+
+Statistics layout: ``granularity="channel"`` keeps one entry per channel of ``channel_dim``;
+``granularity="tensor"`` pools every call's statistics into one entry (so a module object shared by
+call sites with different channel counts, as torchvision's Bottleneck does with ``relu``, still
+calibrates). A module object used at several call sites always keeps ONE threshold taken over all
+of its sites: sites are not split (give each site its own module to get separate thresholds).
+
+An input remap adds the module's input to the model's converted layers with ``act="identity"``.
+Wrapping keeps the layer's own parameter names: :func:`add_input_remap` turns ``fc1`` (an
+``nn.Linear``) into an instance of a subclass of its own class whose ``forward`` remaps the input
+first, with the remap as child ``fc1.input_remap``. So ``fc1.weight`` keeps its state_dict key,
+``isinstance(fc1, nn.Linear)`` still holds, and the module stays ``torch.compile(fullgraph=True)``
+friendly (no hooks).
+
+Double remaps are avoided at calibration: when every call of an input remap receives, as the same
+tensor object, the output of a converted activation (timm ``Mlp``: FC2's input is ``act``'s output
+through ``Dropout``/``Identity``; a ResNet block's first conv reads the previous block's ReLU
+output), the input remap marks itself ``redundant`` (``fed_by`` names the activation) and passes its
+input through unchanged.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lipkern.ops import reference
+from lipkern.ops.api import remap_act, remap_act_, remap_act_stats
+from lipkern.ops.stats import ChannelStats
+
+MODES = ("off", "calibrate", "apply", "monitor")
+GRANULARITIES = ("tensor", "channel")
+CENTERS = (None, "mean")
+
+# Quantile histograms: bins of |a| keyed by the top float32 bits (exponent and HIST_MANTISSA_BITS
+# mantissa bits), so a bin's width is 2**-HIST_MANTISSA_BITS of its value over the octaves
+# [2**-HIST_OCTAVES_BELOW, 2**HIST_OCTAVES_ABOVE); smaller magnitudes fall into bin 0, larger
+# ones into the last bin.
+HIST_MANTISSA_BITS = 7
+HIST_OCTAVES_BELOW = 64
+HIST_OCTAVES_ABOVE = 64
+HIST_BINS = (HIST_OCTAVES_BELOW + HIST_OCTAVES_ABOVE) << HIST_MANTISSA_BITS
+_HIST_SHIFT = 23 - HIST_MANTISSA_BITS
+_HIST_OFFSET = (127 - HIST_OCTAVES_BELOW) << HIST_MANTISSA_BITS
+
+_STAT_BUFFERS = ("amax", "remapped", "count", "sum", "sumsq")
+
+
+def parse_statistic(statistic) -> tuple[str, Optional[float]]:
+    """``"max"``, ``"std"`` or ``"quantile:q"`` (0 < q <= 1) as ``(kind, q)``."""
+    if statistic in ("max", "std"):
+        return statistic, None
+    if isinstance(statistic, str) and statistic.startswith("quantile:"):
+        try:
+            q = float(statistic.split(":", 1)[1])
+        except ValueError:
+            q = float("nan")
+        if 0.0 < q <= 1.0:
+            return "quantile", q
+    raise ValueError(
+        f"statistic must be 'max', 'std' or 'quantile:q' with 0 < q <= 1, got {statistic!r}"
+    )
+
+
+def _histogram(a: torch.Tensor) -> torch.Tensor:
+    """Counts of |a| per quantile-histogram bin (int64, HIST_BINS)."""
+    bits = a.detach().float().abs().reshape(-1).view(torch.int32)
+    index = ((bits >> _HIST_SHIFT) - _HIST_OFFSET).clamp_(0, HIST_BINS - 1)
+    return torch.bincount(index, minlength=HIST_BINS)
+
+
+def _hist_upper_edges(device) -> torch.Tensor:
+    """Upper edge of every histogram bin (float32)."""
+    index = torch.arange(1, HIST_BINS + 1, dtype=torch.int32, device=device)
+    return ((index + _HIST_OFFSET) << _HIST_SHIFT).view(torch.float32)
+
+
+# Outputs of converted activations during a calibration scan (weak references, cleared after
+# every batch): an input remap whose input is one of them would remap twice.
+_scan_outputs: Optional[list] = None
+
+
+def begin_scan_tracking() -> None:
+    global _scan_outputs
+    _scan_outputs = []
+
+
+def end_scan_tracking() -> None:
+    global _scan_outputs
+    _scan_outputs = None
+
+
+def clear_scan_outputs() -> None:
+    if _scan_outputs is not None:
+        _scan_outputs.clear()
+
+
+def _feeding_layer(x: torch.Tensor) -> Optional[str]:
+    for ref, name in _scan_outputs or ():
+        if ref() is x:
+            return name
+    return None
+
+
+class RemapAct(nn.Module):
+    """Activation ``act`` followed by the remap ``y = c if |a - c| < t else a``.
+
+    Args:
+        act: ``"identity"``, ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"silu"``.
+        channel_dim: the channel axis of the input (``1`` for NCHW conv features, ``-1`` for
+            ``[..., C]`` transformer tokens); per-channel thresholds and statistics run along it.
+        mode: one of ``"off"``, ``"calibrate"``, ``"apply"``, ``"monitor"`` (module docstring).
+        inplace: in ``"off"``/``"apply"`` mode, overwrite the input when autograd does not need
+            it (as ``nn.ReLU(inplace=True)``); only safe where the input is not read elsewhere.
+        backend: passed to the lipkern ops (``"auto"``, ``"cpu"``, ``"reference"``, ``"triton"``).
+        straight_through: the backward ignores the remap mask (BPDA, for adaptive attacks).
+    """
+
+    kind = "act"
+
+    def __init__(
+        self,
+        act: str = "relu",
+        channel_dim: int = -1,
+        *,
+        mode: str = "off",
+        inplace: bool = False,
+        backend: str = "auto",
+        straight_through: bool = False,
+    ):
+        super().__init__()
+        if act not in reference.ACTIVATIONS:
+            raise ValueError(f"act must be one of {reference.ACTIVATIONS}, got {act!r}")
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+        self.act = act
+        self.channel_dim = channel_dim
+        self.mode = mode
+        self.inplace = bool(inplace)
+        self.backend = backend
+        self.straight_through = bool(straight_through)
+        self.layer_name = type(self).__name__
+        # Calibration settings (persisted as extra state).
+        self.granularity = "tensor"
+        self.statistic = "max"
+        self.center_mode: Optional[str] = None
+        self.ratio: Optional[float] = None
+        self.redundant = False
+        self.fed_by: Optional[str] = None
+        self.sites_seen = 0
+        self.sites_fed = 0
+        # Shapes are decided at calibration; (0,) means "not calibrated / no statistics".
+        self.register_buffer("threshold", torch.zeros(0, dtype=torch.float32))
+        self.register_buffer("center", torch.zeros(0, dtype=torch.float32))
+        for name, dtype in ChannelStats._DTYPES.items():
+            self.register_buffer(name, torch.zeros(0, dtype=dtype))
+        self.register_buffer("hist", torch.zeros(0, dtype=torch.int64))
+        self.register_buffer("monitor_remapped", torch.zeros(0, dtype=torch.int64))
+        self.register_buffer("monitor_count", torch.zeros(0, dtype=torch.int64))
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+        self._mode = value
+
+    @property
+    def calibrated(self) -> bool:
+        return self.threshold.numel() > 0
+
+    @property
+    def stats(self) -> Optional[ChannelStats]:
+        """The statistics gathered so far (one entry per channel, or one pooled entry)."""
+        if self.amax.numel() == 0:
+            return None
+        return ChannelStats(*(getattr(self, name) for name in _STAT_BUFFERS))
+
+    @stats.setter
+    def stats(self, value: Optional[ChannelStats]) -> None:
+        for name in _STAT_BUFFERS:
+            tensor = (
+                torch.zeros(0, dtype=ChannelStats._DTYPES[name], device=self.threshold.device)
+                if value is None
+                else getattr(value, name)
+            )
+            setattr(self, name, tensor)
+
+    def config(self) -> dict:
+        """Everything that is not a tensor but belongs to the calibration."""
+        return {
+            "kind": self.kind,
+            "act": self.act,
+            "channel_dim": self.channel_dim,
+            "mode": self.mode,
+            "granularity": self.granularity,
+            "statistic": self.statistic,
+            "center": self.center_mode,
+            "ratio": self.ratio,
+            "redundant": self.redundant,
+            "fed_by": self.fed_by,
+        }
+
+    def get_extra_state(self) -> dict:
+        return self.config()
+
+    def set_extra_state(self, state: dict) -> None:
+        for key in ("kind", "act", "channel_dim"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"{self.layer_name}: state was saved from a layer with {key}="
+                    f"{state[key]!r}, this layer has {key}={getattr(self, key)!r}"
+                )
+        self.mode = state["mode"]
+        self.granularity = state["granularity"]
+        self.statistic = state["statistic"]
+        self.center_mode = state["center"]
+        self.ratio = state["ratio"]
+        self.redundant = state["redundant"]
+        self.fed_by = state["fed_by"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Buffer shapes depend on the calibration that produced them: adopt the incoming ones.
+        for name, buffer in self._buffers.items():
+            incoming = state_dict.get(prefix + name)
+            if isinstance(incoming, torch.Tensor) and incoming.shape != buffer.shape:
+                self._buffers[name] = buffer.new_empty(incoming.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not round thresholds or statistics: keep every dtype.
+        for name, buffer in self._buffers.items():
+            moved = fn(buffer)
+            if moved.dtype != buffer.dtype:
+                moved = buffer.to(device=moved.device)
+            self._buffers[name] = moved
+        return self
+
+    def extra_repr(self) -> str:
+        text = f"act={self.act!r}, channel_dim={self.channel_dim}, mode={self.mode!r}"
+        if self.calibrated:
+            text += f", granularity={self.granularity!r}, ratio={self.ratio}"
+        if self.redundant:
+            text += f", redundant (fed by {self.fed_by})"
+        return text
+
+    # -- calibration -------------------------------------------------------------------------
+
+    def begin_calibration(self, granularity="tensor", statistic="max", center=None) -> None:
+        """Forget previous statistics and start gathering new ones (mode ``"calibrate"``)."""
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        kind, _ = parse_statistic(statistic)
+        if center not in CENTERS:
+            raise ValueError(f"center must be None or 'mean', got {center!r}")
+        if kind == "quantile" and granularity != "tensor":
+            raise ValueError(
+                "statistic='quantile:q' keeps a histogram per layer and supports "
+                "granularity='tensor' only"
+            )
+        self.granularity, self.statistic, self.center_mode = granularity, statistic, center
+        self.stats = None
+        self.hist = torch.zeros(0, dtype=torch.int64, device=self.threshold.device)
+        self.sites_seen = self.sites_fed = 0
+        self.fed_by = None
+        self.mode = "calibrate"
+
+    def _pool(self, stats: ChannelStats) -> ChannelStats:
+        return stats.total() if self.granularity == "tensor" else stats
+
+    def _accumulate(self, stats: ChannelStats) -> None:
+        stats = self._pool(stats)
+        current = self.stats
+        if current is not None and current.channels != stats.channels:
+            raise ValueError(
+                f"{self.layer_name}: called with {stats.channels} channels along channel_dim="
+                f"{self.channel_dim} after {current.channels}; a module shared by call sites "
+                "with different channel counts needs granularity='tensor'"
+            )
+        self.stats = stats if current is None else current.merge(stats)
+
+    def statistic_value(self) -> torch.Tensor:
+        """The per-channel (or pooled) ``M`` of ``t = ratio * M``, float64."""
+        stats = self.stats
+        if stats is None or int(stats.count.sum()) == 0:
+            raise RuntimeError(f"{self.layer_name}: no calibration statistics (never called)")
+        kind, q = parse_statistic(self.statistic)
+        if kind == "max":
+            return stats.amax.double()
+        if kind == "std":
+            return stats.var.sqrt()
+        counts = self.hist
+        total = int(counts.sum())
+        needed = torch.tensor(q * total, dtype=torch.float64)
+        cumulative = counts.cumsum(0).double()
+        index = int(torch.searchsorted(cumulative, needed))
+        edge = _hist_upper_edges(counts.device)[min(index, HIST_BINS - 1)].double()
+        return torch.minimum(edge, stats.amax.double()).reshape(1)
+
+    def set_ratio(self, ratio: float) -> None:
+        """Thresholds ``t = float32(ratio * M)`` (M in float64) from the stored statistics."""
+        m = self.statistic_value()
+        threshold = (float(ratio) * m).to(torch.float32)
+        if self.center_mode == "mean":
+            center = self.stats.mean.to(torch.float32)
+        else:
+            center = torch.zeros(0, dtype=torch.float32, device=m.device)
+        if self.granularity == "tensor":
+            threshold = threshold.reshape(())
+            center = center.reshape(()) if center.numel() else center
+        self.threshold, self.center, self.ratio = threshold, center, float(ratio)
+        self.mode = "apply"
+
+    def finish_calibration(self, ratio: float) -> None:
+        """Decide redundancy (input remaps) and set thresholds; mode becomes ``"apply"``."""
+        self.set_ratio(ratio)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.act
+        if act == "identity":
+            return x
+        if act == "relu":
+            return torch.relu_(x) if self._may_overwrite(x) else torch.relu(x)
+        return reference.activation_reference(x, act)
+
+    def _may_overwrite(self, x: torch.Tensor) -> bool:
+        return self.inplace and not (x.requires_grad and torch.is_grad_enabled())
+
+    def _center_or_none(self):
+        return self.center if self.center.numel() else None
+
+    def _calibrate(self, x: torch.Tensor) -> torch.Tensor:
+        y, stats = remap_act_stats(
+            x, 0.0, act=self.act, channel_dim=self.channel_dim, backend=self.backend
+        )
+        self._accumulate(stats)
+        if parse_statistic(self.statistic)[0] == "quantile":
+            counts = _histogram(y)
+            self.hist = counts if self.hist.numel() == 0 else self.hist + counts
+        if _scan_outputs is not None:
+            _scan_outputs.append((weakref.ref(y), self.layer_name))
+        return y
+
+    def _monitor(self, x: torch.Tensor) -> torch.Tensor:
+        y, stats = remap_act_stats(
+            x,
+            self.threshold,
+            act=self.act,
+            center=self._center_or_none(),
+            channel_dim=self.channel_dim,
+            backend=self.backend,
+        )
+        stats = self._pool(stats)
+        if self.monitor_count.shape != stats.count.shape:
+            self.monitor_remapped = torch.zeros_like(stats.remapped)
+            self.monitor_count = torch.zeros_like(stats.count)
+        self.monitor_remapped = self.monitor_remapped + stats.remapped
+        self.monitor_count = self.monitor_count + stats.count
+        return y
+
+    def _check_calibrated(self) -> None:
+        if not self.calibrated:
+            raise RuntimeError(
+                f"{self.layer_name}: mode {self.mode!r} needs a threshold, but this layer was "
+                "never calibrated; run lipkern.calibrate(model, data) or load_calibration first"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.mode
+        if mode == "off":
+            return self._plain(x)
+        if mode == "calibrate":
+            return self._calibrate(x)
+        self._check_calibrated()
+        if mode == "monitor":
+            return self._monitor(x)
+        if self._may_overwrite(x) and not self.straight_through:
+            return remap_act_(
+                x,
+                self.threshold,
+                act=self.act,
+                center=self._center_or_none(),
+                channel_dim=self.channel_dim,
+                backend=self.backend,
+            )
+        return remap_act(
+            x,
+            self.threshold,
+            act=self.act,
+            center=self._center_or_none(),
+            channel_dim=self.channel_dim,
+            backend=self.backend,
+            straight_through=self.straight_through,
+        )
+
+
+class InputRemap(RemapAct):
+    """The remap (identity activation) of a Linear / Conv layer's input.
+
+    ``channel_dim`` is the layer's feature axis: ``-1`` for ``nn.Linear``, ``1`` for convolutions.
+    It becomes a pass-through (``redundant``) when calibration finds its input is always the output
+    of a converted activation.
+    """
+
+    kind = "input"
+
+    def __init__(self, channel_dim: int = -1, **kwargs):
+        super().__init__("identity", channel_dim, **kwargs)
+
+    def _calibrate(self, x: torch.Tensor) -> torch.Tensor:
+        source = _feeding_layer(x) if _scan_outputs is not None else None
+        self.sites_seen += 1
+        if source is not None:
+            self.sites_fed += 1
+            self.fed_by = source
+        return super()._calibrate(x)
+
+    def finish_calibration(self, ratio: float) -> None:
+        self.redundant = self.sites_seen > 0 and self.sites_fed == self.sites_seen
+        if not self.redundant:
+            self.fed_by = None
+        super().finish_calibration(ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.redundant and self.mode in ("apply", "monitor"):
+            return x
+        return super().forward(x)
+
+
+_INPUT_REMAP_CLASSES: dict[type, type] = {}
+
+
+def _input_remapped_class(cls: type) -> type:
+    """A subclass of ``cls`` whose forward remaps its first input through ``self.input_remap``."""
+    if cls in _INPUT_REMAP_CLASSES:
+        return _INPUT_REMAP_CLASSES[cls]
+
+    def forward(self, input, *args, **kwargs):
+        return cls.forward(self, self.input_remap(input), *args, **kwargs)
+
+    name = f"InputRemapped{cls.__name__}"
+    while name in globals():
+        name += "_"
+    new_cls = type(
+        name,
+        (cls,),
+        {"forward": forward, "__module__": __name__, "__doc__": f"{cls.__name__} with InputRemap"},
+    )
+    # Registered in this module so that pickling a converted model finds the class.
+    globals()[name] = new_cls
+    _INPUT_REMAP_CLASSES[cls] = new_cls
+    return new_cls
+
+
+def input_channel_dim(module: nn.Module) -> int:
+    """Where a Linear / Conv layer's input keeps its features."""
+    if isinstance(module, nn.Linear):
+        return -1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return 1
+    raise TypeError(
+        f"input remaps go on nn.Linear or convolution layers, got {type(module).__name__}"
+    )
+
+
+def add_input_remap(module: nn.Module, **kwargs) -> InputRemap:
+    """Give a Linear / Conv ``module`` an input remap in place; returns the new :class:`InputRemap`.
+
+    The module keeps its parameters, their names and its base class (see module docstring).
+    """
+    if has_input_remap(module):
+        return module.input_remap
+    channel_dim = input_channel_dim(module)
+    remap = InputRemap(channel_dim, **kwargs)
+    remap.expected_channels = (
+        module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    )
+    module.__class__ = _input_remapped_class(type(module))
+    module.input_remap = remap
+    return remap
+
+
+def has_input_remap(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "input_remap", None), InputRemap)
+
+
+def remap_modules(model: nn.Module) -> list[tuple[str, RemapAct]]:
+    """``(qualified name, module)`` of every RemapAct in ``model``, each object once."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, RemapAct)]

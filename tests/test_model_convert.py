@@ -1,0 +1,199 @@
+"""lipkern.convert: what gets replaced, names, sharing, warnings, describe, straight_through."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from timm.layers import activations as timm_acts
+from torch import nn
+
+from lipkern.convert import convert, describe, straight_through
+from lipkern.nn import InputRemap, RemapAct, remap_modules
+from model_helpers import model_backend
+
+
+class Mlp(nn.Module):
+    def __init__(self, act: nn.Module, width=8):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.act = act
+        self.drop = nn.Dropout(0.0)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.relu(self.bn(self.conv(x)))
+        x = self.relu(self.conv2(x))  # the same ReLU object at a second site
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "module, act",
+    [
+        (nn.ReLU(), "relu"),
+        (nn.ReLU(inplace=True), "relu"),
+        (nn.GELU(), "gelu"),
+        (nn.GELU(approximate="tanh"), "gelu_tanh"),
+        (nn.SiLU(), "silu"),
+        (timm_acts.GELU(), "gelu"),
+        (timm_acts.GELUTanh(), "gelu_tanh"),
+        (timm_acts.Swish(), "silu"),
+    ],
+)
+def test_replaces_each_activation_type(module, act):
+    model = convert(Mlp(module), backend=model_backend())
+    assert isinstance(model.act, RemapAct)
+    assert model.act.act == act
+    assert model.act.channel_dim == -1  # preceded by a Linear
+    assert model.act.inplace == bool(getattr(module, "inplace", False))
+
+
+def test_off_mode_is_bit_identical_to_the_original():
+    for act in (nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()):
+        original = Mlp(act).eval()
+        converted = convert(copy.deepcopy(original))
+        x = torch.randn(4, 5, 8)
+        assert torch.equal(converted(x), original(x))
+
+
+def test_acts_filter_and_families():
+    model = nn.Sequential(
+        nn.Linear(2, 2), nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()
+    )
+    convert(model, acts=("gelu_tanh",))
+    assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "GELU", "RemapAct", "SiLU"]
+    convert(model, acts="gelu")  # the family: both approximations
+    assert isinstance(model[2], RemapAct) and model[2].act == "gelu"
+    assert not isinstance(model[1], RemapAct)
+    with pytest.raises(ValueError, match="acts"):
+        convert(model, acts=("tanh",))
+
+
+def test_quick_gelu_is_not_converted():
+    # timm's QuickGELU is x * sigmoid(1.702 x): no lipkern op computes it.
+    model = nn.Sequential(nn.Linear(2, 2), timm_acts.QuickGELU())
+    with pytest.warns(UserWarning, match="nothing was converted"):
+        convert(model)
+    assert not remap_modules(model)
+
+
+def test_shared_module_becomes_one_remap_act():
+    model = torchvision.models.resnet18(num_classes=10)
+    sites = sum(isinstance(m, nn.ReLU) for m in model.modules())
+    convert(model)
+    layers = remap_modules(model)
+    assert len(layers) == sites == 9  # 1 stem + one shared ReLU per BasicBlock
+    assert model.layer1[0].relu.channel_dim == 1  # preceded by BatchNorm2d
+
+
+def test_same_object_under_two_names():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), relu, nn.Conv2d(1, 1, 1), relu)
+    convert(model)
+    assert model[1] is model[3] and isinstance(model[1], RemapAct)
+
+
+def test_inputs_of_keeps_parameter_names_and_class():
+    original = Mlp(nn.GELU())
+    keys = set(original.state_dict())
+    model = convert(copy.deepcopy(original), inputs_of=("fc1", "fc2"))
+    assert isinstance(model.fc1, nn.Linear) and isinstance(model.fc1.input_remap, InputRemap)
+    state = model.state_dict()
+    for key in keys:
+        assert torch.equal(state[key], original.state_dict()[key])
+    assert "fc1.input_remap.threshold" in state
+    assert model.fc1.input_remap.channel_dim == -1
+    assert model.fc1.input_remap.expected_channels == 8
+    # The original weights load into the converted model (lipkern's keys are simply missing).
+    missing, unexpected = model.load_state_dict(original.state_dict(), strict=False)
+    assert not unexpected and all("input_remap" in k or k.startswith("act.") for k in missing)
+    with pytest.warns(UserWarning, match="nothing was converted"):
+        convert(model, inputs_of=("fc1",))  # converting twice adds nothing
+    assert len(remap_modules(model)) == 3
+
+
+def test_inputs_of_conv_and_bad_target():
+    model = convert(ConvNet(), inputs_of=("conv2",))
+    assert model.conv2.input_remap.channel_dim == 1
+    assert model.conv2.input_remap.expected_channels == 4
+    with pytest.raises(TypeError, match="Linear or convolution"):
+        convert(ConvNet(), inputs_of=("bn",))
+
+
+def test_warnings_when_nothing_matches():
+    with pytest.warns(UserWarning, match="matched no module"):
+        convert(Mlp(nn.GELU()), inputs_of=("*.nothing",))
+    with pytest.warns(UserWarning, match="nothing was converted"):
+        convert(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(Mlp(nn.GELU()), inputs_of=("fc*",))
+
+
+def test_root_activation_and_bad_arguments():
+    assert isinstance(convert(nn.GELU()), RemapAct)
+    with pytest.raises(TypeError, match="model"):
+        convert("not a model")
+    with pytest.raises(TypeError, match="channel_dim"):
+        convert(Mlp(nn.GELU()), channel_dim=1.0)
+    with pytest.raises(ValueError, match="act"):
+        RemapAct("tanh")
+    with pytest.raises(ValueError, match="mode"):
+        RemapAct("relu", mode="on")
+
+
+def test_channel_dim_override_and_inference():
+    model = convert(ConvNet(), channel_dim=-1)
+    assert model.relu.channel_dim == -1
+    assert convert(ConvNet()).relu.channel_dim == 1
+
+
+def test_describe_lists_layers():
+    model = convert(ConvNet(), inputs_of=("conv2",))
+    info = describe(model)
+    assert [i.name for i in info] == ["relu", "conv2.input_remap"]
+    assert [i.kind for i in info] == ["act", "input"]
+    assert not any(i.calibrated for i in info)
+    text = str(info)
+    assert "conv2.input_remap" in text and "identity" in text
+
+
+def test_apply_before_calibration_names_the_layer():
+    model = convert(ConvNet(), inputs_of=("conv2",))
+    model.relu.mode = "apply"
+    with pytest.raises(RuntimeError, match="'?relu'?.*never calibrated"):
+        model(torch.randn(1, 3, 4, 4))
+
+
+def test_straight_through_context_restores_flags():
+    model = convert(ConvNet(), inputs_of=("conv2",))
+    with straight_through(model) as same:
+        assert same is model
+        assert all(m.straight_through for _, m in remap_modules(model))
+    assert not any(m.straight_through for _, m in remap_modules(model))
+
+
+def test_dtype_casts_keep_buffer_dtypes():
+    model = convert(Mlp(nn.GELU()), inputs_of=("fc1",))
+    model.act.threshold = torch.tensor(0.1)
+    model.act.sum = torch.ones(3, dtype=torch.float64)
+    model.to(torch.bfloat16)
+    assert model.fc1.weight.dtype == torch.bfloat16
+    assert model.act.threshold.dtype == torch.float32
+    assert model.act.threshold.item() == pytest.approx(0.1)
+    assert model.act.sum.dtype == torch.float64
