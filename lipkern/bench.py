@@ -302,6 +302,39 @@ def compare(times: dict[str, float]) -> list[dict]:
     return rows
 
 
+# Bytes an ideal kernel moves for each timed callable, in units of x's size: the forward
+# reads x and writes y; the backward reads dy and x and writes dx.
+TRAFFIC = {
+    "lipkern fwd": 2, "lipkern fwd+stats": 2, "lipkern bwd": 3, "lipkern fwd+bwd": 5,
+    "lipkern relu in-place": 2, "ref": 2, "compile(ref)": 2, "act": 2, "copy_": 2,
+}
+
+
+def effective_bandwidth(times: dict[str, float], x_bytes: int) -> dict[str, float]:
+    """GB/s of each timed callable, counting the bytes an ideal kernel would move."""
+    return {name: TRAFFIC[name] * x_bytes / times[name] / 1e9 for name in TRAFFIC if name in times}
+
+
+def format_bandwidth(results: list[dict], peak_gbs: Optional[float] = None) -> str:
+    """One line per configuration: GB/s of each callable (and its fraction of ``peak_gbs``)."""
+    names = [n for n in TRAFFIC if any(n in c["GB/s"] for c in results)]
+    header = ["shape", "dtype"] + names
+    body = []
+    for c in results:
+        cells = []
+        for n in names:
+            gbs = c["GB/s"].get(n)
+            text = "-" if gbs is None else f"{gbs:.3g}"
+            if gbs is not None and peak_gbs:
+                text += f" ({gbs / peak_gbs:.0%})"
+            cells.append(text)
+        body.append([c["shape"], c["dtype"]] + cells)
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)).rstrip() for b in body]
+    return "\n".join(lines)
+
+
 _KIND_TEXT = {"speedup": "{:.2f}x faster", "time": "{:.2f} of time", "bandwidth": "{:.0%} of bw"}
 
 
@@ -345,21 +378,10 @@ def cuda_peak_bandwidth(device=None) -> float:
     return 2.0 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8
 
 
-# Bytes an ideal kernel moves for each timed callable, in units of x's size: the forward
-# reads x and writes y; the backward reads dy and x and writes dx.
-TRAFFIC = {
-    "lipkern fwd": 2, "lipkern fwd+stats": 2, "lipkern bwd": 3, "lipkern fwd+bwd": 5,
-    "lipkern relu in-place": 2, "ref": 2, "compile(ref)": 2, "act": 2, "copy_": 2,
-}
-
-
 def bench_cuda(shapes, dtypes, act, compile_baselines=True) -> list[dict]:
-    """The Triton backend on CUDA (``do_bench`` medians): ratios, GB/s and fraction of peak."""
+    """The Triton backend on CUDA (``do_bench`` medians): ratios and GB/s."""
     from triton.testing import do_bench
 
-    peak = cuda_peak_bandwidth()
-    load_before = os.getloadavg()[0]
-    _warn_if_busy(load_before)
     results = []
     for shape in shapes:
         for dtype_name in dtypes:
@@ -367,38 +389,22 @@ def bench_cuda(shapes, dtypes, act, compile_baselines=True) -> list[dict]:
                 shape, DTYPES[dtype_name], act, compile_baselines, backend="triton", device="cuda"
             )
             times = {name: do_bench(fn, return_mode="median") * 1e-3 for name, fn in fns.items()}
-            size = shape.numel * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
-            bandwidth = {
-                name: {
-                    "GB/s": TRAFFIC[name] * size / times[name] / 1e9,
-                    "fraction_of_peak": TRAFFIC[name] * size / times[name] / peak,
-                }
-                for name in TRAFFIC
-                if name in times
-            }
+            x_bytes = shape.numel * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
             results.append(
                 {
                     "shape": shape.label,
                     "dtype": dtype_name,
                     "elements": shape.numel,
-                    "peak_GB/s": peak / 1e9,
                     "times_ms": {k: v * 1e3 for k, v in times.items()},
-                    "bandwidth": bandwidth,
+                    "GB/s": effective_bandwidth(times, x_bytes),
                     "comparisons": compare(times),
                 }
             )
     return results
 
 
-def format_cuda(results: list[dict]) -> str:
-    lines = [f"{'shape':<28}{'dtype':<6}{'kernel':<24}{'ms':>9}{'GB/s':>9}{'of peak':>9}"]
-    for config in results:
-        for name, bw in config["bandwidth"].items():
-            lines.append(
-                f"{config['shape']:<28}{config['dtype']:<6}{name:<24}"
-                f"{config['times_ms'][name]:>9.3f}{bw['GB/s']:>9.0f}{bw['fraction_of_peak']:>9.0%}"
-            )
-    return "\n".join(lines) + "\n\n" + format_rows(results)
+def format_cuda(results: list[dict], peak: float) -> str:
+    return format_bandwidth(results, peak / 1e9) + "\n\n" + format_rows(results)
 
 
 def static_traffic() -> Optional[str]:
@@ -439,7 +445,30 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile baselines"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler tables of lipkern and compiled-reference calls (first config)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+
+
+PROFILED = ("lipkern fwd", "compile(ref)", "lipkern fwd+stats", "compile(ref+stats)", "lipkern bwd")
+
+
+def profile(fns: dict[str, Callable[[], object]], calls: int = 5) -> None:
+    """Where the time goes: the operators each of the PROFILED callables runs (already warm)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for name in PROFILED:
+        if name not in fns:
+            continue
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fns[name]()
+        print(f"\nprofile of {name!r} ({calls} calls):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 def _warn_if_busy(load: float) -> None:
@@ -470,6 +499,9 @@ def run(args) -> dict:
                 shape, DTYPES[dtype_name], args.act, not args.no_compile, args.backend
             )
             times = median_times(fns, args.min_time)
+            if args.profile and not results:
+                profile(fns)
+            x_bytes = shape.numel * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
             results.append(
                 {
                     "shape": shape.label,
@@ -478,11 +510,14 @@ def run(args) -> dict:
                     "channels_last": shape.channels_last,
                     "dtype": dtype_name,
                     "times_ms": {k: v * 1e3 for k, v in times.items()},
+                    "GB/s": effective_bandwidth(times, x_bytes),
                     "comparisons": compare(times),
                 }
             )
             print(f"  timed {shape.label} {dtype_name}", flush=True)
     print(format_rows(results))
+    print("\neffective bandwidth, GB/s (bytes an ideal kernel moves / median time):")
+    print(format_bandwidth(results))
     load_after = os.getloadavg()[0]
     _warn_if_busy(load_after)
     report = {
@@ -501,8 +536,10 @@ def run(args) -> dict:
     if torch.cuda.is_available():
         print(f"\nCUDA: {torch.cuda.get_device_name()}, Triton backend, do_bench medians")
         cuda = bench_cuda(shapes + cuda_extra_shapes(shapes), dtypes, args.act, not args.no_compile)
-        print(format_cuda(cuda))
-        report["cuda"] = cuda
+        peak = cuda_peak_bandwidth()
+        print(f"effective bandwidth, GB/s (fraction of the {peak / 1e9:.0f} GB/s peak):")
+        print(format_cuda(cuda, peak))
+        report["cuda"] = {"peak_GB/s": peak / 1e9, "results": cuda}
     else:
         print("\nno CUDA device: Triton kernels not timed; static traffic figures instead:")
         table = static_traffic()

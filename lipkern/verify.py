@@ -56,14 +56,13 @@ class Case:
     grad_y: torch.Tensor
 
     def to(self, device) -> "Case":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Case(
             self.name,
-            move(self.x),
-            move(self.threshold),
-            move(self.center),
+            self.x.to(device),
+            self.threshold.to(device),
+            None if self.center is None else self.center.to(device),
             self.channel_dim,
-            move(self.grad_y),
+            self.grad_y.to(device),
         )
 
 
@@ -397,7 +396,8 @@ def backends_to_test(device: str, requested: Optional[Iterable[str]] = None):
     available = lipkern.available_backends(device)
     wanted = list(requested) if requested else [b for b in available if b != "reference"]
     skipped = {}
-    for name in wanted if requested else ("cpu", "triton"):
+    expected = ("cpu", "triton") if torch.device(device).type == "cpu" else ("triton",)
+    for name in wanted if requested else expected:
         if name not in available:
             skipped[name] = _unavailable_reason(name, device)
     return [b for b in wanted if b in available], skipped
