@@ -34,7 +34,7 @@ import torch
 import lipkern
 from lipkern import testing
 from lipkern.ops import api, reference
-from lipkern.ulp import NAN_MISMATCH, ulp_size
+from lipkern.ulp import NAN_MISMATCH, same_bits, ulp_size
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 OPS = ("fwd", "stats", "inplace", "bwd")
@@ -333,21 +333,30 @@ def check_stats(row: Row, case: Case, act: str, y, stats) -> None:
             row.note(case, f"{name} off ({worst})")
 
 
+def _note_signed_zeros(row: Row, case: Case, act: str, out, ref) -> None:
+    """Name the usual cause of a bit-exactness failure: +0 where the reference has -0 or back."""
+    if act not in testing.EXACT_ACTIVATIONS:
+        return
+    flipped = int(((out == 0) & (ref == 0) & ~same_bits(out, ref)).sum())
+    if flipped:
+        row.note(case, f"{flipped} zeros of the wrong sign")
+
+
 def _run_op(row: Row, backend: BackendUnderTest, op: str, case: Case, act: str, full: bool):
     x, t, c, cd = case.x, case.threshold, case.center, case.channel_dim
-    if op == "fwd":
-        row.add(testing.compare_forward(backend.forward(case, act), x, t, c, act, cd))
-    elif op == "inplace":
-        row.add(testing.compare_forward(backend.inplace(case, act), x, t, c, act, cd))
+    if op in ("fwd", "inplace"):
+        y = backend.forward(case, act) if op == "fwd" else backend.inplace(case, act)
+        row.add(testing.compare_forward(y, x, t, c, act, cd))
+        _note_signed_zeros(row, case, act, y, reference.remap_act_reference(x, t, c, act, cd))
     elif op == "stats":
         check_stats(row, case, act, *backend.stats(case, act))
     else:
         # The straight-through gradient skips the mask: checked in the full run only.
-        for straight_through in (False, True) if full else (False,):
-            dx = backend.backward(case, act, straight_through)
-            row.add(
-                testing.compare_backward(dx, case.grad_y, x, t, c, act, cd, straight_through)
-            )
+        for st in (False, True) if full else (False,):
+            dx = backend.backward(case, act, st)
+            row.add(testing.compare_backward(dx, case.grad_y, x, t, c, act, cd, st))
+            ref = reference.remap_act_backward_reference(case.grad_y, x, t, c, act, cd, st)
+            _note_signed_zeros(row, case, act, dx, ref)
     row.cases += 1
 
 
@@ -475,7 +484,7 @@ def format_table(report: Report) -> str:
                 str(r.mask_mismatches),
                 str(r.tie_band),
                 r.verdict,
-                "; ".join(r.notes) if r.notes else (f"{r.failures} bad elements" if r.failures else ""),
+                "; ".join(([f"{r.failures} bad elements"] if r.failures else []) + r.notes),
             )
         )
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
