@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="lipkern",
-        description="Fused activation + threshold-remap kernels: verification and benchmarks.",
+        description="Fused activation + threshold-remap kernels: verification, benchmarks, evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"lipkern {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
