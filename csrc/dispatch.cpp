@@ -1,0 +1,119 @@
+// Run-time choice among the kernel builds compiled into this extension.
+//
+// By default lipkern follows ATen's choice (at::get_cpu_capability(), which honours
+// ATEN_CPU_CAPABILITY and prefers AVX2 on CPUs where AVX512 does not pay), limited to what the
+// CPU supports. LIPKERN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 overrides it for lipkern alone.
+
+#include "remap_act.h"
+
+#include <ATen/Version.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <atomic>
+#include <cstdlib>
+
+namespace lipkern {
+namespace {
+
+struct Capability {
+  const char* name;
+  KernelTable (*table)();
+  bool (*cpu_supports)();
+};
+
+bool always() {
+  return true;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("bmi2");
+}
+bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq");
+}
+#endif
+
+// Ordered from least to most capable.
+const auto kCapabilities = std::array{
+    Capability{"DEFAULT", &DEFAULT::kernel_table, &always},
+#ifdef LIPKERN_HAVE_AVX2
+    Capability{"AVX2", &AVX2::kernel_table, &cpu_has_avx2},
+#endif
+#ifdef LIPKERN_HAVE_AVX512
+    Capability{"AVX512", &AVX512::kernel_table, &cpu_has_avx512},
+#endif
+};
+
+// Index into kCapabilities, or -1 when `name` is not a capability of this build.
+int find(const std::string& name) {
+  for (size_t i = 0; i < kCapabilities.size(); ++i) {
+    if (name == kCapabilities[i].name) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+std::string names() {
+  std::string all;
+  for (const auto& cap : kCapabilities) all += std::string(all.empty() ? "" : ", ") + cap.name;
+  return all;
+}
+
+int checked(const std::string& name, const char* source) {
+  const int i = find(name);
+  TORCH_CHECK_VALUE(i >= 0, "lipkern: ", source, " names CPU capability '", name,
+                    "', this build has ", names());
+  TORCH_CHECK_VALUE(kCapabilities[i].cpu_supports(), "lipkern: ", source, " asks for ", name,
+                    ", which this CPU does not support");
+  return i;
+}
+
+int initial() {
+  if (const char* env = std::getenv("LIPKERN_CPU_CAPABILITY"); env != nullptr && *env != '\0') {
+    return checked(env, "LIPKERN_CPU_CAPABILITY");
+  }
+  // The most capable build that the CPU supports and ATen would also use.
+  const int aten = find(at::get_cpu_capability());
+  int best = 0;
+  for (int i = 0; i < static_cast<int>(kCapabilities.size()); ++i) {
+    if (kCapabilities[i].cpu_supports() && (aten < 0 || i <= aten)) best = i;
+  }
+  return aten < 0 ? 0 : best;
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> index{initial()};
+  return index;
+}
+
+struct Tables {
+  std::array<KernelTable, kCapabilities.size()> tables;
+  Tables() {
+    for (size_t i = 0; i < kCapabilities.size(); ++i) tables[i] = kCapabilities[i].table();
+  }
+};
+
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+}  // namespace
+
+const KernelTable& kernels() {
+  return tables().tables[current().load(std::memory_order_relaxed)];
+}
+
+std::string cpu_capability() {
+  return kCapabilities[current().load()].name;
+}
+
+void set_cpu_capability(const std::string& name) {
+  current().store(checked(name, "set_cpu_capability"));
+}
+
+}  // namespace lipkern

@@ -1,0 +1,15 @@
+// The Python module lipkern._C. Importing it registers the CPU kernels of the lipkern::* ops
+// (ops.cpp); the functions below report and switch the kernel build in use.
+
+#include <torch/extension.h>
+
+#include "remap_act.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lipkern CPU kernels (registered as lipkern::* torch ops on import)";
+  m.def("cpu_capability", &lipkern::cpu_capability,
+        "Kernel build in use: 'DEFAULT', 'AVX2' or 'AVX512'.");
+  m.def("set_cpu_capability", &lipkern::set_cpu_capability, py::arg("name"),
+        "Switch the kernel build (tests and benchmarks); raises ValueError if this CPU or build "
+        "lacks it. The environment variable LIPKERN_CPU_CAPABILITY sets the initial choice.");
+}

@@ -1,0 +1,178 @@
+// CPU implementations of the lipkern::* operators (schemas: lipkern/ops/library.py).
+//
+// The public API has already normalised and validated the arguments; what is checked here is
+// what the kernels would otherwise silently get wrong (dtype, shapes, threshold values), with
+// messages that name the argument.
+
+#include "remap_act.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+
+namespace lipkern {
+
+Act parse_act(const std::string& act) {
+  if (act == "identity") return Act::Identity;
+  if (act == "relu") return Act::Relu;
+  if (act == "gelu") return Act::Gelu;
+  if (act == "gelu_tanh") return Act::GeluTanh;
+  if (act == "silu") return Act::Silu;
+  TORCH_CHECK_VALUE(false, "lipkern: act must be one of identity, relu, gelu, gelu_tanh, silu; got '",
+                    act, "'");
+}
+
+namespace {
+
+void check_x(const at::Tensor& x, int64_t channel_dim) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                       x.scalar_type() == at::kHalf,
+                   "lipkern: x must be float16, bfloat16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), "lipkern: the CPU kernels got x on ", x.device());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "lipkern: x must have at least one dimension");
+  TORCH_CHECK_INDEX(channel_dim >= 0 && channel_dim < x.dim(), "lipkern: channel_dim ",
+                    channel_dim, " is out of range for x with ", x.dim(), " dimensions");
+}
+
+// A () or (C,) float32 parameter, checked, as `length` contiguous floats (1 or C).
+at::Tensor expand_param(const at::Tensor& p, const char* name, int64_t channels, int64_t length,
+                        bool require_non_negative) {
+  TORCH_CHECK_TYPE(p.scalar_type() == at::kFloat, "lipkern: ", name, " must be float32, got ",
+                   p.scalar_type());
+  TORCH_CHECK(p.device().is_cpu(), "lipkern: ", name, " must be on the CPU like x, got ",
+              p.device());
+  TORCH_CHECK_VALUE(p.dim() == 0 || (p.dim() == 1 && p.size(0) == channels), "lipkern: ", name,
+                    " must have shape () or (", channels, ",), got ", p.sizes());
+  at::Tensor full = p.expand({length}).contiguous();
+  const float* v = full.data_ptr<float>();
+  for (int64_t i = 0; i < length; ++i) {
+    TORCH_CHECK_VALUE(!std::isnan(v[i]), "lipkern: ", name, " must not be NaN (channel ", i, ")");
+    TORCH_CHECK_VALUE(!(require_non_negative && v[i] < 0.f), "lipkern: ", name,
+                      " must be >= 0, got ", v[i], " (channel ", i, ")");
+  }
+  return full;
+}
+
+// x itself when dense, else a dense copy laid out like torch.empty_like(x), so that outputs
+// allocated with empty_like share the kernel's layout.
+at::Tensor dense(const at::Tensor& x) {
+  if (x.is_non_overlapping_and_dense()) return x;
+  at::Tensor copy = at::empty_like(x);
+  copy.copy_(x);
+  return copy;
+}
+
+// Everything a kernel call needs besides the data pointers; keeps the expanded parameters alive.
+struct Prepared {
+  Geometry geometry;
+  at::Tensor threshold, center;
+  ChannelParams params;
+  Act act;
+};
+
+// `flat_if_uniform`: with per-tensor parameters the channel does not matter (no statistics), so
+// the whole tensor is one run.
+Prepared prepare(const at::Tensor& xd, const at::Tensor& threshold,
+                 const std::optional<at::Tensor>& center, const std::string& act,
+                 int64_t channel_dim, bool flat_if_uniform) {
+  Prepared p;
+  p.act = parse_act(act);
+  const int64_t C = xd.size(channel_dim);
+  const bool uniform = threshold.dim() == 0 && (!center.has_value() || center->dim() == 0);
+  const bool flat = (flat_if_uniform && uniform) || C <= 1;
+  const int64_t length = flat ? std::min<int64_t>(C, 1) : C;
+  p.threshold = expand_param(threshold, "threshold", C, length, true);
+  if (center.has_value()) p.center = expand_param(*center, "center", C, length, false);
+  p.params = {p.threshold.data_ptr<float>(),
+              p.center.defined() ? p.center.data_ptr<float>() : nullptr};
+  const int64_t numel = xd.numel();
+  p.geometry = flat ? Geometry{numel, 1, numel} : Geometry{numel, C, xd.stride(channel_dim)};
+  return p;
+}
+
+ForwardArgs forward_args(const at::Tensor& xd, const at::Tensor& y, const Prepared& p) {
+  return {xd.data_ptr(), y.data_ptr(), xd.scalar_type(), p.act, p.geometry, p.params};
+}
+
+at::Tensor remap_act_cpu(const at::Tensor& x, const at::Tensor& threshold,
+                         const std::optional<at::Tensor>& center, c10::string_view act,
+                         int64_t channel_dim, bool straight_through) {
+  check_x(x, channel_dim);
+  const at::Tensor xd = dense(x);
+  const Prepared p = prepare(xd, threshold, center, std::string(act), channel_dim, true);
+  at::Tensor y = at::empty_like(xd);
+  if (xd.numel() > 0) kernels().forward(forward_args(xd, y, p));
+  return y;
+}
+
+void remap_act_inplace_cpu(const at::Tensor& x, const at::Tensor& threshold,
+                           const std::optional<at::Tensor>& center, c10::string_view act,
+                           int64_t channel_dim) {
+  check_x(x, channel_dim);
+  const at::Tensor xd = dense(x);
+  const Prepared p = prepare(xd, threshold, center, std::string(act), channel_dim, true);
+  if (xd.numel() > 0) kernels().forward(forward_args(xd, xd, p));
+  if (!xd.is_same(x)) x.copy_(xd);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> remap_act_stats_cpu(
+    const at::Tensor& x, const at::Tensor& threshold, const std::optional<at::Tensor>& center,
+    c10::string_view act, int64_t channel_dim) {
+  check_x(x, channel_dim);
+  const at::Tensor xd = dense(x);
+  const Prepared p = prepare(xd, threshold, center, std::string(act), channel_dim, false);
+  const int64_t C = x.size(channel_dim);
+  const auto opts = x.options();
+  at::Tensor y = at::empty_like(xd);
+  at::Tensor amax = at::zeros({C}, opts.dtype(at::kFloat));
+  at::Tensor remapped = at::zeros({C}, opts.dtype(at::kLong));
+  at::Tensor count = at::full({C}, C > 0 ? x.numel() / C : 0, opts.dtype(at::kLong));
+  at::Tensor sum = at::zeros({C}, opts.dtype(at::kDouble));
+  at::Tensor sumsq = at::zeros({C}, opts.dtype(at::kDouble));
+  if (xd.numel() > 0) {
+    kernels().forward_stats(forward_args(xd, y, p),
+                            {amax.data_ptr<float>(), remapped.data_ptr<int64_t>(),
+                             sum.data_ptr<double>(), sumsq.data_ptr<double>()});
+  }
+  return {y, amax, remapped, count, sum, sumsq};
+}
+
+at::Tensor remap_act_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                  const at::Tensor& threshold,
+                                  const std::optional<at::Tensor>& center, c10::string_view act,
+                                  int64_t channel_dim, bool straight_through) {
+  check_x(x, channel_dim);
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "lipkern: grad_y has shape ", grad_y.sizes(),
+                    " but x has ", x.sizes());
+  TORCH_CHECK(grad_y.device().is_cpu(), "lipkern: grad_y must be on the CPU like x");
+  const at::Tensor xd = dense(x);
+  const Prepared p = prepare(xd, threshold, center, std::string(act), channel_dim, true);
+  // dy is read in fp32: keep it as is when it is x's dtype or float32, and lay it out like x.
+  const at::ScalarType grad_dtype =
+      grad_y.scalar_type() == xd.scalar_type() ? xd.scalar_type() : at::kFloat;
+  at::Tensor gd = grad_y;
+  if (gd.scalar_type() != grad_dtype || gd.strides() != xd.strides()) {
+    gd = at::empty_like(xd, xd.options().dtype(grad_dtype));
+    gd.copy_(grad_y);
+  }
+  at::Tensor grad_x = at::empty_like(xd);
+  if (xd.numel() > 0) {
+    kernels().backward({gd.data_ptr(), grad_dtype, xd.data_ptr(), grad_x.data_ptr(),
+                        xd.scalar_type(), p.act, p.geometry, p.params, straight_through});
+  }
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lipkern, CPU, m) {
+  m.impl("remap_act", &remap_act_cpu);
+  m.impl("remap_act_backward", &remap_act_backward_cpu);
+  m.impl("remap_act_stats", &remap_act_stats_cpu);
+  m.impl("remap_act_", &remap_act_inplace_cpu);
+}
+
+}  // namespace lipkern

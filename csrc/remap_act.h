@@ -1,0 +1,90 @@
+// Shared declarations of lipkern's CPU kernels: the activation enum, the memory geometry of a
+// tensor as the kernels see it, and the per-capability kernel table the dispatcher picks from.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+
+namespace lipkern {
+
+enum class Act : int { Identity, Relu, Gelu, GeluTanh, Silu };
+
+// Parses the op's `act` argument; throws naming `act` on an unknown name.
+Act parse_act(const std::string& act);
+
+// A dense tensor seen in memory order as [outer, C, inner] with the channel of the flat offset
+// p being (p / inner) % C. Any non-overlapping dense layout fits (contiguous, channels_last,
+// other permutations), so outputs can share the input's strides.
+struct Geometry {
+  int64_t numel;
+  int64_t channels;
+  int64_t inner;
+};
+
+// Per-channel parameters. `threshold` always points at `channels` floats (per-tensor values are
+// expanded by the caller when the channel matters); `center` is null without a centre.
+struct ChannelParams {
+  const float* threshold;
+  const float* center;
+};
+
+struct ForwardArgs {
+  const void* x;
+  void* y;  // may equal x (in-place)
+  at::ScalarType dtype;
+  Act act;
+  Geometry geometry;
+  ChannelParams params;
+};
+
+struct BackwardArgs {
+  const void* grad_y;
+  at::ScalarType grad_dtype;  // x's dtype or float32
+  const void* x;
+  void* grad_x;
+  at::ScalarType dtype;
+  Act act;
+  Geometry geometry;
+  ChannelParams params;
+  bool straight_through;
+};
+
+// Per-channel outputs of the statistics pass, each `channels` long.
+struct StatsOut {
+  float* amax;
+  int64_t* remapped;
+  double* sum;
+  double* sumsq;
+};
+
+struct KernelTable {
+  const char* name;
+  void (*forward)(const ForwardArgs&);
+  void (*forward_stats)(const ForwardArgs&, const StatsOut&);
+  void (*backward)(const BackwardArgs&);
+};
+
+// One table per compiled capability (each defined in its own build of remap_act_kernels.cpp).
+#define LIPKERN_DECLARE_CAPABILITY(CAP) \
+  namespace CAP {                       \
+  KernelTable kernel_table();           \
+  }
+LIPKERN_DECLARE_CAPABILITY(DEFAULT)
+#ifdef LIPKERN_HAVE_AVX2
+LIPKERN_DECLARE_CAPABILITY(AVX2)
+#endif
+#ifdef LIPKERN_HAVE_AVX512
+LIPKERN_DECLARE_CAPABILITY(AVX512)
+#endif
+#undef LIPKERN_DECLARE_CAPABILITY
+
+// The table for the capability in use (see dispatch.cpp).
+const KernelTable& kernels();
+// Name of the capability in use: "DEFAULT", "AVX2" or "AVX512".
+std::string cpu_capability();
+// Switches the capability (for tests and benchmarks); throws if this CPU or build lacks it.
+void set_cpu_capability(const std::string& name);
+
+}  // namespace lipkern

@@ -1,0 +1,648 @@
+// The fused activation + remap kernels. This file is not compiled on its own: each
+// csrc/capability/remap_act_kernels.<CAP>.cpp includes it and is compiled with that capability's
+// instruction-set flags and CPU_CAPABILITY=<CAP>, so every build lands in its own namespace
+// lipkern::<CAP> and uses the matching at::vec::Vectorized specialisation (the scheme ATen uses
+// for its own CPU kernels).
+//
+// All arithmetic is in fp32 on whole vectors; the ragged end of a run uses partial loads and
+// stores instead of a scalar loop, so an element's result does not depend on where it sits.
+
+#include "remap_act.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#ifndef CPU_CAPABILITY
+#error "remap_act_kernels.cpp is compiled through csrc/capability/*.cpp with CPU_CAPABILITY set"
+#endif
+
+namespace lipkern {
+namespace CPU_CAPABILITY {
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+using dVec = at::vec::Vectorized<double>;
+constexpr int64_t kF = fVec::size();
+// One step covers one 16-bit vector, i.e. two float vectors.
+constexpr int64_t kStep = 2 * kF;
+static_assert(at::vec::Vectorized<c10::BFloat16>::size() == kStep, "bf16 vector = 2 float vectors");
+static_assert(at::vec::Vectorized<c10::Half>::size() == kStep, "fp16 vector = 2 float vectors");
+static_assert(dVec::size() * 2 == kF, "a float vector widens into two double vectors");
+
+// Elements per parallel task of the elementwise kernels (ATen's GRAIN_SIZE).
+constexpr int64_t kGrain = 32768;
+
+struct F2 {
+  fVec lo, hi;
+};
+
+template <typename T>
+inline F2 load(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= kStep) return {fVec::loadu(p), fVec::loadu(p + kF)};
+    return {fVec::loadu(p, std::min(n, kF)), n > kF ? fVec::loadu(p + kF, n - kF) : fVec(0.f)};
+  } else {
+    using V = at::vec::Vectorized<T>;
+    const V v = n >= kStep ? V::loadu(p) : V::loadu(p, n);
+    auto [lo, hi] = at::vec::convert_to_float<T>(v);
+    return {lo, hi};
+  }
+}
+
+template <typename T>
+inline void store(T* p, int64_t n, const fVec& lo, const fVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= kStep) {
+      lo.store(p);
+      hi.store(p + kF);
+    } else {
+      lo.store(p, std::min(n, kF));
+      if (n > kF) hi.store(p + kF, n - kF);
+    }
+  } else {
+    const auto v = at::vec::convert_from_float<T>(lo, hi);
+    if (n >= kStep) {
+      v.store(p);
+    } else {
+      v.store(p, n);
+    }
+  }
+}
+
+inline void widen(const fVec& v, dVec& lo, dVec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+  hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+#else
+  float f[kF];
+  v.store(f);
+  double d[kF];
+  for (int64_t i = 0; i < kF; ++i) d[i] = f[i];
+  lo = dVec::loadu(d);
+  hi = dVec::loadu(d + dVec::size());
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations and their derivatives.
+//
+// GELU, tanh-GELU and SiLU are evaluated in double precision on widened lanes and rounded once to
+// fp32, so the fp32 activation is correctly rounded up to a few 1e-10 relative (the double-
+// rounding cases). fp32 evaluation cannot get there cheaply: PyTorch's eager GELU computes
+// 0.5 x (1 + erf(x / sqrt 2)), which cancels for negative x (its vectorised erf is also a 1.5e-7
+// absolute-error polynomial), and even an erfc form loses several ulps to the rounding of its
+// argument (erfc's relative sensitivity to z is 2 z^2). In double, x^2 of an fp32 x is exact.
+
+// exp(a) for finite (or NaN) double lanes, relative error below 3e-10 (fp32 needs ~1e-8).
+inline dVec exp_d(const dVec& a) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // Cody-Waite reduction a = n ln2 + r, |r| <= ln2 / 2, then a degree-8 Taylor polynomial
+  // (remainder < 2e-10) and a scalef by 2^n, which also gives the right 0 / inf out of range.
+  const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(a, _mm512_set1_pd(M_LOG2E)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  constexpr double kLn2Hi = 0x1.62e42fefa39efp-1;
+  constexpr double kLn2Lo = 0x1.abc9e3b39803fp-56;
+  dVec r = at::vec::fmadd(dVec(n), dVec(-kLn2Hi), a);
+  r = at::vec::fmadd(dVec(n), dVec(-kLn2Lo), r);
+  dVec p(1.0 / 40320.0);
+  for (const double c : {1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0}) {
+    p = at::vec::fmadd(p, r, dVec(c));
+  }
+  return _mm512_scalef_pd(p, n);
+#else
+  return a.exp();
+#endif
+}
+
+// 1 / d for d >= 1, relative error ~4e-9: AVX512's 14-bit estimate plus one Newton step is much
+// cheaper than a division.
+inline dVec recip_d(const dVec& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const dVec r = _mm512_rcp14_pd(d);
+  return at::vec::fmadd(r, at::vec::fnmadd(d, r, dVec(1.0)), r);
+#else
+  return dVec(1.0) / d;
+#endif
+}
+
+inline void narrow_parts(const dVec& lo, const dVec& hi, fVec& out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  out = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+#elif defined(CPU_CAPABILITY_AVX2)
+  out = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+#else
+  double d[kF];
+  lo.store(d);
+  hi.store(d + dVec::size());
+  float f[kF];
+  for (int64_t i = 0; i < kF; ++i) f[i] = static_cast<float>(d[i]);
+  out = fVec::loadu(f);
+#endif
+}
+
+// Applies a double-lane function to an fp32 vector, rounding the result once.
+template <typename F>
+inline fVec in_double(const fVec& x, F&& f) {
+  dVec lo, hi;
+  widen(x, lo, hi);
+  fVec out;
+  narrow_parts(f(lo), f(hi), out);
+  return out;
+}
+
+// Same, for a function of x and a second fp32 vector (the upstream gradient).
+template <typename F>
+inline fVec in_double(const fVec& x, const fVec& g, F&& f) {
+  dVec xlo, xhi, glo, ghi;
+  widen(x, xlo, xhi);
+  widen(g, glo, ghi);
+  fVec out;
+  narrow_parts(f(xlo, glo), f(xhi, ghi), out);
+  return out;
+}
+
+// NaN stays NaN (at::vec::clamp keeps a NaN operand).
+inline dVec clamp_d(const dVec& x, double bound) {
+  return at::vec::clamp(x, dVec(-bound), dVec(bound));
+}
+
+// Beyond |x| = 40 GELU's Phi is 0 or 1 to far below fp32 resolution; clamping keeps inf out of
+// 0 * inf products.
+constexpr double kGeluClamp = 40.0;
+
+// erfc(|x| / sqrt 2) and exp(-x^2 / 2) for clamped x.
+//
+// erfc(z) = t exp(-z^2) R(t) with t = 1 / (1 + 0.35 z); R is a degree-10 least-squares fit of
+// erfcx(z) / t over z in [0, 10.5] (max relative error 3.8e-9; beyond, fp32 GELU underflows).
+struct GaussTail {
+  dVec erfc, gauss;
+};
+
+inline GaussTail gauss_tail(const dVec& xc) {
+  static constexpr double kR[] = {
+      -0.02032525112510545, 0.16062136297309768, -0.4820011077430214, 0.6750640518003334,
+      -0.5096608178417334,  0.40077415087012197, 0.008323309888157115, 0.19137990980835312,
+      0.1804454741802711,   0.19793191679364627, 0.19744700350455824};
+  const dVec z = xc.abs() * dVec(M_SQRT1_2);
+  const dVec t = recip_d(at::vec::fmadd(z, dVec(0.35), dVec(1.0)));
+  dVec r(kR[0]);
+  for (int i = 1; i < 11; ++i) r = at::vec::fmadd(r, t, dVec(kR[i]));
+  const dVec gauss = exp_d(xc * xc * dVec(-0.5));
+  return {t * gauss * r, gauss};
+}
+
+inline dVec gelu_d(const dVec& x) {
+  const dVec xc = clamp_d(x, kGeluClamp);
+  const dVec e = gauss_tail(xc).erfc;
+  const dVec h = xc * dVec(0.5);
+  // x >= 0: x Phi(x) = x - (x/2) erfc(z); x < 0: (x/2) erfc(z), no cancellation either way.
+  return dVec::blendv(h * e, x - h * e, x >= dVec(0.0));
+}
+
+inline dVec gelu_grad_d(const dVec& x) {
+  const dVec xc = clamp_d(x, kGeluClamp);
+  const GaussTail g = gauss_tail(xc);
+  const dVec half_e = g.erfc * dVec(0.5);
+  const dVec cdf = dVec::blendv(half_e, dVec(1.0) - half_e, xc >= dVec(0.0));
+  return at::vec::fmadd(xc * dVec(0.5 * M_2_SQRTPI * M_SQRT1_2), g.gauss, cdf);
+}
+
+// tanh-GELU as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the 1 + tanh(u) form cancels
+// for negative x. Beyond |x| = 12 the result is x or underflows fp32 (and exp(-2u) stays finite).
+constexpr double kTanhClamp = 12.0;
+constexpr double kTanhBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
+constexpr double kTanhKappa = 0.044715;
+
+inline dVec sigmoid_2u(const dVec& xc, dVec& e) {
+  const dVec u = dVec(kTanhBeta) * at::vec::fmadd(dVec(kTanhKappa) * xc, xc * xc, xc);
+  e = exp_d(u * dVec(-2.0));
+  return recip_d(dVec(1.0) + e);
+}
+
+inline dVec gelu_tanh_d(const dVec& x) {
+  dVec e;
+  const dVec s = sigmoid_2u(clamp_d(x, kTanhClamp), e);
+  return at::vec::clamp_min(x, dVec(-kTanhClamp)) * s;
+}
+
+inline dVec gelu_tanh_grad_d(const dVec& x) {
+  const dVec xc = clamp_d(x, kTanhClamp);
+  dVec e;
+  const dVec s = sigmoid_2u(xc, e);
+  // d/dx [x s(2u)] = s + 2 x u' s (1 - s), and s (1 - s) = s^2 e.
+  const dVec du = dVec(kTanhBeta) * at::vec::fmadd(dVec(3.0 * kTanhKappa) * xc, xc, dVec(1.0));
+  const dVec one_minus_s = dVec::blendv(s * e, dVec(1.0) - s, e >= dVec(1.0));
+  return at::vec::fmadd(xc * dVec(2.0) * du * s, one_minus_s, s);
+}
+
+// SiLU x sigmoid(x); beyond |x| = 200 the sigmoid is 0 or 1 in double.
+constexpr double kSiluClamp = 200.0;
+
+inline dVec sigmoid_d(const dVec& xc) {
+  return recip_d(dVec(1.0) + exp_d(xc.neg()));
+}
+
+inline dVec silu_d(const dVec& x) {
+  return at::vec::clamp_min(x, dVec(-kSiluClamp)) * sigmoid_d(clamp_d(x, kSiluClamp));
+}
+
+inline dVec silu_grad_d(const dVec& x) {
+  const dVec xc = clamp_d(x, kSiluClamp);
+  const dVec s = sigmoid_d(xc);
+  return s * at::vec::fmadd(xc, dVec(1.0) - s, dVec(1.0));
+}
+
+// ReLU as PyTorch's clamp_min(x, 0): -0 and NaN pass through unchanged.
+inline fVec relu(const fVec& x) {
+  return fVec::blendv(x, fVec(0.f), x < fVec(0.f));
+}
+
+template <Act A>
+inline fVec activate(const fVec& x) {
+  if constexpr (A == Act::Identity) return x;
+  if constexpr (A == Act::Relu) return relu(x);
+  if constexpr (A == Act::Gelu) return in_double(x, [](const dVec& v) { return gelu_d(v); });
+  if constexpr (A == Act::GeluTanh) {
+    return in_double(x, [](const dVec& v) { return gelu_tanh_d(v); });
+  }
+  if constexpr (A == Act::Silu) return in_double(x, [](const dVec& v) { return silu_d(v); });
+}
+
+// dx from the (already masked) upstream gradient g.
+template <Act A>
+inline fVec chain(const fVec& g, const fVec& x) {
+  if constexpr (A == Act::Identity) return g;
+  if constexpr (A == Act::Relu) return g * x.gt(fVec(0.f));
+  // dy * act'(x) is formed in double too, so dx is rounded once.
+  if constexpr (A == Act::Gelu) {
+    return in_double(x, g, [](const dVec& v, const dVec& d) { return d * gelu_grad_d(v); });
+  }
+  if constexpr (A == Act::GeluTanh) {
+    return in_double(x, g, [](const dVec& v, const dVec& d) { return d * gelu_tanh_grad_d(v); });
+  }
+  if constexpr (A == Act::Silu) {
+    return in_double(x, g, [](const dVec& v, const dVec& d) { return d * silu_grad_d(v); });
+  }
+}
+
+// |a - c| < t in fp32; NaN compares false and t = 0 never holds.
+inline fVec remap_mask(const fVec& a, const fVec& t, const fVec& c) {
+  return (a - c).abs() < t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Walking a flat range of a [outer, C, inner] tensor in runs that share a parameter layout.
+//
+// Lanes mode (inner == 1): a run is a stretch of consecutive channels of one row; thresholds and
+// centres are loaded as vectors alongside the data. Row mode: a run is a stretch of one channel;
+// its threshold and centre are broadcast.
+
+template <typename F>
+inline void for_each_run(const Geometry& g, int64_t begin, int64_t end, F&& body) {
+  const bool lanes = g.inner == 1;
+  const int64_t period = lanes ? g.channels : g.inner;
+  int64_t p = begin;
+  while (p < end) {
+    const int64_t row = p / period;
+    const int64_t run_end = std::min(end, (row + 1) * period);
+    const int64_t ch = lanes ? p - row * period : row % g.channels;
+    body(p, run_end - p, ch);
+    p = run_end;
+  }
+}
+
+// Thresholds and centres for one step of a run.
+struct StepParams {
+  F2 t, c;
+};
+
+template <bool kLanes>
+struct RunParams {
+  const float* t;  // lanes: first channel of the run; row: the run's channel
+  const float* c;  // null without a centre
+  fVec t_b, c_b;
+
+  RunParams(const ChannelParams& p, int64_t ch) : t(p.threshold + ch), c(p.center ? p.center + ch : nullptr) {
+    if constexpr (!kLanes) {
+      t_b = fVec(*t);
+      c_b = c ? fVec(*c) : fVec(0.f);
+    }
+  }
+
+  inline StepParams at(int64_t i, int64_t n) const {
+    if constexpr (kLanes) {
+      // A remap without centre is the remap towards 0: |a - 0| = |a| and the fill is +0.
+      return {load(t + i, n), c ? load(c + i, n) : F2{fVec(0.f), fVec(0.f)}};
+    } else {
+      return {{t_b, t_b}, {c_b, c_b}};
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward (also in place: y may equal x).
+
+template <typename T, Act A, bool kLanes>
+void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp) {
+  for (int64_t i = 0; i < n; i += kStep) {
+    const int64_t m = std::min(kStep, n - i);
+    const F2 v = load(x + i, m);
+    const StepParams p = rp.at(i, m);
+    const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
+    store(y + i, m, fVec::blendv(a0, p.c.lo, remap_mask(a0, p.t.lo, p.c.lo)),
+          fVec::blendv(a1, p.c.hi, remap_mask(a1, p.t.hi, p.c.hi)));
+  }
+}
+
+template <typename T, Act A>
+void forward_typed(const ForwardArgs& args) {
+  const T* x = static_cast<const T*>(args.x);
+  T* y = static_cast<T*>(args.y);
+  const Geometry& g = args.geometry;
+  at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
+      if (g.inner == 1) {
+        forward_run<T, A, true>(x + p, y + p, n, RunParams<true>(args.params, ch));
+      } else {
+        forward_run<T, A, false>(x + p, y + p, n, RunParams<false>(args.params, ch));
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward + per-channel statistics.
+//
+// The flat range is cut into blocks whose size depends only on numel; each block accumulates
+// into its own per-channel slots (fp64 sums, fp32 max, remap counts in fp32, exact below 2^24),
+// and the slots are combined block by block in index order. The result is therefore the same
+// for any thread count, bit for bit.
+
+constexpr int64_t kMinStatsBlock = 65536;
+constexpr int64_t kMaxStatsBlocks = 1024;
+// Keeps a block's per-channel fp32 remap count exact.
+constexpr int64_t kMaxStatsBlock = int64_t(1) << 22;
+
+int64_t stats_block_size(int64_t numel) {
+  const int64_t even = (numel + kMaxStatsBlocks - 1) / kMaxStatsBlocks;
+  return std::min(std::max(kMinStatsBlock, even), kMaxStatsBlock);
+}
+
+struct BlockSlots {
+  double* sum;
+  double* sumsq;
+  float* amax;
+  float* remapped;
+};
+
+inline float nan_max(float m, float v) {
+  return (std::isnan(v) || v > m) ? v : m;
+}
+
+inline void accumulate_lanes(double* sum, double* sumsq, int64_t m, const fVec& a0, const fVec& a1) {
+  dVec d[4];
+  widen(a0, d[0], d[1]);
+  widen(a1, d[2], d[3]);
+  constexpr int64_t kD = dVec::size();
+  for (int64_t k = 0; k < 4 && k * kD < m; ++k) {
+    const int64_t mk = std::min(kD, m - k * kD);
+    const dVec s = dVec::loadu(sum + k * kD, mk) + d[k];
+    const dVec q = at::vec::fmadd(d[k], d[k], dVec::loadu(sumsq + k * kD, mk));
+    s.store(sum + k * kD, mk);
+    q.store(sumsq + k * kD, mk);
+  }
+}
+
+template <typename T, Act A>
+void stats_run_lanes(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams& params,
+                     const BlockSlots& s) {
+  const RunParams<true> rp(params, ch);
+  for (int64_t i = 0; i < n; i += kStep) {
+    const int64_t m = std::min(kStep, n - i);
+    const int64_t c0 = ch + i;
+    const F2 v = load(x + i, m);
+    const StepParams p = rp.at(i, m);
+    const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
+    const fVec k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
+    store(y + i, m, fVec::blendv(a0, p.c.lo, k0), fVec::blendv(a1, p.c.hi, k1));
+
+    const F2 mx = load(s.amax + c0, m);
+    store(s.amax + c0, m, at::vec::maximum(mx.lo, a0.abs()), at::vec::maximum(mx.hi, a1.abs()));
+    // Lanes past m were loaded as 0 and are not stored back, so they cannot leak into counts.
+    const F2 cnt = load(s.remapped + c0, m);
+    store(s.remapped + c0, m, cnt.lo + (k0 & fVec(1.f)), cnt.hi + (k1 & fVec(1.f)));
+    accumulate_lanes(s.sum + c0, s.sumsq + c0, m, a0, a1);
+  }
+}
+
+template <typename T, Act A>
+void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams& params,
+                   const BlockSlots& s) {
+  const RunParams<false> rp(params, ch);
+  const StepParams p = rp.at(0, kStep);
+  dVec sum[4], sumsq[4];
+  fVec amax(0.f), count(0.f);
+  for (int64_t i = 0; i < n; i += kStep) {
+    const int64_t m = std::min(kStep, n - i);
+    const F2 v = load(x + i, m);
+    const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
+    fVec k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
+    store(y + i, m, fVec::blendv(a0, p.c.lo, k0), fVec::blendv(a1, p.c.hi, k1));
+    if (m < kStep) {
+      // Padding lanes hold act(0) = 0, harmless for sums and max but not for the count.
+      k0 = fVec::set(fVec(0.f), k0, std::min(m, kF));
+      k1 = fVec::set(fVec(0.f), k1, std::max<int64_t>(m - kF, 0));
+    }
+    amax = at::vec::maximum(amax, at::vec::maximum(a0.abs(), a1.abs()));
+    count = count + (k0 & fVec(1.f)) + (k1 & fVec(1.f));
+    dVec d[4];
+    widen(a0, d[0], d[1]);
+    widen(a1, d[2], d[3]);
+    for (int k = 0; k < 4; ++k) {
+      sum[k] = sum[k] + d[k];
+      sumsq[k] = at::vec::fmadd(d[k], d[k], sumsq[k]);
+    }
+  }
+  // Fold the lanes in a fixed order.
+  double lanes_sum[4 * dVec::size()], lanes_sq[4 * dVec::size()];
+  float lanes_max[kF], lanes_count[kF];
+  for (int k = 0; k < 4; ++k) {
+    sum[k].store(lanes_sum + k * dVec::size());
+    sumsq[k].store(lanes_sq + k * dVec::size());
+  }
+  amax.store(lanes_max);
+  count.store(lanes_count);
+  double total = 0, total_sq = 0;
+  for (int64_t i = 0; i < 4 * dVec::size(); ++i) {
+    total += lanes_sum[i];
+    total_sq += lanes_sq[i];
+  }
+  float m = s.amax[ch], c = s.remapped[ch];
+  for (int64_t i = 0; i < kF; ++i) {
+    m = nan_max(m, lanes_max[i]);
+    c += lanes_count[i];
+  }
+  s.sum[ch] += total;
+  s.sumsq[ch] += total_sq;
+  s.amax[ch] = m;
+  s.remapped[ch] = c;
+}
+
+template <typename T, Act A>
+void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
+  const T* x = static_cast<const T*>(args.x);
+  T* y = static_cast<T*>(args.y);
+  const Geometry& g = args.geometry;
+  const int64_t C = g.channels;
+  const int64_t block = stats_block_size(g.numel);
+  const int64_t nblocks = (g.numel + block - 1) / block;
+  std::vector<double> sum(nblocks * C, 0.0), sumsq(nblocks * C, 0.0);
+  std::vector<float> amax(nblocks * C, 0.f), remapped(nblocks * C, 0.f);
+
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const BlockSlots slots{sum.data() + b * C, sumsq.data() + b * C, amax.data() + b * C,
+                             remapped.data() + b * C};
+      const int64_t begin = b * block, end = std::min(g.numel, begin + block);
+      for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
+        if (g.inner == 1) {
+          stats_run_lanes<T, A>(x + p, y + p, n, ch, args.params, slots);
+        } else {
+          stats_run_row<T, A>(x + p, y + p, n, ch, args.params, slots);
+        }
+      });
+    }
+  });
+
+  at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double s = 0, q = 0;
+      float m = 0.f;
+      int64_t r = 0;
+      for (int64_t b = 0; b < nblocks; ++b) {
+        s += sum[b * C + c];
+        q += sumsq[b * C + c];
+        m = nan_max(m, amax[b * C + c]);
+        r += static_cast<int64_t>(remapped[b * C + c]);
+      }
+      out.sum[c] = s;
+      out.sumsq[c] = q;
+      out.amax[c] = m;
+      out.remapped[c] = r;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: dx = dy * act'(x) * (straight_through or not mask).
+
+template <typename T, typename G, Act A, bool kLanes>
+void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLanes>& rp,
+                  bool straight_through) {
+  for (int64_t i = 0; i < n; i += kStep) {
+    const int64_t m = std::min(kStep, n - i);
+    const F2 v = load(x + i, m);
+    F2 g = load(dy + i, m);
+    if (!straight_through) {
+      const StepParams p = rp.at(i, m);
+      // masked_fill(mask, 0): +0 where remapped.
+      g.lo = fVec::blendv(g.lo, fVec(0.f), remap_mask(activate<A>(v.lo), p.t.lo, p.c.lo));
+      g.hi = fVec::blendv(g.hi, fVec(0.f), remap_mask(activate<A>(v.hi), p.t.hi, p.c.hi));
+    }
+    store(dx + i, m, chain<A>(g.lo, v.lo), chain<A>(g.hi, v.hi));
+  }
+}
+
+template <typename T, typename G, Act A>
+void backward_typed(const BackwardArgs& args) {
+  const G* dy = static_cast<const G*>(args.grad_y);
+  const T* x = static_cast<const T*>(args.x);
+  T* dx = static_cast<T*>(args.grad_x);
+  const Geometry& g = args.geometry;
+  at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
+      if (g.inner == 1) {
+        backward_run<T, G, A, true>(dy + p, x + p, dx + p, n, RunParams<true>(args.params, ch),
+                                    args.straight_through);
+      } else {
+        backward_run<T, G, A, false>(dy + p, x + p, dx + p, n, RunParams<false>(args.params, ch),
+                                     args.straight_through);
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Type and activation dispatch.
+
+template <typename F>
+void dispatch_act(Act act, F&& f) {
+  switch (act) {
+    case Act::Identity: return f(std::integral_constant<Act, Act::Identity>{});
+    case Act::Relu: return f(std::integral_constant<Act, Act::Relu>{});
+    case Act::Gelu: return f(std::integral_constant<Act, Act::Gelu>{});
+    case Act::GeluTanh: return f(std::integral_constant<Act, Act::GeluTanh>{});
+    case Act::Silu: return f(std::integral_constant<Act, Act::Silu>{});
+  }
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "lipkern: x must be float16, bfloat16 or float32, got ", dtype);
+  }
+}
+
+void forward(const ForwardArgs& args) {
+  dispatch_dtype(args.dtype, [&](auto t) {
+    dispatch_act(args.act, [&](auto a) { forward_typed<decltype(t), decltype(a)::value>(args); });
+  });
+}
+
+void forward_stats(const ForwardArgs& args, const StatsOut& out) {
+  dispatch_dtype(args.dtype, [&](auto t) {
+    dispatch_act(args.act, [&](auto a) {
+      forward_stats_typed<decltype(t), decltype(a)::value>(args, out);
+    });
+  });
+}
+
+void backward(const BackwardArgs& args) {
+  dispatch_dtype(args.dtype, [&](auto t) {
+    using T = decltype(t);
+    dispatch_act(args.act, [&](auto a) {
+      constexpr Act A = decltype(a)::value;
+      if (args.grad_dtype == args.dtype) {
+        backward_typed<T, T, A>(args);
+      } else {
+        TORCH_CHECK(args.grad_dtype == at::kFloat, "lipkern: grad_y must be float32 or x's dtype");
+        backward_typed<T, float, A>(args);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+KernelTable kernel_table() {
+  return {C10_STRINGIZE(CPU_CAPABILITY), &forward, &forward_stats, &backward};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace lipkern
