@@ -1,8 +1,11 @@
-"""Loading of the compiled C++ extension ``lipkern._C`` (the CPU kernels)."""
+"""Loading of the compiled C++ extension ``lipkern._C`` (the CPU kernels).
+
+The import is tried once, when lipkern is imported, so that the dispatcher's checks are plain
+reads of module state (``torch.compile`` traces them without a graph break).
+"""
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 BUILD_HINT = (
@@ -15,25 +18,21 @@ class ExtensionNotBuiltError(RuntimeError):
     """The C++ CPU kernels are not compiled, so backend 'cpu' cannot run."""
 
 
-@functools.lru_cache(maxsize=None)
-def _import():
-    try:
-        return importlib.import_module("lipkern._C"), None
-    except ImportError as error:
-        return None, error
+try:
+    _MODULE = importlib.import_module("lipkern._C")
+    _MISSING_REASON = None
+except ImportError as _error:
+    _MODULE = None
+    _MISSING_REASON = f"lipkern._C is not built ({_error}); {BUILD_HINT}"
 
 
 def load():
-    """Import ``lipkern._C`` (which registers the CPU kernels) or raise a clear error."""
-    module, error = _import()
-    if module is None:
-        raise ExtensionNotBuiltError(
-            f"lipkern's C++ extension lipkern._C could not be imported ({error}); {BUILD_HINT}"
-        )
-    return module
+    """The imported ``lipkern._C`` module, or a clear error saying how to build it."""
+    if _MODULE is None:
+        raise ExtensionNotBuiltError(_MISSING_REASON)
+    return _MODULE
 
 
 def missing_reason():
-    """``None`` when the extension imports, else a sentence saying why and how to fix it."""
-    module, error = _import()
-    return None if module is not None else f"lipkern._C is not built ({error}); {BUILD_HINT}"
+    """``None`` when the extension imported, else a sentence saying why and how to fix it."""
+    return _MISSING_REASON

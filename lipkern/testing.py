@@ -146,5 +146,25 @@ def compare_backward(dx, grad_y, x, threshold, center, act, channel_dim, straigh
     )
 
 
+def amax_within_tolerance(amax, x, act, channel_dim) -> torch.Tensor:
+    """Per channel: a backend's max |act(x)| against the reference's, by the forward's rule.
+
+    Exact for ReLU / identity; otherwise within 1 ulp of the reference maximum, or no further
+    from the float64 maximum than the reference is, plus 1 ulp.
+    """
+    reduce = [d for d in range(x.dim()) if d != channel_dim]
+    ref = reference.activation_reference(x.float(), act).abs()
+    truth = reference.activation_reference(x.double(), act).abs()
+    if x.numel():
+        ref = ref.amax(reduce) if reduce else ref
+        truth = truth.amax(reduce) if reduce else truth
+    else:
+        ref = torch.zeros(x.shape[channel_dim])
+        truth = ref.double()
+    if act in EXACT_ACTIVATIONS:
+        return same_bits(amax, ref)
+    return _close_or_more_accurate(amax, ref, truth, 1)
+
+
 def _max(distance: torch.Tensor) -> int:
     return int(distance.max()) if distance.numel() else 0
