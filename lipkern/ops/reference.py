@@ -27,26 +27,36 @@ import torch.nn.functional as F
 ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 
 
-def activation_reference(x: torch.Tensor, act: str) -> torch.Tensor:
-    """``act(x)`` on a float32 tensor, with PyTorch's own eager kernels."""
-    if act == "identity":
-        return x
-    if act == "relu":
-        return torch.relu(x)
+def _smooth_activation(x: torch.Tensor, act: str) -> torch.Tensor:
     if act == "gelu":
         return F.gelu(x)
     if act == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
-    if act == "silu":
-        return F.silu(x)
-    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    return F.silu(x)
+
+
+def activation_reference(x: torch.Tensor, act: str) -> torch.Tensor:
+    """``act(x)`` on a float32 tensor, with PyTorch's own eager kernels.
+
+    GELU and SiLU take their limits at infinity (``+inf -> +inf``, ``-inf -> -0``): PyTorch's
+    formulas give NaN there (``inf * 0``), which would turn an infinite input into a NaN.
+    """
+    if act == "identity":
+        return x
+    if act == "relu":
+        return torch.relu(x)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    a = _smooth_activation(x, act)
+    limit = torch.where(x > 0, x, -0.0)
+    return torch.where(x.isinf(), limit, a)
 
 
 def activation_backward_reference(grad_a: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
     """``grad_a * act'(x)`` in float32, as PyTorch's autograd computes it.
 
     ReLU'(0) = 0 as in PyTorch; ReLU'(NaN) is taken as 0 (x > 0 is false), so that every backend
-    can use the one comparison.
+    can use the one comparison. GELU' and SiLU' take their limits at infinity (1 and 0).
     """
     if act == "identity":
         return grad_a
@@ -54,12 +64,15 @@ def activation_backward_reference(grad_a: torch.Tensor, x: torch.Tensor, act: st
         # A select, not a product: the gradient is +0 where x <= 0, as PyTorch's threshold_backward.
         return torch.where(x > 0, grad_a, 0.0)
     if act == "gelu":
-        return torch.ops.aten.gelu_backward(grad_a, x)
-    if act == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad_a, x, approximate="tanh")
-    if act == "silu":
-        return torch.ops.aten.silu_backward(grad_a, x)
-    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+        grad_x = torch.ops.aten.gelu_backward(grad_a, x)
+    elif act == "gelu_tanh":
+        grad_x = torch.ops.aten.gelu_backward(grad_a, x, approximate="tanh")
+    elif act == "silu":
+        grad_x = torch.ops.aten.silu_backward(grad_a, x)
+    else:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    # The derivatives' limits: 1 at +inf, 0 at -inf (PyTorch's formulas give NaN there).
+    return torch.where(x.isinf(), torch.where(x > 0, grad_a, 0.0), grad_x)
 
 
 def _broadcast_per_channel(p: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
