@@ -93,7 +93,12 @@ def _fp32_ulp(v: torch.Tensor) -> torch.Tensor:
 
 
 def reference_mask_and_band(x, threshold, center, act, channel_dim):
-    """Reference activation ``a`` (fp32), its mask, and the tie band around ``t``."""
+    """Reference activation ``a`` (fp32), its mask, and the tie band around ``t``.
+
+    The band also holds the elements where the reference's own decision differs from the
+    float64 one (its fp32 activation can be far off where the formula cancels): there the
+    reference is no authority, and either decision is accepted.
+    """
     a = reference.activation_reference(x.float(), act)
     t = _per_channel(threshold, x.dim(), channel_dim).expand_as(a)
     c = (
@@ -105,6 +110,9 @@ def reference_mask_and_band(x, threshold, center, act, channel_dim):
     mask = distance < t
     width = TIE_BAND_ULPS * (_fp32_ulp(a) + _fp32_ulp(c) + _fp32_ulp(t))
     band = ((distance.double() - t.double()).abs() <= width) & t.gt(0) & a.isfinite()
+    if act not in EXACT_ACTIVATIONS:
+        exact_mask = (activation_float64(x, act) - c.double()).abs() < t.double()
+        band |= exact_mask != mask
     return a, c, mask, band
 
 
