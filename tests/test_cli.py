@@ -83,7 +83,7 @@ def test_exceptions_become_fail_rows(capsys):
         devices=["cpu"], quick=True,
     )
     (row,) = report.rows
-    assert row.verdict == "FAIL" and "kernel exploded" in row.notes[0]
+    assert row.verdict == "FAIL" and "kernel exploded" in row.describe()
     assert "kernel exploded" in verify.format_table(report)
 
 
