@@ -208,8 +208,9 @@ inline dVec gelu_d(const dVec& x) {
   const dVec xc = clamp_d(x, kGeluClamp);
   const dVec e = gauss_tail(xc).erfc;
   const dVec h = xc * dVec(0.5);
-  // x >= 0: x Phi(x) = x - (x/2) erfc(z); x < 0: (x/2) erfc(z), no cancellation either way.
-  return dVec::blendv(h * e, x - h * e, x >= dVec(0.0));
+  // x > 0: x Phi(x) = x - (x/2) erfc(z); x <= 0: (x/2) erfc(z), no cancellation either way
+  // (and -0 keeps its sign).
+  return dVec::blendv(h * e, x - h * e, x > dVec(0.0));
 }
 
 inline dVec gelu_grad_d(const dVec& x) {
@@ -285,7 +286,8 @@ inline fVec activate(const fVec& x) {
 template <Act A>
 inline fVec chain(const fVec& g, const fVec& x) {
   if constexpr (A == Act::Identity) return g;
-  if constexpr (A == Act::Relu) return g * x.gt(fVec(0.f));
+  // A select, as PyTorch's threshold_backward: +0 (not dy * 0) where x <= 0 or x is NaN.
+  if constexpr (A == Act::Relu) return fVec::blendv(fVec(0.f), g, x > fVec(0.f));
   // dy * act'(x) is formed in double too, so dx is rounded once.
   if constexpr (A == Act::Gelu) {
     return in_double(x, g, [](const dVec& v, const dVec& d) { return d * gelu_grad_d(v); });
