@@ -1,0 +1,190 @@
+"""Checks specific to the C++ CPU kernels (lipkern._C): every compiled capability (DEFAULT, AVX2,
+AVX512) against the reference, results independent of the thread count, and the layouts the
+kernels walk without copying. The backend-parametrised suite is tests/test_ops.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lipkern
+from lipkern.ops import reference
+from lipkern.testing import compare_backward, compare_forward
+
+_C = pytest.importorskip("lipkern._C", reason="lipkern's C++ extension is not built")
+
+ACTS = reference.ACTIVATIONS
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+
+
+def _supported(capability):
+    try:
+        _C.set_cpu_capability(capability)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.fixture
+def capability(request):
+    """Run the test under one kernel build, restoring the initial choice afterwards."""
+    initial = _C.cpu_capability()
+    if not _supported(request.param):
+        _C.set_cpu_capability(initial)
+        pytest.skip(f"{request.param} is not compiled in or not supported by this CPU")
+    yield request.param
+    _C.set_cpu_capability(initial)
+
+
+def _case(shape, channel_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    channels = shape[channel_dim]
+    threshold = torch.rand(channels, generator=gen) * 0.8
+    center = torch.randn(channels, generator=gen) * 0.3
+    return x, threshold, center
+
+
+def _ops(x, threshold, center, act, channel_dim):
+    y = torch.ops.lipkern.remap_act(x, threshold, center, act, channel_dim, False)
+    stats = torch.ops.lipkern.remap_act_stats(x, threshold, center, act, channel_dim)
+    return y, stats
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_every_capability_matches_reference(capability, act, dtype):
+    # 37 rows of 67 channels: ragged vector tails in both the row and the lanes walk.
+    for shape, channel_dim in (((37, 67), 1), ((3, 67, 5, 7), 1)):
+        x, threshold, center = _case(shape, channel_dim, dtype)
+        y, stats = _ops(x, threshold, center, act, channel_dim)
+        assert compare_forward(y, x, threshold, center, act, channel_dim).ok
+        ref = reference.remap_act_stats_reference(x, threshold, center, act, channel_dim)
+        assert torch.equal(stats[2], ref[2]) or act not in ("identity", "relu")
+        assert torch.equal(stats[3], ref[3])
+        scale = reference.activation_reference(x.double(), act).abs()
+        scale = scale.movedim(channel_dim, 0).reshape(shape[channel_dim], -1).sum(1)
+        assert torch.allclose(stats[4], ref[4], rtol=0, atol=1e-6 * float(scale.max()))
+        grad_y = torch.randn(shape).to(dtype)
+        dx = torch.ops.lipkern.remap_act_backward(
+            grad_y, x, threshold, center, act, channel_dim, False
+        )
+        assert compare_backward(dx, grad_y, x, threshold, center, act, channel_dim, False).ok
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+def test_capabilities_agree_bit_for_bit_on_exact_activations(capability):
+    x, threshold, center = _case((64, 96), 1, torch.float32)
+    for act in ("identity", "relu"):
+        y, stats = _ops(x, threshold, center, act, 1)
+        ref_y, *ref_stats = reference.remap_act_stats_reference(x, threshold, center, act, 1)
+        assert torch.equal(y, ref_y)
+        assert torch.equal(stats[1], ref_stats[0])
+
+
+def test_unknown_capability_is_a_clear_error():
+    with pytest.raises(ValueError, match="capability"):
+        _C.set_cpu_capability("SSE9")
+
+
+def test_default_choice_is_reported():
+    assert _C.cpu_capability() in CAPABILITIES
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("channel_dim", [1, 3])
+def test_stats_do_not_depend_on_thread_count(act, channel_dim):
+    """Fixed block partition, blocks combined in order: bitwise equal for 1 and 2 threads."""
+    x, threshold, center = _case((3, 40, 37, 53), channel_dim, torch.float32, seed=1)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_ops(x, threshold, center, act, channel_dim))
+    finally:
+        torch.set_num_threads(threads)
+    (y0, s0), *rest = results
+    for y, s in rest:
+        assert torch.equal(y, y0)
+        for a, b in zip(s, s0):
+            assert torch.equal(a, b)
+
+
+def test_channels_last_is_walked_without_a_copy():
+    """Output keeps channels_last and equals the contiguous computation."""
+    x, threshold, center = _case((4, 24, 9, 11), 1, torch.float32)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    y = torch.ops.lipkern.remap_act(xl, threshold, center, "gelu", 1, False)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, torch.ops.lipkern.remap_act(x, threshold, center, "gelu", 1, False))
+    inplace = xl.clone(memory_format=torch.channels_last)
+    torch.ops.lipkern.remap_act_(inplace, threshold, center, "gelu", 1)
+    assert torch.equal(inplace, y)
+
+
+def test_non_dense_input_and_gradient_layouts():
+    x, threshold, center = _case((16, 80), 1, torch.float32)
+    view = x[:, ::2]
+    t, c = threshold[:40].contiguous(), center[:40].contiguous()
+    y = torch.ops.lipkern.remap_act(view, t, c, "silu", 1, False)
+    assert torch.equal(y, torch.ops.lipkern.remap_act(view.contiguous(), t, c, "silu", 1, False))
+    # An in-place op on a strided view writes through to the base.
+    base = x.clone()
+    torch.ops.lipkern.remap_act_(base[:, ::2], t, c, "silu", 1)
+    assert torch.equal(base[:, ::2], y)
+    assert torch.equal(base[:, 1::2], x[:, 1::2])
+    # A gradient in another layout (or in fp32 for a bf16 x) is read correctly.
+    grad = torch.randn(40, 16).t()
+    dx = torch.ops.lipkern.remap_act_backward(grad, view, t, c, "silu", 1, False)
+    dx_ref = torch.ops.lipkern.remap_act_backward(grad.contiguous(), view, t, c, "silu", 1, False)
+    assert torch.equal(dx, dx_ref)
+    xb = view.to(torch.bfloat16)
+    dxb = torch.ops.lipkern.remap_act_backward(grad, xb, t, c, "silu", 1, False)
+    assert dxb.dtype == torch.bfloat16
+    assert compare_backward(dxb, grad, xb, t, c, "silu", 1, False).failures == 0
+
+
+def test_kernel_validates_threshold_and_center():
+    x = torch.randn(4, 3)
+    ok = torch.ones(3)
+    with pytest.raises(ValueError, match="threshold"):
+        torch.ops.lipkern.remap_act(x, torch.tensor([1.0, -1.0, 1.0]), None, "gelu", 1, False)
+    with pytest.raises(ValueError, match="threshold"):
+        torch.ops.lipkern.remap_act(x, torch.tensor(float("nan")), None, "gelu", 1, False)
+    with pytest.raises(ValueError, match="threshold"):
+        torch.ops.lipkern.remap_act(x, torch.ones(4), None, "gelu", 1, False)
+    with pytest.raises(ValueError, match="center"):
+        torch.ops.lipkern.remap_act(x, ok, torch.full((3,), float("nan")), "gelu", 1, False)
+    with pytest.raises(ValueError, match="act"):
+        torch.ops.lipkern.remap_act(x, ok, None, "tanh", 1, False)
+    with pytest.raises(TypeError, match="x must be"):
+        torch.ops.lipkern.remap_act(x.double(), ok, None, "gelu", 1, False)
+
+
+def test_activations_are_correctly_rounded_in_fp32():
+    """Well inside 1 ulp of an accurate float64 evaluation over the whole useful range
+    (PyTorch's own fp32 GELU is thousands of ulps off for x < -3)."""
+    x = torch.linspace(-14, 8, 400_001)
+    xd = x.double()
+    truths = {
+        "gelu": 0.5 * xd * torch.special.erfc(-xd / 2**0.5),
+        "gelu_tanh": xd * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (xd + 0.044715 * xd**3)),
+        "silu": xd * torch.sigmoid(xd),
+    }
+    for act, truth in truths.items():
+        y = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, act, 0, False)
+        rounded = truth.float()
+        ulp = (torch.nextafter(rounded.abs(), torch.tensor(float("inf"))) - rounded.abs()).double()
+        err = ((y.double() - truth).abs() / ulp).max()
+        assert err < 0.6, f"{act}: {float(err):.3f} ulp"
+
+
+def test_ten_million_bf16_elements_count_and_sum_exactly():
+    x = torch.ones(10_000_000, 1, dtype=torch.bfloat16)
+    _, stats = lipkern.remap_act_stats(x, 2.0, "identity", None, -1, backend="cpu")
+    assert int(stats.count) == 10_000_000
+    assert int(stats.remapped) == 10_000_000
+    assert float(stats.sum) == 10_000_000.0
