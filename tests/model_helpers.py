@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -99,3 +101,69 @@ def assert_close_model_outputs(actual: torch.Tensor, expected: torch.Tensor, exa
     else:
         scale = expected.abs().max().clamp_min(1e-6)
         torch.testing.assert_close(actual, expected, rtol=0, atol=float(scale) * 1e-4)
+
+
+def layer_comparisons(model: nn.Module, x: torch.Tensor) -> dict:
+    """Run ``model`` on ``x`` and judge every remapping layer's output against the reference
+    applied to that layer's own input (lipkern.testing's rules: exact for ReLU / identity,
+    ulp bounds and the tie band for GELU / SiLU). Returns ``{layer: Comparison}``."""
+    from lipkern.testing import compare_forward
+
+    inputs, results, handles = {}, {}, []
+    for name, layer in remap_modules(model):
+        if layer.redundant:
+            continue
+
+        def pre_hook(module, args, name=name):
+            inputs[name] = args[0].detach().clone()  # an in-place layer overwrites its input
+
+        def hook(module, args, output, name=name):
+            x = inputs[name]
+            threshold, center, act, dim = _parameters(module, x)
+            results[name] = compare_forward(output.detach(), x, threshold, center, act, dim)
+
+        handles.append(layer.register_forward_pre_hook(pre_hook))
+        handles.append(layer.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return results
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    for _, layer in remap_modules(model):
+        layer.backend = backend
+
+
+def assert_matches_hook_reference(
+    model: nn.Module, original: nn.Module, x: torch.Tensor, judge_layers: bool = True
+) -> None:
+    """The converted model == the original with reference hooks.
+
+    End to end, with the backend the model runs, for ReLU / identity layers only (bit-exact ops).
+    With GELU layers a legitimate 1-ulp difference can flip a remap decision inside the tie band
+    and the flip (a jump of ``t``) propagates, so there each layer is judged on its own input,
+    and the end-to-end comparison (which checks where remaps sit) runs with the reference backend.
+    ``judge_layers=False`` skips the per-layer judging (for models too big to judge cheaply).
+    """
+    reference_model = copy.deepcopy(original)
+    hooked_reference(reference_model, model)
+    with torch.no_grad():
+        expected = reference_model(x)
+    layers = remap_modules(model)
+    if all(layer.act in ("relu", "identity") for _, layer in layers):
+        with torch.no_grad():
+            assert_close_model_outputs(model(x), expected, exact=True)
+        return
+    if judge_layers:
+        failures = {n: c for n, c in layer_comparisons(model, x).items() if not c.ok}
+        assert not failures, failures
+    backends = {name: layer.backend for name, layer in layers}
+    set_backend(model, "reference")
+    try:
+        with torch.no_grad():
+            assert_close_model_outputs(model(x), expected, exact=True)
+    finally:
+        for name, layer in layers:
+            layer.backend = backends[name]

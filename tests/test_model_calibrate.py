@@ -21,6 +21,7 @@ from lipkern.nn import HIST_MANTISSA_BITS, remap_modules
 from model_helpers import (
     activation_maxima,
     assert_close_model_outputs,
+    assert_matches_hook_reference,
     hooked_reference,
     model_backend,
 )
@@ -83,12 +84,11 @@ def test_thresholds_are_ratio_times_max(granularity):
     for name in active:
         layer = layers[name]
         expected = _expected_threshold(C_R, maxima[name])
-        # GELU's float32 value may differ by an ulp between PyTorch and the C++ kernel.
-        exact = layer.act == "identity" or model_backend() == "reference"
-        torch.testing.assert_close(
-            layer.threshold, expected, rtol=0 if exact else 2**-22, atol=0
-        )
-        assert report[name].amax == pytest.approx(float(maxima[name].max()), rel=2**-22)
+        # GELU's float32 value may differ by ulps between PyTorch and the C++ kernel, and so may
+        # every later layer's input.
+        rtol = 0 if model_backend() == "reference" else 1e-5
+        torch.testing.assert_close(layer.threshold, expected, rtol=rtol, atol=0)
+        assert report[name].amax == pytest.approx(float(maxima[name].max()), rel=rtol)
     # FC2's input is the GELU output: no second remap there.
     assert layers["blocks.0.fc2.input_remap"].redundant
     assert layers["blocks.0.fc2.input_remap"].fed_by == "blocks.0.act"
@@ -98,17 +98,14 @@ def test_thresholds_are_ratio_times_max(granularity):
 @pytest.mark.parametrize("center", [None, "mean"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_converted_output_equals_hook_reference(granularity, center):
-    for original, data, exact, inputs_of in (
-        (_convnet(), _conv_data(), True, ("conv2",)),
-        (Blocks().eval(), _token_data(), False, ("*fc1", "*fc2")),
+    for original, data, inputs_of in (
+        (_convnet(), _conv_data(), ("conv2",)),
+        (Blocks().eval(), _token_data(), ("*fc1", "*fc2")),
     ):
         model = _converted(original, inputs_of=inputs_of)
         _calibrate(model, data, granularity=granularity, center=center)
-        reference_model = copy.deepcopy(original)
-        hooked_reference(reference_model, model)
-        with torch.no_grad():
-            for x in data:
-                assert_close_model_outputs(model(x), reference_model(x), exact)
+        for x in data:
+            assert_matches_hook_reference(model, original, x)
 
 
 def test_remap_changes_the_output():
