@@ -27,7 +27,7 @@ fi
 
 # Rebuild the extension only when its sources change (three CPU-capability variants compile).
 build_stamp=.venv/.lipkern-build.sha256
-build_hash=$(cat setup.py csrc/* | sha256sum | cut -d' ' -f1)
+build_hash=$(find setup.py csrc -type f | sort | xargs cat | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$build_stamp" 2>/dev/null)" != "$build_hash" ] || ! "$venv_python" -c "import lipkern._C" 2>/dev/null; then
   MAX_JOBS=${MAX_JOBS:-2} "$venv_python" -m pip install --quiet --no-build-isolation --no-deps -e .
   echo "$build_hash" > "$build_stamp"
