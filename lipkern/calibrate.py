@@ -341,13 +341,14 @@ def measure_remapped(
 ) -> dict[str, Optional[float]]:
     """Fraction of elements each calibrated layer remaps over ``data`` (applying the remap).
 
-    Redundant input remaps (fed by a converted activation) map to None. All-reduced across ranks
-    when torch.distributed is initialised.
+    Redundant input remaps (fed by a converted activation) map to None; uncalibrated layers are
+    left out. All-reduced across ranks when torch.distributed is initialised.
     """
-    modules = _converted(model)
+    modules = [(name, m) for name, m in _converted(model) if m.calibrated]
+    if not modules:
+        raise RuntimeError("no calibrated layer to measure; run lipkern.calibrate first")
     previous_modes = [m.mode for _, m in modules]
     for _, module in modules:
-        module._check_calibrated()
         module.mode = "monitor"
         module.monitor_remapped = torch.zeros(0, dtype=torch.int64, device=module.threshold.device)
         module.monitor_count = torch.zeros(0, dtype=torch.int64, device=module.threshold.device)
@@ -374,14 +375,16 @@ def set_ratio(model: nn.Module, c_r: float) -> CalibrationReport:
     """Re-derive every layer's threshold at ratio ``c_r`` from the stored statistics (no scan)."""
     c_r = check_ratio(c_r)
     modules = _converted(model)
-    for name, module in modules:
-        if module.stats is None:
-            raise RuntimeError(
-                f"{name}: no stored statistics; run lipkern.calibrate or load_calibration first"
-            )
-    for _, module in modules:
+    # Layers the calibration data never reached (e.g. a registered but unused block) have no
+    # statistics and stay uncalibrated, as calibrate left them.
+    with_stats = [(name, m) for name, m in modules if m.stats is not None]
+    if not with_stats:
+        raise RuntimeError(
+            f"{modules[0][0]}: no stored statistics; run lipkern.calibrate or load_calibration first"
+        )
+    for _, module in with_stats:
         module.set_ratio(c_r)
-    return _report(modules, c_r, batches=0)
+    return _report(with_stats, c_r, batches=0)
 
 
 def _layer_metadata(name: str, module: lnn.RemapAct) -> dict:

@@ -108,3 +108,18 @@ def test_robustbench_missing_checkpoint_and_unknown_id(tmp_path):
         build("robustbench:mnist:Wu2020Adversarial_extra")
     with pytest.raises(ValueError, match="source"):
         build("keras:resnet18")
+
+
+@pytest.mark.parametrize("spec, kwargs, shape, inputs_of", [
+    ("torchvision:resnet18", dict(num_classes=10), (1, 3, 32, 32), ()),
+    ("timm:vit_tiny_patch16_224", dict(img_size=64, num_classes=10), (1, 3, 64, 64),
+     TRANSFORMER_INPUTS),
+], ids=["torchvision:resnet18", "timm:vit_tiny_patch16_224"])
+def test_real_model_compiles_without_graph_breaks(spec, kwargs, shape, inputs_of):
+    torch.manual_seed(0)
+    model = convert(build(spec, **kwargs), inputs_of=inputs_of, backend=model_backend())
+    x = torch.randn(shape)
+    calibrate(model, [x], c_r=C_R, progress=False)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -1,0 +1,115 @@
+"""pytest-benchmark suite at model level (CPU): what converting and calibrating costs.
+
+Run with ``pytest benchmarks/bench_models.py --benchmark-only`` (not part of ``pytest tests``).
+Random weights, eval mode, no_grad. Groups, one table row each:
+
+- ``infer-<model>-<dtype>``: ``original`` vs ``converted`` (converted and calibrated, thresholds
+  applied) inference at batch ``LIPKERN_BENCH_MODEL_BATCH`` (default 8). The target is an overhead
+  of at most 3 %.
+- ``calib-<model>``: ``plain`` (a no-grad pass of the original model over the calibration batches)
+  vs ``scan`` (``lipkern.calibrate`` over the same batches: the fused statistics op in every
+  converted layer). The target is at most 1.1x.
+
+Models: torchvision ResNet-18 (ReLU), timm ViT-tiny and Swin-tiny (GELU, with input remaps on
+every MLP FC1; FC2 reads the GELU output, so no second remap). Environment:
+``LIPKERN_BENCH_MODELS`` (comma-separated of resnet18, vit_tiny, swin_tiny),
+``LIPKERN_BENCH_MODEL_DTYPES`` (default ``fp32,bf16``), ``LIPKERN_BENCH_MODEL_SIZE`` (image side,
+default 224), ``LIPKERN_BENCH_MODEL_BATCH``, ``LIPKERN_BENCH_CALIB_BATCHES`` (default 4),
+``LIPKERN_BENCH_ROUNDS`` (default 5) and ``LIPKERN_BENCH_BACKEND`` (default ``auto``).
+"""
+
+import copy
+import functools
+import os
+
+import pytest
+import torch
+
+from lipkern.calibrate import calibrate
+from lipkern.convert import convert
+from lipkern.models import build
+
+C_R = 2**-7
+MODELS = {
+    "resnet18": ("torchvision:resnet18", ()),
+    "vit_tiny": ("timm:vit_tiny_patch16_224", ("*.mlp.fc1", "*.mlp.fc2")),
+    "swin_tiny": ("timm:swin_tiny_patch4_window7_224", ("*.mlp.fc1", "*.mlp.fc2")),
+}
+SELECTED = os.environ.get("LIPKERN_BENCH_MODELS", ",".join(MODELS)).split(",")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SELECTED_DTYPES = os.environ.get("LIPKERN_BENCH_MODEL_DTYPES", "fp32,bf16").split(",")
+SIZE = int(os.environ.get("LIPKERN_BENCH_MODEL_SIZE", "224"))
+BATCH = int(os.environ.get("LIPKERN_BENCH_MODEL_BATCH", "8"))
+CALIB_BATCHES = int(os.environ.get("LIPKERN_BENCH_CALIB_BATCHES", "4"))
+ROUNDS = int(os.environ.get("LIPKERN_BENCH_ROUNDS", "5"))
+BACKEND = os.environ.get("LIPKERN_BENCH_BACKEND", "auto")
+
+
+def _original(model: str) -> torch.nn.Module:
+    spec, _ = MODELS[model]
+    kwargs = {} if spec.startswith("torchvision") else {"img_size": SIZE}
+    torch.manual_seed(0)
+    return build(spec, **kwargs)
+
+
+def _batches(n: int, dtype=torch.float32) -> list:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(BATCH, 3, SIZE, SIZE, generator=generator).to(dtype) for _ in range(n)]
+
+
+@functools.lru_cache(maxsize=1)
+def _pair(model: str, dtype_name: str):
+    """(original, converted + calibrated) in ``dtype``; calibrated in fp32 on separate batches."""
+    original = _original(model)
+    converted = convert(copy.deepcopy(original), inputs_of=MODELS[model][1], backend=BACKEND)
+    calibrate(converted, _batches(2), c_r=C_R, progress=False)
+    dtype = DTYPES[dtype_name]
+    return original.to(dtype), converted.to(dtype)
+
+
+def _run(benchmark, fn):
+    with torch.no_grad():
+        benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+
+
+INFER = [
+    pytest.param(m, d, v, id=f"{m}-{d}-{v}")
+    for m in SELECTED
+    for d in SELECTED_DTYPES
+    for v in ("original", "converted")
+]
+
+
+@pytest.mark.parametrize("model, dtype, variant", INFER)
+def test_inference(benchmark, model, dtype, variant):
+    benchmark.group = f"infer-{model}-{dtype}-batch{BATCH}"
+    original, converted = _pair(model, dtype)
+    net = original if variant == "original" else converted
+    x = _batches(1, DTYPES[dtype])[0]
+    _run(benchmark, lambda: net(x))
+
+
+CALIB = [pytest.param(m, v, id=f"{m}-{v}") for m in SELECTED for v in ("plain", "scan")]
+
+
+@functools.lru_cache(maxsize=1)
+def _calibration_pair(model: str):
+    original = _original(model)
+    converted = convert(copy.deepcopy(original), inputs_of=MODELS[model][1], backend=BACKEND)
+    return original, converted
+
+
+@pytest.mark.parametrize("model, variant", CALIB)
+def test_calibration_scan(benchmark, model, variant):
+    benchmark.group = f"calib-{model}-{CALIB_BATCHES}x{BATCH}"
+    original, converted = _calibration_pair(model)
+    data = _batches(CALIB_BATCHES)
+    if variant == "plain":
+
+        def plain():
+            for x in data:
+                original(x)
+
+        _run(benchmark, plain)
+    else:
+        _run(benchmark, lambda: calibrate(converted, data, c_r=C_R, progress=False))
