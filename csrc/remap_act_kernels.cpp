@@ -397,10 +397,19 @@ constexpr int64_t kMinStatsBlock = 65536;
 constexpr int64_t kMaxStatsBlocks = 1024;
 // Keeps a block's per-channel fp32 remap count exact.
 constexpr int64_t kMaxStatsBlock = int64_t(1) << 22;
+// Bounds the per-block slots (24 bytes each) when C is large.
+constexpr int64_t kMaxStatsSlots = int64_t(1) << 22;
 
-int64_t stats_block_size(int64_t numel) {
-  const int64_t even = (numel + kMaxStatsBlocks - 1) / kMaxStatsBlocks;
-  return std::min(std::max(kMinStatsBlock, even), kMaxStatsBlock);
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Block length in units (rows of C in lanes mode, elements in row mode), from the shape only.
+int64_t stats_block_units(const Geometry& g, int64_t unit) {
+  const int64_t units = g.numel / unit;
+  const int64_t fewest = ceil_div(g.numel * g.channels, kMaxStatsSlots);
+  const int64_t elements = std::max({kMinStatsBlock, ceil_div(g.numel, kMaxStatsBlocks), fewest});
+  return std::max<int64_t>(1, std::min({ceil_div(std::min(elements, kMaxStatsBlock), unit), units}));
 }
 
 struct BlockSlots {
@@ -414,39 +423,50 @@ inline float nan_max(float m, float v) {
   return (std::isnan(v) || v > m) ? v : m;
 }
 
-inline void accumulate_lanes(double* sum, double* sumsq, int64_t m, const fVec& a0, const fVec& a1) {
-  dVec d[4];
-  widen(a0, d[0], d[1]);
-  widen(a1, d[2], d[3]);
-  constexpr int64_t kD = dVec::size();
-  for (int64_t k = 0; k < 4 && k * kD < m; ++k) {
-    const int64_t mk = std::min(kD, m - k * kD);
-    const dVec s = dVec::loadu(sum + k * kD, mk) + d[k];
-    const dVec q = at::vec::fmadd(d[k], d[k], dVec::loadu(sumsq + k * kD, mk));
-    s.store(sum + k * kD, mk);
-    q.store(sumsq + k * kD, mk);
-  }
-}
-
+// Lanes mode: whole rows of C channels. A tile of rows is accumulated in registers per chunk of
+// channels before touching the block's slots, so the slots' loads and stores are amortised.
 template <typename T, Act A>
-void stats_run_lanes(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams& params,
-                     const BlockSlots& s) {
-  const RunParams<true> rp(params, ch);
-  for (int64_t i = 0; i < n; i += kStep) {
-    const int64_t m = std::min(kStep, n - i);
-    const int64_t c0 = ch + i;
-    const F2 v = load(x + i, m);
-    const StepParams p = rp.at(i, m);
-    const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
-    const fVec k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
-    store(y + i, m, fVec::blendv(a0, p.c.lo, k0), fVec::blendv(a1, p.c.hi, k1));
-
-    const F2 mx = load(s.amax + c0, m);
-    store(s.amax + c0, m, at::vec::maximum(mx.lo, a0.abs()), at::vec::maximum(mx.hi, a1.abs()));
-    // Lanes past m were loaded as 0 and are not stored back, so they cannot leak into counts.
-    const F2 cnt = load(s.remapped + c0, m);
-    store(s.remapped + c0, m, cnt.lo + (k0 & fVec(1.f)), cnt.hi + (k1 & fVec(1.f)));
-    accumulate_lanes(s.sum + c0, s.sumsq + c0, m, a0, a1);
+void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelParams& params,
+                      const BlockSlots& s) {
+  constexpr int64_t kTile = 16;
+  constexpr int64_t kD = dVec::size();
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t r1 = std::min(rows, r0 + kTile);
+    for (int64_t c0 = 0; c0 < C; c0 += kStep) {
+      const int64_t m = std::min(kStep, C - c0);
+      // Padding lanes (m < kStep) load x = 0 and t = c = 0: act(0) = 0 is never remapped and
+      // adds nothing, and they are not stored back.
+      const StepParams p = RunParams<true>(params, c0).at(0, m);
+      dVec sum[4], sumsq[4];
+      fVec amax0(0.f), amax1(0.f), count0(0.f), count1(0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = r * C + c0;
+        const F2 v = load(x + off, m);
+        const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
+        const fVec k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
+        store(y + off, m, fVec::blendv(a0, p.c.lo, k0), fVec::blendv(a1, p.c.hi, k1));
+        amax0 = at::vec::maximum(amax0, a0.abs());
+        amax1 = at::vec::maximum(amax1, a1.abs());
+        count0 = count0 + (k0 & fVec(1.f));
+        count1 = count1 + (k1 & fVec(1.f));
+        dVec d[4];
+        widen(a0, d[0], d[1]);
+        widen(a1, d[2], d[3]);
+        for (int k = 0; k < 4; ++k) {
+          sum[k] = sum[k] + d[k];
+          sumsq[k] = at::vec::fmadd(d[k], d[k], sumsq[k]);
+        }
+      }
+      const F2 mx = load(s.amax + c0, m);
+      store(s.amax + c0, m, at::vec::maximum(mx.lo, amax0), at::vec::maximum(mx.hi, amax1));
+      const F2 cnt = load(s.remapped + c0, m);
+      store(s.remapped + c0, m, cnt.lo + count0, cnt.hi + count1);
+      for (int64_t k = 0; k < 4 && k * kD < m; ++k) {
+        const int64_t mk = std::min(kD, m - k * kD);
+        (dVec::loadu(s.sum + c0 + k * kD, mk) + sum[k]).store(s.sum + c0 + k * kD, mk);
+        (dVec::loadu(s.sumsq + c0 + k * kD, mk) + sumsq[k]).store(s.sumsq + c0 + k * kD, mk);
+      }
+    }
   }
 }
 
@@ -509,8 +529,12 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
   T* y = static_cast<T*>(args.y);
   const Geometry& g = args.geometry;
   const int64_t C = g.channels;
-  const int64_t block = stats_block_size(g.numel);
-  const int64_t nblocks = (g.numel + block - 1) / block;
+  // Lanes mode cuts blocks at row boundaries (rows of C channels); row mode anywhere.
+  const bool lanes = g.inner == 1;
+  const int64_t unit = lanes ? C : 1;
+  const int64_t units = g.numel / unit;
+  const int64_t block = stats_block_units(g, unit);
+  const int64_t nblocks = (units + block - 1) / block;
   std::vector<double> sum(nblocks * C, 0.0), sumsq(nblocks * C, 0.0);
   std::vector<float> amax(nblocks * C, 0.f), remapped(nblocks * C, 0.f);
 
@@ -518,14 +542,14 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
     for (int64_t b = b0; b < b1; ++b) {
       const BlockSlots slots{sum.data() + b * C, sumsq.data() + b * C, amax.data() + b * C,
                              remapped.data() + b * C};
-      const int64_t begin = b * block, end = std::min(g.numel, begin + block);
-      for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
-        if (g.inner == 1) {
-          stats_run_lanes<T, A>(x + p, y + p, n, ch, args.params, slots);
-        } else {
+      const int64_t begin = b * block, end = std::min(units, begin + block);
+      if (lanes) {
+        stats_rows_lanes<T, A>(x + begin * C, y + begin * C, end - begin, C, args.params, slots);
+      } else {
+        for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
           stats_run_row<T, A>(x + p, y + p, n, ch, args.params, slots);
-        }
-      });
+        });
+      }
     }
   });
 
