@@ -153,27 +153,6 @@ inline void narrow_parts(const dVec& lo, const dVec& hi, fVec& out) {
 #endif
 }
 
-// Applies a double-lane function to an fp32 vector, rounding the result once.
-template <typename F>
-inline fVec in_double(const fVec& x, F&& f) {
-  dVec lo, hi;
-  widen(x, lo, hi);
-  fVec out;
-  narrow_parts(f(lo), f(hi), out);
-  return out;
-}
-
-// Same, for a function of x and a second fp32 vector (the upstream gradient).
-template <typename F>
-inline fVec in_double(const fVec& x, const fVec& g, F&& f) {
-  dVec xlo, xhi, glo, ghi;
-  widen(x, xlo, xhi);
-  widen(g, glo, ghi);
-  fVec out;
-  narrow_parts(f(xlo, glo), f(xhi, ghi), out);
-  return out;
-}
-
 // NaN stays NaN (at::vec::clamp keeps a NaN operand).
 inline dVec clamp_d(const dVec& x, double bound) {
   return at::vec::clamp(x, dVec(-bound), dVec(bound));
@@ -204,21 +183,23 @@ inline GaussTail gauss_tail(const dVec& xc) {
   return {t * gauss * r, gauss};
 }
 
-inline dVec gelu_d(const dVec& x) {
-  const dVec xc = clamp_d(x, kGeluClamp);
-  const dVec e = gauss_tail(xc).erfc;
-  const dVec h = xc * dVec(0.5);
-  // x > 0: x Phi(x) = x - (x/2) erfc(z); x <= 0: (x/2) erfc(z), no cancellation either way
-  // (and -0 keeps its sign).
-  return dVec::blendv(h * e, x - h * e, x > dVec(0.0));
-}
-
-inline dVec gelu_grad_d(const dVec& x) {
+// Each smooth activation as one evaluator yielding the value and/or the derivative, so that the
+// backward pass (which needs both: the value for the mask) shares the transcendental work.
+template <bool kValue, bool kGrad>
+inline void gelu_d(const dVec& x, dVec& value, dVec& grad) {
   const dVec xc = clamp_d(x, kGeluClamp);
   const GaussTail g = gauss_tail(xc);
-  const dVec half_e = g.erfc * dVec(0.5);
-  const dVec cdf = dVec::blendv(half_e, dVec(1.0) - half_e, xc >= dVec(0.0));
-  return at::vec::fmadd(xc * dVec(0.5 * M_2_SQRTPI * M_SQRT1_2), g.gauss, cdf);
+  if constexpr (kValue) {
+    // x > 0: x Phi(x) = x - (x/2) erfc(z); x <= 0: (x/2) erfc(z), no cancellation either way
+    // (and -0 keeps its sign).
+    const dVec he = xc * dVec(0.5) * g.erfc;
+    value = dVec::blendv(he, x - he, x > dVec(0.0));
+  }
+  if constexpr (kGrad) {
+    const dVec half_e = g.erfc * dVec(0.5);
+    const dVec cdf = dVec::blendv(half_e, dVec(1.0) - half_e, xc >= dVec(0.0));
+    grad = at::vec::fmadd(xc * dVec(0.5 * M_2_SQRTPI * M_SQRT1_2), g.gauss, cdf);
+  }
 }
 
 // tanh-GELU as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the 1 + tanh(u) form cancels
@@ -227,43 +208,37 @@ constexpr double kTanhClamp = 12.0;
 constexpr double kTanhBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
 constexpr double kTanhKappa = 0.044715;
 
-inline dVec sigmoid_2u(const dVec& xc, dVec& e) {
-  const dVec u = dVec(kTanhBeta) * at::vec::fmadd(dVec(kTanhKappa) * xc, xc * xc, xc);
-  e = exp_d(u * dVec(-2.0));
-  return recip_d(dVec(1.0) + e);
-}
-
-inline dVec gelu_tanh_d(const dVec& x) {
-  dVec e;
-  const dVec s = sigmoid_2u(clamp_d(x, kTanhClamp), e);
-  return at::vec::clamp_min(x, dVec(-kTanhClamp)) * s;
-}
-
-inline dVec gelu_tanh_grad_d(const dVec& x) {
+template <bool kValue, bool kGrad>
+inline void gelu_tanh_d(const dVec& x, dVec& value, dVec& grad) {
   const dVec xc = clamp_d(x, kTanhClamp);
-  dVec e;
-  const dVec s = sigmoid_2u(xc, e);
-  // d/dx [x s(2u)] = s + 2 x u' s (1 - s), and s (1 - s) = s^2 e.
-  const dVec du = dVec(kTanhBeta) * at::vec::fmadd(dVec(3.0 * kTanhKappa) * xc, xc, dVec(1.0));
-  const dVec one_minus_s = dVec::blendv(s * e, dVec(1.0) - s, e >= dVec(1.0));
-  return at::vec::fmadd(xc * dVec(2.0) * du * s, one_minus_s, s);
+  const dVec u = dVec(kTanhBeta) * at::vec::fmadd(dVec(kTanhKappa) * xc, xc * xc, xc);
+  const dVec e = exp_d(u * dVec(-2.0));
+  const dVec s = recip_d(dVec(1.0) + e);
+  if constexpr (kValue) value = at::vec::clamp_min(x, dVec(-kTanhClamp)) * s;
+  if constexpr (kGrad) {
+    // d/dx [x s(2u)] = s + 2 x u' s (1 - s); 1 - s = s e while e < 1 (no cancellation).
+    const dVec du = dVec(kTanhBeta) * at::vec::fmadd(dVec(3.0 * kTanhKappa) * xc, xc, dVec(1.0));
+    const dVec one_minus_s = dVec::blendv(s * e, dVec(1.0) - s, e >= dVec(1.0));
+    grad = at::vec::fmadd(xc * dVec(2.0) * du * s, one_minus_s, s);
+  }
 }
 
 // SiLU x sigmoid(x); beyond |x| = 200 the sigmoid is 0 or 1 in double.
 constexpr double kSiluClamp = 200.0;
 
-inline dVec sigmoid_d(const dVec& xc) {
-  return recip_d(dVec(1.0) + exp_d(xc.neg()));
-}
-
-inline dVec silu_d(const dVec& x) {
-  return at::vec::clamp_min(x, dVec(-kSiluClamp)) * sigmoid_d(clamp_d(x, kSiluClamp));
-}
-
-inline dVec silu_grad_d(const dVec& x) {
+template <bool kValue, bool kGrad>
+inline void silu_d(const dVec& x, dVec& value, dVec& grad) {
   const dVec xc = clamp_d(x, kSiluClamp);
-  const dVec s = sigmoid_d(xc);
-  return s * at::vec::fmadd(xc, dVec(1.0) - s, dVec(1.0));
+  const dVec s = recip_d(dVec(1.0) + exp_d(xc.neg()));
+  if constexpr (kValue) value = at::vec::clamp_min(x, dVec(-kSiluClamp)) * s;
+  if constexpr (kGrad) grad = s * at::vec::fmadd(xc, dVec(1.0) - s, dVec(1.0));
+}
+
+template <Act A, bool kValue, bool kGrad>
+inline void smooth_d(const dVec& x, dVec& value, dVec& grad) {
+  if constexpr (A == Act::Gelu) gelu_d<kValue, kGrad>(x, value, grad);
+  if constexpr (A == Act::GeluTanh) gelu_tanh_d<kValue, kGrad>(x, value, grad);
+  if constexpr (A == Act::Silu) silu_d<kValue, kGrad>(x, value, grad);
 }
 
 // ReLU as PyTorch's clamp_min(x, 0): -0 and NaN pass through unchanged.
@@ -271,32 +246,22 @@ inline fVec relu(const fVec& x) {
   return fVec::blendv(x, fVec(0.f), x < fVec(0.f));
 }
 
+constexpr bool is_smooth(Act A) {
+  return A == Act::Gelu || A == Act::GeluTanh || A == Act::Silu;
+}
+
 template <Act A>
 inline fVec activate(const fVec& x) {
   if constexpr (A == Act::Identity) return x;
   if constexpr (A == Act::Relu) return relu(x);
-  if constexpr (A == Act::Gelu) return in_double(x, [](const dVec& v) { return gelu_d(v); });
-  if constexpr (A == Act::GeluTanh) {
-    return in_double(x, [](const dVec& v) { return gelu_tanh_d(v); });
-  }
-  if constexpr (A == Act::Silu) return in_double(x, [](const dVec& v) { return silu_d(v); });
-}
-
-// dx from the (already masked) upstream gradient g.
-template <Act A>
-inline fVec chain(const fVec& g, const fVec& x) {
-  if constexpr (A == Act::Identity) return g;
-  // A select, as PyTorch's threshold_backward: +0 (not dy * 0) where x <= 0 or x is NaN.
-  if constexpr (A == Act::Relu) return fVec::blendv(fVec(0.f), g, x > fVec(0.f));
-  // dy * act'(x) is formed in double too, so dx is rounded once.
-  if constexpr (A == Act::Gelu) {
-    return in_double(x, g, [](const dVec& v, const dVec& d) { return d * gelu_grad_d(v); });
-  }
-  if constexpr (A == Act::GeluTanh) {
-    return in_double(x, g, [](const dVec& v, const dVec& d) { return d * gelu_tanh_grad_d(v); });
-  }
-  if constexpr (A == Act::Silu) {
-    return in_double(x, g, [](const dVec& v, const dVec& d) { return d * silu_grad_d(v); });
+  if constexpr (is_smooth(A)) {
+    dVec lo, hi, vlo, vhi, unused;
+    widen(x, lo, hi);
+    smooth_d<A, true, false>(lo, vlo, unused);
+    smooth_d<A, true, false>(hi, vhi, unused);
+    fVec out;
+    narrow_parts(vlo, vhi, out);
+    return out;
   }
 }
 
@@ -575,20 +540,48 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
 // ---------------------------------------------------------------------------------------------
 // Backward: dx = dy * act'(x) * (straight_through or not mask).
 
+// dx for one fp32 vector: dy * act'(x), with dy zeroed (+0, masked_fill) where remapped.
+template <Act A>
+inline fVec backward_vec(const fVec& x, fVec g, const fVec& t, const fVec& c, bool straight_through) {
+  if constexpr (is_smooth(A)) {
+    dVec lo, hi, dlo, dhi;
+    widen(x, lo, hi);
+    if (straight_through) {
+      dVec unused;
+      smooth_d<A, false, true>(lo, unused, dlo);
+      smooth_d<A, false, true>(hi, unused, dhi);
+    } else {
+      dVec vlo, vhi;
+      smooth_d<A, true, true>(lo, vlo, dlo);
+      smooth_d<A, true, true>(hi, vhi, dhi);
+      fVec a;
+      narrow_parts(vlo, vhi, a);
+      g = fVec::blendv(g, fVec(0.f), remap_mask(a, t, c));
+    }
+    // dy * act'(x) is formed in double, so dx is rounded once.
+    dVec glo, ghi;
+    widen(g, glo, ghi);
+    fVec out;
+    narrow_parts(glo * dlo, ghi * dhi, out);
+    return out;
+  } else {
+    if (!straight_through) g = fVec::blendv(g, fVec(0.f), remap_mask(activate<A>(x), t, c));
+    if constexpr (A == Act::Identity) return g;
+    // A select, as PyTorch's threshold_backward: +0 (not dy * 0) where x <= 0 or x is NaN.
+    if constexpr (A == Act::Relu) return fVec::blendv(fVec(0.f), g, x > fVec(0.f));
+  }
+}
+
 template <typename T, typename G, Act A, bool kLanes>
 void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLanes>& rp,
                   bool straight_through) {
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
-    F2 g = load(dy + i, m);
-    if (!straight_through) {
-      const StepParams p = rp.at(i, m);
-      // masked_fill(mask, 0): +0 where remapped.
-      g.lo = fVec::blendv(g.lo, fVec(0.f), remap_mask(activate<A>(v.lo), p.t.lo, p.c.lo));
-      g.hi = fVec::blendv(g.hi, fVec(0.f), remap_mask(activate<A>(v.hi), p.t.hi, p.c.hi));
-    }
-    store(dx + i, m, chain<A>(g.lo, v.lo), chain<A>(g.hi, v.hi));
+    const F2 g = load(dy + i, m);
+    const StepParams p = rp.at(i, m);
+    store(dx + i, m, backward_vec<A>(v.lo, g.lo, p.t.lo, p.c.lo, straight_through),
+          backward_vec<A>(v.hi, g.hi, p.t.hi, p.c.hi, straight_through));
   }
 }
 
