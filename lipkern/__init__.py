@@ -12,14 +12,34 @@ from lipkern.ops import (
     remap_act_,
     remap_act_stats,
 )
+from lipkern import nn
+from lipkern.convert import convert, describe, straight_through
+from lipkern.calibrate import (
+    CalibrationReport,
+    calibrate,
+    load_calibration,
+    measure_remapped,
+    save_calibration,
+    set_ratio,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "CalibrationReport",
     "ChannelStats",
     "available_backends",
+    "calibrate",
+    "convert",
+    "describe",
+    "load_calibration",
+    "measure_remapped",
+    "nn",
     "remap_act",
     "remap_act_",
     "remap_act_stats",
+    "save_calibration",
+    "set_ratio",
+    "straight_through",
 ]
