@@ -106,24 +106,38 @@ inline void widen(const fVec& v, dVec& lo, dVec& hi) {
 // absolute-error polynomial), and even an erfc form loses several ulps to the rounding of its
 // argument (erfc's relative sensitivity to z is 2 z^2). In double, x^2 of an fp32 x is exact.
 
-// exp(a) for finite (or NaN) double lanes, relative error below 3e-10 (fp32 needs ~1e-8).
+// exp(a) for finite (or NaN) double lanes, relative error below 3e-10 (fp32 needs ~1e-8), for
+// results above ~1e-304 (smaller ones are flushed there; every caller's fp32 result has
+// underflowed by then): a = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite), a degree-8 Taylor
+// polynomial (remainder < 2e-10), times 2^n.
 inline dVec exp_d(const dVec& a) {
-#if defined(CPU_CAPABILITY_AVX512)
-  // Cody-Waite reduction a = n ln2 + r, |r| <= ln2 / 2, then a degree-8 Taylor polynomial
-  // (remainder < 2e-10) and a scalef by 2^n, which also gives the right 0 / inf out of range.
-  const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(a, _mm512_set1_pd(M_LOG2E)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   constexpr double kLn2Hi = 0x1.62e42fefa39efp-1;
   constexpr double kLn2Lo = 0x1.abc9e3b39803fp-56;
-  dVec r = at::vec::fmadd(dVec(n), dVec(-kLn2Hi), a);
-  r = at::vec::fmadd(dVec(n), dVec(-kLn2Lo), r);
+#if defined(CPU_CAPABILITY_AVX512)
+  const dVec n = _mm512_roundscale_pd(_mm512_mul_pd(a, _mm512_set1_pd(M_LOG2E)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const dVec ac = a;
+#else
+  // Adding 1.5 * 2^52 rounds a / ln2 to an integer held in the low mantissa bits.
+  constexpr double kShift = 0x1.8p52;
+  const dVec ac = at::vec::clamp_min(a, dVec(-700.0));
+  const dVec k = at::vec::fmadd(ac, dVec(M_LOG2E), dVec(kShift));
+  const dVec n = k - dVec(kShift);
+#endif
+  dVec r = at::vec::fmadd(n, dVec(-kLn2Hi), ac);
+  r = at::vec::fmadd(n, dVec(-kLn2Lo), r);
   dVec p(1.0 / 40320.0);
   for (const double c : {1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0}) {
     p = at::vec::fmadd(p, r, dVec(c));
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  // scalef also gives the right 0 / inf for out-of-range n.
   return _mm512_scalef_pd(p, n);
 #else
-  return a.exp();
+  // 2^n built from its bits: ((n + 1023) << 52), n read back from k's mantissa.
+  using iVec = at::vec::Vectorized<int64_t>;
+  const iVec bits = at::vec::cast<int64_t>(k) - at::vec::cast<int64_t>(dVec(kShift)) + iVec(1023);
+  return p * at::vec::cast<double>(bits << iVec(52));
 #endif
 }
 

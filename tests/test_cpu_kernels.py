@@ -164,7 +164,8 @@ def test_kernel_validates_threshold_and_center():
         torch.ops.lipkern.remap_act(x.double(), ok, None, "gelu", 1, False)
 
 
-def test_activations_are_correctly_rounded_in_fp32():
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+def test_activations_are_correctly_rounded_in_fp32(capability):
     """Well inside 1 ulp of an accurate float64 evaluation over the whole useful range
     (PyTorch's own fp32 GELU is thousands of ulps off for x < -3)."""
     x = torch.linspace(-14, 8, 400_001)
