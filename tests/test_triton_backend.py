@@ -54,12 +54,20 @@ def test_bfloat16_stores_round_to_nearest_even():
     assert same_bits(dx, dy.to(torch.bfloat16)).all()
 
 
-def test_tile_widths_avoid_masked_lanes():
+def test_tile_shapes_avoid_masked_lanes_and_tiny_programs():
     config = triton_kernels.GPU_CONFIG
-    assert triton_kernels._tile_shape(3136, config.tile, config.max_block_k) == (64, 64)
-    assert triton_kernels._tile_shape(192, config.tile, config.max_block_k) == (64, 64)
-    assert triton_kernels._tile_shape(1024, config.tile, config.max_block_k) == (16, 256)
-    assert triton_kernels._tile_shape(3, config.tile, config.max_block_k) == (1024, 4)
+
+    def tile(rows, cols):
+        return triton_kernels._tile_shape(rows, cols, config.tile, config.max_block_k)
+
+    assert tile(12288, 3136) == (64, 64)  # NCHW 56x56: 3136 = 49 x 64, no masked lane
+    assert tile(100000, 192) == (64, 64)  # 192 = 3 x 64
+    assert tile(16384, 1024) == (16, 256)
+    assert tile(10000, 3) == (1024, 4)
+    assert tile(6, 33667) == (8, 256)  # few long rows: wide tiles, not 16-wide slivers
+    interpreted = triton_kernels.INTERPRETER_CONFIG
+    assert triton_kernels._tile_shape(6, 33667, interpreted.tile, interpreted.max_block_k) == (
+        8, 8192)
 
 
 def test_stats_partition_depends_on_the_shape_only():
@@ -68,7 +76,7 @@ def test_stats_partition_depends_on_the_shape_only():
     assert first == triton_kernels.stats_partition(layout, 16384, 1024, 1024,
                                                    triton_kernels.GPU_CONFIG)
     block_r, block_k, span, n_parts, grid = first
-    # At least 512 rows per program keep the workspace traffic under 0.1 byte per element.
+    # At least 512 rows per program keep the workspace traffic near 0.1 byte per element.
     assert span >= 512 and span % block_r == 0 and n_parts * span >= 16384
     assert grid == (n_parts * (1024 // block_k),)
 

@@ -187,7 +187,8 @@ def _reference_cases(shape, dtype):
 
     cases = {
         "forward": lambda x, dy, t: reference.remap_act_reference(x, t, None, "gelu", 1),
-        "forward+stats": lambda x, dy, t: reference.remap_act_stats_reference(x, t, None, "gelu", 1),
+        "forward+stats": lambda x, dy, t: reference.remap_act_stats_reference(
+            x, t, None, "gelu", 1),
         "backward": lambda x, dy, t: reference.remap_act_backward_reference(
             dy, x, t, None, "gelu", 1, False),
         "in-place": lambda x, dy, t: reference.remap_act_inplace_reference(x, t, None, "gelu", 1),

@@ -50,6 +50,7 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 # gelu_tanh: 0.5 x (1 + tanh(u)) with u = BETA (x + KAPPA x^3), BETA = sqrt(2 / pi).
 _BETA = tl.constexpr(0.7978845608028654)
 _KAPPA = tl.constexpr(0.044715)
+_INF = tl.constexpr(float("inf"))
 
 
 # ----------------------------------------------------------------------------- element helpers
@@ -132,6 +133,9 @@ def _activation(x, ACT: tl.constexpr, MATH_F64: tl.constexpr):
             a = _div(z, 1.0 + _exp(-2.0 * u, MATH_F64), MATH_F64).to(tl.float32)
         else:
             a = _div(z, 1.0 + _exp(-z, MATH_F64), MATH_F64).to(tl.float32)
+        # The limits at infinity (+inf, -0): the formulas give inf * 0 = NaN there. (A -0.0
+        # literal would lose its sign in Triton's constant handling; negating zeros keeps it.)
+        a = tl.where(x == _INF, x, tl.where(x == -_INF, -tl.zeros_like(a), a))
     return a
 
 
@@ -157,6 +161,8 @@ def _activation_grad(g, x, ACT: tl.constexpr, MATH_F64: tl.constexpr):
             s = _div(1.0, 1.0 + _exp(-z, MATH_F64), MATH_F64)
             slope = s * (1.0 + z * (1.0 - s))
         dx = (_compute(g, MATH_F64) * slope).to(tl.float32)
+        # The derivative's limits at infinity (1, 0), selected rather than multiplied.
+        dx = tl.where(x == _INF, g, tl.where(x == -_INF, 0.0, dx))
     return dx
 
 
@@ -307,7 +313,7 @@ def remap_stats_kernel(x_ptr, y_ptr, t_ptr, c_ptr, ws_amax_ptr, ws_remapped_ptr,
         tl.store(ws_sum_ptr + out, tl.sum(acc_sum, axis=0), mask=col_valid)
         tl.store(ws_sumsq_ptr + out, tl.sum(acc_sumsq, axis=0), mask=col_valid)
         tl.store(ws_amax_ptr + out, tl.max(acc_amax, axis=0), mask=col_valid)
-        tl.store(ws_remapped_ptr + out, tl.sum(acc_remapped, axis=0).to(tl.int64),
+        tl.store(ws_remapped_ptr + out, tl.sum(acc_remapped.to(tl.int64), axis=0),
                  mask=col_valid)
     else:
         part = pid % n_parts
@@ -337,7 +343,10 @@ def remap_stats_kernel(x_ptr, y_ptr, t_ptr, c_ptr, ws_amax_ptr, ws_remapped_ptr,
         tl.store(ws_sum_ptr + out, tl.sum(tl.sum(acc_sum, axis=1), axis=0))
         tl.store(ws_sumsq_ptr + out, tl.sum(tl.sum(acc_sumsq, axis=1), axis=0))
         tl.store(ws_amax_ptr + out, tl.max(tl.max(acc_amax, axis=1), axis=0))
-        tl.store(ws_remapped_ptr + out, tl.sum(tl.sum(acc_remapped, axis=1), axis=0).to(tl.int64))
+        # A program may see more than 2**31 elements here (one channel's rows can be that
+        # long): each lane's int32 count cannot overflow, their total can.
+        remapped = tl.sum(tl.sum(acc_remapped.to(tl.int64), axis=1), axis=0)
+        tl.store(ws_remapped_ptr + out, remapped)
 
 
 @triton.jit
@@ -382,8 +391,8 @@ class LaunchConfig(NamedTuple):
 
 # 4096 elements over 8 warps is 16 per thread: 128-bit accesses for every dtype. The stats tile
 # is smaller because each element carries two float64 accumulators. For LAYOUT_COLS each
-# statistics program writes a 24-byte record per column to the workspace (and the finaliser
-# reads it back), i.e. 48 / rows-per-program bytes per element: 512 rows keep that below 0.1.
+# statistics program writes a 28-byte record per column to the workspace (and the finaliser
+# reads it back), i.e. 56 / rows-per-program bytes per element: 512 rows make that 0.11.
 GPU_CONFIG = LaunchConfig(tile=4096, max_block_k=256, stats_tile=2048, stats_max_block_k=64,
                           stats_work=32768, stats_min_rows=512, num_warps=8)
 # The interpreter runs one Python iteration per program: big tiles amortise its overhead.
@@ -407,17 +416,26 @@ def _geometry(x, channel_dim):
     return x, LAYOUT_COLS, x.numel() // C, C, C
 
 
-def _tile_shape(n_cols, tile, max_block_k):
-    """(block_r, block_k): the power-of-two row width (16 up to max_block_k) that wastes the
-    fewest masked lanes on rows of n_cols elements (3136 = 49 x 64, 192 = 3 x 64), the wider on
-    a tie; narrower rows get their own power of two."""
+def _tile_shape(n_rows, n_cols, tile, max_block_k):
+    """(block_r, block_k) of power-of-two tiles of at most ``tile`` elements over an
+    ``[n_rows, n_cols]`` matrix, from row widths 16 ... max_block_k (narrower rows get their own
+    power of two). The choice minimises a simple cost, programs x (fixed overhead + lanes),
+    so that masked lanes (3136 = 49 x 64 fits exactly, 192 = 3 x 64) and tiny programs (6 rows
+    of 33667 want wide tiles) are both avoided; on a tie the wider row wins.
+    """
     if n_cols <= 16:
-        block_k = triton.next_power_of_2(n_cols)
+        widths = [triton.next_power_of_2(n_cols)]
     else:
-        widths = [16 << i for i in range(max(max_block_k, 16).bit_length() - 4)]
-        block_k = min(widths, key=lambda w: (triton.cdiv(n_cols, w) * w - n_cols, -w))
-    block_k = min(block_k, tile)
-    return tile // block_k, block_k
+        widths = [16 << i for i in range(max(min(max_block_k, tile), 16).bit_length() - 4)]
+    overhead = tile // 4
+
+    def cost(block_k):
+        block_r = min(tile // block_k, triton.next_power_of_2(n_rows))
+        programs = triton.cdiv(n_rows, block_r) * triton.cdiv(n_cols, block_k)
+        return programs * (overhead + block_r * block_k), -block_k
+
+    block_k = min(widths, key=cost)
+    return min(tile // block_k, triton.next_power_of_2(n_rows)), block_k
 
 
 def _bf16_bits(t):
@@ -450,7 +468,7 @@ def _elementwise_layout(x, threshold, center, channel_dim):
     threshold, center, per_channel = _parameters(threshold, center, C)
     if per_channel:
         x, layout, n_rows, n_cols, C = _geometry(x, channel_dim)
-        block_r, block_k = _tile_shape(n_cols, CONFIG.tile, CONFIG.max_block_k)
+        block_r, block_k = _tile_shape(n_rows, n_cols, CONFIG.tile, CONFIG.max_block_k)
     else:
         if not x.is_contiguous() and not x.movedim(channel_dim, -1).is_contiguous():
             x = x.contiguous()
@@ -459,46 +477,47 @@ def _elementwise_layout(x, threshold, center, channel_dim):
 
 
 def remap_forward(x, threshold, center, act, channel_dim, out=None):
-    """Launch the fused forward. ``out``: a tensor laid out like ``x`` (``x`` itself: in place).
-
-    Returns the output (``out`` if given); ``x`` without a dense layout is copied first, in which
-    case an ``out`` aliasing it is filled by a copy.
-    """
+    """Launch the fused forward into ``out`` (default: a new tensor like ``x``; ``x`` itself for
+    in place) and return it. Outputs always have ``torch.empty_like(x)``'s layout, as the ops'
+    fake kernels promise; an ``x`` without a dense layout is computed on a contiguous copy."""
+    y = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
-        return torch.empty_like(x) if out is None else out
+        return y
     dense, threshold, center, per_channel, layout, n_rows, n_cols, C, block_r, block_k = (
         _elementwise_layout(x, threshold, center, channel_dim))
-    y = torch.empty_like(dense) if out is None or dense is not x else out
+    target = y if dense is x else torch.empty_like(dense)
     remap_fwd_kernel[_elementwise_grid(layout, n_rows, n_cols, block_r, block_k)](
-        _kernel_view(dense), _kernel_view(y), threshold,
+        _kernel_view(dense), _kernel_view(target), threshold,
         threshold if center is None else center, n_rows, n_cols, C,
         ACT=ACT_CODES[act], LAYOUT=layout, HAS_CENTER=center is not None,
         PER_CHANNEL=per_channel, BF16_BITS=_bf16_bits(dense), MATH_F64=INTERPRETED,
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=CONFIG.num_warps,
     )
-    if out is not None and y is not out:
-        out.copy_(y)
-        return out
+    if target is not y:
+        y.copy_(target)
     return y
 
 
 def remap_backward(grad_y, x, threshold, center, act, channel_dim, straight_through):
-    """Launch the backward: ``dx`` in ``x``'s dtype and memory format."""
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    x, threshold, center, per_channel, layout, n_rows, n_cols, C, block_r, block_k = (
-        _elementwise_layout(x, threshold, center, channel_dim))
-    if grad_y.stride() != x.stride():
-        grad_y = torch.empty_like(x, dtype=grad_y.dtype).copy_(grad_y)
+    """Launch the backward: ``dx`` in ``x``'s dtype, laid out like ``torch.empty_like(x)``."""
     dx = torch.empty_like(x)
+    if x.numel() == 0:
+        return dx
+    dense, threshold, center, per_channel, layout, n_rows, n_cols, C, block_r, block_k = (
+        _elementwise_layout(x, threshold, center, channel_dim))
+    if grad_y.stride() != dense.stride():
+        grad_y = torch.empty_like(dense, dtype=grad_y.dtype).copy_(grad_y)
+    target = dx if dense is x else torch.empty_like(dense)
     remap_bwd_kernel[_elementwise_grid(layout, n_rows, n_cols, block_r, block_k)](
-        _kernel_view(grad_y), _kernel_view(x), _kernel_view(dx), threshold,
+        _kernel_view(grad_y), _kernel_view(dense), _kernel_view(target), threshold,
         threshold if center is None else center, n_rows, n_cols, C,
         ACT=ACT_CODES[act], LAYOUT=layout, HAS_CENTER=center is not None,
         PER_CHANNEL=per_channel, STRAIGHT_THROUGH=bool(straight_through),
-        BF16_BITS=_bf16_bits(x), DY_BF16_BITS=_bf16_bits(grad_y), MATH_F64=INTERPRETED,
+        BF16_BITS=_bf16_bits(dense), DY_BF16_BITS=_bf16_bits(grad_y), MATH_F64=INTERPRETED,
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=CONFIG.num_warps,
     )
+    if target is not dx:
+        dx.copy_(target)
     return dx
 
 
@@ -509,14 +528,15 @@ def stats_partition(layout, n_rows, n_cols, C, config=None):
     are accumulated, and hence their last bits, never depends on the device's size or load.
     """
     config = config or CONFIG
-    max_block_k = config.stats_max_block_k if layout == LAYOUT_COLS else config.max_block_k
-    block_r, block_k = _tile_shape(n_cols, config.stats_tile, max_block_k)
     if layout == LAYOUT_COLS:
-        extent, per_step, min_span = n_rows, block_k, config.stats_min_rows
-        column_blocks = triton.cdiv(n_cols, block_k)
+        extent, max_block_k, min_span = n_rows, config.stats_max_block_k, config.stats_min_rows
     else:
-        extent, per_step, min_span = n_rows // C, n_cols, 1
-        column_blocks = C
+        extent, max_block_k, min_span = n_rows // C, config.max_block_k, 1
+    block_r, block_k = _tile_shape(extent, n_cols, config.stats_tile, max_block_k)
+    if layout == LAYOUT_COLS:
+        per_step, column_blocks = block_k, triton.cdiv(n_cols, block_k)
+    else:
+        per_step, column_blocks = n_cols, C
     span = max(min_span, config.stats_work // per_step, block_r)
     span = triton.cdiv(span, block_r) * block_r
     n_parts = triton.cdiv(extent, span)
@@ -531,25 +551,29 @@ def remap_stats(x, threshold, center, act, channel_dim):
     remapped = torch.zeros(C, dtype=torch.int64, device=x.device)
     total = torch.zeros(C, dtype=torch.float64, device=x.device)
     total_sq = torch.zeros(C, dtype=torch.float64, device=x.device)
-    if x.numel() == 0:
-        return torch.empty_like(x), amax, remapped, count, total, total_sq
-    threshold, center, per_channel = _parameters(threshold, center, C)
-    x, layout, n_rows, n_cols, C = _geometry(x, channel_dim)
     y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y, amax, remapped, count, total, total_sq
+    threshold, center, per_channel = _parameters(threshold, center, C)
+    dense, layout, n_rows, n_cols, C = _geometry(x, channel_dim)
+    target = y if dense is x else torch.empty_like(dense)
     block_r, block_k, span, n_parts, grid = stats_partition(layout, n_rows, n_cols, C)
     ws_amax = torch.empty((n_parts, C), dtype=torch.int32, device=x.device)
     ws_remapped = torch.empty((n_parts, C), dtype=torch.int64, device=x.device)
     ws_sum = torch.empty((n_parts, C), dtype=torch.float64, device=x.device)
     ws_sumsq = torch.empty((n_parts, C), dtype=torch.float64, device=x.device)
     remap_stats_kernel[grid](
-        _kernel_view(x), _kernel_view(y), threshold, threshold if center is None else center,
-        ws_amax, ws_remapped, ws_sum, ws_sumsq, n_rows, n_cols, C, span, n_parts,
+        _kernel_view(dense), _kernel_view(target), threshold,
+        threshold if center is None else center, ws_amax, ws_remapped, ws_sum, ws_sumsq,
+        n_rows, n_cols, C, span, n_parts,
         ACT=ACT_CODES[act], LAYOUT=layout, HAS_CENTER=center is not None,
-        PER_CHANNEL=per_channel, BF16_BITS=_bf16_bits(x), MATH_F64=INTERPRETED,
+        PER_CHANNEL=per_channel, BF16_BITS=_bf16_bits(dense), MATH_F64=INTERPRETED,
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=CONFIG.num_warps,
     )
     stats_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK),)](
         ws_amax, ws_remapped, ws_sum, ws_sumsq, amax, remapped, total, total_sq, C, n_parts,
         BLOCK_C=FINALIZE_BLOCK, num_warps=4,
     )
+    if target is not y:
+        y.copy_(target)
     return y, amax, remapped, count, total, total_sq
