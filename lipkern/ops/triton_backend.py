@@ -202,8 +202,10 @@ def _triton_bytes(kernel, shape, itemsize):
     streams = {"forward": 2, "forward+stats": 2, "backward": 3, "in-place": 2}[kernel]
     total = streams * itemsize * numel + 4 * channels  # + the per-channel thresholds
     if kernel == "forward+stats":
+        # The GPU launch configuration, whichever one this process launches with.
         n_parts = triton_kernels.stats_partition(
-            triton_kernels.LAYOUT_COLS, numel // channels, channels, channels)[3]
+            triton_kernels.LAYOUT_COLS, numel // channels, channels, channels,
+            triton_kernels.GPU_CONFIG)[3]
         record = 4 + 8 + 8 + 8  # amax bits, remapped, sum, sumsq per (part, channel)
         # workspace written then read back, and the (C,) results written
         total += 2 * n_parts * channels * record + channels * record
