@@ -159,3 +159,13 @@ def test_int64_offsets_past_two_to_the_31():
     del y
     lipkern.remap_act_(x, 0.5, "relu", backend="triton")
     assert x[-1].tolist() == [3.0] * 4 and x[-2].tolist() == [0.0] * 4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_a_device_other_than_the_current_one():
+    x = torch.randn(64, 32, device="cuda:1")
+    with torch.cuda.device(0):
+        y, stats = lipkern.remap_act_stats(x, 0.5, "relu", backend="triton")
+    t, c, d = _normalise(x, 0.5, "relu", None, 1)
+    assert same_bits(y, reference.remap_act_reference(x, t, c, "relu", d)).all()
+    assert stats.count.device == x.device

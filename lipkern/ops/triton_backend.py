@@ -18,6 +18,7 @@ except ImportError as error:
         "builds of torch)"
     ) from error
 
+import functools
 import logging
 import math
 
@@ -39,18 +40,32 @@ __all__ = ["TritonBackend", "static_traffic", "static_traffic_table"]
 # ----------------------------------------------------------------------------- CUDA registration
 
 
+def _on_tensor_device(launcher):
+    """Run ``launcher`` with its first argument's GPU current: Triton launches on the current
+    device, which need not be the one the tensors live on."""
+
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        with torch.cuda.device(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return launch
+
+
+@_on_tensor_device
 def _cuda_remap_act(x, threshold, center, act, channel_dim, straight_through=False):
     return remap_forward(x, threshold, center, act, channel_dim)
 
 
+@_on_tensor_device
 def _cuda_remap_act_(x, threshold, center, act, channel_dim):
     remap_forward(x, threshold, center, act, channel_dim, out=x)
 
 
 _LIB = torch.library.Library("lipkern", "IMPL")
 _LIB.impl("remap_act", _cuda_remap_act, "CUDA")
-_LIB.impl("remap_act_backward", remap_backward, "CUDA")
-_LIB.impl("remap_act_stats", remap_stats, "CUDA")
+_LIB.impl("remap_act_backward", _on_tensor_device(remap_backward), "CUDA")
+_LIB.impl("remap_act_stats", _on_tensor_device(remap_stats), "CUDA")
 _LIB.impl("remap_act_", _cuda_remap_act_, "CUDA")
 
 
