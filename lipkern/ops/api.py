@@ -14,6 +14,7 @@ centre on ``x``'s device, non-negative ``channel_dim``) and must agree with
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from typing import Optional, Protocol
 
@@ -270,3 +271,9 @@ def remap_act_(
     chosen = _resolve_backend(backend, x)
     chosen.remap_act_(x, threshold, center, act, channel_dim)
     return x
+
+
+# With a GPU, register the Triton CUDA kernels of the lipkern::* ops now, so that the first
+# call may come from inside torch.compile (which must not trace an import).
+if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    _backend_object("triton")
