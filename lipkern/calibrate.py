@@ -1,4 +1,5 @@
-"""Thresholds from data: :func:`calibrate`, :func:`set_ratio`, :func:`measure_remapped`, persistence.
+"""Thresholds from data: :func:`calibrate`, :func:`set_ratio`, :func:`measure_remapped`,
+persistence.
 
 ``calibrate(model, data, c_r=2**-7, granularity="tensor", statistic="max", center=None,
 max_batches=None, progress=True)`` runs ONE no-grad scan of a converted model (in eval mode,
@@ -33,17 +34,18 @@ are set, so all ranks get the thresholds of a single scan over all shards. Every
 ``calibrate`` with the same settings and have at least one batch; an error on one rank (bad data,
 non-finite activations) is raised on every rank instead of hanging the others.
 
-Persistence: :func:`save_calibration` writes a safetensors file (tensors named ``"<layer>/<buffer>"``
-plus JSON metadata with every layer's settings); :func:`load_calibration` checks that the model has
-the same converted layers (names, order, kinds, activations, channel axes and channel counts)
-before it changes anything, and names the first layer that differs (layers are matched by name;
-the model's layers are checked first, in model order, then the file's extra layers).
+Persistence: :func:`save_calibration` writes a safetensors file (tensors named
+``"<layer>/<buffer>"`` plus JSON metadata with every layer's settings). :func:`load_calibration`
+checks that the model has the same converted layers (names, kinds, activations, channel axes and
+known channel counts) before it changes anything, and names the first layer that differs (layers
+are matched by name: the model's layers are checked first, in model order, then the file's extra
+layers). Channel counts are known for input remaps (the layer's ``in_features`` /
+``in_channels``) and for layers calibrated per channel.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -303,7 +305,9 @@ def calibrate(
     for _, module in modules:
         module.begin_calibration(granularity, statistic, center)
     try:
-        batches = _scan(model, modules, data, max_batches, progress, "lipkern calibrate", True, group)
+        batches = _scan(
+            model, modules, data, max_batches, progress, "lipkern calibrate", True, group
+        )
         if _distributed():
             _all_reduce_calibration(modules, group)
     except BaseException:
@@ -380,7 +384,8 @@ def set_ratio(model: nn.Module, c_r: float) -> CalibrationReport:
     with_stats = [(name, m) for name, m in modules if m.stats is not None]
     if not with_stats:
         raise RuntimeError(
-            f"{modules[0][0]}: no stored statistics; run lipkern.calibrate or load_calibration first"
+            f"{modules[0][0]}: no stored statistics; run lipkern.calibrate or "
+            "load_calibration first"
         )
     for _, module in with_stats:
         module.set_ratio(c_r)
@@ -414,7 +419,9 @@ def save_calibration(model: nn.Module, path) -> None:
 
 
 def _mismatch(name: str, what: str) -> ValueError:
-    return ValueError(f"calibration file does not fit the model: first mismatching layer {name!r}: {what}")
+    return ValueError(
+        f"calibration file does not fit the model: first mismatching layer {name!r}: {what}"
+    )
 
 
 def load_calibration(model: nn.Module, path) -> None:
@@ -435,7 +442,8 @@ def load_calibration(model: nn.Module, path) -> None:
             raise _mismatch(name, "converted in the model but not in the file")
         for key in ("kind", "act", "channel_dim"):
             if entry[key] != getattr(module, key):
-                raise _mismatch(name, f"{key} is {getattr(module, key)!r}, the file has {entry[key]!r}")
+                have = getattr(module, key)
+                raise _mismatch(name, f"{key} is {have!r}, the file has {entry[key]!r}")
         known = _expected_channels(module)
         if known is not None and entry["channels"] is not None and known != entry["channels"]:
             raise _mismatch(name, f"{known} channels, the file has {entry['channels']}")

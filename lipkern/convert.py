@@ -1,4 +1,5 @@
-"""Turn a trained model into a remapping one: :func:`convert`, :func:`describe`, :func:`straight_through`.
+"""Turn a trained model into a remapping one: :func:`convert`, :func:`describe`,
+:func:`straight_through`.
 
 ``convert(model, acts=("relu", "gelu", "silu"), inputs_of=(), inplace=False)`` works in place and
 returns the same model (a model that *is* an activation module is returned as its replacement):
@@ -106,14 +107,16 @@ def convert(
     backend: str = "auto",
     channel_dim: Optional[int] = None,
 ) -> nn.Module:
-    """Replace activations by RemapAct and add input remaps; returns ``model`` (module docstring)."""
+    """Replace activations by RemapAct and add input remaps; returns ``model`` (see module doc)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     acts = _check_acts(acts)
     if isinstance(inputs_of, str):
         inputs_of = (inputs_of,)
     inputs_of = tuple(inputs_of)
-    if channel_dim is not None and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
+    if channel_dim is not None and (
+        isinstance(channel_dim, bool) or not isinstance(channel_dim, int)
+    ):
         raise TypeError(f"channel_dim must be None or an int, got {type(channel_dim).__name__}")
 
     def make(module, siblings, position):

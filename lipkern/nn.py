@@ -4,7 +4,8 @@
 silu) and :class:`InputRemap` is the identity-activation remap placed on the *input* of a Linear
 or Conv layer (e.g. the LayerNorm output that feeds a transformer's FC1). Both have a ``mode``:
 
-- ``"off"``: the plain activation, bit-identical to the module it replaced.
+- ``"off"``: the plain activation, bit-identical to the ``torch.nn`` module it replaced (timm's
+  ``Swish`` computes ``x * sigmoid(x)``, which may differ from ``F.silu`` by an ulp).
 - ``"calibrate"``: the plain activation, computed by the fused ``lipkern.remap_act_stats`` op with
   threshold 0 (so nothing is remapped), whose per-channel statistics are merged into buffers.
 - ``"apply"``: ``lipkern.remap_act`` with the calibrated threshold (and centre). Calling it before
@@ -44,6 +45,7 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lipkern.ops import reference
@@ -345,12 +347,15 @@ class RemapAct(nn.Module):
     # -- forward -----------------------------------------------------------------------------
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation exactly as the torch.nn module computes it."""
         act = self.act
         if act == "identity":
             return x
         if act == "relu":
             return torch.relu_(x) if self._may_overwrite(x) else torch.relu(x)
-        return reference.activation_reference(x, act)
+        if act == "silu":
+            return F.silu(x, inplace=self._may_overwrite(x))
+        return F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
 
     def _may_overwrite(self, x: torch.Tensor) -> bool:
         return self.inplace and not (x.requires_grad and torch.is_grad_enabled())

@@ -64,11 +64,13 @@ def test_replaces_each_activation_type(module, act):
 
 
 def test_off_mode_is_bit_identical_to_the_original():
-    for act in (nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()):
-        original = Mlp(act).eval()
-        converted = convert(copy.deepcopy(original))
-        x = torch.randn(4, 5, 8)
-        assert torch.equal(converted(x), original(x))
+    for act in (nn.ReLU(), nn.ReLU(inplace=True), nn.GELU(), nn.GELU(approximate="tanh"),
+                nn.SiLU(), nn.SiLU(inplace=True)):
+        for dtype in (torch.float32, torch.bfloat16):
+            original = Mlp(act).eval().to(dtype)
+            converted = convert(copy.deepcopy(original))
+            x = torch.randn(4, 5, 8, dtype=dtype)
+            assert torch.equal(converted(x), original(x))
 
 
 def test_acts_filter_and_families():

@@ -101,7 +101,9 @@ def test_two_gloo_processes_equal_one_process(spawned):
                 assert torch.equal(have["stats"].count, want["stats"].count)
                 assert torch.equal(have["hist"], want["hist"])
                 assert have["redundant"] == want["redundant"]
-                torch.testing.assert_close(have["stats"].sum, want["stats"].sum, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(
+                    have["stats"].sum, want["stats"].sum, rtol=1e-12, atol=1e-12
+                )
                 torch.testing.assert_close(have["center"], want["center"], rtol=1e-6, atol=1e-7)
     # Calibrating a rank's shard alone would give other thresholds: the reduction mattered.
     alone = _model()

@@ -28,7 +28,9 @@ def build(spec: str, **kwargs) -> nn.Module:
     """A model with random weights, in eval mode, from ``"<source>:<name>"`` (module docstring)."""
     source, _, name = spec.partition(":")
     if source not in SOURCES or not name:
-        raise ValueError(f"spec must look like '<source>:<name>' with source in {SOURCES}, got {spec!r}")
+        raise ValueError(
+            f"spec must look like '<source>:<name>' with source in {SOURCES}, got {spec!r}"
+        )
     if source == "torchvision":
         import torchvision
 

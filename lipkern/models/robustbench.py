@@ -70,7 +70,9 @@ def _robustbench(module: str):
 def _wide_resnet(depth: int, widen_factor: int, num_classes: int) -> Callable[[], nn.Module]:
     def make():
         wide_resnet = _robustbench("model_zoo.architectures.wide_resnet")
-        return wide_resnet.WideResNet(depth=depth, widen_factor=widen_factor, num_classes=num_classes)
+        return wide_resnet.WideResNet(
+            depth=depth, widen_factor=widen_factor, num_classes=num_classes
+        )
 
     return make
 
@@ -140,7 +142,9 @@ def write_robustbench_checkpoint(
     return path
 
 
-def load_robustbench(model_id: str, dataset: str, model_dir, threat_model: str = "Linf") -> nn.Module:
+def load_robustbench(
+    model_id: str, dataset: str, model_dir, threat_model: str = "Linf"
+) -> nn.Module:
     """Load RobustBench model ``model_id`` from ``model_dir`` (offline; module docstring).
 
     Raises FileNotFoundError instead of downloading when the checkpoint is missing.
@@ -155,7 +159,10 @@ def load_robustbench(model_id: str, dataset: str, model_dir, threat_model: str =
     if _zoo_entry(model_id, dataset, threat_model) is not None:
         utils = _robustbench("utils")
         return utils.load_model(
-            model_name=model_id, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model
+            model_name=model_id,
+            model_dir=str(model_dir),
+            dataset=dataset,
+            threat_model=threat_model,
         )
     model = robustbench_architecture(model_id, dataset, threat_model)
     utils = _robustbench("utils")
