@@ -71,8 +71,8 @@ class LayerReport:
     act: str
     channels: int  # entries of the statistics: C for granularity="channel", 1 for "tensor"
     count: int  # elements seen
-    amax: float  # max |a| over the layer
-    threshold: torch.Tensor  # () or (C,), float32
+    amax: Optional[float]  # max |a| over the layer (None: redundant input remap, not scanned)
+    threshold: Optional[torch.Tensor]  # () or (C,), float32 (None: redundant)
     remapped_fraction: Optional[float] = None
     redundant: bool = False
     fed_by: Optional[str] = None
@@ -100,16 +100,17 @@ class CalibrationReport:
         rows = [header]
         for layer in self.layers:
             t = layer.threshold
-            threshold = (
-                f"{float(t):.4g}"
-                if t.numel() == 1
-                else f"{float(t.min()):.3g}..{float(t.max()):.3g}"
-            )
+            if t is None:
+                threshold = "-"
+            elif t.numel() == 1:
+                threshold = f"{float(t):.4g}"
+            else:
+                threshold = f"{float(t.min()):.3g}..{float(t.max()):.3g}"
+            amax = "-" if layer.amax is None else f"{layer.amax:.4g}"
             fraction = "-" if layer.remapped_fraction is None else f"{layer.remapped_fraction:.2%}"
             note = f"redundant: fed by {layer.fed_by}" if layer.redundant else ""
             rows.append(
-                (layer.name, layer.act, f"{layer.amax:.4g}", threshold, fraction,
-                 str(layer.count), note)
+                (layer.name, layer.act, amax, threshold, fraction, str(layer.count), note)
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         title = (
@@ -233,31 +234,36 @@ def _scan(model, modules, data, max_batches, progress, desc, check_finite, group
 def _all_reduce_calibration(modules, group) -> None:
     import torch.distributed as dist
 
+    world = dist.get_world_size(group)
     for _, module in modules:
         stats = module.stats
-        if stats is None:
+        flags = torch.tensor(
+            [module.sites_seen, module.sites_fed, int(stats is not None)], dtype=torch.int64
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group)
+        module.sites_seen, module.sites_fed, ranks_with_stats = (int(v) for v in flags)
+        if ranks_with_stats == 0:  # redundant or never reached, on every rank
+            continue
+        if ranks_with_stats != world:
             raise RuntimeError(
-                f"{module.layer_name}: not called on this rank; distributed calibration needs "
-                "every converted layer to run on every rank"
+                f"{module.layer_name}: has statistics on {ranks_with_stats} of {world} ranks; "
+                "distributed calibration needs every converted layer to run on every rank"
             )
         module.stats = stats.all_reduce(group)
         if module.hist.numel():
             dist.all_reduce(module.hist, op=dist.ReduceOp.SUM, group=group)
-        sites = torch.tensor([module.sites_seen, module.sites_fed], dtype=torch.int64)
-        dist.all_reduce(sites, op=dist.ReduceOp.SUM, group=group)
-        module.sites_seen, module.sites_fed = int(sites[0]), int(sites[1])
 
 
 def _layer_report(name: str, module: lnn.RemapAct) -> LayerReport:
-    stats = module.stats
+    stats = module.stats  # None for a redundant input remap
     return LayerReport(
         name=name,
         kind=module.kind,
         act=module.act,
-        channels=stats.channels,
-        count=int(stats.count.sum()),
-        amax=float(stats.amax.max()),
-        threshold=module.threshold.detach().cpu().clone(),
+        channels=0 if stats is None else stats.channels,
+        count=0 if stats is None else int(stats.count.sum()),
+        amax=None if stats is None else float(stats.amax.max()),
+        threshold=module.threshold.detach().cpu().clone() if module.calibrated else None,
         redundant=module.redundant,
         fed_by=module.fed_by,
     )
@@ -272,7 +278,9 @@ def _report(modules, ratio, batches) -> CalibrationReport:
         center=first.center_mode,
         batches=batches,
     )
-    report.layers = [_layer_report(name, m) for name, m in modules if m.calibrated]
+    report.layers = [
+        _layer_report(name, m) for name, m in modules if m.calibrated or m.redundant
+    ]
     return report
 
 
@@ -314,17 +322,24 @@ def calibrate(
         for (_, module), mode in zip(modules, previous_modes):
             module.mode = mode
         raise
-    unused = []
+    unused, mixed = [], []
     for name, module in modules:
-        if module.stats is None:
+        if not module.reached:
             unused.append(name)
             module.threshold = torch.zeros(0, dtype=torch.float32, device=module.threshold.device)
             module.mode = "apply"
-        else:
-            module.finish_calibration(c_r)
+            continue
+        module.finish_calibration(c_r)
+        if 0 < module.sites_fed < module.sites_seen:
+            mixed.append(name)
     if unused:
         warnings.warn(
             f"lipkern.calibrate: layers never called on the data stay uncalibrated: {unused}"
+        )
+    if mixed:
+        warnings.warn(
+            "lipkern.calibrate: these input remaps read a converted activation's output at some "
+            f"calls only; their thresholds come from the other calls and apply to all: {mixed}"
         )
     report = _report(modules, c_r, batches)
     if measure:

@@ -35,8 +35,10 @@ friendly (no hooks).
 Double remaps are avoided at calibration: when every call of an input remap receives, as the same
 tensor object, the output of a converted activation (timm ``Mlp``: FC2's input is ``act``'s output
 through ``Dropout``/``Identity``; a ResNet block's first conv reads the previous block's ReLU
-output), the input remap marks itself ``redundant`` (``fed_by`` names the activation) and passes its
-input through unchanged.
+output), the input remap marks itself ``redundant`` (``fed_by`` names the activation), keeps no
+statistics or threshold, and passes its input through unchanged. Calls fed that way are not
+scanned; if only some calls of a layer are, its threshold comes from the other calls and it
+remaps all of them (calibrate warns).
 """
 
 from __future__ import annotations
@@ -291,7 +293,7 @@ class RemapAct(nn.Module):
         self.stats = None
         self.hist = torch.zeros(0, dtype=torch.int64, device=self.threshold.device)
         self.sites_seen = self.sites_fed = 0
-        self.fed_by = None
+        self.redundant, self.fed_by = False, None
         self.mode = "calibrate"
 
     def _pool(self, stats: ChannelStats) -> ChannelStats:
@@ -340,8 +342,13 @@ class RemapAct(nn.Module):
         self.threshold, self.center, self.ratio = threshold, center, float(ratio)
         self.mode = "apply"
 
+    @property
+    def reached(self) -> bool:
+        """Whether the last calibration scan called this layer."""
+        return self.amax.numel() > 0
+
     def finish_calibration(self, ratio: float) -> None:
-        """Decide redundancy (input remaps) and set thresholds; mode becomes ``"apply"``."""
+        """Set thresholds after a scan (input remaps: decide redundancy); mode becomes apply."""
         self.set_ratio(ratio)
 
     # -- forward -----------------------------------------------------------------------------
@@ -441,19 +448,29 @@ class InputRemap(RemapAct):
     def __init__(self, channel_dim: int = -1, **kwargs):
         super().__init__("identity", channel_dim, **kwargs)
 
+    @property
+    def reached(self) -> bool:
+        return self.sites_seen > 0
+
     def _calibrate(self, x: torch.Tensor) -> torch.Tensor:
         source = _feeding_layer(x) if _scan_outputs is not None else None
         self.sites_seen += 1
-        if source is not None:
-            self.sites_fed += 1
-            self.fed_by = source
-        return super()._calibrate(x)
+        if source is None:
+            return super()._calibrate(x)
+        # x is a converted activation's output, remapped there already: no statistics needed.
+        self.sites_fed += 1
+        self.fed_by = source
+        return x
 
     def finish_calibration(self, ratio: float) -> None:
         self.redundant = self.sites_seen > 0 and self.sites_fed == self.sites_seen
         if not self.redundant:
             self.fed_by = None
-        super().finish_calibration(ratio)
+            super().finish_calibration(ratio)
+            return
+        empty = torch.zeros(0, dtype=torch.float32, device=self.threshold.device)
+        self.threshold, self.center, self.ratio = empty, empty.clone(), float(ratio)
+        self.mode = "apply"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.redundant and self.mode in ("apply", "monitor"):

@@ -142,9 +142,10 @@ def test_two_half_scans_merged_equal_one_scan():
     data = _conv_data(6)
     parts = []
     for chunk in (data[:3], data[3:], data):
-        model = _converted(original, inputs_of=("conv2",))
+        model = _converted(original, inputs_of=("conv", "conv2"))
         _calibrate(model, chunk, granularity="channel")
-        parts.append({name: m.stats for name, m in remap_modules(model)})
+        parts.append({name: m.stats for name, m in remap_modules(model) if not m.redundant})
+    assert set(parts[2]) == {"relu", "conv.input_remap"}  # conv2 reads the ReLU output
     for name, whole in parts[2].items():
         merged = parts[0][name].merge(parts[1][name])
         assert torch.equal(merged.amax, whole.amax)
@@ -280,6 +281,29 @@ def test_unused_layer_warns_and_stays_uncalibrated():
     # The calibrated layers still re-threshold and measure.
     assert [layer.name for layer in set_ratio(model, 2**-3).layers] == ["used.1"]
     assert set(measure_remapped(model, [torch.randn(3, 2)])) == {"used.1"}
+
+
+class PartlyFed(nn.Module):
+    """``fc`` reads a converted ReLU's output at one call and a plain tensor at the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.act(self.pre(x))) + self.fc(x)
+
+
+def test_input_remap_fed_at_some_calls_only():
+    model = _converted(PartlyFed(), inputs_of=("fc",))
+    data = [torch.randn(8, 4) for _ in range(2)]
+    with pytest.warns(UserWarning, match="some calls only.*'fc.input_remap'"):
+        _calibrate(model, data)
+    layer = model.fc.input_remap
+    assert not layer.redundant and layer.sites_seen == 4 and layer.sites_fed == 2
+    assert layer.threshold == _expected_threshold(C_R, torch.cat(data).abs().max())
 
 
 def test_shared_module_with_different_channel_counts():

@@ -96,11 +96,14 @@ def test_two_gloo_processes_equal_one_process(spawned):
             assert got.keys() == expected.keys()
             for name, want in expected.items():
                 have = got[name]
+                assert have["redundant"] == want["redundant"]
+                if want["redundant"]:  # fc2 reads the GELU output: not scanned
+                    assert have["stats"] is None and have["threshold"].numel() == 0
+                    continue
                 assert torch.equal(have["threshold"], want["threshold"]), (settings, name)
                 assert torch.equal(have["stats"].amax, want["stats"].amax)
                 assert torch.equal(have["stats"].count, want["stats"].count)
                 assert torch.equal(have["hist"], want["hist"])
-                assert have["redundant"] == want["redundant"]
                 torch.testing.assert_close(
                     have["stats"].sum, want["stats"].sum, rtol=1e-12, atol=1e-12
                 )
