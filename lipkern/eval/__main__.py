@@ -1,0 +1,5 @@
+import sys
+
+from .cli_eval import main
+
+sys.exit(main())

@@ -1,0 +1,23 @@
+"""The evaluation's only contact with the model layer (issue 4: lipkern.convert / calibrate / set_ratio /
+straight_through), so the rest of lipkern.eval does not depend on how conversion is wired."""
+from __future__ import annotations
+
+import copy
+
+import torch.nn as nn
+
+from lipkern.calibrate import calibrate, set_ratio
+from lipkern.convert import convert, straight_through
+from lipkern.nn import has_input_remap
+
+__all__ = ["has_input_remap", "remapped_copy", "set_ratio", "straight_through"]
+
+
+def remapped_copy(model: nn.Module, calib_batches, c_r: float, convert_kwargs: dict, progress: bool = True):
+    """A converted deep copy of ``model`` calibrated on ``calib_batches`` at ratio ``c_r``; ``model`` is untouched.
+
+    Returns ``(converted_model, calibration_report)``; other ratios then need only :func:`set_ratio`.
+    """
+    m = convert(copy.deepcopy(model), **convert_kwargs)
+    report = calibrate(m, calib_batches, c_r=c_r, progress=progress)
+    return m.eval(), report

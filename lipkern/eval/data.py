@@ -1,0 +1,137 @@
+"""Datasets for the evaluation: the embedded scikit-learn digits and user-supplied ``.npz`` files."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# The split is part of the published numbers: changing the seed or the sizes changes every table.
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+CALIB_SIZE = 512
+
+
+@dataclass
+class Split:
+    """Tensors of one split: ``x`` float32 (N, C, H, W) in [0, 1], ``y`` int64 (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def head(self, n: int | None) -> "Split":
+        if n is None or n >= len(self):
+            return self
+        return Split(self.x[:n], self.y[:n])
+
+    def batches(self, batch_size: int):
+        for i in range(0, len(self), batch_size):
+            yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split | None
+    calib: Split
+    test: Split
+    num_classes: int
+
+
+def _stratified_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # Own stratified split (not sklearn's train_test_split) so that the indices only depend on numpy's
+    # PCG64 stream, which is stable across library versions.
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    train = np.concatenate(train)
+    test = np.concatenate(test)
+    # Interleave classes so that any prefix (quick mode uses prefixes) is roughly class-balanced.
+    return rng.permutation(train), rng.permutation(test)
+
+
+def load_digits(calib_size: int = CALIB_SIZE) -> Dataset:
+    """scikit-learn's 8x8 digits (1797 images, 17 grey levels 0..16) scaled to [0, 1].
+
+    Fixed stratified split: 80 % train / 20 % test (seed ``SPLIT_SEED``); the calibration set is the
+    first ``calib_size`` training images, so calibration never sees test data.
+    """
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = bunch.target.astype(np.int64)
+    train_idx, test_idx = _stratified_indices(y, TEST_FRACTION, SPLIT_SEED)
+    if not 0 < calib_size <= len(train_idx):
+        raise ValueError(f"calib_size must be in [1, {len(train_idx)}], got {calib_size}")
+    to_split = lambda idx: Split(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))  # noqa: E731
+    return Dataset(
+        name="digits",
+        train=to_split(train_idx),
+        calib=to_split(train_idx[:calib_size]),
+        test=to_split(test_idx),
+        num_classes=10,
+    )
+
+
+def load_npz(path: str | Path, *, num_classes: int | None = None, calib_fraction: float = 0.5,
+             seed: int = SPLIT_SEED) -> Dataset:
+    """A user's data file: arrays ``x`` (N, C, H, W) float in [0, 1] and ``y`` (N,) integer labels.
+
+    Optional arrays ``x_calib`` / ``y_calib`` give the calibration set; without them a fixed random
+    ``calib_fraction`` of the file is used for calibration and the rest for testing (the two never overlap).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data: no such file: {path}")
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise ValueError(f"--data {path}: missing array(s) {missing}; the file must contain 'x' (N, C, H, W) "
+                         f"float in [0, 1] and 'y' (N,) integer labels (found: {sorted(arrays)})")
+    x, y = _check_xy(arrays["x"], arrays["y"], f"--data {path}", num_classes)
+    if "x_calib" in arrays or "y_calib" in arrays:
+        if not ("x_calib" in arrays and "y_calib" in arrays):
+            raise ValueError(f"--data {path}: 'x_calib' and 'y_calib' must be given together")
+        xc, yc = _check_xy(arrays["x_calib"], arrays["y_calib"], f"--data {path} (calibration)", num_classes)
+        if xc.shape[1:] != x.shape[1:]:
+            raise ValueError(f"--data {path}: x_calib has shape {xc.shape}, x has {x.shape}")
+        calib, test = Split(xc, yc), Split(x, y)
+    else:
+        if len(y) < 2:
+            raise ValueError(f"--data {path}: need at least 2 samples to split into calibration and test")
+        perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
+        n_calib = min(max(1, int(round(len(y) * calib_fraction))), len(y) - 1)
+        calib = Split(x[perm[:n_calib]], y[perm[:n_calib]])
+        test = Split(x[perm[n_calib:]], y[perm[n_calib:]])
+    n_cls = num_classes if num_classes is not None else int(max(calib.y.max(), test.y.max())) + 1
+    return Dataset(name=path.stem, train=None, calib=calib, test=test, num_classes=n_cls)
+
+
+def _check_xy(x: np.ndarray, y: np.ndarray, what: str, num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.ndim != 4:
+        raise ValueError(f"{what}: 'x' must have shape (N, C, H, W), got {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{what}: 'x' must be a float array in [0, 1], got dtype {x.dtype}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{what}: 'y' must have shape ({x.shape[0]},), got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{what}: 'y' must hold integer labels, got dtype {y.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what}: no samples")
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise ValueError(f"{what}: 'x' must be finite and in [0, 1] (min {np.nanmin(x):.4g}, max {np.nanmax(x):.4g})")
+    if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
+        hi = "" if num_classes is None else f" and < {num_classes} (the model's number of classes)"
+        raise ValueError(f"{what}: labels out of range: min {y.min()}, max {y.max()}; labels must be >= 0{hi}")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))

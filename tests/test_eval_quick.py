@@ -1,0 +1,63 @@
+"""End-to-end: `lipkern eval --quick` on the embedded digits default (the run CI makes)."""
+import json
+
+import numpy as np
+import pytest
+
+from lipkern.eval import cli_eval
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_quick")
+    assert cli_eval.main(["--quick", "--no-progress", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_report_structure(quick_run):
+    out, res = quick_run
+    assert [m["name"] for m in res["models"]] == ["preact_wrn", "tiny_vit"]
+    md = (out / "report.md").read_text()
+    for heading in ("Main table", "Gradient-masking audit", "Randomized smoothing", "Weight variant",
+                    "Calibration-set size", "Empirical Lipschitz constant", "FGSM / PGD"):
+        assert heading in md
+    for m in res["models"]:
+        assert list(m["configs"]) == ["original", "2^-8", "2^-7", "2^-6"]
+        for kind in ("smoothing", "remapped", "lipschitz", "sweep"):
+            assert (out / f"{kind}_{m['name']}.png").stat().st_size > 0
+        assert m["layers"]["names"], "no layer with a remapped input was found"
+        assert m["lipschitz"], "no Linear / 1x1 conv in the Lipschitz table"
+
+
+def test_accuracies_in_unit_interval(quick_run):
+    _, res = quick_run
+    for m in res["models"]:
+        for label, c in m["configs"].items():
+            values = [c["clean"], c["autoattack"], c["cw"], c["worst_case"], *c["fgsm"].values(), *c["pgd"].values()]
+            if label != "original":
+                values += [c["adaptive"], c["transfer"]]
+            assert all(0.0 <= v <= 1.0 for v in values), (m["name"], label)
+            assert c["worst_case"] <= min(c["clean"], c["autoattack"], c["cw"])
+            assert c["audit"]["verdict"] in ("PASS", "WARN")
+            assert c["audit"]["verdict"] == "PASS" or c["audit"]["reasons"]
+
+
+def test_original_attack_sanity(quick_run):
+    _, res = quick_run
+    for m in res["models"]:
+        c = m["configs"]["original"]
+        for e in c["pgd"]:
+            if int(e) >= 8:
+                assert c["pgd"][e] <= c["fgsm"][e], (m["name"], e)
+        assert c["pgd"]["96"] <= 0.05, m["name"]
+        assert c["autoattack"] <= c["clean"]
+
+
+def test_certified_accuracy_non_increasing(quick_run):
+    _, res = quick_run
+    for m in res["models"]:
+        sm = m["smoothing"]
+        assert sm["n0"] == 100 and sm["n"] >= 1000 and sm["alpha"] == 0.001
+        for curve in sm["certified_accuracy"].values():
+            assert np.all(np.diff(curve) <= 0)
+            assert 0 <= curve[0] <= 1

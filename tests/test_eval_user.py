@@ -1,0 +1,154 @@
+"""`lipkern eval` on a user's model and data, the RobustBench path, and bad input."""
+import argparse
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from lipkern.eval import cli_eval
+from lipkern.eval.api import Budget, EvalInputError, evaluate
+
+TINY_MODULE = textwrap.dedent("""
+    import torch.nn as nn
+
+    def make():
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8),
+                             nn.GELU(), nn.Linear(8, 5))
+""")
+
+# Smallest budget that still runs every analysis (for the big RobustBench architecture on CPU).
+MICRO = Budget("micro", 2, pgd_steps=2, cw_steps=2, aa_targets=1, aa_square_queries=10, aux_attacks=("apgd-ce",),
+               n_cert=1, cert_n0=4, cert_n=8, cert_alpha=0.001, weight_fractions=(0.5,), n_ablation_sizes=1,
+               n_lipschitz=2)
+
+
+@pytest.fixture
+def tiny_model(tmp_path, monkeypatch):
+    (tmp_path / "tiny_eval_model.py").write_text(TINY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("tiny_eval_model", None)
+    return "tiny_eval_model:make"
+
+
+def _npz(path, n=32, labels=None, **extra):
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.random((n, 1, 6, 6), dtype=np.float32),
+              "y": rng.integers(0, 5, n) if labels is None else labels}
+    arrays.update(extra)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_user_model_and_npz(tmp_path, tiny_model, capsys):
+    import json
+
+    torch.manual_seed(0)
+    model = __import__("tiny_eval_model").make()
+    ckpt = tmp_path / "w.pt"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "out"
+    rc = cli_eval.main(["--model", tiny_model, "--checkpoint", str(ckpt), "--data", str(_npz(tmp_path / "d.npz")),
+                        "--quick", "--no-progress", "--jobs", "1", "--eps", "8/255", "--ratios", "2^-7,2^-5",
+                        "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    (m,) = res["models"]
+    assert m["name"] == "make" and abs(m["eps"] - 8 / 255) < 1e-12
+    assert list(m["configs"]) == ["original", "2^-7", "2^-5"]
+    assert m["n_test"] == 16 and m["n_calib"] == 16  # half of the file calibrates, the other half tests
+    assert "| make | 2^-5 |" in capsys.readouterr().out
+
+
+@pytest.fixture
+def one_thread():
+    # Small batches of a ResNet-18 on CPU: one intra-op thread avoids OpenMP spinning on a shared 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_robustbench_random_checkpoint(tmp_path, one_thread):
+    from lipkern.models import robustbench_architecture, write_robustbench_checkpoint
+
+    torch.manual_seed(0)
+    model_id = "Wong2020Fast"  # PreActResNet-18, among the smallest CIFAR-10 L-inf architectures
+    write_robustbench_checkpoint(robustbench_architecture(model_id, "cifar10"), model_id, "cifar10", tmp_path)
+    x = torch.rand(4, 3, 32, 32)
+    data = tmp_path / "cifar.npz"
+    np.savez(data, x=x.numpy(), y=np.zeros(4, np.int64))
+    args = _parse(["--robustbench", model_id, "--model-dir", str(tmp_path), "--data", str(data),
+                   "--inputs-of", "layer*.*.conv2"])
+    ((name, model, dataset, convert_kwargs, eps),) = cli_eval._user_jobs(args)
+    assert name == model_id and eps == 8 / 255
+    # Labels the random network gets wrong: every AutoAttack run then stops at once, which keeps this CPU test of
+    # the load -> convert -> calibrate -> evaluate path short (the attacks are exercised on the small models).
+    with torch.no_grad():
+        dataset.test.y = (model(dataset.test.x).argmax(1) + 1) % 10
+    res = evaluate(model, dataset.calib, dataset.test, eps=eps, convert_kwargs=convert_kwargs, budget=MICRO,
+                   ratios=(2 ** -7,), progress=False).to_dict()["models"][0]
+    assert list(res["configs"]) == ["original", "2^-7"]
+    assert res["layers"]["names"], "the input remaps on conv2 were not found"
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    cli_eval.add_eval_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["eval", *argv])
+
+
+def _error(argv, capsys):
+    rc = cli_eval.main([*argv, "--no-progress", "--jobs", "1"])
+    assert rc == 2
+    return capsys.readouterr().err
+
+
+def test_missing_checkpoint(tmp_path, tiny_model, capsys):
+    err = _error(["--model", tiny_model, "--checkpoint", str(tmp_path / "nope.pt")], capsys)
+    assert "--checkpoint" in err and "nope.pt" in err
+
+
+def test_missing_robustbench_checkpoint_says_where(tmp_path, capsys):
+    err = _error(["--robustbench", "Wu2020Adversarial", "--model-dir", str(tmp_path)], capsys)
+    assert str(tmp_path / "cifar10" / "Linf" / "Wu2020Adversarial.pt") in err
+
+
+def test_npz_without_x_or_y(tmp_path, tiny_model, capsys):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=np.zeros((4, 1, 6, 6), np.float32), y=np.zeros(4, np.int64))
+    err = _error(["--model", tiny_model, "--data", str(path)], capsys)
+    assert "missing array(s) ['x']" in err
+
+
+def test_labels_out_of_range(tmp_path, tiny_model, capsys):
+    path = _npz(tmp_path / "d.npz", labels=np.full(32, 7))
+    err = _error(["--model", tiny_model, "--data", str(path)], capsys)
+    assert "labels out of range" in err and "5 classes" in err
+
+
+def test_negative_labels(tmp_path, tiny_model, capsys):
+    err = _error(["--model", tiny_model, "--data", str(_npz(tmp_path / "d.npz", labels=np.full(32, -1)))], capsys)
+    assert "labels out of range" in err
+
+
+@pytest.mark.parametrize("eps", ["-0.1", "0", "nan", "abc"])
+def test_bad_eps(eps, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parse([f"--eps={eps}"])
+    assert e.value.code == 2
+    assert "--eps" in capsys.readouterr().err
+
+
+def test_api_rejects_bad_arguments():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 5))
+    x, y = torch.rand(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(EvalInputError, match="eps"):
+        evaluate(model, (x, y), (x, y), eps=-1.0)
+    with pytest.raises(EvalInputError, match="ratios"):
+        evaluate(model, (x, y), (x, y), ratios=(1.5,))
+    with pytest.raises(EvalInputError, match="at least 4 classes"):
+        evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), (x, y), (x, y))
+    with pytest.raises(EvalInputError, match="labels out of range"):
+        evaluate(model, (x, y), (x, y + 5))
