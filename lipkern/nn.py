@@ -11,7 +11,7 @@ or Conv layer (e.g. the LayerNorm output that feeds a transformer's FC1). Both h
 - ``"apply"``: ``lipkern.remap_act`` with the calibrated threshold (and centre). Calling it before
   any calibration raises an error that names the layer.
 - ``"monitor"``: like ``"apply"``, and also counts remapped elements
-  (:func:`lipkern.calibrate.measure_remapped`).
+  (:func:`lipkern.measure_remapped`).
 
 Thresholds, centres, statistics and the calibration settings are buffers / extra state, so they
 live in ``state_dict``. Their shapes are only known after calibration, so loading a state_dict
