@@ -49,7 +49,8 @@ def test_weight_variant_equals_runtime_remap_on_matching_inputs():
     freq = weight_variant.remap_frequency({"2": layers.layer_inputs(conv, calib, names)["2"]})
     wm, pruned = weight_variant.weight_variant(model, freq, weight_variant.DEFAULT_FRACTION)
     assert pruned == {"2": 2}
-    assert torch.equal(wm[2].weight[:, :2], torch.zeros(3, 2)) and torch.equal(wm[2].weight[:, 2:], model[2].weight[:, 2:])
+    assert torch.equal(wm[2].weight[:, :2], torch.zeros(3, 2))
+    assert torch.equal(wm[2].weight[:, 2:], model[2].weight[:, 2:])
     t = c_r * 1.0
     x = torch.cat([torch.rand(50, 2) * t * 0.9, t * 1.1 + torch.rand(50, 2)], 1)  # remapped set == {0, 1}
     with torch.no_grad():

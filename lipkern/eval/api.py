@@ -120,7 +120,8 @@ def _check_inputs(model, calib: Split, test: Split, eps: float, ratios, num_clas
     with torch.no_grad():
         n_out = model.eval()(test.x[:2]).shape[-1]
     if n_out < 4:
-        raise EvalInputError(f"the model outputs {n_out} logits; AutoAttack's targeted DLR loss needs at least 4 classes")
+        raise EvalInputError(f"the model outputs {n_out} logits; AutoAttack's targeted DLR loss needs at least "
+                             "4 classes")
     if num_classes is not None and num_classes != n_out:
         raise EvalInputError(f"num_classes={num_classes} but the model outputs {n_out} logits")
     if test.y.min() < 0 or test.y.max() >= n_out:

@@ -99,8 +99,8 @@ def main(argv=None):
         clean = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()
     adv = (model(attack(data.test.x, data.test.y)).argmax(1) == data.test.y).float().mean().item()
     digest = hashlib.sha256(open(out, "rb").read()).hexdigest()
-    print(f"{args.model}: saved {out} in {time.time() - t0:.0f}s; test clean {clean:.4f}, PGD-20@{args.eps:.4f} {adv:.4f}; "
-          f"sha256 {digest}")
+    print(f"{args.model}: saved {out} in {time.time() - t0:.0f}s; test clean {clean:.4f}, "
+          f"PGD-20@{args.eps:.4f} {adv:.4f}; sha256 {digest}")
 
 
 if __name__ == "__main__":
