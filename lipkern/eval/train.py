@@ -10,7 +10,7 @@ remap, not about the training recipe.
 Why eps = 32/255 (= 0.125): digits pixels take 17 grey levels k/16, so 32/255 is two grey levels per pixel
 (1/8 of the range; MNIST's customary 0.3 is relatively larger still). That cannot turn one 8x8 digit into
 another, yet it is a real budget: at 16/255 (one level) the adversarially trained CNN keeps 95 % PGD accuracy,
-which leaves too little headroom to measure a remap effect on 360 test images (one image = 0.28 points);
+which leaves too little headroom to measure a remap effect on 359 test images (one image = 0.28 points);
 at 32/255 it keeps about 89 %, with clean accuracy unchanged (98.9 %).
 
 Determinism: fixed seed, deterministic algorithms, single-threaded intra-op math and a fixed batch order, so a
