@@ -46,7 +46,8 @@ def test_weight_variant_equals_runtime_remap_on_matching_inputs():
     c_r = 2 ** -6
     conv = _calibrated(model, calib, c_r, acts=("relu",))
     names = layers.check_matching(model, conv)
-    freq = weight_variant.remap_frequency({"2": layers.layer_inputs(conv, calib, names)["2"]})
+    freq = weight_variant.remap_frequency({"2": layers.layer_inputs(conv, calib, names)["2"]},
+                                          layers.layer_inputs(model, calib, names))
     wm, pruned = weight_variant.weight_variant(model, freq, weight_variant.DEFAULT_FRACTION)
     assert pruned == {"2": 2}
     assert torch.equal(wm[2].weight[:, :2], torch.zeros(3, 2))
@@ -56,6 +57,14 @@ def test_weight_variant_equals_runtime_remap_on_matching_inputs():
     with torch.no_grad():
         torch.testing.assert_close(wm(x), conv(x), rtol=0, atol=1e-6)
         assert not torch.allclose(model(x), conv(x), atol=1e-6)  # the remap did change something
+
+
+def test_relu_zeros_are_not_counted_as_remapped():
+    """A feature that ReLU already zeroes in most rows is not pruned: the remap did not remove it."""
+    original = {"fc": torch.tensor([[0.0, 0.001], [0.0, 0.002], [0.0, 0.003], [0.5, 0.004]])}
+    remapped = {"fc": torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.5, 0.0]])}
+    freq = weight_variant.remap_frequency(remapped, original)["fc"]
+    assert freq.tolist() == [0.0, 1.0]
 
 
 def test_masked_spectral_norm_matches_svd():

@@ -250,7 +250,8 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     with stage("weight variant"):
         _remap.set_ratio(converted, wv_ratio)
         freq = weight_variant.remap_frequency(
-            {n: v for n, v in layers.layer_inputs(converted, calib.x, names).items() if n in remapped_layers})
+            {n: v for n, v in layers.layer_inputs(converted, calib.x, names).items() if n in remapped_layers},
+            layers.layer_inputs(original, calib.x, names))
         wv_rows = []
         for f in budget.weight_fractions:
             wm, pruned = weight_variant.weight_variant(original, freq, f)

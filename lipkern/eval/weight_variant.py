@@ -3,8 +3,9 @@ with a remapped input, zero the weight columns of the input features that the ru
 least ``fraction`` of the calibration rows (rows = samples x tokens for Linear, samples x positions for conv).
 
 Default fraction 0.5: a feature is pruned for every input when the remap removes it in most rows (Lemma 2's
-static counterpart of the sample-wise remap); the evaluation sweeps 0.25 / 0.5 / 0.75. With ReLU, the op's mask
-(|a| < t) includes ReLU's own zeros, so on the CNN these fractions count dead-for-this-row channels too.
+static counterpart of the sample-wise remap); the evaluation sweeps 0.25 / 0.5 / 0.75. Only the remap's own
+work counts: an element that was already 0 in the original model (ReLU's zeros) is not "remapped", else on a
+ReLU network every channel that is off for a quarter of the inputs would be pruned for all of them.
 """
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ DEFAULT_FRACTION = 0.5
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75)
 
 
-def remap_frequency(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per layer, per input feature: the fraction of calibration rows in which the feature is 0 after the remap."""
-    return {name: (rows == 0).double().mean(0) for name, rows in inputs.items()}
+def remap_frequency(remapped_inputs: dict[str, torch.Tensor],
+                    original_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per layer, per input feature: the fraction of calibration rows in which the remap set the feature to 0
+    (0 in the converted model's input, non-zero in the original model's input for the same row)."""
+    return {name: ((rows == 0) & (original_inputs[name] != 0)).double().mean(0)
+            for name, rows in remapped_inputs.items()}
 
 
 @torch.no_grad()
