@@ -25,6 +25,16 @@ from lipkern.calibrate import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The evaluation pulls in matplotlib and AutoAttack: load it only when asked for.
+    if name == "evaluate":
+        from lipkern.eval.api import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'lipkern' has no attribute {name!r}")
+
+
 __all__ = [
     "ACTIVATIONS",
     "CalibrationReport",
@@ -33,6 +43,7 @@ __all__ = [
     "calibrate",
     "convert",
     "describe",
+    "evaluate",
     "load_calibration",
     "measure_remapped",
     "nn",
