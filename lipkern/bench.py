@@ -257,6 +257,9 @@ def candidates(
         "copy_": lambda: out.copy_(x),
     }
     if compile_baselines:
+        # Every configuration compiles the same code objects anew: without a reset, dynamo's
+        # recompile limit (8) is reached after a few shapes and it silently falls back to eager.
+        torch._dynamo.reset()
         compiled_fwd = torch.compile(ref_fwd, dynamic=False)
         compiled_stats = torch.compile(ref_stats, dynamic=False)
         fns["compile(ref)"] = no_grad(lambda: compiled_fwd(x))
