@@ -185,12 +185,14 @@ def _normalise_parameter(name: str, value, x: torch.Tensor, channels: int) -> to
     value = value.detach().to(torch.float32).contiguous()
     if value.is_cpu and not torch.compiler.is_compiling():
         # On CUDA this check would cost a device sync per call; there the kernels trust the
-        # model layer, which validates thresholds when it sets them.
-        if torch.isnan(value).any():
-            raise ValueError(f"{name} must not contain NaN")
-        if is_threshold and (value < 0).any():
-            raise ValueError(f"threshold must be >= 0, got min {value.min().item()}")
-        if not is_threshold and torch.isinf(value).any():
+        # model layer, which validates thresholds when it sets them. One reduction on the
+        # common path (NaN fails both tests); the message is worked out only on failure.
+        valid = (value >= 0) if is_threshold else value.isfinite()
+        if not bool(valid.all()):
+            if torch.isnan(value).any():
+                raise ValueError(f"{name} must not contain NaN")
+            if is_threshold:
+                raise ValueError(f"threshold must be >= 0, got min {value.min().item()}")
             raise ValueError("center must be finite")
     return value
 
