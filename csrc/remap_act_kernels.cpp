@@ -258,6 +258,84 @@ C10_ALWAYS_INLINE void smooth_d(const dVec& x, dVec& value, dVec& grad) {
   if constexpr (A == Act::Silu) silu_d<kValue, kGrad>(x, value, grad);
 }
 
+// ---------------------------------------------------------------------------------------------
+// fp32 evaluation for 16-bit inputs and outputs.
+//
+// For float16 / bfloat16 x the result is rounded to 8 or 11 bits, so fp32 lanes suffice: x^2 of
+// a 16-bit x is exact in fp32 (at most 2 x 11 significant bits), so the Gaussian's argument
+// carries no rounding, and the same non-cancelling forms as above (erfc for GELU, sigmoids of
+// -|u|) keep the fp32 activation within a few fp32 ulps everywhere, far below one 16-bit ulp
+// and inside the mask's tie band. Results that fall into the fp32 subnormal range are scaled
+// by 2^n in one rounding (AVX512 scalef) or two (an exact one, then a rounding), so 16-bit
+// subnormal results (bf16 reaches 1e-40) keep their value.
+
+// v * 2^n for integral n in [-180, 0] (NaN v stays NaN).
+C10_ALWAYS_INLINE fVec ldexp_f(const fVec& v, const fVec& n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(v, n);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i n2 = _mm256_sub_epi32(ni, n1);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+  return fVec(_mm256_mul_ps(_mm256_mul_ps(v, s1), s2));
+#else
+  float a[kF], b[kF];
+  v.store(a);
+  n.store(b);
+  for (int64_t i = 0; i < kF; ++i) a[i] = std::isnan(b[i]) ? b[i] : std::ldexp(a[i], static_cast<int>(b[i]));
+  return fVec::loadu(a);
+#endif
+}
+
+// exp(a) for a <= 0 (or NaN), a few fp32 ulps (Cody-Waite reduction, degree-7 Taylor polynomial
+// with remainder below 6e-9); results below e^-120 are flushed to 0.
+C10_ALWAYS_INLINE fVec exp_f(const fVec& a) {
+  constexpr float kShift = 0x1.8p23f;
+  const fVec ac = at::vec::clamp(a, fVec(-120.f), fVec(0.f));
+  const fVec n = at::vec::fmadd(ac, fVec(static_cast<float>(M_LOG2E)), fVec(kShift)) - fVec(kShift);
+  fVec r = at::vec::fmadd(n, fVec(-0x1.62e4p-1f), ac);
+  r = at::vec::fmadd(n, fVec(-0x1.7f7d1cp-20f), r);
+  fVec p(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) {
+    p = at::vec::fmadd(p, r, fVec(c));
+  }
+  return ldexp_f(p, n);
+}
+
+C10_ALWAYS_INLINE fVec gelu_f(const fVec& x) {
+  static constexpr float kR[] = {
+      -0.02032525112510545f, 0.16062136297309768f, -0.4820011077430214f, 0.6750640518003334f,
+      -0.5096608178417334f,  0.40077415087012197f, 0.008323309888157115f, 0.19137990980835312f,
+      0.1804454741802711f,   0.19793191679364627f, 0.19744700350455824f};
+  const fVec xc = at::vec::clamp(x, fVec(-40.f), fVec(40.f));
+  const fVec z = xc.abs() * fVec(static_cast<float>(M_SQRT1_2));
+  const fVec t = fVec(1.f) / at::vec::fmadd(z, fVec(0.35f), fVec(1.f));
+  fVec r(kR[0]);
+  for (int i = 1; i < 11; ++i) r = at::vec::fmadd(r, t, fVec(kR[i]));
+  const fVec gauss = exp_f(xc * xc * fVec(-0.5f));
+  const fVec he = xc * fVec(0.5f) * t * r * gauss;
+  return fVec::blendv(he, x - he, x > fVec(0.f));
+}
+
+C10_ALWAYS_INLINE fVec gelu_tanh_f(const fVec& x) {
+  const fVec xc = at::vec::clamp(x, fVec(-12.f), fVec(12.f));
+  const fVec u = fVec(static_cast<float>(kTanhBeta)) *
+                 at::vec::fmadd(fVec(static_cast<float>(kTanhKappa)) * xc, xc * xc, xc);
+  // s = sigmoid(2u) from e = exp(-2|u|) <= 1.
+  const fVec e = exp_f(u.abs() * fVec(-2.f));
+  const fVec s = fVec::blendv(e, fVec(1.f), u >= fVec(0.f)) / (fVec(1.f) + e);
+  return at::vec::clamp_min(x, fVec(-12.f)) * s;
+}
+
+C10_ALWAYS_INLINE fVec silu_f(const fVec& x) {
+  const fVec xc = at::vec::clamp(x, fVec(-200.f), fVec(200.f));
+  const fVec e = exp_f(xc.abs().neg());
+  const fVec s = fVec::blendv(e, fVec(1.f), xc >= fVec(0.f)) / (fVec(1.f) + e);
+  return at::vec::clamp_min(x, fVec(-200.f)) * s;
+}
+
 // ReLU as PyTorch's clamp_min(x, 0): -0 and NaN pass through unchanged.
 C10_ALWAYS_INLINE fVec relu(const fVec& x) {
   return fVec::blendv(x, fVec(0.f), x < fVec(0.f));
@@ -267,11 +345,17 @@ constexpr bool is_smooth(Act A) {
   return A == Act::Gelu || A == Act::GeluTanh || A == Act::Silu;
 }
 
-template <Act A>
+// kFp32: the fp32 evaluation above (16-bit I/O); otherwise double lanes rounded once (fp32 I/O).
+template <Act A, bool kFp32 = false>
 C10_ALWAYS_INLINE fVec activate(const fVec& x) {
   if constexpr (A == Act::Identity) return x;
   if constexpr (A == Act::Relu) return relu(x);
-  if constexpr (is_smooth(A)) {
+  if constexpr (is_smooth(A) && kFp32) {
+    if constexpr (A == Act::Gelu) return gelu_f(x);
+    if constexpr (A == Act::GeluTanh) return gelu_tanh_f(x);
+    if constexpr (A == Act::Silu) return silu_f(x);
+  }
+  if constexpr (is_smooth(A) && !kFp32) {
     dVec lo, hi, vlo, vhi, unused;
     widen(x, lo, hi);
     smooth_d<A, true, false>(lo, vlo, unused);
@@ -281,6 +365,10 @@ C10_ALWAYS_INLINE fVec activate(const fVec& x) {
     return out;
   }
 }
+
+// 16-bit I/O takes the fp32 activations.
+template <typename T>
+constexpr bool kFp32 = !std::is_same_v<T, float>;
 
 // |a - c| < t in fp32; NaN compares false and t = 0 never holds.
 C10_ALWAYS_INLINE fVec remap_mask(const fVec& a, const fVec& t, const fVec& c) {
@@ -345,7 +433,7 @@ void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
     const StepParams p = rp.at(i, m);
-    const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
+    const fVec a0 = activate<A, kFp32<T>>(v.lo), a1 = activate<A, kFp32<T>>(v.hi);
     store(y + i, m, fVec::blendv(a0, p.c.lo, remap_mask(a0, p.t.lo, p.c.lo)),
           fVec::blendv(a1, p.c.hi, remap_mask(a1, p.t.hi, p.c.hi)));
   }
@@ -424,7 +512,7 @@ void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelPa
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t off = r * C + c0;
         const F2 v = load(x + off, m);
-        const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
+        const fVec a0 = activate<A, kFp32<T>>(v.lo), a1 = activate<A, kFp32<T>>(v.hi);
         const fVec k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
         store(y + off, m, fVec::blendv(a0, p.c.lo, k0), fVec::blendv(a1, p.c.hi, k1));
         amax0 = at::vec::maximum(amax0, a0.abs());
@@ -462,7 +550,7 @@ void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams&
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
-    const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
+    const fVec a0 = activate<A, kFp32<T>>(v.lo), a1 = activate<A, kFp32<T>>(v.hi);
     fVec k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
     store(y + i, m, fVec::blendv(a0, p.c.lo, k0), fVec::blendv(a1, p.c.hi, k1));
     if (m < kStep) {
