@@ -268,6 +268,25 @@ def remap_bwd_kernel(dy_ptr, x_ptr, dx_ptr, t_ptr, c_ptr, n_rows, n_cols, C,
 
 
 @triton.jit
+def _remap_tile_and_accumulate(x_ptr, y_ptr, offs, valid, t, c, acc_sum, acc_sumsq, acc_amax,
+                               acc_remapped, ACT: tl.constexpr, HAS_CENTER: tl.constexpr,
+                               BF16_BITS: tl.constexpr, MATH_F64: tl.constexpr):
+    """Remap one tile into y and add it to the running statistics (both stats layouts)."""
+    x = _load_f32(x_ptr, offs, valid, BF16_BITS)
+    a = _activation(x, ACT, MATH_F64)
+    remap = _remap_mask(a, t, c, HAS_CENTER) & valid
+    _store(y_ptr, offs, tl.where(remap, c, a), valid, BF16_BITS)
+    a = tl.where(valid, a, 0.0)
+    a64 = a.to(tl.float64)
+    acc_sum += a64
+    acc_sumsq += a64 * a64
+    # Max of |a| as an integer max on the fp32 bits: NaN's pattern exceeds inf's, so NaN wins.
+    acc_amax = tl.maximum(acc_amax, a.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+    acc_remapped += remap.to(tl.int32)
+    return acc_sum, acc_sumsq, acc_amax, acc_remapped
+
+
+@triton.jit
 def remap_stats_kernel(x_ptr, y_ptr, t_ptr, c_ptr, ws_amax_ptr, ws_remapped_ptr, ws_sum_ptr,
                        ws_sumsq_ptr, n_rows, n_cols, C, span, n_parts,
                        ACT: tl.constexpr, LAYOUT: tl.constexpr, HAS_CENTER: tl.constexpr,
@@ -299,16 +318,9 @@ def remap_stats_kernel(x_ptr, y_ptr, t_ptr, c_ptr, ws_amax_ptr, ws_remapped_ptr,
             rows = r0 + r
             offs = rows[:, None] * n_cols + cols[None, :]
             valid = (rows < row_end)[:, None] & col_valid[None, :]
-            x = _load_f32(x_ptr, offs, valid, BF16_BITS)
-            a = _activation(x, ACT, MATH_F64)
-            remap = _remap_mask(a, t, c, HAS_CENTER) & valid
-            _store(y_ptr, offs, tl.where(remap, c, a), valid, BF16_BITS)
-            a = tl.where(valid, a, 0.0)
-            a64 = a.to(tl.float64)
-            acc_sum += a64
-            acc_sumsq += a64 * a64
-            acc_amax = tl.maximum(acc_amax, a.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-            acc_remapped += remap.to(tl.int32)
+            acc_sum, acc_sumsq, acc_amax, acc_remapped = _remap_tile_and_accumulate(
+                x_ptr, y_ptr, offs, valid, t, c, acc_sum, acc_sumsq, acc_amax, acc_remapped,
+                ACT, HAS_CENTER, BF16_BITS, MATH_F64)
         out = part.to(tl.int64) * C + cols
         tl.store(ws_sum_ptr + out, tl.sum(acc_sum, axis=0), mask=col_valid)
         tl.store(ws_sumsq_ptr + out, tl.sum(acc_sumsq, axis=0), mask=col_valid)
@@ -329,16 +341,9 @@ def remap_stats_kernel(x_ptr, y_ptr, t_ptr, c_ptr, ws_amax_ptr, ws_remapped_ptr,
                 inner = i0 + k
                 offs = row_base[:, None] + inner[None, :]
                 valid = (outer < o_end)[:, None] & (inner < n_cols)[None, :]
-                x = _load_f32(x_ptr, offs, valid, BF16_BITS)
-                a = _activation(x, ACT, MATH_F64)
-                remap = _remap_mask(a, t, c, HAS_CENTER) & valid
-                _store(y_ptr, offs, tl.where(remap, c, a), valid, BF16_BITS)
-                a = tl.where(valid, a, 0.0)
-                a64 = a.to(tl.float64)
-                acc_sum += a64
-                acc_sumsq += a64 * a64
-                acc_amax = tl.maximum(acc_amax, a.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-                acc_remapped += remap.to(tl.int32)
+                acc_sum, acc_sumsq, acc_amax, acc_remapped = _remap_tile_and_accumulate(
+                    x_ptr, y_ptr, offs, valid, t, c, acc_sum, acc_sumsq, acc_amax, acc_remapped,
+                    ACT, HAS_CENTER, BF16_BITS, MATH_F64)
         out = part.to(tl.int64) * C + ch
         tl.store(ws_sum_ptr + out, tl.sum(tl.sum(acc_sum, axis=1), axis=0))
         tl.store(ws_sumsq_ptr + out, tl.sum(tl.sum(acc_sumsq, axis=1), axis=0))
