@@ -9,6 +9,7 @@ subcommand that needs them, so ``lipkern verify`` never loads the evaluation sta
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Optional, Sequence
@@ -115,7 +116,9 @@ def _add_eval_placeholder(subparsers) -> None:
 
 def _run_eval(argv: Sequence[str]) -> int:
     try:
-        from lipkern.eval import cli_eval
+        # import_module reads sys.modules first, unlike `from lipkern.eval import cli_eval`,
+        # which returns the package attribute once lipkern.eval has been imported.
+        cli_eval = importlib.import_module("lipkern.eval.cli_eval")
     except ImportError as error:
         print(f"lipkern eval is unavailable: {error}", file=sys.stderr)
         return 2
