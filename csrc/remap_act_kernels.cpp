@@ -304,16 +304,28 @@ C10_ALWAYS_INLINE fVec exp_f(const fVec& a) {
   return ldexp_f(p, n);
 }
 
+// 1 / d for d >= 1: AVX512's 14-bit estimate and one Newton step (relative error ~1e-8,
+// below an fp32 ulp) instead of a division; elsewhere a division.
+C10_ALWAYS_INLINE fVec recip_f(const fVec& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const fVec r = _mm512_rcp14_ps(d);
+  return at::vec::fmadd(r, at::vec::fnmadd(d, r, fVec(1.f)), r);
+#else
+  return fVec(1.f) / d;
+#endif
+}
+
 C10_ALWAYS_INLINE fVec gelu_f(const fVec& x) {
+  // erfcx(z) / t as above, refitted at degree 9 for fp32 (max relative error 7.7e-9).
   static constexpr float kR[] = {
-      -0.02032525112510545f, 0.16062136297309768f, -0.4820011077430214f, 0.6750640518003334f,
-      -0.5096608178417334f,  0.40077415087012197f, 0.008323309888157115f, 0.19137990980835312f,
-      0.1804454741802711f,   0.19793191679364627f, 0.19744700350455824f};
+      0.03908687118959763f, -0.16275659564647818f, 0.190739700438615f,   -0.040498199883784766f,
+      0.09805593429546783f, 0.13987374260711966f,  0.15341528900309265f, 0.18740097995529578f,
+      0.19720197223356833f, 0.19748031348429243f};
   const fVec xc = at::vec::clamp(x, fVec(-40.f), fVec(40.f));
   const fVec z = xc.abs() * fVec(static_cast<float>(M_SQRT1_2));
-  const fVec t = fVec(1.f) / at::vec::fmadd(z, fVec(0.35f), fVec(1.f));
+  const fVec t = recip_f(at::vec::fmadd(z, fVec(0.35f), fVec(1.f)));
   fVec r(kR[0]);
-  for (int i = 1; i < 11; ++i) r = at::vec::fmadd(r, t, fVec(kR[i]));
+  for (int i = 1; i < 10; ++i) r = at::vec::fmadd(r, t, fVec(kR[i]));
   const fVec gauss = exp_f(xc * xc * fVec(-0.5f));
   const fVec he = xc * fVec(0.5f) * t * r * gauss;
   return fVec::blendv(he, x - he, x > fVec(0.f));
@@ -325,14 +337,14 @@ C10_ALWAYS_INLINE fVec gelu_tanh_f(const fVec& x) {
                  at::vec::fmadd(fVec(static_cast<float>(kTanhKappa)) * xc, xc * xc, xc);
   // s = sigmoid(2u) from e = exp(-2|u|) <= 1.
   const fVec e = exp_f(u.abs() * fVec(-2.f));
-  const fVec s = fVec::blendv(e, fVec(1.f), u >= fVec(0.f)) / (fVec(1.f) + e);
+  const fVec s = fVec::blendv(e, fVec(1.f), u >= fVec(0.f)) * recip_f(fVec(1.f) + e);
   return at::vec::clamp_min(x, fVec(-12.f)) * s;
 }
 
 C10_ALWAYS_INLINE fVec silu_f(const fVec& x) {
   const fVec xc = at::vec::clamp(x, fVec(-200.f), fVec(200.f));
   const fVec e = exp_f(xc.abs().neg());
-  const fVec s = fVec::blendv(e, fVec(1.f), xc >= fVec(0.f)) / (fVec(1.f) + e);
+  const fVec s = fVec::blendv(e, fVec(1.f), xc >= fVec(0.f)) * recip_f(fVec(1.f) + e);
   return at::vec::clamp_min(x, fVec(-200.f)) * s;
 }
 
