@@ -144,6 +144,10 @@ def test_forward_and_stats_match_reference(
         assert (stats.remapped - remapped).abs().sum() <= band
     a = reference.activation_reference(x.float(), act).double()
     reduce = [i for i in range(x.dim()) if i != d]
+    # The sums are of the backend's own fp32 activations. For GELU/SiLU those differ from the
+    # reference's by an ulp or so (fp32 data) or up to ~6 fp32 ulps (the fp32 path for 16-bit
+    # data), so only the relative 2^-22 of sum|a| is asserted; the 1e-12 accumulation bound is
+    # asserted for ReLU / identity, whose activations are exact.
     tolerance_scale = 1e-12 if act in EXACT_ACTIVATIONS else 2.0**-22
     assert (stats.sum - total).abs().le(tolerance_scale * a.abs().sum(reduce) + 1e-300).all()
     assert (stats.sumsq - total_sq).abs().le(tolerance_scale * (a * a).sum(reduce) + 1e-300).all()
