@@ -8,6 +8,7 @@
 // stores instead of a scalar loop, so an element's result does not depend on where it sits.
 
 #include "remap_act.h"
+#include "activation_tables.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -102,12 +103,10 @@ C10_ALWAYS_INLINE void widen(const fVec& v, dVec& lo, dVec& hi) {
 // ---------------------------------------------------------------------------------------------
 // Activations and their derivatives.
 //
-// GELU, tanh-GELU and SiLU are evaluated in double precision on widened lanes and rounded once to
-// fp32, so the fp32 activation is correctly rounded up to a few 1e-10 relative (the double-
-// rounding cases). fp32 evaluation cannot get there cheaply: PyTorch's eager GELU computes
-// 0.5 x (1 + erf(x / sqrt 2)), which cancels for negative x (its vectorised erf is also a 1.5e-7
-// absolute-error polynomial), and even an erfc form loses several ulps to the rounding of its
-// argument (erfc's relative sensitivity to z is 2 z^2). In double, x^2 of an fp32 x is exact.
+// The float64 evaluators give the derivatives (backward) and the values off the fp32 grid below.
+// They work on widened lanes and round once to fp32, so they are correctly rounded up to a few
+// 1e-10 relative (the double-rounding cases). In double, x^2 of an fp32 x is exact, so the
+// Gaussian's argument carries no rounding (erfc's relative sensitivity to z is 2 z^2).
 
 // exp(a) for finite (or NaN) double lanes, relative error below 3e-10 (fp32 needs ~1e-8), for
 // results above ~1e-304 (smaller ones are flushed there; every caller's fp32 result has
@@ -259,93 +258,100 @@ C10_ALWAYS_INLINE void smooth_d(const dVec& x, dVec& value, dVec& grad) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// fp32 evaluation for 16-bit inputs and outputs.
+// fp32 evaluation on a grid (csrc/activation_tables.h, fitted by scripts/fit_activation_tables.py).
 //
-// For float16 / bfloat16 x the result is rounded to 8 or 11 bits, so fp32 lanes suffice: x^2 of
-// a 16-bit x is exact in fp32 (at most 2 x 11 significant bits), so the Gaussian's argument
-// carries no rounding, and the same non-cancelling forms as above (erfc for GELU, sigmoids of
-// -|u|) keep the fp32 activation within a few fp32 ulps everywhere, far below one 16-bit ulp
-// and inside the mask's tie band. Results that fall into the fp32 subnormal range are scaled
-// by 2^n in one rounding (AVX512 scalef) or two (an exact one, then a rounding), so 16-bit
-// subnormal results (bf16 reaches 1e-40) keep their value.
+// act(x) = hi[q] + (lo[q] + c1[q] h + h (h P_q(h))) with q = round(x / w) and h = x - q w exact:
+// the activation is approximated around each grid point, so no term cancels, and the result is
+// within 1.32 fp32 ulps of the truth (tests/test_cpu_kernels.py), for every dtype. Inputs off
+// the grid (|x| >= bound, rare for activations, and +-inf) take the float64 path above for their
+// whole vector.
 
-// v * 2^n for integral n in [-180, 0] (NaN v stays NaN).
-C10_ALWAYS_INLINE fVec ldexp_f(const fVec& v, const fVec& n) {
+template <Act A>
+constexpr const ActTable& act_table() {
+  if constexpr (A == Act::Gelu) return kGeluTable;
+  if constexpr (A == Act::GeluTanh) return kGeluTanhTable;
+  if constexpr (A == Act::Silu) return kSiluTable;
+}
+
+// Each lane's grid column q + kActGrid / 2, and one table row read at those columns. Lanes off
+// the grid (and NaN) read some column: their value is replaced (or stays NaN through h).
 #if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_scalef_ps(v, n);
+using GridCols = __m512i;
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& q) {
+  // vpermt2ps reads the low 5 bits only, so no clamping is needed.
+  static_assert(kActGrid == 2 * kF, "one two-register permute covers the grid");
+  return _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(kActGrid / 2));
+}
+C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(row), col, _mm512_loadu_ps(row + kF));
+}
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i n1 = _mm256_srai_epi32(ni, 1);
-  const __m256i n2 = _mm256_sub_epi32(ni, n1);
-  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
-  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
-  return fVec(_mm256_mul_ps(_mm256_mul_ps(v, s1), s2));
-#else
-  float a[kF], b[kF];
-  v.store(a);
-  n.store(b);
-  for (int64_t i = 0; i < kF; ++i) a[i] = std::isnan(b[i]) ? b[i] : std::ldexp(a[i], static_cast<int>(b[i]));
-  return fVec::loadu(a);
-#endif
+using GridCols = __m256i;
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& q) {
+  const __m256i col = _mm256_add_epi32(_mm256_cvtps_epi32(q), _mm256_set1_epi32(kActGrid / 2));
+  return _mm256_and_si256(col, _mm256_set1_epi32(kActGrid - 1));
 }
-
-// exp(a) for a <= 0 (or NaN), a few fp32 ulps (Cody-Waite reduction, degree-7 Taylor polynomial
-// with remainder below 6e-9); results below e^-120 are flushed to 0.
-C10_ALWAYS_INLINE fVec exp_f(const fVec& a) {
-  constexpr float kShift = 0x1.8p23f;
-  const fVec ac = at::vec::clamp(a, fVec(-120.f), fVec(0.f));
-  const fVec n = at::vec::fmadd(ac, fVec(static_cast<float>(M_LOG2E)), fVec(kShift)) - fVec(kShift);
-  fVec r = at::vec::fmadd(n, fVec(-0x1.62e4p-1f), ac);
-  r = at::vec::fmadd(n, fVec(-0x1.7f7d1cp-20f), r);
-  fVec p(1.f / 5040.f);
-  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) {
-    p = at::vec::fmadd(p, r, fVec(c));
+C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
+  return _mm256_i32gather_ps(row, col, sizeof(float));
+}
+#else
+struct GridCols {
+  int32_t col[kF];
+};
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& q) {
+  float qs[kF];
+  q.store(qs);
+  GridCols cols;
+  for (int64_t i = 0; i < kF; ++i) {
+    const bool on_grid = std::abs(qs[i]) <= kActGrid / 2;  // false for NaN
+    cols.col[i] = on_grid ? (static_cast<int32_t>(qs[i]) + kActGrid / 2) & (kActGrid - 1) : 0;
   }
-  return ldexp_f(p, n);
+  return cols;
 }
+C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
+  float v[kF];
+  for (int64_t i = 0; i < kF; ++i) v[i] = row[col.col[i]];
+  return fVec::loadu(v);
+}
+#endif
 
-// 1 / d for d >= 1: AVX512's 14-bit estimate and one Newton step (relative error ~1e-8,
-// below an fp32 ulp) instead of a division; elsewhere a division.
-C10_ALWAYS_INLINE fVec recip_f(const fVec& d) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const fVec r = _mm512_rcp14_ps(d);
-  return at::vec::fmadd(r, at::vec::fnmadd(d, r, fVec(1.f)), r);
+// a b + c rounded once: the grid's error bound counts on it, and the generic Vectorized fmadd
+// rounds the product first.
+C10_ALWAYS_INLINE fVec fused_madd(const fVec& a, const fVec& b, const fVec& c) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return at::vec::fmadd(a, b, c);
 #else
-  return fVec(1.f) / d;
+  float fa[kF], fb[kF], fc[kF];
+  a.store(fa);
+  b.store(fb);
+  c.store(fc);
+  for (int64_t i = 0; i < kF; ++i) fa[i] = std::fma(fa[i], fb[i], fc[i]);
+  return fVec::loadu(fa);
 #endif
 }
 
-C10_ALWAYS_INLINE fVec gelu_f(const fVec& x) {
-  // erfcx(z) / t as above, refitted at degree 9 for fp32 (max relative error 7.7e-9).
-  static constexpr float kR[] = {
-      0.03908687118959763f, -0.16275659564647818f, 0.190739700438615f,   -0.040498199883784766f,
-      0.09805593429546783f, 0.13987374260711966f,  0.15341528900309265f, 0.18740097995529578f,
-      0.19720197223356833f, 0.19748031348429243f};
-  const fVec xc = at::vec::clamp(x, fVec(-40.f), fVec(40.f));
-  const fVec z = xc.abs() * fVec(static_cast<float>(M_SQRT1_2));
-  const fVec t = recip_f(at::vec::fmadd(z, fVec(0.35f), fVec(1.f)));
-  fVec r(kR[0]);
-  for (int i = 1; i < 10; ++i) r = at::vec::fmadd(r, t, fVec(kR[i]));
-  const fVec gauss = exp_f(xc * xc * fVec(-0.5f));
-  const fVec he = xc * fVec(0.5f) * t * r * gauss;
-  return fVec::blendv(he, x - he, x > fVec(0.f));
+template <Act A>
+C10_ALWAYS_INLINE fVec smooth_grid(const fVec& x) {
+  constexpr const ActTable& T = act_table<A>();
+  const fVec q = (x * fVec(T.inv_step)).round();
+  const GridCols col = grid_cols(q);
+  // q w is exact (w is a power of two) and so is x - q w (Sterbenz: |h| <= w / 2 <= |x| / 2).
+  const fVec h = x - q * fVec(T.step);
+  fVec p = lookup(T.coef[kActTableRows - 1], col);
+  for (int k = kActTableRows - 2; k >= 3; --k) p = fused_madd(p, h, lookup(T.coef[k], col));
+  const fVec linear = fused_madd(lookup(T.coef[2], col), h, lookup(T.coef[1], col));
+  return fused_madd(h, h * p, linear) + lookup(T.coef[0], col);
 }
 
-C10_ALWAYS_INLINE fVec gelu_tanh_f(const fVec& x) {
-  const fVec xc = at::vec::clamp(x, fVec(-12.f), fVec(12.f));
-  const fVec u = fVec(static_cast<float>(kTanhBeta)) *
-                 at::vec::fmadd(fVec(static_cast<float>(kTanhKappa)) * xc, xc * xc, xc);
-  // s = sigmoid(2u) from e = exp(-2|u|) <= 1.
-  const fVec e = exp_f(u.abs() * fVec(-2.f));
-  const fVec s = fVec::blendv(e, fVec(1.f), u >= fVec(0.f)) * recip_f(fVec(1.f) + e);
-  return at::vec::clamp_min(x, fVec(-12.f)) * s;
-}
-
-C10_ALWAYS_INLINE fVec silu_f(const fVec& x) {
-  const fVec xc = at::vec::clamp(x, fVec(-200.f), fVec(200.f));
-  const fVec e = exp_f(xc.abs().neg());
-  const fVec s = fVec::blendv(e, fVec(1.f), xc >= fVec(0.f)) * recip_f(fVec(1.f) + e);
-  return at::vec::clamp_min(x, fVec(-200.f)) * s;
+template <Act A>
+C10_ALWAYS_INLINE fVec smooth_double(const fVec& x) {
+  dVec lo, hi, vlo, vhi, unused;
+  widen(x, lo, hi);
+  smooth_d<A, true, false>(lo, vlo, unused);
+  smooth_d<A, true, false>(hi, vhi, unused);
+  fVec out;
+  narrow_parts(vlo, vhi, out);
+  return out;
 }
 
 // ReLU as PyTorch's clamp_min(x, 0): -0 and NaN pass through unchanged.
@@ -357,30 +363,19 @@ constexpr bool is_smooth(Act A) {
   return A == Act::Gelu || A == Act::GeluTanh || A == Act::Silu;
 }
 
-// kFp32: the fp32 evaluation above (16-bit I/O); otherwise double lanes rounded once (fp32 I/O).
-template <Act A, bool kFp32 = false>
+constexpr int kAllLanes = (1 << kF) - 1;
+
+template <Act A>
 C10_ALWAYS_INLINE fVec activate(const fVec& x) {
   if constexpr (A == Act::Identity) return x;
   if constexpr (A == Act::Relu) return relu(x);
-  if constexpr (is_smooth(A) && kFp32) {
-    if constexpr (A == Act::Gelu) return gelu_f(x);
-    if constexpr (A == Act::GeluTanh) return gelu_tanh_f(x);
-    if constexpr (A == Act::Silu) return silu_f(x);
-  }
-  if constexpr (is_smooth(A) && !kFp32) {
-    dVec lo, hi, vlo, vhi, unused;
-    widen(x, lo, hi);
-    smooth_d<A, true, false>(lo, vlo, unused);
-    smooth_d<A, true, false>(hi, vhi, unused);
-    fVec out;
-    narrow_parts(vlo, vhi, out);
-    return out;
+  if constexpr (is_smooth(A)) {
+    fVec a = smooth_grid<A>(x);
+    const fVec off_grid = x.abs() >= fVec(act_table<A>().bound);
+    if (off_grid.zero_mask() != kAllLanes) a = fVec::blendv(a, smooth_double<A>(x), off_grid);
+    return a;
   }
 }
-
-// 16-bit I/O takes the fp32 activations.
-template <typename T>
-constexpr bool kFp32 = !std::is_same_v<T, float>;
 
 // |a - c| < t in fp32; NaN compares false and t = 0 never holds.
 C10_ALWAYS_INLINE fVec remap_mask(const fVec& a, const fVec& t, const fVec& c) {
@@ -445,7 +440,7 @@ void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
     const StepParams p = rp.at(i, m);
-    const fVec a0 = activate<A, kFp32<T>>(v.lo), a1 = activate<A, kFp32<T>>(v.hi);
+    const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
     store(y + i, m, fVec::blendv(a0, p.c.lo, remap_mask(a0, p.t.lo, p.c.lo)),
           fVec::blendv(a1, p.c.hi, remap_mask(a1, p.t.hi, p.c.hi)));
   }
@@ -524,7 +519,7 @@ void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelPa
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t off = r * C + c0;
         const F2 v = load(x + off, m);
-        const fVec a0 = activate<A, kFp32<T>>(v.lo), a1 = activate<A, kFp32<T>>(v.hi);
+        const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
         const fVec k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
         store(y + off, m, fVec::blendv(a0, p.c.lo, k0), fVec::blendv(a1, p.c.hi, k1));
         amax0 = at::vec::maximum(amax0, a0.abs());
@@ -562,7 +557,7 @@ void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams&
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
-    const fVec a0 = activate<A, kFp32<T>>(v.lo), a1 = activate<A, kFp32<T>>(v.hi);
+    const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
     fVec k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
     store(y + i, m, fVec::blendv(a0, p.c.lo, k0), fVec::blendv(a1, p.c.hi, k1));
     if (m < kStep) {
@@ -660,21 +655,13 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
 // dx for one fp32 vector: dy * act'(x), with dy zeroed (+0, masked_fill) where remapped.
 template <Act A>
 C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, fVec g, const fVec& t, const fVec& c, bool straight_through) {
+  // The mask comes from the forward's own activation, so both passes remap the same elements.
+  if (!straight_through) g = fVec::blendv(g, fVec(0.f), remap_mask(activate<A>(x), t, c));
   if constexpr (is_smooth(A)) {
-    dVec lo, hi, dlo, dhi;
+    dVec lo, hi, dlo, dhi, unused;
     widen(x, lo, hi);
-    if (straight_through) {
-      dVec unused;
-      smooth_d<A, false, true>(lo, unused, dlo);
-      smooth_d<A, false, true>(hi, unused, dhi);
-    } else {
-      dVec vlo, vhi;
-      smooth_d<A, true, true>(lo, vlo, dlo);
-      smooth_d<A, true, true>(hi, vhi, dhi);
-      fVec a;
-      narrow_parts(vlo, vhi, a);
-      g = fVec::blendv(g, fVec(0.f), remap_mask(a, t, c));
-    }
+    smooth_d<A, false, true>(lo, unused, dlo);
+    smooth_d<A, false, true>(hi, unused, dhi);
     // dy * act'(x) is formed in double, so dx is rounded once.
     dVec glo, ghi;
     widen(g, glo, ghi);
@@ -682,7 +669,6 @@ C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, fVec g, const fVec& t, const 
     narrow_parts(glo * dlo, ghi * dhi, out);
     return out;
   } else {
-    if (!straight_through) g = fVec::blendv(g, fVec(0.f), remap_mask(activate<A>(x), t, c));
     if constexpr (A == Act::Identity) return g;
     // A select, as PyTorch's threshold_backward: +0 (not dy * 0) where x <= 0 or x is NaN.
     if constexpr (A == Act::Relu) return fVec::blendv(fVec(0.f), g, x > fVec(0.f));
