@@ -354,32 +354,74 @@ C10_ALWAYS_INLINE fVec smooth_double(const fVec& x) {
   return out;
 }
 
+// Lane masks. AVX-512 compares write k-registers, which at::vec turns into vector masks and back
+// (two conversions per compare, a third of the forward's time); elsewhere masks are vectors.
+#if defined(CPU_CAPABILITY_AVX512)
+using Mask = __mmask16;
+C10_ALWAYS_INLINE Mask less(const fVec& a, const fVec& b) {
+  return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ);
+}
+C10_ALWAYS_INLINE Mask at_least(const fVec& a, const fVec& b) {
+  return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ);
+}
+C10_ALWAYS_INLINE fVec select(Mask m, const fVec& yes, const fVec& no) {
+  return _mm512_mask_blend_ps(m, no, yes);
+}
+C10_ALWAYS_INLINE bool any(Mask m) {
+  return m != 0;
+}
+// m restricted to its first n lanes (0 <= n <= kF).
+C10_ALWAYS_INLINE Mask first_lanes(Mask m, int64_t n) {
+  return m & static_cast<Mask>((1u << n) - 1);
+}
+C10_ALWAYS_INLINE fVec add_one_where(Mask m, const fVec& count) {
+  return _mm512_mask_add_ps(count, m, count, _mm512_set1_ps(1.f));
+}
+#else
+using Mask = fVec;
+C10_ALWAYS_INLINE Mask less(const fVec& a, const fVec& b) {
+  return a < b;
+}
+C10_ALWAYS_INLINE Mask at_least(const fVec& a, const fVec& b) {
+  return a >= b;
+}
+C10_ALWAYS_INLINE fVec select(const Mask& m, const fVec& yes, const fVec& no) {
+  return fVec::blendv(no, yes, m);
+}
+C10_ALWAYS_INLINE bool any(const Mask& m) {
+  return m.zero_mask() != (1 << kF) - 1;
+}
+C10_ALWAYS_INLINE Mask first_lanes(const Mask& m, int64_t n) {
+  return fVec::set(fVec(0.f), m, n);
+}
+C10_ALWAYS_INLINE fVec add_one_where(const Mask& m, const fVec& count) {
+  return count + (m & fVec(1.f));
+}
+#endif
+
 // ReLU as PyTorch's clamp_min(x, 0): -0 and NaN pass through unchanged.
 C10_ALWAYS_INLINE fVec relu(const fVec& x) {
-  return fVec::blendv(x, fVec(0.f), x < fVec(0.f));
+  return select(less(x, fVec(0.f)), fVec(0.f), x);
 }
 
 constexpr bool is_smooth(Act A) {
   return A == Act::Gelu || A == Act::GeluTanh || A == Act::Silu;
 }
 
-constexpr int kAllLanes = (1 << kF) - 1;
-
 template <Act A>
 C10_ALWAYS_INLINE fVec activate(const fVec& x) {
   if constexpr (A == Act::Identity) return x;
   if constexpr (A == Act::Relu) return relu(x);
   if constexpr (is_smooth(A)) {
-    fVec a = smooth_grid<A>(x);
-    const fVec off_grid = x.abs() >= fVec(act_table<A>().bound);
-    if (off_grid.zero_mask() != kAllLanes) a = fVec::blendv(a, smooth_double<A>(x), off_grid);
-    return a;
+    const fVec a = smooth_grid<A>(x);
+    const Mask off_grid = at_least(x.abs(), fVec(act_table<A>().bound));  // NaN stays on
+    return any(off_grid) ? select(off_grid, smooth_double<A>(x), a) : a;
   }
 }
 
 // |a - c| < t in fp32; NaN compares false and t = 0 never holds.
-C10_ALWAYS_INLINE fVec remap_mask(const fVec& a, const fVec& t, const fVec& c) {
-  return (a - c).abs() < t;
+C10_ALWAYS_INLINE Mask remap_mask(const fVec& a, const fVec& t, const fVec& c) {
+  return less((a - c).abs(), t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,8 +483,8 @@ void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp) {
     const F2 v = load(x + i, m);
     const StepParams p = rp.at(i, m);
     const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
-    store(y + i, m, fVec::blendv(a0, p.c.lo, remap_mask(a0, p.t.lo, p.c.lo)),
-          fVec::blendv(a1, p.c.hi, remap_mask(a1, p.t.hi, p.c.hi)));
+    store(y + i, m, select(remap_mask(a0, p.t.lo, p.c.lo), p.c.lo, a0),
+          select(remap_mask(a1, p.t.hi, p.c.hi), p.c.hi, a1));
   }
 }
 
@@ -496,6 +538,18 @@ struct BlockSlots {
   float* remapped;
 };
 
+// The amax accumulators' max. It may drop a NaN operand (AVX-512's vmaxps returns its second
+// operand then), which costs less than propagating it: a NaN activation also makes the channel's
+// fp64 sum of squares NaN (nothing else can: squares are >= 0 and cannot overflow fp64), and the
+// final combine sets amax to NaN from there.
+C10_ALWAYS_INLINE fVec max_of_finite(const fVec& a, const fVec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
 inline float nan_max(float m, float v) {
   return (std::isnan(v) || v > m) ? v : m;
 }
@@ -520,12 +574,12 @@ void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelPa
         const int64_t off = r * C + c0;
         const F2 v = load(x + off, m);
         const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
-        const fVec k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
-        store(y + off, m, fVec::blendv(a0, p.c.lo, k0), fVec::blendv(a1, p.c.hi, k1));
-        amax0 = at::vec::maximum(amax0, a0.abs());
-        amax1 = at::vec::maximum(amax1, a1.abs());
-        count0 = count0 + (k0 & fVec(1.f));
-        count1 = count1 + (k1 & fVec(1.f));
+        const Mask k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
+        store(y + off, m, select(k0, p.c.lo, a0), select(k1, p.c.hi, a1));
+        amax0 = max_of_finite(amax0, a0.abs());
+        amax1 = max_of_finite(amax1, a1.abs());
+        count0 = add_one_where(k0, count0);
+        count1 = add_one_where(k1, count1);
         dVec d[4];
         widen(a0, d[0], d[1]);
         widen(a1, d[2], d[3]);
@@ -558,15 +612,15 @@ void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams&
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
     const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
-    fVec k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
-    store(y + i, m, fVec::blendv(a0, p.c.lo, k0), fVec::blendv(a1, p.c.hi, k1));
+    Mask k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
+    store(y + i, m, select(k0, p.c.lo, a0), select(k1, p.c.hi, a1));
     if (m < kStep) {
       // Padding lanes hold act(0) = 0, harmless for sums and max but not for the count.
-      k0 = fVec::set(fVec(0.f), k0, std::min(m, kF));
-      k1 = fVec::set(fVec(0.f), k1, std::max<int64_t>(m - kF, 0));
+      k0 = first_lanes(k0, std::min(m, kF));
+      k1 = first_lanes(k1, std::max<int64_t>(m - kF, 0));
     }
-    amax = at::vec::maximum(amax, at::vec::maximum(a0.abs(), a1.abs()));
-    count = count + (k0 & fVec(1.f)) + (k1 & fVec(1.f));
+    amax = max_of_finite(amax, max_of_finite(a0.abs(), a1.abs()));
+    count = add_one_where(k1, add_one_where(k0, count));
     dVec d[4];
     widen(a0, d[0], d[1]);
     widen(a1, d[2], d[3]);
@@ -643,7 +697,7 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
       }
       out.sum[c] = s;
       out.sumsq[c] = q;
-      out.amax[c] = m;
+      out.amax[c] = std::isnan(q) ? static_cast<float>(q) : m;
       out.remapped[c] = r;
     }
   });
@@ -656,7 +710,7 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
 template <Act A>
 C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, fVec g, const fVec& t, const fVec& c, bool straight_through) {
   // The mask comes from the forward's own activation, so both passes remap the same elements.
-  if (!straight_through) g = fVec::blendv(g, fVec(0.f), remap_mask(activate<A>(x), t, c));
+  if (!straight_through) g = select(remap_mask(activate<A>(x), t, c), fVec(0.f), g);
   if constexpr (is_smooth(A)) {
     dVec lo, hi, dlo, dhi, unused;
     widen(x, lo, hi);
@@ -671,7 +725,7 @@ C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, fVec g, const fVec& t, const 
   } else {
     if constexpr (A == Act::Identity) return g;
     // A select, as PyTorch's threshold_backward: +0 (not dy * 0) where x <= 0 or x is NaN.
-    if constexpr (A == Act::Relu) return fVec::blendv(fVec(0.f), g, x > fVec(0.f));
+    if constexpr (A == Act::Relu) return select(less(fVec(0.f), x), g, fVec(0.f));
   }
 }
 
