@@ -512,7 +512,9 @@ void forward_typed(const ForwardArgs& args) {
 // and the slots are combined block by block in index order. The result is therefore the same
 // for any thread count, bit for bit.
 
-constexpr int64_t kMinStatsBlock = 65536;
+// Each block owns C zeroed slots that every tile revisits, so blocks are large: at 64 Ki
+// elements the slots of a 4096 x 1024 tensor take 1.5 MB and GELU stats ran 10 % slower.
+constexpr int64_t kMinStatsBlock = 262144;
 constexpr int64_t kMaxStatsBlocks = 1024;
 // Keeps a block's per-channel fp32 remap count exact.
 constexpr int64_t kMaxStatsBlock = int64_t(1) << 22;
