@@ -30,6 +30,7 @@ import time
 import pytest
 import torch
 
+from lipkern.bench import steady_allocator
 from lipkern.calibrate import calibrate
 from lipkern.convert import convert
 from lipkern.models import build
@@ -135,6 +136,7 @@ def _interleaved_minimum(a, b, rounds: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    steady_allocator()
     rows = [
         "| model | dtype | batch | original ms | converted ms | overhead |",
         "|---|---|---|---|---|---|",

@@ -7,3 +7,10 @@ def pytest_collect_file(file_path, parent):
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+def pytest_sessionstart(session):
+    # Candidates alternate; see lipkern.bench.steady_allocator for why the allocator is pinned.
+    from lipkern.bench import steady_allocator
+
+    steady_allocator()

@@ -187,3 +187,10 @@ def test_parse_shape(text, sizes, channel_dim, cl):
     assert shape.make(torch.bfloat16).is_contiguous(
         memory_format=torch.channels_last if cl else torch.contiguous_format
     )
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt is Linux-only")
+def test_bench_pins_the_allocator():
+    from lipkern import bench
+
+    assert bench.steady_allocator() is True
