@@ -147,7 +147,8 @@ def median_times(
 
     Each function is warmed up twice (compiling where it is compiled), then called in blocks
     long enough to make timer overhead negligible (>= ~20 ms); blocks of all functions
-    alternate, each function getting about ``min_time`` seconds (at least 3 blocks).
+    alternate, each function getting about ``min_time`` seconds (at least 3 blocks), each block
+    after one untimed call.
     """
     per_call, block, rounds = {}, {}, {}
     for name, fn in fns.items():
@@ -162,6 +163,9 @@ def median_times(
         for name, fn in fns.items():
             if r >= rounds[name]:
                 continue
+            # Untimed: the first call after another candidate pays for the state it left
+            # (caches, the OpenMP pool, the allocator), which is the other candidate's cost.
+            fn()
             start = time.perf_counter()
             for _ in range(block[name]):
                 fn()
