@@ -25,7 +25,11 @@ CAPABILITY_FLAGS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mlzcnt", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    # AVX512 plus the bf16 conversion instructions (Cooper Lake, Sapphire Rapids, Zen 4).
+    "AVX512_BF16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx512bf16"],
 }
+# The at::vec::Vectorized specialisation each capability builds on (ATen has no AVX512_BF16).
+CAPABILITY_VEC = {"AVX512_BF16": "AVX512"}
 # GCC 12's own AVX-512 intrinsic headers trip -Wuninitialized (GCC bug 105593).
 CAPABILITY_WARNINGS = ["-Wno-uninitialized", "-Wno-maybe-uninitialized"]
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
@@ -65,6 +69,8 @@ class CapabilityBuildExtension(BuildExtension):
                 f"-DCPU_CAPABILITY={cap}",
                 f"-DCPU_CAPABILITY_{cap}",
             ]
+            if cap in CAPABILITY_VEC:
+                cap_args.append(f"-DCPU_CAPABILITY_{CAPABILITY_VEC[cap]}")
             objects += self.compiler.compile(
                 sources,
                 output_dir=os.path.join(self.build_temp, f"capability_{cap}"),

@@ -2,7 +2,9 @@
 //
 // By default lipkern follows ATen's choice (at::get_cpu_capability(), which honours
 // ATEN_CPU_CAPABILITY and prefers AVX2 on CPUs where AVX512 does not pay), limited to what the
-// CPU supports. LIPKERN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 overrides it for lipkern alone.
+// CPU supports. AVX512_BF16 is AVX512 plus the bf16 conversion instructions, chosen where ATen
+// chooses AVX512 and the CPU has them. LIPKERN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512|AVX512_BF16
+// overrides the choice for lipkern alone.
 
 #include "remap_act.h"
 
@@ -20,6 +22,7 @@ struct Capability {
   const char* name;
   KernelTable (*table)();
   bool (*cpu_supports)();
+  const char* aten_level;  // the ATen capability this build's Vectorized code corresponds to
 };
 
 bool always() {
@@ -36,16 +39,22 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512dq");
 }
+bool cpu_has_avx512_bf16() {
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
 #endif
 
 // Ordered from least to most capable.
 const auto kCapabilities = std::array{
-    Capability{"DEFAULT", &DEFAULT::kernel_table, &always},
+    Capability{"DEFAULT", &DEFAULT::kernel_table, &always, "DEFAULT"},
 #ifdef LIPKERN_HAVE_AVX2
-    Capability{"AVX2", &AVX2::kernel_table, &cpu_has_avx2},
+    Capability{"AVX2", &AVX2::kernel_table, &cpu_has_avx2, "AVX2"},
 #endif
 #ifdef LIPKERN_HAVE_AVX512
-    Capability{"AVX512", &AVX512::kernel_table, &cpu_has_avx512},
+    Capability{"AVX512", &AVX512::kernel_table, &cpu_has_avx512, "AVX512"},
+#endif
+#ifdef LIPKERN_HAVE_AVX512_BF16
+    Capability{"AVX512_BF16", &AVX512_BF16::kernel_table, &cpu_has_avx512_bf16, "AVX512"},
 #endif
 };
 
@@ -72,17 +81,26 @@ int checked(const std::string& name, const char* source) {
   return i;
 }
 
+// Order of ATen's x86 capabilities; -1 for others (their builds are not compiled here).
+int aten_rank(const std::string& level) {
+  const std::array<const char*, 3> levels{"DEFAULT", "AVX2", "AVX512"};
+  for (size_t i = 0; i < levels.size(); ++i) {
+    if (level == levels[i]) return static_cast<int>(i);
+  }
+  return -1;
+}
+
 int initial() {
   if (const char* env = std::getenv("LIPKERN_CPU_CAPABILITY"); env != nullptr && *env != '\0') {
     return checked(env, "LIPKERN_CPU_CAPABILITY");
   }
-  // The most capable build that the CPU supports and ATen would also use.
-  const int aten = find(at::get_cpu_capability());
+  // The most capable build that the CPU supports and whose Vectorized level ATen would also use.
+  const int aten = aten_rank(at::get_cpu_capability());
   int best = 0;
   for (int i = 0; i < static_cast<int>(kCapabilities.size()); ++i) {
-    if (kCapabilities[i].cpu_supports() && (aten < 0 || i <= aten)) best = i;
+    if (kCapabilities[i].cpu_supports() && aten_rank(kCapabilities[i].aten_level) <= aten) best = i;
   }
-  return aten < 0 ? 0 : best;
+  return best;
 }
 
 std::atomic<int>& current() {

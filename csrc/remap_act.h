@@ -78,11 +78,14 @@ LIPKERN_DECLARE_CAPABILITY(AVX2)
 #ifdef LIPKERN_HAVE_AVX512
 LIPKERN_DECLARE_CAPABILITY(AVX512)
 #endif
+#ifdef LIPKERN_HAVE_AVX512_BF16
+LIPKERN_DECLARE_CAPABILITY(AVX512_BF16)
+#endif
 #undef LIPKERN_DECLARE_CAPABILITY
 
 // The table for the capability in use (see dispatch.cpp).
 const KernelTable& kernels();
-// Name of the capability in use: "DEFAULT", "AVX2" or "AVX512".
+// Name of the capability in use: "DEFAULT", "AVX2", "AVX512" or "AVX512_BF16".
 std::string cpu_capability();
 // Switches the capability (for tests and benchmarks); throws if this CPU or build lacks it.
 void set_cpu_capability(const std::string& name);

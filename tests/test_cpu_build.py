@@ -26,7 +26,7 @@ def test_cpu_kernel_is_registered(op):
 
 def test_every_capability_has_a_wrapper_source():
     """setup.py compiles csrc/remap_act_kernels.cpp once per capability through these wrappers."""
-    for cap in ("DEFAULT", "AVX2", "AVX512"):
+    for cap in ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16"):
         wrapper = ROOT / "csrc" / "capability" / f"remap_act_kernels.{cap}.cpp"
         assert wrapper.is_file()
         assert '#include "../remap_act_kernels.cpp"' in wrapper.read_text()

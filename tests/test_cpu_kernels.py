@@ -15,7 +15,7 @@ from lipkern.testing import compare_backward, compare_forward
 _C = pytest.importorskip("lipkern._C", reason="lipkern's C++ extension is not built")
 
 ACTS = reference.ACTIVATIONS
-CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
 
 
 def _supported(capability):
