@@ -295,23 +295,23 @@ constexpr const ActTable& act_table() {
   if constexpr (A == Act::Silu) return kSiluTable;
 }
 
-// Each lane's grid column q + kActGrid / 2, and one table row read at those columns. Lanes off
-// the grid (and NaN) read some column: their value is replaced (or stays NaN through h).
+// Each lane's grid column q + kActGrid / 2, and one table row read at those columns. `t` holds
+// that column in its low mantissa bits (see smooth_grid). Lanes off the grid (and NaN) read some
+// column: their value is replaced (or stays NaN through h).
 #if defined(CPU_CAPABILITY_AVX512)
 using GridCols = __m512i;
-C10_ALWAYS_INLINE GridCols grid_cols(const fVec& q) {
-  // vpermt2ps reads the low 5 bits only, so no clamping is needed.
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t, const fVec& q) {
+  // vpermt2ps reads the low 5 bits only.
   static_assert(kActGrid == 2 * kF, "one two-register permute covers the grid");
-  return _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(kActGrid / 2));
+  return _mm512_castps_si512(t);
 }
 C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
   return _mm512_permutex2var_ps(_mm512_loadu_ps(row), col, _mm512_loadu_ps(row + kF));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 using GridCols = __m256i;
-C10_ALWAYS_INLINE GridCols grid_cols(const fVec& q) {
-  const __m256i col = _mm256_add_epi32(_mm256_cvtps_epi32(q), _mm256_set1_epi32(kActGrid / 2));
-  return _mm256_and_si256(col, _mm256_set1_epi32(kActGrid - 1));
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t, const fVec& q) {
+  return _mm256_and_si256(_mm256_castps_si256(t), _mm256_set1_epi32(kActGrid - 1));
 }
 C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
   return _mm256_i32gather_ps(row, col, sizeof(float));
@@ -320,7 +320,7 @@ C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
 struct GridCols {
   int32_t col[kF];
 };
-C10_ALWAYS_INLINE GridCols grid_cols(const fVec& q) {
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t, const fVec& q) {
   float qs[kF];
   q.store(qs);
   GridCols cols;
@@ -355,10 +355,16 @@ C10_ALWAYS_INLINE fVec fused_madd(const fVec& a, const fVec& b, const fVec& c) {
 template <Act A>
 C10_ALWAYS_INLINE fVec smooth_grid(const fVec& x) {
   constexpr const ActTable& T = act_table<A>();
-  const fVec q = (x * fVec(T.inv_step)).round();
-  const GridCols col = grid_cols(q);
-  // q w is exact (w is a power of two) and so is x - q w (Sterbenz: |h| <= w / 2 <= |x| / 2).
-  const fVec h = x - q * fVec(T.step);
+  // x / w is exact (w is a power of two); adding 1.5 * 2^23 rounds it to an integer (to nearest
+  // even, the magic number being even) that sits in t's low mantissa bits, offset by
+  // kActGrid / 2 so that they hold the grid column. Valid for |x / w| < 2^22, far beyond the
+  // grid; it replaces a round, a conversion and an add.
+  constexpr float kMagic = 0x1.8p23f + kActGrid / 2;
+  const fVec t = at::vec::fmadd(x, fVec(T.inv_step), fVec(kMagic));
+  const fVec q = t - fVec(kMagic);
+  const GridCols col = grid_cols(t, q);
+  // q w is exact and so is x - q w (Sterbenz: |h| <= w / 2 <= |x| / 2).
+  const fVec h = at::vec::fnmadd(q, fVec(T.step), x);
   fVec p = lookup(T.coef[kActTableRows - 1], col);
   for (int k = kActTableRows - 2; k >= 3; --k) p = fused_madd(p, h, lookup(T.coef[k], col));
   const fVec linear = fused_madd(lookup(T.coef[2], col), h, lookup(T.coef[1], col));
@@ -386,6 +392,9 @@ C10_ALWAYS_INLINE Mask less(const fVec& a, const fVec& b) {
 C10_ALWAYS_INLINE Mask at_least(const fVec& a, const fVec& b) {
   return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ);
 }
+C10_ALWAYS_INLINE Mask equal(const fVec& a, const fVec& b) {
+  return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ);
+}
 C10_ALWAYS_INLINE fVec select(Mask m, const fVec& yes, const fVec& no) {
   return _mm512_mask_blend_ps(m, no, yes);
 }
@@ -406,6 +415,9 @@ C10_ALWAYS_INLINE Mask less(const fVec& a, const fVec& b) {
 }
 C10_ALWAYS_INLINE Mask at_least(const fVec& a, const fVec& b) {
   return a >= b;
+}
+C10_ALWAYS_INLINE Mask equal(const fVec& a, const fVec& b) {
+  return a == b;
 }
 C10_ALWAYS_INLINE fVec select(const Mask& m, const fVec& yes, const fVec& no) {
   return fVec::blendv(no, yes, m);
@@ -435,7 +447,8 @@ C10_ALWAYS_INLINE fVec activate(const fVec& x) {
   if constexpr (A == Act::Identity) return x;
   if constexpr (A == Act::Relu) return relu(x);
   if constexpr (is_smooth(A)) {
-    const fVec a = smooth_grid<A>(x);
+    // act(+-0) = +-0 as PyTorch's: the grid's h^2 term would turn -0 into +0.
+    const fVec a = select(equal(x, fVec(0.f)), x, smooth_grid<A>(x));
     const Mask off_grid = at_least(x.abs(), fVec(act_table<A>().bound));  // NaN stays on
     return any(off_grid) ? select(off_grid, smooth_double<A>(x), a) : a;
   }

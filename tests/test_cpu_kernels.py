@@ -215,3 +215,13 @@ def test_every_16bit_input_in_fp32_math(capability, dtype):
                 err = (y.double() - truth).abs() / ulp_size(truth.to(dtype), dtype)
                 assert float(err[finite].max()) <= 0.51, act
                 assert y[~finite].isnan().eq(x[~finite].isnan()).all()
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_smooth_activations_keep_the_sign_of_zero(capability, act):
+    """act(-0) = -0 and act(+0) = +0, as PyTorch's (the grid's h^2 term alone gives +0)."""
+    x = torch.tensor([-0.0, 0.0] * 20)  # more than one vector of lanes
+    y = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, act, 0, False)
+    assert torch.equal(torch.signbit(y), torch.signbit(x))
+    assert torch.equal(y, torch.zeros_like(y))
