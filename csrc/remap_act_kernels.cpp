@@ -295,12 +295,12 @@ constexpr const ActTable& act_table() {
   if constexpr (A == Act::Silu) return kSiluTable;
 }
 
-// Each lane's grid column q + kActGrid / 2, and one table row read at those columns. `t` holds
-// that column in its low mantissa bits (see smooth_grid). Lanes off the grid (and NaN) read some
+// Each lane's grid column q + kActGrid / 2, which `t` holds in its low mantissa bits (see
+// smooth_grid), and one table row read at those columns. Lanes off the grid (and NaN) read some
 // column: their value is replaced (or stays NaN through h).
 #if defined(CPU_CAPABILITY_AVX512)
 using GridCols = __m512i;
-C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t, const fVec& q) {
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t) {
   // vpermt2ps reads the low 5 bits only.
   static_assert(kActGrid == 2 * kF, "one two-register permute covers the grid");
   return _mm512_castps_si512(t);
@@ -310,7 +310,7 @@ C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 using GridCols = __m256i;
-C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t, const fVec& q) {
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t) {
   return _mm256_and_si256(_mm256_castps_si256(t), _mm256_set1_epi32(kActGrid - 1));
 }
 C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
@@ -318,16 +318,12 @@ C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
 }
 #else
 struct GridCols {
-  int32_t col[kF];
+  uint32_t col[kF];
 };
-C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t, const fVec& q) {
-  float qs[kF];
-  q.store(qs);
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t) {
   GridCols cols;
-  for (int64_t i = 0; i < kF; ++i) {
-    const bool on_grid = std::abs(qs[i]) <= kActGrid / 2;  // false for NaN
-    cols.col[i] = on_grid ? (static_cast<int32_t>(qs[i]) + kActGrid / 2) & (kActGrid - 1) : 0;
-  }
+  t.store(cols.col);  // the bits of t, as ints
+  for (int64_t i = 0; i < kF; ++i) cols.col[i] &= kActGrid - 1;
   return cols;
 }
 C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
@@ -362,7 +358,7 @@ C10_ALWAYS_INLINE fVec smooth_grid(const fVec& x) {
   constexpr float kMagic = 0x1.8p23f + kActGrid / 2;
   const fVec t = at::vec::fmadd(x, fVec(T.inv_step), fVec(kMagic));
   const fVec q = t - fVec(kMagic);
-  const GridCols col = grid_cols(t, q);
+  const GridCols col = grid_cols(t);
   // q w is exact and so is x - q w (Sterbenz: |h| <= w / 2 <= |x| / 2).
   const fVec h = at::vec::fnmadd(q, fVec(T.step), x);
   fVec p = lookup(T.coef[kActTableRows - 1], col);
