@@ -1,8 +1,9 @@
 // CPU implementations of the lipkern::* operators (schemas: lipkern/ops/library.py).
 //
-// The public API has already normalised and validated the arguments; what is checked here is
-// what the kernels would otherwise silently get wrong (dtype, shapes, threshold values), with
-// messages that name the argument.
+// The public API has normalised the arguments and checked their types; what is checked here is
+// what the kernels would otherwise silently get wrong (dtype, shapes), and the values of
+// thresholds and centres, which the API leaves to the backend that reads them (a few small ops
+// per call in Python), with messages that name the argument.
 
 #include "remap_act.h"
 
@@ -37,9 +38,10 @@ void check_x(const at::Tensor& x, int64_t channel_dim) {
                     channel_dim, " is out of range for x with ", x.dim(), " dimensions");
 }
 
-// A () or (C,) float32 parameter, checked, as `length` contiguous floats (1 or C).
+// A () or (C,) float32 parameter, checked, as `length` contiguous floats (1 or C): a threshold
+// must be >= 0, a centre finite.
 at::Tensor expand_param(const at::Tensor& p, const char* name, int64_t channels, int64_t length,
-                        bool require_non_negative) {
+                        bool is_threshold) {
   TORCH_CHECK_TYPE(p.scalar_type() == at::kFloat, "lipkern: ", name, " must be float32, got ",
                    p.scalar_type());
   TORCH_CHECK(p.device().is_cpu(), "lipkern: ", name, " must be on the CPU like x, got ",
@@ -49,9 +51,15 @@ at::Tensor expand_param(const at::Tensor& p, const char* name, int64_t channels,
   at::Tensor full = p.expand({length}).contiguous();
   const float* v = full.data_ptr<float>();
   for (int64_t i = 0; i < length; ++i) {
-    TORCH_CHECK_VALUE(!std::isnan(v[i]), "lipkern: ", name, " must not be NaN (channel ", i, ")");
-    TORCH_CHECK_VALUE(!(require_non_negative && v[i] < 0.f), "lipkern: ", name,
-                      " must be >= 0, got ", v[i], " (channel ", i, ")");
+    TORCH_CHECK_VALUE(!std::isnan(v[i]), "lipkern: ", name, " must not contain NaN (channel ", i,
+                      ")");
+    if (is_threshold) {
+      TORCH_CHECK_VALUE(v[i] >= 0.f, "lipkern: threshold must be >= 0, got ", v[i], " (channel ",
+                        i, ")");
+    } else {
+      TORCH_CHECK_VALUE(std::isfinite(v[i]), "lipkern: center must be finite, got ", v[i],
+                        " (channel ", i, ")");
+    }
   }
   return full;
 }

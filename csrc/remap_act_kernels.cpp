@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -450,6 +451,76 @@ C10_ALWAYS_INLINE fVec activate(const fVec& x) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 16-bit inputs: a table of all 65536 activations.
+//
+// A float16 or bfloat16 x has only 65536 values, so each smooth activation is tabulated once per
+// process (256 KB of fp32, built by activate<A> itself on first use, hence bit-identical to it),
+// and one gather replaces the grid polynomial: the 16-bit bits are the index.
+
+constexpr int64_t k16BitValues = 65536;
+
+template <typename T, Act A>
+constexpr bool uses_table() {
+  return !std::is_same_v<T, float> && is_smooth(A);
+}
+
+template <typename T, Act A>
+const float* activation_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> values(k16BitValues);
+    uint16_t bits[kStep];
+    for (int64_t i = 0; i < k16BitValues; i += kStep) {
+      for (int64_t j = 0; j < kStep; ++j) bits[j] = static_cast<uint16_t>(i + j);
+      const F2 v = load(reinterpret_cast<const T*>(bits), kStep);
+      activate<A>(v.lo).store(values.data() + i);
+      activate<A>(v.hi).store(values.data() + i + kF);
+    }
+    return values;
+  }();
+  return table.data();
+}
+
+// The table a kernel over T passes to load_activated (null where none is used); fetched before
+// the parallel region, so that the one-time build happens on the calling thread.
+template <typename T, Act A>
+const float* table_for() {
+  if constexpr (uses_table<T, A>()) return activation_table<T, A>();
+  return nullptr;
+}
+
+// act(x) for the first n elements of p, as the two float vectors of one step; padding lanes hold
+// act(0) = 0.
+template <typename T, Act A>
+C10_ALWAYS_INLINE F2 load_activated(const T* p, int64_t n, const float* table) {
+  if constexpr (uses_table<T, A>()) {
+    using V = at::vec::Vectorized<T>;
+    const V raw = n >= kStep ? V::loadu(p) : V::loadu(p, n);
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i bits = raw;
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(bits));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(bits, 1));
+    return {_mm512_i32gather_ps(lo, table, sizeof(float)),
+            _mm512_i32gather_ps(hi, table, sizeof(float))};
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256i bits = raw;
+    const __m256i lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(bits));
+    const __m256i hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(bits, 1));
+    return {_mm256_i32gather_ps(table, lo, sizeof(float)),
+            _mm256_i32gather_ps(table, hi, sizeof(float))};
+#else
+    uint16_t bits[kStep];
+    raw.store(bits);
+    float values[kStep];
+    for (int64_t i = 0; i < kStep; ++i) values[i] = table[bits[i]];
+    return {fVec::loadu(values), fVec::loadu(values + kF)};
+#endif
+  } else {
+    const F2 v = load(p, n);
+    return {activate<A>(v.lo), activate<A>(v.hi)};
+  }
+}
+
 // |a - c| < t in fp32; NaN compares false and t = 0 never holds.
 C10_ALWAYS_INLINE Mask remap_mask(const fVec& a, const fVec& t, const fVec& c) {
   return less((a - c).abs(), t);
@@ -508,14 +579,13 @@ struct RunParams {
 // Forward (also in place: y may equal x).
 
 template <typename T, Act A, bool kLanes>
-void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp) {
+void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp, const float* table) {
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
-    const F2 v = load(x + i, m);
+    const F2 a = load_activated<T, A>(x + i, m, table);
     const StepParams p = rp.at(i, m);
-    const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
-    store(y + i, m, select(remap_mask(a0, p.t.lo, p.c.lo), p.c.lo, a0),
-          select(remap_mask(a1, p.t.hi, p.c.hi), p.c.hi, a1));
+    store(y + i, m, select(remap_mask(a.lo, p.t.lo, p.c.lo), p.c.lo, a.lo),
+          select(remap_mask(a.hi, p.t.hi, p.c.hi), p.c.hi, a.hi));
   }
 }
 
@@ -524,12 +594,13 @@ void forward_typed(const ForwardArgs& args) {
   const T* x = static_cast<const T*>(args.x);
   T* y = static_cast<T*>(args.y);
   const Geometry& g = args.geometry;
+  const float* table = table_for<T, A>();
   at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
     for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
       if (g.inner == 1) {
-        forward_run<T, A, true>(x + p, y + p, n, RunParams<true>(args.params, ch));
+        forward_run<T, A, true>(x + p, y + p, n, RunParams<true>(args.params, ch), table);
       } else {
-        forward_run<T, A, false>(x + p, y + p, n, RunParams<false>(args.params, ch));
+        forward_run<T, A, false>(x + p, y + p, n, RunParams<false>(args.params, ch), table);
       }
     });
   });
@@ -591,7 +662,7 @@ inline float nan_max(float m, float v) {
 // channels before touching the block's slots, so the slots' loads and stores are amortised.
 template <typename T, Act A>
 void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelParams& params,
-                      const BlockSlots& s) {
+                      const BlockSlots& s, const float* table) {
   constexpr int64_t kTile = 16;
   constexpr int64_t kD = dVec::size();
   for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
@@ -605,8 +676,8 @@ void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelPa
       fVec amax0(0.f), amax1(0.f), count0(0.f), count1(0.f);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t off = r * C + c0;
-        const F2 v = load(x + off, m);
-        const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
+        const F2 a = load_activated<T, A>(x + off, m, table);
+        const fVec &a0 = a.lo, &a1 = a.hi;
         const Mask k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
         store(y + off, m, select(k0, p.c.lo, a0), select(k1, p.c.hi, a1));
         amax0 = max_of_finite(amax0, a0.abs());
@@ -636,15 +707,15 @@ void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelPa
 
 template <typename T, Act A>
 void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams& params,
-                   const BlockSlots& s) {
+                   const BlockSlots& s, const float* table) {
   const RunParams<false> rp(params, ch);
   const StepParams p = rp.at(0, kStep);
   dVec sum[4], sumsq[4];
   fVec amax(0.f), count(0.f);
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
-    const F2 v = load(x + i, m);
-    const fVec a0 = activate<A>(v.lo), a1 = activate<A>(v.hi);
+    const F2 a = load_activated<T, A>(x + i, m, table);
+    const fVec &a0 = a.lo, &a1 = a.hi;
     Mask k0 = remap_mask(a0, p.t.lo, p.c.lo), k1 = remap_mask(a1, p.t.hi, p.c.hi);
     store(y + i, m, select(k0, p.c.lo, a0), select(k1, p.c.hi, a1));
     if (m < kStep) {
@@ -701,6 +772,7 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
   const int64_t nblocks = (units + block - 1) / block;
   std::vector<double> sum(nblocks * C, 0.0), sumsq(nblocks * C, 0.0);
   std::vector<float> amax(nblocks * C, 0.f), remapped(nblocks * C, 0.f);
+  const float* table = table_for<T, A>();
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -708,10 +780,11 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
                              remapped.data() + b * C};
       const int64_t begin = b * block, end = std::min(units, begin + block);
       if (lanes) {
-        stats_rows_lanes<T, A>(x + begin * C, y + begin * C, end - begin, C, args.params, slots);
+        stats_rows_lanes<T, A>(x + begin * C, y + begin * C, end - begin, C, args.params, slots,
+                               table);
       } else {
         for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
-          stats_run_row<T, A>(x + p, y + p, n, ch, args.params, slots);
+          stats_run_row<T, A>(x + p, y + p, n, ch, args.params, slots, table);
         });
       }
     }
@@ -740,10 +813,11 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
 // Backward: dx = dy * act'(x) * (straight_through or not mask).
 
 // dx for one fp32 vector: dy * act'(x), with dy zeroed (+0, masked_fill) where remapped.
+// `a` is act(x) as the forward computes it, so both passes remap the same elements.
 template <Act A>
-C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, fVec g, const fVec& t, const fVec& c, bool straight_through) {
-  // The mask comes from the forward's own activation, so both passes remap the same elements.
-  if (!straight_through) g = select(remap_mask(activate<A>(x), t, c), fVec(0.f), g);
+C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, const fVec& a, fVec g, const fVec& t,
+                                    const fVec& c, bool straight_through) {
+  if (!straight_through) g = select(remap_mask(a, t, c), fVec(0.f), g);
   if constexpr (is_smooth(A)) {
     dVec lo, hi, dlo, dhi, unused;
     widen(x, lo, hi);
@@ -764,14 +838,15 @@ C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, fVec g, const fVec& t, const 
 
 template <typename T, typename G, Act A, bool kLanes>
 void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLanes>& rp,
-                  bool straight_through) {
+                  bool straight_through, const float* table) {
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
+    const F2 a = straight_through ? v : load_activated<T, A>(x + i, m, table);
     const F2 g = load(dy + i, m);
     const StepParams p = rp.at(i, m);
-    store(dx + i, m, backward_vec<A>(v.lo, g.lo, p.t.lo, p.c.lo, straight_through),
-          backward_vec<A>(v.hi, g.hi, p.t.hi, p.c.hi, straight_through));
+    store(dx + i, m, backward_vec<A>(v.lo, a.lo, g.lo, p.t.lo, p.c.lo, straight_through),
+          backward_vec<A>(v.hi, a.hi, g.hi, p.t.hi, p.c.hi, straight_through));
   }
 }
 
@@ -781,14 +856,15 @@ void backward_typed(const BackwardArgs& args) {
   const T* x = static_cast<const T*>(args.x);
   T* dx = static_cast<T*>(args.grad_x);
   const Geometry& g = args.geometry;
+  const float* table = args.straight_through ? nullptr : table_for<T, A>();
   at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
     for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
       if (g.inner == 1) {
         backward_run<T, G, A, true>(dy + p, x + p, dx + p, n, RunParams<true>(args.params, ch),
-                                    args.straight_through);
+                                    args.straight_through, table);
       } else {
         backward_run<T, G, A, false>(dy + p, x + p, dx + p, n, RunParams<false>(args.params, ch),
-                                     args.straight_through);
+                                     args.straight_through, table);
       }
     });
   });

@@ -157,8 +157,13 @@ def test_kernel_validates_threshold_and_center():
         torch.ops.lipkern.remap_act(x, torch.tensor(float("nan")), None, "gelu", 1, False)
     with pytest.raises(ValueError, match="threshold"):
         torch.ops.lipkern.remap_act(x, torch.ones(4), None, "gelu", 1, False)
-    with pytest.raises(ValueError, match="center"):
+    with pytest.raises(ValueError, match="center must not contain NaN"):
         torch.ops.lipkern.remap_act(x, ok, torch.full((3,), float("nan")), "gelu", 1, False)
+    # The public API leaves these checks to the kernels: they must catch every bad value.
+    with pytest.raises(ValueError, match=r"center must be finite, got -inf \(channel 2\)"):
+        lipkern.remap_act(x, ok, center=torch.tensor([0.0, 1.0, -float("inf")]), channel_dim=1)
+    with pytest.raises(ValueError, match=r"threshold must be >= 0, got -1 \(channel 1\)"):
+        lipkern.remap_act(x, torch.tensor([1.0, -1.0, 1.0]), channel_dim=1)
     with pytest.raises(ValueError, match="act"):
         torch.ops.lipkern.remap_act(x, ok, None, "tanh", 1, False)
     with pytest.raises(TypeError, match="x must be"):
@@ -215,6 +220,40 @@ def test_every_16bit_input_in_fp32_math(capability, dtype):
                 err = (y.double() - truth).abs() / ulp_size(truth.to(dtype), dtype)
                 assert float(err[finite].max()) <= 0.51, act
                 assert y[~finite].isnan().eq(x[~finite].isnan()).all()
+
+
+def _same_bits(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(
+        a.masked_fill(a.isnan(), 0).view(torch.int16), b.masked_fill(b.isnan(), 0).view(torch.int16)
+    )
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_16bit_activation_tables_equal_the_fp32_kernels(capability, dtype, act):
+    """16-bit inputs read their activation from a table of all 65536 values built by the fp32
+    code: forward, statistics and the backward's mask equal the fp32 kernels on the upcast input,
+    bit for bit, with ragged tails (37 channels) and every bit pattern but nine."""
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randperm(65536, generator=gen)[: 1771 * 37].to(torch.int16)
+    x = bits.view(dtype).reshape(1771, 37)
+    wide = x.float()
+    threshold = torch.rand(37, generator=gen) * 0.3
+    threshold[0] = 0.0
+    center = torch.randn(37, generator=gen) * 0.1
+    ops = torch.ops.lipkern
+    for c in (None, center):
+        y = ops.remap_act(x, threshold, c, act, 1, False)
+        assert _same_bits(y, ops.remap_act(wide, threshold, c, act, 1, False).to(dtype))
+        stats = ops.remap_act_stats(x, threshold, c, act, 1)
+        wide_stats = ops.remap_act_stats(wide, threshold, c, act, 1)
+        assert _same_bits(stats[0], wide_stats[0].to(dtype))
+        for got, expected in zip(stats[1:], wide_stats[1:]):
+            assert torch.equal(got, expected) or torch.allclose(got, expected, 0, 0, equal_nan=True)
+        grad_y = torch.randn(x.shape, generator=gen)
+        dx = ops.remap_act_backward(grad_y, x, threshold, c, act, 1, False)
+        assert _same_bits(dx, ops.remap_act_backward(grad_y, wide, threshold, c, act, 1, False).to(dtype))
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)

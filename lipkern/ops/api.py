@@ -34,6 +34,9 @@ class Backend(Protocol):
     """What a backend provides; all arguments are normalised (see module docstring)."""
 
     name: str
+    # True when the backend rejects NaN / negative thresholds and NaN / infinite centres itself,
+    # with the same messages; the API then skips its own check.
+    checks_parameter_values: bool
 
     def supports(self, device: torch.device) -> Optional[str]:
         """``None`` if tensors on ``device`` can run here, else the reason they cannot."""
@@ -69,6 +72,7 @@ def _backend_object(name: str) -> Backend:
 
 class ReferenceBackend:
     name = "reference"
+    checks_parameter_values = False
 
     def supports(self, device):
         return None
@@ -88,8 +92,9 @@ class ReferenceBackend:
 class OpsBackend:
     """A backend whose kernels are registered on the ``lipkern::*`` ops for one device type."""
 
-    def __init__(self, name: str, device_type: str):
+    def __init__(self, name: str, device_type: str, checks_parameter_values: bool):
         self.name, self.device_type = name, device_type
+        self.checks_parameter_values = checks_parameter_values
 
     def supports(self, device):
         if device.type != self.device_type:
@@ -109,7 +114,7 @@ class OpsBackend:
 
 
 register_backend(ReferenceBackend())
-register_backend(OpsBackend("cpu", "cpu"))
+register_backend(OpsBackend("cpu", "cpu", checks_parameter_values=True))
 
 
 def available_backends(device="cpu") -> list[str]:
@@ -159,8 +164,14 @@ def _normalise_channel_dim(channel_dim, x: torch.Tensor) -> int:
     return channel_dim % x.dim()
 
 
-def _normalise_parameter(name: str, value, x: torch.Tensor, channels: int) -> torch.Tensor:
-    """A threshold or centre as a float32 tensor of shape () or (C,) on x's device."""
+def _normalise_parameter(
+    name: str, value, x: torch.Tensor, channels: int, check_values: bool
+) -> torch.Tensor:
+    """A threshold or centre as a float32 tensor of shape () or (C,) on x's device.
+
+    Tensor values are checked here only with ``check_values``; the C++ kernels check them
+    themselves, which saves this function's three small ops on every call.
+    """
     is_threshold = name == "threshold"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
@@ -183,7 +194,7 @@ def _normalise_parameter(name: str, value, x: torch.Tensor, channels: int) -> to
     if value.device != x.device:
         raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
     value = value.detach().to(torch.float32).contiguous()
-    if value.is_cpu and not torch.compiler.is_compiling():
+    if check_values and value.is_cpu and not torch.compiler.is_compiling():
         # On CUDA this check would cost a device sync per call; there the kernels trust the
         # model layer, which validates thresholds when it sets them. One reduction on the
         # common path (NaN fails both tests); the message is worked out only on failure.
@@ -197,16 +208,24 @@ def _normalise_parameter(name: str, value, x: torch.Tensor, channels: int) -> to
     return value
 
 
-def _normalise(x, threshold, act, center, channel_dim):
-    _check_x(x)
+def _normalise(x, threshold, act, center, channel_dim, check_values=True):
+    """``(threshold, center, channel_dim)`` in the form every backend receives (x checked)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     channel_dim = _normalise_channel_dim(channel_dim, x)
     channels = x.shape[channel_dim]
-    threshold = _normalise_parameter("threshold", threshold, x, channels)
+    threshold = _normalise_parameter("threshold", threshold, x, channels, check_values)
     if center is not None:
-        center = _normalise_parameter("center", center, x, channels)
+        center = _normalise_parameter("center", center, x, channels, check_values)
     return threshold, center, channel_dim
+
+
+def _prepare(x, threshold, act, center, channel_dim, backend):
+    """The chosen backend and the arguments :func:`_normalise` makes for it."""
+    _check_x(x)
+    chosen = _resolve_backend(backend, x)
+    check_values = not chosen.checks_parameter_values
+    return (chosen, *_normalise(x, threshold, act, center, channel_dim, check_values))
 
 
 def remap_act(
@@ -233,8 +252,9 @@ def remap_act(
 
     Returns ``y`` in ``x``'s dtype and memory format, differentiable with respect to ``x``.
     """
-    threshold, center, channel_dim = _normalise(x, threshold, act, center, channel_dim)
-    chosen = _resolve_backend(backend, x)
+    chosen, threshold, center, channel_dim = _prepare(
+        x, threshold, act, center, channel_dim, backend
+    )
     return chosen.remap_act(x, threshold, center, act, channel_dim, bool(straight_through))
 
 
@@ -247,8 +267,9 @@ def remap_act_stats(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, ChannelStats]:
     """:func:`remap_act` plus per-channel statistics of ``act(x)`` taken in the same pass."""
-    threshold, center, channel_dim = _normalise(x, threshold, act, center, channel_dim)
-    chosen = _resolve_backend(backend, x)
+    chosen, threshold, center, channel_dim = _prepare(
+        x, threshold, act, center, channel_dim, backend
+    )
     y, amax, remapped, count, total, total_sq = chosen.remap_act_stats(
         x, threshold, center, act, channel_dim
     )
@@ -264,13 +285,14 @@ def remap_act_(
     backend: str = "auto",
 ) -> torch.Tensor:
     """In-place :func:`remap_act` for inference: overwrites and returns ``x``."""
-    threshold, center, channel_dim = _normalise(x, threshold, act, center, channel_dim)
+    chosen, threshold, center, channel_dim = _prepare(
+        x, threshold, act, center, channel_dim, backend
+    )
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
             "remap_act_ is for inference and overwrites x, which requires grad; "
             "use lipkern.remap_act or run under torch.no_grad()"
         )
-    chosen = _resolve_backend(backend, x)
     chosen.remap_act_(x, threshold, center, act, channel_dim)
     return x
 
