@@ -97,7 +97,7 @@ def test_default_choice_is_reported():
 @pytest.mark.parametrize("channel_dim", [1, 3])
 def test_stats_do_not_depend_on_thread_count(act, channel_dim):
     """Fixed block partition, blocks combined in order: bitwise equal for 1, 2 and 3 threads.
-    940,320 elements span four of the kernel's 256 Ki-element stats blocks."""
+    940,320 elements span sixteen of the kernel's stats blocks."""
     x, threshold, center = _case((12, 40, 37, 53), channel_dim, torch.float32, seed=1)
     threads = torch.get_num_threads()
     results = []
