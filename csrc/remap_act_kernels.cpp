@@ -662,6 +662,16 @@ C10_ALWAYS_INLINE fVec max_of_finite(const fVec& a, const fVec& b) {
 #endif
 }
 
+// The lanes of v added as a pairwise tree (a fixed order, with a short dependency chain).
+C10_ALWAYS_INLINE double lane_sum(const dVec& v) {
+  double d[dVec::size()];
+  v.store(d);
+  for (int64_t width = dVec::size() / 2; width >= 1; width /= 2) {
+    for (int64_t i = 0; i < width; ++i) d[i] += d[i + width];
+  }
+  return d[0];
+}
+
 inline float nan_max(float m, float v) {
   return (std::isnan(v) || v > m) ? v : m;
 }
@@ -741,29 +751,17 @@ void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams&
       sumsq[k] = at::vec::fmadd(d[k], d[k], sumsq[k]);
     }
   }
-  // Fold the lanes in a fixed order.
-  double lanes_sum[4 * dVec::size()], lanes_sq[4 * dVec::size()];
-  float lanes_max[kF], lanes_count[kF];
-  for (int k = 0; k < 4; ++k) {
-    sum[k].store(lanes_sum + k * dVec::size());
-    sumsq[k].store(lanes_sq + k * dVec::size());
-  }
-  amax.store(lanes_max);
-  count.store(lanes_count);
-  double total = 0, total_sq = 0;
-  for (int64_t i = 0; i < 4 * dVec::size(); ++i) {
-    total += lanes_sum[i];
-    total_sq += lanes_sq[i];
-  }
-  float m = s.amax[ch], c = s.remapped[ch];
-  for (int64_t i = 0; i < kF; ++i) {
-    m = nan_max(m, lanes_max[i]);
-    c += lanes_count[i];
-  }
-  s.sum[ch] += total;
-  s.sumsq[ch] += total_sq;
-  s.amax[ch] = m;
-  s.remapped[ch] = c;
+  // Fold the lanes in a fixed order, as trees: a run can be as short as one 7x7 plane, and a
+  // sequential fold of the 32 sums (a chain of 32 dependent adds) then cost more than the run.
+  s.sum[ch] += lane_sum((sum[0] + sum[1]) + (sum[2] + sum[3]));
+  s.sumsq[ch] += lane_sum((sumsq[0] + sumsq[1]) + (sumsq[2] + sumsq[3]));
+  s.amax[ch] = nan_max(s.amax[ch], at::vec::vec_reduce_all<float>(
+                                       [](const fVec& a, const fVec& b) {
+                                         return at::vec::maximum(a, b);
+                                       },
+                                       amax));
+  s.remapped[ch] += at::vec::vec_reduce_all<float>(
+      [](const fVec& a, const fVec& b) { return a + b; }, count);
 }
 
 template <typename T, Act A>
