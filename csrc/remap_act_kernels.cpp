@@ -452,11 +452,12 @@ C10_ALWAYS_INLINE fVec activate(const fVec& x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 16-bit inputs: a table of all 65536 activations.
+// 16-bit inputs: tables of all 65536 activations and derivatives.
 //
 // A float16 or bfloat16 x has only 65536 values, so each smooth activation is tabulated once per
-// process (256 KB of fp32, built by activate<A> itself on first use, hence bit-identical to it),
-// and one gather replaces the grid polynomial: the 16-bit bits are the index.
+// process (256 KB of fp32, built on first use by activate<A> itself, hence bit-identical to it),
+// and one gather replaces the grid polynomial: the 16-bit bits are the index. The backward's
+// act'(x) is tabulated the same way in float64 (512 KB), from the float64 evaluators it replaces.
 
 constexpr int64_t k16BitValues = 65536;
 
@@ -465,28 +466,137 @@ constexpr bool uses_table() {
   return !std::is_same_v<T, float> && is_smooth(A);
 }
 
+// act'(x) of one step as four double vectors, lanes in order (the float64 evaluators).
+struct D4 {
+  dVec d[4];
+};
+
+template <Act A>
+C10_ALWAYS_INLINE D4 derivatives(const F2& x) {
+  D4 out;
+  dVec w[4], unused;
+  widen(x.lo, w[0], w[1]);
+  widen(x.hi, w[2], w[3]);
+  for (int k = 0; k < 4; ++k) smooth_d<A, false, true>(w[k], unused, out.d[k]);
+  return out;
+}
+
+// Every 16-bit pattern of T, a step at a time, as floats: fill(first index, values).
+template <typename T, typename F>
+void for_each_16bit_step(F&& fill) {
+  uint16_t bits[kStep];
+  for (int64_t i = 0; i < k16BitValues; i += kStep) {
+    for (int64_t j = 0; j < kStep; ++j) bits[j] = static_cast<uint16_t>(i + j);
+    fill(i, load(reinterpret_cast<const T*>(bits), kStep));
+  }
+}
+
 template <typename T, Act A>
 const float* activation_table() {
   static const std::vector<float> table = [] {
     std::vector<float> values(k16BitValues);
-    uint16_t bits[kStep];
-    for (int64_t i = 0; i < k16BitValues; i += kStep) {
-      for (int64_t j = 0; j < kStep; ++j) bits[j] = static_cast<uint16_t>(i + j);
-      const F2 v = load(reinterpret_cast<const T*>(bits), kStep);
+    for_each_16bit_step<T>([&](int64_t i, const F2& v) {
       activate<A>(v.lo).store(values.data() + i);
       activate<A>(v.hi).store(values.data() + i + kF);
-    }
+    });
     return values;
   }();
   return table.data();
 }
 
-// The table a kernel over T passes to load_activated (null where none is used); fetched before
-// the parallel region, so that the one-time build happens on the calling thread.
 template <typename T, Act A>
-const float* table_for() {
+const double* derivative_table() {
+  static const std::vector<double> table = [] {
+    std::vector<double> values(k16BitValues);
+    for_each_16bit_step<T>([&](int64_t i, const F2& v) {
+      const D4 d = derivatives<A>(v);
+      for (int k = 0; k < 4; ++k) d.d[k].store(values.data() + i + k * dVec::size());
+    });
+    return values;
+  }();
+  return table.data();
+}
+
+// The tables a kernel over T reads (null where none is used); fetched before the parallel
+// region, so that the one-time build happens on the calling thread.
+template <typename T, Act A>
+const float* activation_table_for() {
   if constexpr (uses_table<T, A>()) return activation_table<T, A>();
   return nullptr;
+}
+
+template <typename T, Act A>
+const double* derivative_table_for() {
+  if constexpr (uses_table<T, A>()) return derivative_table<T, A>();
+  return nullptr;
+}
+
+// The table indices (the 16-bit patterns, zero-extended) of one step: the first and second
+// float vector's lanes. Padding lanes read index 0 (x = +0).
+#if defined(CPU_CAPABILITY_AVX512)
+using Index = __m512i;
+#elif defined(CPU_CAPABILITY_AVX2)
+using Index = __m256i;
+#else
+struct Index {
+  uint32_t lane[kF];
+};
+#endif
+
+struct Indices {
+  Index lo, hi;
+};
+
+template <typename T>
+C10_ALWAYS_INLINE Indices load_indices(const T* p, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  const V raw = n >= kStep ? V::loadu(p) : V::loadu(p, n);
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i bits = raw;
+  return {_mm512_cvtepu16_epi32(_mm512_castsi512_si256(bits)),
+          _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(bits, 1))};
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i bits = raw;
+  return {_mm256_cvtepu16_epi32(_mm256_castsi256_si128(bits)),
+          _mm256_cvtepu16_epi32(_mm256_extracti128_si256(bits, 1))};
+#else
+  uint16_t bits[kStep];
+  raw.store(bits);
+  Indices out;
+  for (int64_t i = 0; i < kF; ++i) {
+    out.lo.lane[i] = bits[i];
+    out.hi.lane[i] = bits[kF + i];
+  }
+  return out;
+#endif
+}
+
+C10_ALWAYS_INLINE fVec gather(const float* table, const Index& index) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_i32gather_ps(index, table, sizeof(float));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_i32gather_ps(table, index, sizeof(float));
+#else
+  float values[kF];
+  for (int64_t i = 0; i < kF; ++i) values[i] = table[index.lane[i]];
+  return fVec::loadu(values);
+#endif
+}
+
+// The two double vectors of table values at one float vector's lanes.
+C10_ALWAYS_INLINE void gather(const double* table, const Index& index, dVec& lo, dVec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  lo = _mm512_i32gather_pd(_mm512_castsi512_si256(index), table, sizeof(double));
+  hi = _mm512_i32gather_pd(_mm512_extracti64x4_epi64(index, 1), table, sizeof(double));
+#elif defined(CPU_CAPABILITY_AVX2)
+  lo = _mm256_i32gather_pd(table, _mm256_castsi256_si128(index), sizeof(double));
+  hi = _mm256_i32gather_pd(table, _mm256_extracti128_si256(index, 1), sizeof(double));
+#else
+  double values[kF];
+  for (int64_t i = 0; i < kF; ++i) values[i] = table[index.lane[i]];
+  lo = dVec::loadu(values);
+  hi = dVec::loadu(values + dVec::size());
+#endif
 }
 
 // act(x) for the first n elements of p, as the two float vectors of one step; padding lanes hold
@@ -494,30 +604,25 @@ const float* table_for() {
 template <typename T, Act A>
 C10_ALWAYS_INLINE F2 load_activated(const T* p, int64_t n, const float* table) {
   if constexpr (uses_table<T, A>()) {
-    using V = at::vec::Vectorized<T>;
-    const V raw = n >= kStep ? V::loadu(p) : V::loadu(p, n);
-#if defined(CPU_CAPABILITY_AVX512)
-    const __m512i bits = raw;
-    const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(bits));
-    const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(bits, 1));
-    return {_mm512_i32gather_ps(lo, table, sizeof(float)),
-            _mm512_i32gather_ps(hi, table, sizeof(float))};
-#elif defined(CPU_CAPABILITY_AVX2)
-    const __m256i bits = raw;
-    const __m256i lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(bits));
-    const __m256i hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(bits, 1));
-    return {_mm256_i32gather_ps(table, lo, sizeof(float)),
-            _mm256_i32gather_ps(table, hi, sizeof(float))};
-#else
-    uint16_t bits[kStep];
-    raw.store(bits);
-    float values[kStep];
-    for (int64_t i = 0; i < kStep; ++i) values[i] = table[bits[i]];
-    return {fVec::loadu(values), fVec::loadu(values + kF)};
-#endif
+    const Indices index = load_indices(p, n);
+    return {gather(table, index.lo), gather(table, index.hi)};
   } else {
     const F2 v = load(p, n);
     return {activate<A>(v.lo), activate<A>(v.hi)};
+  }
+}
+
+// act'(x) of one step whose inputs are p (first n elements) and, as floats, x.
+template <typename T, Act A>
+C10_ALWAYS_INLINE D4 load_derivatives(const T* p, int64_t n, const F2& x, const double* table) {
+  if constexpr (uses_table<T, A>()) {
+    const Indices index = load_indices(p, n);
+    D4 out;
+    gather(table, index.lo, out.d[0], out.d[1]);
+    gather(table, index.hi, out.d[2], out.d[3]);
+    return out;
+  } else {
+    return derivatives<A>(x);
   }
 }
 
@@ -594,7 +699,7 @@ void forward_typed(const ForwardArgs& args) {
   const T* x = static_cast<const T*>(args.x);
   T* y = static_cast<T*>(args.y);
   const Geometry& g = args.geometry;
-  const float* table = table_for<T, A>();
+  const float* table = activation_table_for<T, A>();
   at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
     for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
       if (g.inner == 1) {
@@ -778,7 +883,7 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
   const int64_t nblocks = (units + block - 1) / block;
   std::vector<double> sum(nblocks * C, 0.0), sumsq(nblocks * C, 0.0);
   std::vector<float> amax(nblocks * C, 0.f), remapped(nblocks * C, 0.f);
-  const float* table = table_for<T, A>();
+  const float* table = activation_table_for<T, A>();
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -819,16 +924,14 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
 // Backward: dx = dy * act'(x) * (straight_through or not mask).
 
 // dx for one fp32 vector: dy * act'(x), with dy zeroed (+0, masked_fill) where remapped.
-// `a` is act(x) as the forward computes it, so both passes remap the same elements.
+// `a` is act(x) as the forward computes it, so both passes remap the same elements; for the
+// smooth activations, `dlo` and `dhi` are act'(x) of the lower and upper lanes, in double.
 template <Act A>
 C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, const fVec& a, fVec g, const fVec& t,
-                                    const fVec& c, bool straight_through) {
+                                    const fVec& c, bool straight_through, const dVec& dlo,
+                                    const dVec& dhi) {
   if (!straight_through) g = select(remap_mask(a, t, c), fVec(0.f), g);
   if constexpr (is_smooth(A)) {
-    dVec lo, hi, dlo, dhi, unused;
-    widen(x, lo, hi);
-    smooth_d<A, false, true>(lo, unused, dlo);
-    smooth_d<A, false, true>(hi, unused, dhi);
     // dy * act'(x) is formed in double, so dx is rounded once.
     dVec glo, ghi;
     widen(g, glo, ghi);
@@ -842,17 +945,25 @@ C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, const fVec& a, fVec g, const 
   }
 }
 
+struct BackwardTables {
+  const float* activation;  // null with straight_through (no mask) or without a table
+  const double* derivative;
+};
+
 template <typename T, typename G, Act A, bool kLanes>
 void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLanes>& rp,
-                  bool straight_through, const float* table) {
+                  bool straight_through, const BackwardTables& tables) {
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
-    const F2 a = straight_through ? v : load_activated<T, A>(x + i, m, table);
+    const F2 a = straight_through ? v : load_activated<T, A>(x + i, m, tables.activation);
     const F2 g = load(dy + i, m);
     const StepParams p = rp.at(i, m);
-    store(dx + i, m, backward_vec<A>(v.lo, a.lo, g.lo, p.t.lo, p.c.lo, straight_through),
-          backward_vec<A>(v.hi, a.hi, g.hi, p.t.hi, p.c.hi, straight_through));
+    D4 d;
+    if constexpr (is_smooth(A)) d = load_derivatives<T, A>(x + i, m, v, tables.derivative);
+    store(dx + i, m,
+          backward_vec<A>(v.lo, a.lo, g.lo, p.t.lo, p.c.lo, straight_through, d.d[0], d.d[1]),
+          backward_vec<A>(v.hi, a.hi, g.hi, p.t.hi, p.c.hi, straight_through, d.d[2], d.d[3]));
   }
 }
 
@@ -862,15 +973,16 @@ void backward_typed(const BackwardArgs& args) {
   const T* x = static_cast<const T*>(args.x);
   T* dx = static_cast<T*>(args.grad_x);
   const Geometry& g = args.geometry;
-  const float* table = args.straight_through ? nullptr : table_for<T, A>();
+  const BackwardTables tables{
+      args.straight_through ? nullptr : activation_table_for<T, A>(), derivative_table_for<T, A>()};
   at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
     for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
       if (g.inner == 1) {
         backward_run<T, G, A, true>(dy + p, x + p, dx + p, n, RunParams<true>(args.params, ch),
-                                    args.straight_through, table);
+                                    args.straight_through, tables);
       } else {
         backward_run<T, G, A, false>(dy + p, x + p, dx + p, n, RunParams<false>(args.params, ch),
-                                     args.straight_through, table);
+                                     args.straight_through, tables);
       }
     });
   });
