@@ -155,6 +155,28 @@ def test_two_half_scans_merged_equal_one_scan():
         assert ((merged.sum - whole.sum).abs() <= bound).all()
 
 
+def test_layer_wide_statistics_do_not_depend_on_the_layout():
+    """granularity="tensor" scans a contiguous input as one flat channel and any other layout
+    per channel, then pools: both give the same maxima and counts, and sums within 1e-12."""
+    original = _convnet()
+    data = _conv_data(3)
+    stats = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = _converted(original).to(memory_format=layout)
+        _calibrate(model, [x.to(memory_format=layout) for x in data])
+        stats.append({name: m.stats for name, m in remap_modules(model)})
+    flat, per_channel = stats
+    assert flat.keys() == per_channel.keys() and flat
+    for name, whole in flat.items():
+        other = per_channel[name]
+        assert whole.channels == other.channels == 1
+        assert torch.equal(whole.amax, other.amax) and torch.equal(whole.count, other.count)
+        assert torch.equal(whole.remapped, other.remapped)
+        bound = 1e-12 * whole.sumsq.sqrt() * whole.count.double().sqrt() + 1e-300
+        assert ((whole.sum - other.sum).abs() <= bound).all()
+        assert ((whole.sumsq - other.sumsq).abs() <= 1e-12 * whole.sumsq).all()
+
+
 def test_quantile_statistic():
     model = _converted(nn.Sequential(nn.Linear(4, 4)), inputs_of=("0",))
     data = [torch.randn(64, 4) * 3 for _ in range(4)]
