@@ -193,7 +193,13 @@ def _normalise_parameter(
         )
     if value.device != x.device:
         raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
-    value = value.detach().to(torch.float32).contiguous()
+    # Attribute checks first: each of these calls costs a dispatch even when it returns value.
+    if value.requires_grad:
+        value = value.detach()
+    if value.dtype != torch.float32:
+        value = value.to(torch.float32)
+    if not value.is_contiguous():
+        value = value.contiguous()
     if check_values and value.is_cpu and not torch.compiler.is_compiling():
         # On CUDA this check would cost a device sync per call; there the kernels trust the
         # model layer, which validates thresholds when it sets them. One reduction on the
