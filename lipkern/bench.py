@@ -141,14 +141,17 @@ def default_shapes(batch: int) -> list[Shape]:
 
 
 def median_times(
-    fns: dict[str, Callable[[], object]], min_time: float, max_rounds: int = 15
+    fns: dict[str, Callable[[], object]],
+    min_time: float,
+    max_rounds: int = 15,
+    warmup: float = 0.02,
 ) -> dict[str, float]:
     """Median seconds per call of each function, measured in interleaved rounds.
 
     Each function is warmed up twice (compiling where it is compiled), then called in blocks
     long enough to make timer overhead negligible (>= ~20 ms); blocks of all functions
     alternate, each round starting one function later, each function getting about ``min_time``
-    seconds (at least 3 blocks), each block after one untimed call.
+    seconds (at least 3 blocks), each block after ``warmup`` seconds of untimed calls.
     """
     per_call, block, rounds = {}, {}, {}
     for name, fn in fns.items():
@@ -161,16 +164,21 @@ def median_times(
     samples = {name: [] for name in fns}
     names = list(fns)
     for r in range(max(rounds.values(), default=0)):
-        # Each round starts one candidate later: the first block of a round runs slower for its
-        # whole length (about 40 % for a 4096x1024 ReLU, whichever candidate it is, even after
-        # an untimed call), and the median then sees that in only a few of a candidate's rounds.
+        # Each round starts one candidate later, so that whatever a round's start leaves behind
+        # (its first block once ran about 40 % slow after a single untimed call, whichever
+        # candidate it was) reaches each candidate in only a few of its rounds.
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fn = fns[name]
             if r >= rounds[name]:
                 continue
-            # Untimed: the first call after another candidate pays for the state it left
-            # (caches, the OpenMP pool, the allocator), which is the other candidate's cost.
+            # Untimed: after another candidate's block, the next ~10 calls of any candidate
+            # (clone and F.gelu included) ran up to 1.6x slower here, a warm-up of the memory
+            # system that would otherwise land on each block's first half; medians then compare
+            # steady states.
+            start = time.perf_counter()
             fn()
+            while time.perf_counter() - start < warmup:
+                fn()
             start = time.perf_counter()
             for _ in range(block[name]):
                 fn()
