@@ -612,20 +612,6 @@ C10_ALWAYS_INLINE F2 load_activated(const T* p, int64_t n, const float* table) {
   }
 }
 
-// act'(x) of one step whose inputs are p (first n elements) and, as floats, x.
-template <typename T, Act A>
-C10_ALWAYS_INLINE D4 load_derivatives(const T* p, int64_t n, const F2& x, const double* table) {
-  if constexpr (uses_table<T, A>()) {
-    const Indices index = load_indices(p, n);
-    D4 out;
-    gather(table, index.lo, out.d[0], out.d[1]);
-    gather(table, index.hi, out.d[2], out.d[3]);
-    return out;
-  } else {
-    return derivatives<A>(x);
-  }
-}
-
 // |a - c| < t in fp32; NaN compares false and t = 0 never holds.
 C10_ALWAYS_INLINE Mask remap_mask(const fVec& a, const fVec& t, const fVec& c) {
   return less((a - c).abs(), t);
@@ -956,11 +942,23 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
-    const F2 a = straight_through ? v : load_activated<T, A>(x + i, m, tables.activation);
+    // a: the mask's activation (unused with straight_through); d: act'(x).
+    F2 a = v;
+    D4 d;
+    if constexpr (uses_table<T, A>()) {
+      // One index load serves both tables.
+      const Indices index = load_indices(x + i, m);
+      if (!straight_through) {
+        a = {gather(tables.activation, index.lo), gather(tables.activation, index.hi)};
+      }
+      gather(tables.derivative, index.lo, d.d[0], d.d[1]);
+      gather(tables.derivative, index.hi, d.d[2], d.d[3]);
+    } else {
+      if (!straight_through) a = {activate<A>(v.lo), activate<A>(v.hi)};
+      if constexpr (is_smooth(A)) d = derivatives<A>(v);
+    }
     const F2 g = load(dy + i, m);
     const StepParams p = rp.at(i, m);
-    D4 d;
-    if constexpr (is_smooth(A)) d = load_derivatives<T, A>(x + i, m, v, tables.derivative);
     store(dx + i, m,
           backward_vec<A>(v.lo, a.lo, g.lo, p.t.lo, p.c.lo, straight_through, d.d[0], d.d[1]),
           backward_vec<A>(v.hi, a.hi, g.hi, p.t.hi, p.c.hi, straight_through, d.d[2], d.d[3]));
