@@ -257,6 +257,34 @@ def test_16bit_activation_tables_equal_the_fp32_kernels(capability, dtype, act):
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ["identity", "relu"])
+def test_16bit_remap_on_bit_patterns_equals_the_reference(capability, dtype, act):
+    """16-bit identity and ReLU without a centre compare bit patterns instead of fp32 values:
+    over every input bit pattern, thresholds at ties, between two 16-bit values, subnormal, above
+    the largest finite value and infinite, the output equals the reference bit for bit (-0 kept,
+    NaN stays NaN), per tensor (row runs) and per channel (37 lanes, ragged)."""
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    finfo = torch.finfo(dtype)
+    tie = torch.tensor(0.1, dtype=dtype)
+    between = (float(tie) + float(tie.nextafter(torch.tensor(1.0, dtype=dtype)))) / 2
+    thresholds = [0.0, 1e-45, finfo.smallest_normal / 4, finfo.tiny, 0.1, between, float(tie),
+                  1.0, finfo.max, 3.4e38, float("inf")]
+    ops = torch.ops.lipkern
+    for t in thresholds:
+        threshold = torch.tensor(t, dtype=torch.float32)
+        y = ops.remap_act(x, threshold, None, act, 0, False)
+        assert _same_bits(y, reference.remap_act_reference(x, threshold, None, act, 0, False)), t
+        inplace = x.clone()
+        ops.remap_act_(inplace, threshold, None, act, 0)
+        assert _same_bits(inplace, y), t
+    lanes = x[: 1771 * 37].reshape(1771, 37)
+    per_channel = torch.tensor(thresholds[:-1] * 4)[:37].float()
+    y = ops.remap_act(lanes, per_channel, None, act, 1, False)
+    assert _same_bits(y, reference.remap_act_reference(lanes, per_channel, None, act, 1, False))
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
 def test_smooth_activations_keep_the_sign_of_zero(capability, act):
     """act(-0) = -0 and act(+0) = +0, as PyTorch's (the grid's h^2 term alone gives +0)."""
