@@ -88,6 +88,7 @@ sources = [
     str(CSRC / "module.cpp"),
     str(CSRC / "ops.cpp"),
     str(CSRC / "dispatch.cpp"),
+    str(CSRC / "autograd.cpp"),
 ] + [str(CSRC / "capability" / f"remap_act_kernels.{cap}.cpp") for cap in CAPABILITIES]
 
 setup(

@@ -106,6 +106,45 @@ def test_opcheck(sample):
     torch.library.opcheck(torch.ops.lipkern.remap_act_.default, (x.clone(), t, c, act, dim))
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("center", [None, "center"])
+def test_autograd_kernels(device, center):
+    """CPU tensors go through the C++ autograd kernel (csrc/autograd.cpp), other devices through
+    the Python one (lipkern/ops/library.py; meta tensors reach it here): both give dx from
+    remap_act_backward, no gradient to thresholds or centres, non-differentiable statistics, and
+    no graph when nothing requires grad."""
+    if device == "cpu":
+        pytest.importorskip("lipkern._C", reason="lipkern's C++ extension is not built")
+    ops = torch.ops.lipkern
+    node = "RemapActFunction" if device == "cpu" else "GeneratedBackwardFor_lipkern_remap_act"
+    x = torch.randn(6, 5, device=device)
+    c = torch.randn(5, device=device) * 0.1 if center else None
+    t = torch.full((5,), 0.4, device=device)
+    grad_y = torch.randn(6, 5, device=device)
+    expected = ops.remap_act_backward(grad_y, x, t, c, "gelu", 1, False)
+
+    leaf = x.clone().requires_grad_(True)
+    y = ops.remap_act(leaf, t, c, "gelu", 1, False)
+    assert node in y.grad_fn.name()
+    y.backward(grad_y)
+    stats_leaf = x.clone().requires_grad_(True)
+    y_s, *stats = ops.remap_act_stats(stats_leaf, t, c, "gelu", 1)
+    assert not any(s.requires_grad for s in stats)
+    y_s.backward(grad_y)
+    if device == "cpu":
+        assert torch.equal(leaf.grad, expected) and torch.equal(stats_leaf.grad, expected)
+    else:
+        assert leaf.grad.shape == stats_leaf.grad.shape == x.shape
+
+    parameter = t.clone().requires_grad_(True)
+    y = ops.remap_act(x, parameter, c, "gelu", 1, False)
+    assert y.requires_grad  # as for any op taking a tensor that requires grad
+    y.sum().backward()
+    assert parameter.grad is None
+    with torch.no_grad():
+        assert ops.remap_act(leaf, t, c, "gelu", 1, False).grad_fn is None
+
+
 def test_compile_fullgraph_has_no_graph_break():
     def block(x, threshold):
         h = torch.nn.functional.linear(x, torch.ones(16, 16) / 16)
