@@ -297,18 +297,24 @@ class RemapAct(nn.Module):
         self.mode = "calibrate"
 
     def _pool(self, stats: ChannelStats) -> ChannelStats:
-        return stats.total() if self.granularity == "tensor" else stats
+        # A layer-wide scan of a contiguous input already has one channel (see _stats).
+        return stats.total() if self.granularity == "tensor" and stats.channels != 1 else stats
 
     def _accumulate(self, stats: ChannelStats) -> None:
         stats = self._pool(stats)
-        current = self.stats
-        if current is not None and current.channels != stats.channels:
+        if self.amax.numel() == 0:
+            # The first call of a scan: the buffers take over this call's fresh tensors, and
+            # later calls merge into them in place.
+            self.stats = stats
+            return
+        channels = self.amax.shape[0]
+        if channels != stats.channels:
             raise ValueError(
                 f"{self.layer_name}: called with {stats.channels} channels along channel_dim="
-                f"{self.channel_dim} after {current.channels}; a module shared by call sites "
+                f"{self.channel_dim} after {channels}; a module shared by call sites "
                 "with different channel counts needs granularity='tensor'"
             )
-        self.stats = stats if current is None else current.merge(stats)
+        self.stats.merge_(stats)
 
     def statistic_value(self) -> torch.Tensor:
         """The per-channel (or pooled) ``M`` of ``t = ratio * M``, float64."""

@@ -268,9 +268,15 @@ def test_merge_of_two_halves_equals_one_scan(backend, act):
     _, whole = lipkern.remap_act_stats(x, 0.3, act, backend=backend)
     _, first = lipkern.remap_act_stats(x[:150], 0.3, act, backend=backend)
     _, second = lipkern.remap_act_stats(x[150:], 0.3, act, backend=backend)
+    first_amax = first.amax.clone()
     merged = first.merge(second)
+    assert same_bits(first.amax, first_amax).all()  # merge leaves its operands alone
     assert same_bits(merged.amax, whole.amax).all()
     assert torch.equal(merged.count, whole.count) and torch.equal(merged.remapped, whole.remapped)
+    pointer = first.amax.data_ptr()
+    assert first.merge_(second) is first and first.amax.data_ptr() == pointer
+    assert same_bits(first.amax, merged.amax).all() and same_bits(first.sum, merged.sum).all()
+    assert torch.equal(first.count, merged.count) and same_bits(first.sumsq, merged.sumsq).all()
     a = reference.activation_reference(x.float(), act).double()
     bound = 1e-12 * a.abs().nansum(0)
     finite = whole.sum.isfinite()
