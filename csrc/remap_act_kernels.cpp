@@ -15,6 +15,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <cfloat>
@@ -680,43 +681,62 @@ void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp, const
   }
 }
 
-// 16-bit identity and ReLU without a centre decide |a| < t on the bit patterns and never leave
-// the 16-bit format: the non-NaN magnitudes of a 16-bit float are ordered like its bits with the
-// sign cleared, so |x| < t holds exactly when those bits are below the bits of the smallest T that
-// is >= t; NaN bits lie above every such bound (at most +inf's). Identity then reads and writes
-// 32 values per 5 integer instructions instead of two conversions each way, which is what an input
-// remap between a LayerNorm and a Linear costs (ViT's FC1).
-template <typename T, Act A>
+// Identity and ReLU without a centre decide |a| < t on the bit patterns, in x's own format: the
+// non-NaN magnitudes of a float are ordered like its bits with the sign cleared, so |x| < t holds
+// exactly when those bits are below the bits of the smallest T that is >= t, and NaN bits lie above
+// every such bound (at most +inf's). A step is then a load, an and, a compare or three, an and and
+// a store: 16-bit data skips two conversions each way, fp32 the subtraction of a zero centre and
+// the blend, which is what an input remap between a LayerNorm and a Linear costs (ViT's FC1).
+template <Act A>
 constexpr bool remaps_on_bits() {
-  return !std::is_same_v<T, float> && (A == Act::Identity || A == Act::Relu);
+  return A == Act::Identity || A == Act::Relu;
 }
 
+// The integer lanes holding a T's bits, and the bits of +inf.
 template <typename T>
-uint16_t remap_bound(float t) {
-  const T nearest(t);  // t's floor or ceiling in T
-  return static_cast<uint16_t>(nearest.x + (static_cast<float>(nearest) < t ? 1 : 0));
-}
+struct Bits {
+  using type = int16_t;
+  static constexpr int16_t kInf = std::is_same_v<T, c10::Half> ? 0x7c00 : 0x7f80;
+};
+template <>
+struct Bits<float> {
+  using type = int32_t;
+  static constexpr int32_t kInf = 0x7f800000;
+};
 
+// The bits of the smallest non-negative T that is >= t (t >= 0 and not NaN; +-0 gives 0, so
+// nothing is remapped).
 template <typename T>
-constexpr int16_t kInfBits = std::is_same_v<T, c10::Half> ? 0x7c00 : 0x7f80;
+typename Bits<T>::type remap_bound(float t) {
+  if (!(t > 0.f)) return 0;
+  if constexpr (std::is_same_v<T, float>) {
+    return c10::bit_cast<int32_t>(t);
+  } else {
+    const T nearest(t);  // t's floor or ceiling in T
+    return static_cast<int16_t>(nearest.x + (static_cast<float>(nearest) < t ? 1 : 0));
+  }
+}
 
 template <typename T, Act A, bool kLanes>
-void forward_run_bits(const T* x, T* y, int64_t n, const uint16_t* bound) {
-  using iVec = at::vec::Vectorized<int16_t>;
-  const iVec magnitude_bits(0x7fff), zero(0), inf(kInfBits<T>);
-  const iVec bound_b(static_cast<int16_t>(*bound));
-  for (int64_t i = 0; i < n; i += kStep) {
-    const int64_t m = std::min(kStep, n - i);
-    const iVec v = m >= kStep ? iVec::loadu(x + i) : iVec::loadu(x + i, m);
+void forward_run_bits(const T* x, T* y, int64_t n, const typename Bits<T>::type* bound) {
+  using I = typename Bits<T>::type;
+  using iVec = at::vec::Vectorized<I>;
+  constexpr int64_t kW = iVec::size();
+  const iVec magnitude_bits(std::numeric_limits<I>::max()), zero(0), inf(Bits<T>::kInf);
+  const iVec bound_b(*bound);
+  for (int64_t i = 0; i < n; i += kW) {
+    const int64_t m = std::min(kW, n - i);
+    const iVec v = m >= kW ? iVec::loadu(x + i) : iVec::loadu(x + i, m);
     const iVec magnitude = v & magnitude_bits;
-    const iVec b = kLanes ? (m >= kStep ? iVec::loadu(bound + i) : iVec::loadu(bound + i, m)) : bound_b;
+    iVec b = bound_b;
+    if constexpr (kLanes) b = m >= kW ? iVec::loadu(bound + i) : iVec::loadu(bound + i, m);
     iVec keep = magnitude >= b;
     if constexpr (A == Act::Relu) {
       // relu(x) = +0 for x < 0; -0 and NaN of either sign pass, as clamp_min(x, 0) (relu above).
       keep = keep & ((v >= zero) | (magnitude == zero) | (magnitude > inf));
     }
     const iVec out = v & keep;  // a remapped lane becomes +0
-    if (m >= kStep) {
+    if (m >= kW) {
       out.store(y + i);
     } else {
       out.store(y + i, m);
@@ -729,7 +749,7 @@ void forward_bits(const ForwardArgs& args) {
   const T* x = static_cast<const T*>(args.x);
   T* y = static_cast<T*>(args.y);
   const Geometry& g = args.geometry;
-  std::vector<uint16_t> bounds(g.channels);
+  std::vector<typename Bits<T>::type> bounds(g.channels);
   for (int64_t c = 0; c < g.channels; ++c) bounds[c] = remap_bound<T>(args.params.threshold[c]);
   at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
     for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
@@ -744,7 +764,7 @@ void forward_bits(const ForwardArgs& args) {
 
 template <typename T, Act A>
 void forward_typed(const ForwardArgs& args) {
-  if constexpr (remaps_on_bits<T, A>()) {
+  if constexpr (remaps_on_bits<A>()) {
     if (!args.params.center) return forward_bits<T, A>(args);
   }
   const T* x = static_cast<const T*>(args.x);

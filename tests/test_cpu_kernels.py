@@ -5,17 +5,21 @@ kernels walk without copying. The backend-parametrised suite is tests/test_ops.p
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import lipkern
 from lipkern.ops import reference
 from lipkern.testing import compare_backward, compare_forward
+from lipkern.ulp import same_bits
 
 _C = pytest.importorskip("lipkern._C", reason="lipkern's C++ extension is not built")
 
 ACTS = reference.ACTIVATIONS
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _supported(capability):
@@ -222,12 +226,6 @@ def test_every_16bit_input_in_fp32_math(capability, dtype):
                 assert y[~finite].isnan().eq(x[~finite].isnan()).all()
 
 
-def _same_bits(a, b):
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(
-        a.masked_fill(a.isnan(), 0).view(torch.int16), b.masked_fill(b.isnan(), 0).view(torch.int16)
-    )
-
-
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
@@ -245,43 +243,57 @@ def test_16bit_activation_tables_equal_the_fp32_kernels(capability, dtype, act):
     ops = torch.ops.lipkern
     for c in (None, center):
         y = ops.remap_act(x, threshold, c, act, 1, False)
-        assert _same_bits(y, ops.remap_act(wide, threshold, c, act, 1, False).to(dtype))
+        assert same_bits(y, ops.remap_act(wide, threshold, c, act, 1, False).to(dtype)).all()
         stats = ops.remap_act_stats(x, threshold, c, act, 1)
         wide_stats = ops.remap_act_stats(wide, threshold, c, act, 1)
-        assert _same_bits(stats[0], wide_stats[0].to(dtype))
+        assert same_bits(stats[0], wide_stats[0].to(dtype)).all()
         for got, expected in zip(stats[1:], wide_stats[1:]):
             assert torch.equal(got, expected) or torch.allclose(got, expected, 0, 0, equal_nan=True)
         grad_y = torch.randn(x.shape, generator=gen)
         dx = ops.remap_act_backward(grad_y, x, threshold, c, act, 1, False)
-        assert _same_bits(dx, ops.remap_act_backward(grad_y, wide, threshold, c, act, 1, False).to(dtype))
+        assert same_bits(dx, ops.remap_act_backward(grad_y, wide, threshold, c, act, 1, False).to(dtype)).all()
+
+
+def _bit_pattern_inputs(dtype, thresholds):
+    """Every 16-bit pattern; for fp32 every bf16 value widened (each exponent, both signs, NaNs
+    with payloads), 65536 random patterns, and each threshold with its neighbours."""
+    if dtype != torch.float32:
+        return torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    widened = (torch.arange(65536, dtype=torch.int64) << 16).to(torch.int32).view(torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    random = torch.randint(-(2**31), 2**31, (65536,), generator=gen, dtype=torch.int64)
+    t = torch.tensor([v for v in thresholds if math.isfinite(v)], dtype=torch.float32)
+    near = torch.cat([t, t.nextafter(torch.tensor(math.inf)), t.nextafter(torch.tensor(0.0))])
+    return torch.cat([widened, random.to(torch.int32).view(torch.float32), near, -near])
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ["identity", "relu"])
-def test_16bit_remap_on_bit_patterns_equals_the_reference(capability, dtype, act):
-    """16-bit identity and ReLU without a centre compare bit patterns instead of fp32 values:
-    over every input bit pattern, thresholds at ties, between two 16-bit values, subnormal, above
-    the largest finite value and infinite, the output equals the reference bit for bit (-0 kept,
-    NaN stays NaN), per tensor (row runs) and per channel (37 lanes, ragged)."""
-    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+def test_remap_on_bit_patterns_equals_the_reference(capability, dtype, act):
+    """Identity and ReLU without a centre compare bit patterns instead of fp32 values: for
+    thresholds of +-0, at a value of x, between two 16-bit values, subnormal, above the largest
+    finite 16-bit value and infinite, the output equals the reference bit for bit (-0 kept, NaN
+    stays NaN), per tensor (row runs), per channel (37 lanes, ragged) and in place."""
     finfo = torch.finfo(dtype)
     tie = torch.tensor(0.1, dtype=dtype)
     between = (float(tie) + float(tie.nextafter(torch.tensor(1.0, dtype=dtype)))) / 2
-    thresholds = [0.0, 1e-45, finfo.smallest_normal / 4, finfo.tiny, 0.1, between, float(tie),
-                  1.0, finfo.max, 3.4e38, float("inf")]
+    thresholds = [0.0, -0.0, 1e-45, finfo.smallest_normal / 4, finfo.tiny, 0.1, between,
+                  float(tie), 1.0, float(torch.finfo(torch.float16).max), 3.4e38, float("inf")]
+    x = _bit_pattern_inputs(dtype, thresholds)
     ops = torch.ops.lipkern
     for t in thresholds:
         threshold = torch.tensor(t, dtype=torch.float32)
         y = ops.remap_act(x, threshold, None, act, 0, False)
-        assert _same_bits(y, reference.remap_act_reference(x, threshold, None, act, 0, False)), t
+        assert same_bits(y, reference.remap_act_reference(x, threshold, None, act, 0, False)).all(), t
         inplace = x.clone()
         ops.remap_act_(inplace, threshold, None, act, 0)
-        assert _same_bits(inplace, y), t
-    lanes = x[: 1771 * 37].reshape(1771, 37)
+        assert same_bits(inplace, y).all(), t
+    lanes = x[: (x.numel() // 37) * 37].reshape(-1, 37)
     per_channel = torch.tensor(thresholds[:-1] * 4)[:37].float()
     y = ops.remap_act(lanes, per_channel, None, act, 1, False)
-    assert _same_bits(y, reference.remap_act_reference(lanes, per_channel, None, act, 1, False))
+    expected = reference.remap_act_reference(lanes, per_channel, None, act, 1, False)
+    assert same_bits(y, expected).all()
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
