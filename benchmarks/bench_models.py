@@ -15,16 +15,19 @@ every MLP FC1; FC2 reads the GELU output, so no second remap). Environment:
 ``LIPKERN_BENCH_MODELS`` (comma-separated of resnet18, vit_tiny, swin_tiny),
 ``LIPKERN_BENCH_MODEL_DTYPES`` (default ``fp32,bf16``), ``LIPKERN_BENCH_MODEL_SIZE`` (image side,
 default 224), ``LIPKERN_BENCH_MODEL_BATCH``, ``LIPKERN_BENCH_CALIB_BATCHES`` (default 4),
-``LIPKERN_BENCH_ROUNDS`` (default 5) and ``LIPKERN_BENCH_BACKEND`` (default ``auto``).
+``LIPKERN_BENCH_ROUNDS`` (default 5 under pytest, 15 for the script) and
+``LIPKERN_BENCH_BACKEND`` (default ``auto``).
 
 Run as a script (``python benchmarks/bench_models.py``) it prints the same comparisons as one
-markdown table, timing the two variants of each row alternately, round after round, and keeping
-each one's minimum: on a shared machine, load then hits both alike.
+markdown table, timing the two variants of each row alternately, round after round: each one's
+minimum, and the median of the per-round ratios (on a shared machine, load then hits both
+alike).
 """
 
 import copy
 import functools
 import os
+import statistics
 import time
 
 import pytest
@@ -48,6 +51,7 @@ SIZE = int(os.environ.get("LIPKERN_BENCH_MODEL_SIZE", "224"))
 BATCH = int(os.environ.get("LIPKERN_BENCH_MODEL_BATCH", "8"))
 CALIB_BATCHES = int(os.environ.get("LIPKERN_BENCH_CALIB_BATCHES", "4"))
 ROUNDS = int(os.environ.get("LIPKERN_BENCH_ROUNDS", "5"))
+SCRIPT_ROUNDS = int(os.environ.get("LIPKERN_BENCH_ROUNDS", "15"))
 BACKEND = os.environ.get("LIPKERN_BENCH_BACKEND", "auto")
 
 
@@ -121,41 +125,49 @@ def test_calibration_scan(benchmark, model, variant):
         _run(benchmark, lambda: calibrate(converted, data, c_r=C_R, progress=False))
 
 
-def _interleaved_minimum(a, b, rounds: int) -> tuple[float, float]:
-    """Minimum seconds of ``a()`` and of ``b()``, run alternately (order swapped every round)."""
+def _interleaved(a, b, rounds: int) -> tuple[float, float, float]:
+    """``a()`` and ``b()`` run alternately (order swapped every round): the minimum seconds of
+    each, and the median over rounds of b's time / a's time in that round. The paired median
+    cancels the machine's slow drifts, which can move one variant's minimum by a few percent."""
     best = [float("inf"), float("inf")]
+    ratios = []
     with torch.no_grad():
         a(), b()  # warm-up
         for r in range(rounds):
+            seconds = [0.0, 0.0]
             for index in ((0, 1) if r % 2 == 0 else (1, 0)):
                 fn = (a, b)[index]
                 start = time.perf_counter()
                 fn()
-                best[index] = min(best[index], time.perf_counter() - start)
-    return best[0], best[1]
+                seconds[index] = time.perf_counter() - start
+                best[index] = min(best[index], seconds[index])
+            ratios.append(seconds[1] / seconds[0])
+    return best[0], best[1], statistics.median(ratios)
 
 
 def main() -> None:
     steady_allocator()
     rows = [
-        "| model | dtype | batch | original ms | converted ms | overhead |",
-        "|---|---|---|---|---|---|",
+        "| model | dtype | batch | original ms | converted ms | overhead (minima) | overhead (paired median) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for model in SELECTED:
         for dtype in SELECTED_DTYPES:
             original, converted = _pair(model, dtype)
             x = _batches(1, DTYPES[dtype])[0]
-            base, new = _interleaved_minimum(lambda: original(x), lambda: converted(x), ROUNDS)
+            base, new, paired = _interleaved(
+                lambda: original(x), lambda: converted(x), SCRIPT_ROUNDS
+            )
             rows.append(
                 f"| {model} | {dtype} | {BATCH} | {base * 1e3:.1f} | {new * 1e3:.1f} | "
-                f"{(new / base - 1) * 100:+.1f} % |"
+                f"{(new / base - 1) * 100:+.1f} % | {(paired - 1) * 100:+.1f} % |"
             )
             print(rows[-1], flush=True)
         _pair.cache_clear()
     rows += [
         "",
-        "| model | batches | plain pass ms | calibration scan ms | ratio |",
-        "|---|---|---|---|---|",
+        "| model | batches | plain pass ms | calibration scan ms | ratio (minima) | ratio (paired median) |",
+        "|---|---|---|---|---|---|",
     ]
     for model in SELECTED:
         original, converted = _calibration_pair(model)
@@ -165,12 +177,12 @@ def main() -> None:
             for x in data:
                 original(x)
 
-        base, scan = _interleaved_minimum(
-            plain, lambda: calibrate(converted, data, c_r=C_R, progress=False), ROUNDS
+        base, scan, paired = _interleaved(
+            plain, lambda: calibrate(converted, data, c_r=C_R, progress=False), SCRIPT_ROUNDS
         )
         rows.append(
             f"| {model} | {CALIB_BATCHES}x{BATCH} | {base * 1e3:.1f} | {scan * 1e3:.1f} | "
-            f"{scan / base:.3f}x |"
+            f"{scan / base:.3f}x | {paired:.3f}x |"
         )
         print(rows[-1], flush=True)
     print("\n".join(rows))
