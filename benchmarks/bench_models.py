@@ -148,7 +148,8 @@ def _interleaved(a, b, rounds: int) -> tuple[float, float, float]:
 def main() -> None:
     steady_allocator()
     rows = [
-        "| model | dtype | batch | original ms | converted ms | overhead (minima) | overhead (paired median) |",
+        "| model | dtype | batch | original ms | converted ms | overhead (minima) "
+        "| overhead (paired median) |",
         "|---|---|---|---|---|---|---|",
     ]
     for model in SELECTED:
@@ -166,7 +167,8 @@ def main() -> None:
         _pair.cache_clear()
     rows += [
         "",
-        "| model | batches | plain pass ms | calibration scan ms | ratio (minima) | ratio (paired median) |",
+        "| model | batches | plain pass ms | calibration scan ms | ratio (minima) "
+        "| ratio (paired median) |",
         "|---|---|---|---|---|---|",
     ]
     for model in SELECTED:

@@ -23,9 +23,10 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using RemapActFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                              c10::string_view, int64_t, bool);
-using StatsTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using RemapActFn = at::Tensor(const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, c10::string_view, int64_t, bool);
+using StatsTuple =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using RemapActStatsFn = StatsTuple(const at::Tensor&, const at::Tensor&,
                                    const std::optional<at::Tensor>&, c10::string_view, int64_t);
 

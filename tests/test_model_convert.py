@@ -199,3 +199,57 @@ def test_dtype_casts_keep_buffer_dtypes():
     assert model.act.threshold.dtype == torch.float32
     assert model.act.threshold.item() == pytest.approx(0.1)
     assert model.act.sum.dtype == torch.float64
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_apply_mode_calls_the_cpu_kernels_directly(monkeypatch, inplace, straight_through):
+    """In apply mode on CPU tensors with backend auto/cpu, a layer hands its buffers straight to
+    the C++ op (which checks them); results and gradients equal the public API's, and other
+    backends, missing thresholds and bad channel axes still take the checked path."""
+    pytest.importorskip("lipkern._C", reason="lipkern's C++ extension is not built")
+    import lipkern
+    import lipkern.nn as lnn
+
+    layer = RemapAct("gelu", channel_dim=1, inplace=inplace, straight_through=straight_through)
+    layer.threshold = torch.rand(5) * 0.5
+    layer.center = torch.randn(5) * 0.1
+    layer.mode = "apply"
+    x = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
+    expected = lipkern.remap_act(x, layer.threshold, "gelu", layer.center, 1)
+
+    calls = []
+
+    def recorded(name, op):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return op(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(lnn, "remap_act", recorded("api", lipkern.remap_act))
+    monkeypatch.setattr(lnn, "remap_act_", recorded("api_", lipkern.remap_act_))
+    with torch.no_grad():
+        assert torch.equal(layer(x.clone()), expected)
+    leaf = x.clone().requires_grad_(True)
+    layer(leaf).sum().backward()
+    api_leaf = x.clone().requires_grad_(True)
+    api_y = lipkern.remap_act(
+        api_leaf, layer.threshold, "gelu", layer.center, 1, straight_through=straight_through
+    )
+    api_y.sum().backward()
+    assert torch.equal(leaf.grad, api_leaf.grad)
+    assert calls == []
+
+    layer.backend = "reference"
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.clone()), expected, rtol=0, atol=1e-6)
+    assert calls and set(calls) <= {"api", "api_"}
+    layer.backend = "auto"
+    layer.channel_dim = 4
+    with pytest.raises(ValueError, match="channel_dim=4 is out of range"):
+        layer(x)
+    layer.channel_dim = 1
+    layer.threshold = torch.zeros(0)
+    with pytest.raises(RuntimeError, match="never calibrated"):
+        layer(x)

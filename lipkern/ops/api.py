@@ -144,6 +144,19 @@ def _resolve_backend(backend, x: torch.Tensor) -> Backend:
     return chosen
 
 
+def _direct_cpu_kernels(backend, x) -> bool:
+    """Whether ``backend`` runs ``x`` on the C++ kernels, which check x, the thresholds and the
+    centres themselves: a caller whose parameters are already float32 ``()`` / ``(C,)`` tensors
+    (the model layer's buffers) may then call the ``lipkern::*`` ops directly, with a
+    non-negative ``channel_dim``."""
+    return (
+        isinstance(x, torch.Tensor)
+        and x.is_cpu
+        and (backend == "auto" or backend == "cpu")
+        and _ext.missing_reason() is None
+    )
+
+
 def _check_x(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
