@@ -58,7 +58,7 @@ from lipkern.ops.api import (
     remap_act_,
     remap_act_stats,
 )
-from lipkern.ops.stats import ChannelStats
+from lipkern.ops.stats import ChannelStats, merge_fields_
 
 MODES = ("off", "calibrate", "apply", "monitor")
 GRANULARITIES = ("tensor", "channel")
@@ -76,6 +76,8 @@ _HIST_SHIFT = 23 - HIST_MANTISSA_BITS
 _HIST_OFFSET = (127 - HIST_OCTAVES_BELOW) << HIST_MANTISSA_BITS
 
 _STAT_BUFFERS = ("amax", "remapped", "count", "sum", "sumsq")
+# The threshold of a calibration scan of CPU tensors (it remaps nothing); kernels only read it.
+_NO_THRESHOLD = torch.zeros(())
 
 
 def parse_statistic(statistic) -> tuple[str, Optional[float]]:
@@ -302,25 +304,29 @@ class RemapAct(nn.Module):
         self.redundant, self.fed_by = False, None
         self.mode = "calibrate"
 
-    def _pool(self, stats: ChannelStats) -> ChannelStats:
-        # A layer-wide scan of a contiguous input already has one channel (see _stats).
-        return stats.total() if self.granularity == "tensor" and stats.channels != 1 else stats
+    def _pool(self, fields: tuple) -> tuple:
+        """Statistics fields pooled to the layer's granularity (a layer-wide scan of a contiguous
+        input already has one channel, see _stats)."""
+        if self.granularity == "tensor" and fields[0].shape[0] != 1:
+            return ChannelStats(*fields).total().fields()
+        return fields
 
-    def _accumulate(self, stats: ChannelStats) -> None:
-        stats = self._pool(stats)
+    def _accumulate(self, fields: tuple) -> None:
+        fields = self._pool(fields)
         if self.amax.numel() == 0:
             # The first call of a scan: the buffers take over this call's fresh tensors, and
             # later calls merge into them in place.
-            self.stats = stats
+            self.stats = ChannelStats(*fields)
             return
-        channels = self.amax.shape[0]
-        if channels != stats.channels:
+        channels, got = self.amax.shape[0], fields[0].shape[0]
+        if channels != got:
             raise ValueError(
-                f"{self.layer_name}: called with {stats.channels} channels along channel_dim="
+                f"{self.layer_name}: called with {got} channels along channel_dim="
                 f"{self.channel_dim} after {channels}; a module shared by call sites "
                 "with different channel counts needs granularity='tensor'"
             )
-        self.stats.merge_(stats)
+        buffers = self._buffers
+        merge_fields_(tuple(buffers[name] for name in _STAT_BUFFERS), fields)
 
     def statistic_value(self) -> torch.Tensor:
         """The per-channel (or pooled) ``M`` of ``t = ratio * M``, float64."""
@@ -383,26 +389,33 @@ class RemapAct(nn.Module):
         return self.center if self.center.numel() else None
 
     def _stats(self, x: torch.Tensor, threshold, center=None):
-        """:func:`remap_act_stats` for this layer's granularity.
+        """``(y, fields)``: :func:`remap_act_stats` for this layer's granularity, its statistics
+        as :meth:`ChannelStats.fields`.
 
         Layer-wide statistics (granularity ``"tensor"``) need no channel axis, so a contiguous x
         is scanned as one flat channel: the kernels then keep every accumulator in registers
         instead of per-channel slots (ViT-tiny's MLP GELU: 0.28 instead of 0.37 ms at batch 8).
+        On the C++ kernels the op is called directly with tensor thresholds, as in apply mode
+        (see _apply_direct): a calibration scan calls this once per layer and batch.
         """
-        if self.granularity == "tensor" and x.is_contiguous():
-            _normalise_channel_dim(self.channel_dim, x)  # an axis x lacks is still an error
-            y, stats = remap_act_stats(
-                x.view(-1, 1), threshold, self.act, center, channel_dim=1, backend=self.backend
+        channel_dim = _normalise_channel_dim(self.channel_dim, x)  # an axis x lacks: an error
+        flat = self.granularity == "tensor" and x.is_contiguous()
+        scanned, axis = (x.view(-1, 1), 1) if flat else (x, channel_dim)
+        if _direct_cpu_kernels(self.backend, x) and isinstance(threshold, torch.Tensor):
+            y, *fields = torch.ops.lipkern.remap_act_stats.default(
+                scanned, threshold, center, self.act, axis
             )
-            return y.view_as(x), stats
-        return remap_act_stats(
-            x, threshold, self.act, center, channel_dim=self.channel_dim, backend=self.backend
-        )
+        else:
+            y, stats = remap_act_stats(
+                scanned, threshold, self.act, center, channel_dim=axis, backend=self.backend
+            )
+            fields = stats.fields()
+        return (y.view_as(x) if flat else y), tuple(fields)
 
     def _calibrate(self, x: torch.Tensor) -> torch.Tensor:
-        y, stats = self._stats(x, 0.0)
-        self._accumulate(stats)
-        if parse_statistic(self.statistic)[0] == "quantile":
+        y, fields = self._stats(x, _NO_THRESHOLD if x.is_cpu else 0.0)
+        self._accumulate(fields)
+        if self.statistic.startswith("quantile"):
             counts = _histogram(y)
             self.hist = counts if self.hist.numel() == 0 else self.hist + counts
         if _scan_outputs is not None:
@@ -410,13 +423,13 @@ class RemapAct(nn.Module):
         return y
 
     def _monitor(self, x: torch.Tensor) -> torch.Tensor:
-        y, stats = self._stats(x, self.threshold, self._center_or_none())
-        stats = self._pool(stats)
-        if self.monitor_count.shape != stats.count.shape:
-            self.monitor_remapped = torch.zeros_like(stats.remapped)
-            self.monitor_count = torch.zeros_like(stats.count)
-        self.monitor_remapped = self.monitor_remapped + stats.remapped
-        self.monitor_count = self.monitor_count + stats.count
+        y, fields = self._stats(x, self.threshold, self._center_or_none())
+        _, remapped, count, _, _ = self._pool(fields)
+        if self.monitor_count.shape != count.shape:
+            self.monitor_remapped = torch.zeros_like(remapped)
+            self.monitor_count = torch.zeros_like(count)
+        self.monitor_remapped = self.monitor_remapped + remapped
+        self.monitor_count = self.monitor_count + count
         return y
 
     def _check_calibrated(self) -> None:

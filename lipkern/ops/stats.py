@@ -67,23 +67,20 @@ class ChannelStats:
         return self.to(self.amax.device, copy=True).merge_(other)
 
     def merge_(self, other: "ChannelStats") -> "ChannelStats":
-        """:meth:`merge` into this object's tensors (in place; returns self).
-
-        Two kernel calls whatever the channel count: a calibration scan merges once per layer
-        and batch, where building new tensors cost about 40 us a merge.
-        """
+        """:meth:`merge` into this object's tensors (in place; returns self)."""
         if not isinstance(other, ChannelStats):
             raise TypeError(f"other must be ChannelStats, got {type(other).__name__}")
         if other.channels != self.channels:
             raise ValueError(
                 f"cannot merge statistics of {self.channels} and {other.channels} channels"
             )
-        torch.maximum(self.amax, other.amax, out=self.amax)
-        torch._foreach_add_(
-            [self.remapped, self.count, self.sum, self.sumsq],
-            [other.remapped, other.count, other.sum, other.sumsq],
-        )
+        merge_fields_(self.fields(), other.fields())
         return self
+
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        """``(amax, remapped, count, sum, sumsq)``: the order of the ``lipkern::remap_act_stats``
+        outputs after ``y``."""
+        return (self.amax, self.remapped, self.count, self.sum, self.sumsq)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -136,3 +133,14 @@ class ChannelStats:
         self.remapped, self.count = counts[0].clone(), counts[1].clone()
         self.sum, self.sumsq = sums[0].clone(), sums[1].clone()
         return self
+
+
+def merge_fields_(target, other) -> None:
+    """Merge the statistics ``other`` into ``target`` in place, both as
+    :meth:`ChannelStats.fields` tuples of one channel count.
+
+    Two kernel calls whatever the channel count. A calibration scan merges once per layer and
+    batch, on tensors straight from the op, so no ChannelStats is built there.
+    """
+    torch.maximum(target[0], other[0], out=target[0])
+    torch._foreach_add_(list(target[1:]), list(other[1:]))
