@@ -308,7 +308,7 @@ class RemapAct(nn.Module):
         """Statistics fields pooled to the layer's granularity (a layer-wide scan of a contiguous
         input already has one channel, see _stats)."""
         if self.granularity == "tensor" and fields[0].shape[0] != 1:
-            return ChannelStats(*fields).total().fields()
+            return ChannelStats(*fields).total().as_tuple()
         return fields
 
     def _accumulate(self, fields: tuple) -> None:
@@ -390,7 +390,7 @@ class RemapAct(nn.Module):
 
     def _stats(self, x: torch.Tensor, threshold, center=None):
         """``(y, fields)``: :func:`remap_act_stats` for this layer's granularity, its statistics
-        as :meth:`ChannelStats.fields`.
+        as :meth:`ChannelStats.as_tuple`.
 
         Layer-wide statistics (granularity ``"tensor"``) need no channel axis, so a contiguous x
         is scanned as one flat channel: the kernels then keep every accumulator in registers
@@ -409,7 +409,7 @@ class RemapAct(nn.Module):
             y, stats = remap_act_stats(
                 scanned, threshold, self.act, center, channel_dim=axis, backend=self.backend
             )
-            fields = stats.fields()
+            fields = stats.as_tuple()
         return (y.view_as(x) if flat else y), tuple(fields)
 
     def _calibrate(self, x: torch.Tensor) -> torch.Tensor:

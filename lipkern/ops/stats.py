@@ -74,10 +74,10 @@ class ChannelStats:
             raise ValueError(
                 f"cannot merge statistics of {self.channels} and {other.channels} channels"
             )
-        merge_fields_(self.fields(), other.fields())
+        merge_fields_(self.as_tuple(), other.as_tuple())
         return self
 
-    def fields(self) -> tuple[torch.Tensor, ...]:
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
         """``(amax, remapped, count, sum, sumsq)``: the order of the ``lipkern::remap_act_stats``
         outputs after ``y``."""
         return (self.amax, self.remapped, self.count, self.sum, self.sumsq)
@@ -137,7 +137,7 @@ class ChannelStats:
 
 def merge_fields_(target, other) -> None:
     """Merge the statistics ``other`` into ``target`` in place, both as
-    :meth:`ChannelStats.fields` tuples of one channel count.
+    :meth:`ChannelStats.as_tuple` tuples of one channel count.
 
     Two kernel calls whatever the channel count. A calibration scan merges once per layer and
     batch, on tensors straight from the op, so no ChannelStats is built there.
