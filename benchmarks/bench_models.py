@@ -9,6 +9,8 @@ Random weights, eval mode, no_grad. Groups, one table row each:
 - ``calib-<model>``: ``plain`` (a no-grad pass of the original model over the calibration batches)
   vs ``scan`` (``lipkern.calibrate`` over the same batches: the fused statistics op in every
   converted layer). The target is at most 1.1x.
+- ``layer-call-8x192``: one converted GELU layer's call in apply and in calibrate mode against
+  ``nn.GELU``, on a tiny input: the per-layer Python a model pays.
 
 Models: torchvision ResNet-18 (ReLU), timm ViT-tiny and Swin-tiny (GELU, with input remaps on
 every MLP FC1; FC2 reads the GELU output, so no second remap). Environment:
@@ -123,6 +125,23 @@ def test_calibration_scan(benchmark, model, variant):
         _run(benchmark, plain)
     else:
         _run(benchmark, lambda: calibrate(converted, data, c_r=C_R, progress=False))
+
+
+@pytest.mark.parametrize("variant", ["nn.GELU", "apply", "calibrate"])
+def test_layer_call(benchmark, variant):
+    """One layer's call on a tiny input (8x192): what a model pays per converted layer besides
+    the kernel. Inside a model this Python costs several times what it costs here (1 us of it
+    between ViT's LayerNorm and FC1 measured about 6), so it is worth watching."""
+    benchmark.group = "layer-call-8x192"
+    x = torch.randn(8, 192)
+    layer = torch.nn.Sequential(torch.nn.GELU())
+    if variant != "nn.GELU":
+        convert(layer, backend=BACKEND)
+        calibrate(layer, [x], c_r=C_R, progress=False)
+        if variant == "calibrate":
+            layer[0].begin_calibration()
+    with torch.no_grad():
+        benchmark(layer[0], x)
 
 
 def _interleaved(a, b, rounds: int) -> tuple[float, float, float]:
