@@ -175,6 +175,20 @@ def test_backward_matches_reference(backend, act, dtype, center_kind, layout, st
 
 
 @pytest.mark.parametrize("act", ACTS)
+def test_reference_straight_through_keeps_the_forward_value(act):
+    """straight_through changes the gradient only: the reference's forward equals the plain
+    remap bit for bit, with a centre (a -0 centre too) and with inf and NaN inputs."""
+    x = make_x((37, 8), torch.float32)
+    x[0, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])
+    threshold = torch.rand(8)
+    center = torch.randn(8) * 0.3
+    center[1] = -0.0
+    plain = reference.remap_act_reference(x, threshold, center, act, 1, False)
+    through = reference.remap_act_reference(x, threshold, center, act, 1, True)
+    assert same_bits(through, plain).all()
+
+
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("straight_through", [False, True])
 def test_reference_backward_formula_equals_autograd(act, dtype, straight_through):

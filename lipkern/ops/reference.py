@@ -106,7 +106,9 @@ def remap_act_reference(x, threshold, center, act, channel_dim, straight_through
     a, c, mask = _activate_and_mask(x, threshold, center, act, channel_dim)
     y = _remapped(a, c, mask)
     if straight_through:
-        y = a + (y - a).detach()
+        # Not a + (y - a).detach(), which rounds a centre c to a + (c - a). Where the mask holds,
+        # a is finite, so a.detach() - a is +0 and y - (+0) is y bit for bit (a -0 centre too).
+        y = torch.where(mask, y.detach() - (a.detach() - a), a)
     return y.to(x.dtype)
 
 
