@@ -11,6 +11,7 @@ from torch import nn
 
 from lipkern.convert import convert, describe, straight_through
 from lipkern.nn import InputRemap, RemapAct, remap_modules
+from lipkern.testing import compare_forward
 from model_helpers import model_backend
 
 
@@ -243,7 +244,8 @@ def test_apply_mode_calls_the_cpu_kernels_directly(monkeypatch, inplace, straigh
 
     layer.backend = "reference"
     with torch.no_grad():
-        torch.testing.assert_close(layer(x.clone()), expected, rtol=0, atol=1e-6)
+        # The reference's GELU is not the C++ kernels' bit for bit: judged by the project's rule.
+        assert compare_forward(layer(x.clone()), x, layer.threshold, layer.center, "gelu", 1).ok
     assert calls and set(calls) <= {"api", "api_"}
     layer.backend = "auto"
     layer.channel_dim = 4
