@@ -1,17 +1,40 @@
-"""``lipkern.eval.evaluate``: the whole evaluation of one model, original vs each remap ratio c^r."""
+"""``lipkern.eval.evaluate``: the whole evaluation of one model, original vs each remap ratio c^r.
+
+How the work is cut (what makes it resumable and shardable):
+
+1. Calibration, collectively: the calibration set is cut into batches of ``CALIB_BATCH`` samples, batch ``i``
+   scanned by rank ``i % world``; ``lipkern.calibrate`` all-reduces the statistics, so every rank gets the
+   thresholds of one scan over all batches. The same holds for the integer counts that pick the layers with a
+   remapped input and the weight variant's pruned columns.
+2. Test samples, in chunks: the attacked samples are ``n_test`` test samples drawn without replacement with
+   ``numpy.random.default_rng(seed)`` (all of them, in file order, when ``n_test`` covers the test set), cut into
+   chunks of ``chunk_size``. Chunk ``k`` is run by rank ``k % world`` through every stage of every
+   configuration, with attack seeds derived from ``(seed, k)``; AutoAttack's later stages see only the chunk's
+   survivors. A chunk runs the same way on any rank, so per-sample outcomes do not depend on the number of
+   processes.
+3. Every finished (chunk, stage) is committed to the output directory's outcome store
+   (:mod:`lipkern.eval.store`) before the next starts; a rerun skips what is there. The report is built from
+   the store alone.
+"""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import _remap, attacks, audit, layers, lipschitz, smoothing, weight_variant
+from . import _remap, attacks, audit, layers, lipschitz, parallel, smoothing, stats, weight_variant
 from .data import Split
+from .store import OutcomeStore
 
 DEFAULT_RATIOS = (2 ** -8, 2 ** -7, 2 ** -6)
 DEFAULT_EPS = 32 / 255  # see lipkern/eval/train.py for why this suits 8x8 digits
@@ -20,6 +43,11 @@ SWEEP_EPS_255 = (1, 2, 4, 8, 16, 32, 64, 96)
 # pixel in L2 terms over 64 pixels (||noise|| ~ 2), large enough to certify non-trivial radii.
 DEFAULT_SIGMA = 0.25
 CERT_RADII = tuple(round(0.05 * i, 2) for i in range(0, 21))
+DEFAULT_CHUNK = 100
+DEFAULT_BATCH = 500
+# Small enough that a few hundred calibration samples still give every one of several ranks a batch.
+CALIB_BATCH = 64
+AA_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
 class EvalInputError(ValueError):
@@ -31,7 +59,7 @@ class Budget:
     """How much of each analysis to run; ``FULL`` is the default report, ``QUICK`` the CI smoke run."""
 
     name: str
-    n_test: int | None          # test samples for the attacks (None: all)
+    n_test: int | None          # default number of attacked test samples (None: all)
     pgd_steps: int
     cw_steps: int
     aa_targets: int             # AutoAttack's APGD-T / FAB-T target classes (standard: 9)
@@ -46,17 +74,32 @@ class Budget:
     n_lipschitz: int            # test samples whose layer inputs feed the Lipschitz / proportion analyses
 
 
-# Sized so that, with one model per core and one intra-op thread, the embedded default runs in <= 15 min (full)
-# and <= 3 min (quick) on 2 cores. AutoAttack dominates (~2000 gradient steps and 5000 queries per run, nearly
-# independent of the batch size for these small models), so the secondary analyses (weight variant, calibration
-# ablation) use AutoAttack's two APGD attacks, about a quarter of its cost; the main table uses the official
-# standard AutoAttack. QUICK is a smoke test: it also cuts AutoAttack to 3 target classes and 1000 Square queries.
+# AutoAttack dominates (~2000 gradient steps and 5000 queries per chunk, nearly independent of the chunk size for
+# these small models), so the secondary analyses (weight variant, calibration ablation) use AutoAttack's two
+# APGD attacks, about a quarter of its cost; the main table uses the official standard AutoAttack. QUICK is a
+# smoke test: it also cuts AutoAttack to 3 target classes and 1000 Square queries.
 FULL = Budget("full", 200, pgd_steps=20, cw_steps=30, aa_targets=9, aa_square_queries=5000,
               aux_attacks=("apgd-ce", "apgd-t"), n_cert=100, cert_n0=100, cert_n=1000, cert_alpha=0.001,
               weight_fractions=weight_variant.SWEEP_FRACTIONS, n_ablation_sizes=3, n_lipschitz=200)
 QUICK = Budget("quick", 40, pgd_steps=10, cw_steps=20, aa_targets=3, aa_square_queries=1000,
                aux_attacks=("apgd-ce",), n_cert=20, cert_n0=100, cert_n=1000, cert_alpha=0.001,
                weight_fractions=(weight_variant.DEFAULT_FRACTION,), n_ablation_sizes=2, n_lipschitz=40)
+
+_STAGE = contextvars.ContextVar("lipkern_eval_stage", default=None)
+
+
+def current_stage() -> str | None:
+    """The stage :func:`evaluate` is running now (e.g. ``"2^-7/adaptive"``), for hooks that watch the model."""
+    return _STAGE.get()
+
+
+@contextlib.contextmanager
+def _in_stage(label: str):
+    token = _STAGE.set(label)
+    try:
+        yield
+    finally:
+        _STAGE.reset(token)
 
 
 def ratio_label(r: float) -> str:
@@ -100,25 +143,50 @@ def _as_split(data, what: str) -> Split:
     if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(data[0], torch.Tensor):
         return Split(data[0], torch.as_tensor(data[1]))
     raise EvalInputError(f"{what} must be a lipkern.eval.data.Split, a tensor x, or an (x, y) pair of tensors; "
-                    f"got {type(data).__name__}")
+                         f"got {type(data).__name__}")
 
 
-def _check_inputs(model, calib: Split, test: Split, eps: float, ratios, num_classes: int | None) -> int:
-    if not isinstance(model, nn.Module):
-        raise EvalInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise EvalInputError(f"eps must be a finite number > 0 (in [0, 1] input units), got {eps!r}")
-    if not ratios or any(not (0 < r < 1) for r in ratios):
-        raise EvalInputError(f"ratios must be a non-empty list of values in (0, 1), got {list(ratios)}")
+def _check_number(name: str, value, low=None, high=None, *, integer=False, low_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+    if not ok:
+        rng = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+        rng += (" and " if rng and high is not None else "") + (f"<= {high}" if high is not None else "")
+        raise EvalInputError(f"{name} must be a finite {'integer' if integer else 'number'} {rng}, got {value!r}")
+
+
+def check_eps(eps) -> None:
+    if isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 1:
+        raise EvalInputError(f"eps must be < 1 (an L-inf radius in [0, 1] input units), got {eps!r}; "
+                             f"did you mean {eps:g}/255?")
+    _check_number("eps", eps, 0, 1, low_open=True)
+
+
+def _check_data(model, calib: Split, test: Split, num_classes, device) -> int:
     for what, s in (("calib_data", calib), ("test_data", test)):
         if len(s) == 0:
             raise EvalInputError(f"{what} is empty")
         if s.x.dim() != 4:
             raise EvalInputError(f"{what}: x must have shape (N, C, H, W), got {tuple(s.x.shape)}")
+    if calib.x.shape[1:] != test.x.shape[1:]:
+        raise EvalInputError(f"calib_data has samples of shape {tuple(calib.x.shape[1:])}, test_data "
+                             f"{tuple(test.x.shape[1:])}")
     if test.x.min() < 0 or test.x.max() > 1:
         raise EvalInputError("test_data: x must lie in [0, 1] (attacks clip to that box)")
-    with torch.no_grad():
-        n_out = model.eval()(test.x[:2]).shape[-1]
+    expected = _input_channels(model)
+    c = test.x.shape[1]
+    if expected is not None and c != expected:
+        hint = (" (the data looks channels-last, (N, H, W, C): transpose it to (N, C, H, W))"
+                if test.x.shape[-1] == expected else "")
+        raise EvalInputError(f"the data has {c} channels (x of shape (N, C, H, W) = {tuple(test.x.shape)}) but "
+                             f"the model's first convolution takes {expected}{hint}")
+    try:
+        with torch.no_grad():
+            n_out = model.eval()(test.x[:2].to(device)).shape[-1]
+    except RuntimeError as e:
+        raise EvalInputError(f"the model cannot run on the data's samples of shape {tuple(test.x.shape[1:])}: "
+                             f"{str(e).splitlines()[0]}") from None
     if n_out < 4:
         raise EvalInputError(f"the model outputs {n_out} logits; AutoAttack's targeted DLR loss needs at least "
                              "4 classes")
@@ -126,179 +194,159 @@ def _check_inputs(model, calib: Split, test: Split, eps: float, ratios, num_clas
         raise EvalInputError(f"num_classes={num_classes} but the model outputs {n_out} logits")
     if test.y.min() < 0 or test.y.max() >= n_out:
         raise EvalInputError(f"test labels out of range: min {int(test.y.min())}, max {int(test.y.max())}; "
-                         f"the model has {n_out} classes (labels 0..{n_out - 1})")
+                             f"the model has {n_out} classes (labels 0..{n_out - 1})")
     return n_out
 
 
-def _acc(flags: torch.Tensor) -> float:
-    return flags.float().mean().item()
+def _input_channels(model: nn.Module) -> int | None:
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
+
+
+def select_samples(n_available: int, n: int | None, seed: int) -> np.ndarray:
+    """Indices of the attacked test samples (see the module docstring): all in order, or a seeded subset."""
+    if n is None or n >= n_available:
+        return np.arange(n_available)
+    return np.sort(np.random.default_rng(seed).choice(n_available, size=n, replace=False))
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
 
 def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EPS, ratios=DEFAULT_RATIOS,
              quick: bool = False, convert_kwargs: dict | None = None, num_classes: int | None = None,
              sigma: float = DEFAULT_SIGMA, ablation_data=None, name: str = "model", seed: int = 0,
-             progress: bool = True, progress_position: int = 0, budget: Budget | None = None) -> EvalResult:
+             progress: bool = True, progress_position: int = 0, budget: Budget | None = None,
+             device: str | torch.device | None = "auto", n_test: int | None = None, n_calib: int | None = None,
+             batch_size: int = DEFAULT_BATCH, chunk_size: int = DEFAULT_CHUNK, out_dir=None,
+             calib_source: str = "given by the caller", log=None) -> EvalResult:
     """Evaluate ``model`` and its remapped versions (one calibration scan, then ``set_ratio`` per c^r).
 
     ``calib_data`` (training data, never test data) calibrates the thresholds; ``test_data`` is ``(x, y)`` with x
     in [0, 1]. ``convert_kwargs`` go to ``lipkern.convert`` (default: its own defaults). ``ablation_data``
     (default ``calib_data``) supplies the larger calibration sets of the size ablation; its prefix of
     ``len(calib_data)`` samples should be ``calib_data`` itself so the main run doubles as one ablation point.
+
+    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``; every stage runs there, batch by
+    batch. ``n_test``: attacked samples (default: the budget's, all when it has none); ``n_calib``: the first
+    ``n_calib`` calibration samples. ``out_dir``: where per-sample outcomes are stored as they finish; work already
+    stored there by an identical earlier call is reused (default: a temporary directory). Under an initialised
+    ``torch.distributed`` process group, every rank must make the same call; chunks are shared among the ranks.
+    ``log``: where the one-line work summary and time estimate go (default stderr, main rank only).
     """
     budget = budget or (QUICK if quick else FULL)
     calib, test = _as_split(calib_data, "calib_data"), _as_split(test_data, "test_data")
+    if not isinstance(model, nn.Module):
+        raise EvalInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_eps(eps)
     ratios = tuple(float(r) for r in ratios)
-    n_cls = _check_inputs(model, calib, test, eps, ratios, num_classes)
-    ablation = calib if ablation_data is None else _as_split(ablation_data, "ablation_data")
-    convert_kwargs = dict(convert_kwargs or {})
-    test = test.head(budget.n_test)
-    x, y = test.x, test.y
-    original = copy.deepcopy(model).eval()
+    if not ratios or any(not (0 < r < 1) for r in ratios):
+        raise EvalInputError(f"ratios must be a non-empty list of values in (0, 1), got {list(ratios)}")
+    _check_number("sigma", sigma, 0, low_open=True)
+    _check_number("batch_size", batch_size, 1, integer=True)
+    _check_number("chunk_size", chunk_size, 1, integer=True)
+    if n_test is not None:
+        _check_number("n_test", n_test, 1, len(test), integer=True)
+    if n_calib is not None:
+        _check_number("n_calib", n_calib, 1, len(calib), integer=True)
+        calib = calib.head(n_calib)
+    try:
+        processes = parallel.current()
+        dev = parallel.resolve_device(device, processes.local_rank)
+    except parallel.DeviceError as e:
+        raise EvalInputError(str(e)) from None
+    original = copy.deepcopy(model).eval().to(dev)
     for p in original.parameters():
         p.requires_grad_(False)
-    timings: dict[str, float] = {}
-    stages = ["calibrate"] + [f"{c}: {s}" for c in ["original", *map(ratio_label, ratios)]
-                              for s in ("clean+AutoAttack", "CW", "FGSM/PGD sweep", "adaptive+transfer",
-                                        "smoothing", "layers")]
-    stages = [s for s in stages if not (s.startswith("original: adaptive"))]
-    stages += ["weight variant", "calibration ablation"]
-    bar = tqdm(total=len(stages), desc=f"eval {name}", disable=not progress, unit="step",
-               position=progress_position)
+    n_cls = _check_data(original, calib, test, num_classes, dev)
+    ablation = calib if ablation_data is None else _as_split(ablation_data, "ablation_data")
+    convert_kwargs = dict(convert_kwargs or {})
+    n_calib_batches = math.ceil(len(calib) / CALIB_BATCH)
+    if n_calib_batches < processes.world:
+        raise EvalInputError(f"{len(calib)} calibration samples make {n_calib_batches} batches of {CALIB_BATCH}, "
+                             f"fewer than the {processes.world} processes; every process needs a batch")
+    order = select_samples(len(test), n_test if n_test is not None else budget.n_test, seed)
+    plan = _Plan(name, budget, ratios, order, chunk_size, eps, sigma, seed, n_cls, batch_size)
+    settings = {"eps": eps, "ratios": list(ratios), "budget": asdict(budget), "seed": seed, "sigma": sigma,
+                "chunk_size": chunk_size, "test_indices_sha": _digest(order), "n_calib": len(calib),
+                "convert_kwargs": _jsonable(convert_kwargs), "test_sha": _digest(test.x.numpy(), test.y.numpy()),
+                "calib_sha": _digest(calib.x.numpy())}
 
-    def stage(label):
-        bar.set_postfix_str(label)
-        return _Timer(timings, label, bar)
-
-    calib_batches = list(calib.batches(256))
-    with stage("calibrate"):
-        converted, _ = _remap.remapped_copy(original, calib_batches, ratios[0], convert_kwargs, progress=False)
+    with contextlib.ExitStack() as cleanup:
+        if out_dir is None:
+            out_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="lipkern-eval-"))
+            if processes.world > 1:
+                raise EvalInputError("out_dir is required when several processes evaluate together")
+        store = OutcomeStore(out_dir)
+        cleanup.callback(store.close)
+        store.bind_settings(name, settings)
+        with _in_stage("calibrate"):
+            converted, _ = _remap.remapped_copy(original, _my_batches(calib, processes, dev), ratios[0],
+                                                convert_kwargs, progress=False)
         for p in converted.parameters():
             p.requires_grad_(False)
         names = layers.check_matching(original, converted)
-
-    aa_kw = dict(num_classes=n_cls, seed=seed, n_targets=budget.aa_targets)
-    configs: dict[str, dict] = {}
-    layer_inputs: dict[str, dict[str, torch.Tensor]] = {}
-    cert = {}
-    n_lip = min(budget.n_lipschitz, len(x))
-    x_adv_original = None
-    for r in (None, *ratios):
-        label = "original" if r is None else ratio_label(r)
-        if r is None:
-            m = original
-        else:
-            _remap.set_ratio(converted, r)
-            m = converted
-        cfg: dict = {"ratio": r}
-        with stage(f"{label}: clean+AutoAttack"):
-            clean = attacks.correct(m, x, y)
-            x_adv, aa_ok, aa_stages = attacks.autoattack(m, x, y, eps, square_queries=budget.aa_square_queries,
-                                                      **aa_kw)
-            cfg["clean"], cfg["autoattack"] = _acc(clean), _acc(aa_ok)
-            cfg["autoattack_stages"] = _stage_accuracies(aa_stages, cfg["clean"])
-            cfg["apgd_ce"] = cfg["autoattack_stages"]["apgd-ce"]
-            cfg["square_gain"] = cfg["autoattack_stages"]["fab-t"] - cfg["autoattack_stages"]["square"]
-            # The secondary analyses' attack is a prefix of AutoAttack's sequence with the same settings and seed,
-            # so its accuracy on this configuration is the matching AutoAttack stage.
-            cfg["aux_robust"] = cfg["autoattack_stages"][budget.aux_attacks[-1]]
-            worst = clean & aa_ok
-            if r is None:
-                x_adv_original = x_adv
-        with stage(f"{label}: CW"):
-            cw_ok = attacks.correct(m, attacks.pgd_cw(m, x, y, eps, steps=budget.cw_steps, seed=seed), y)
-            cfg["cw"] = _acc(cw_ok)
-            worst &= cw_ok
-        with stage(f"{label}: FGSM/PGD sweep"):
-            cfg["fgsm"], cfg["pgd"] = {}, {}
-            for k in SWEEP_EPS_255:
-                cfg["fgsm"][str(k)] = _acc(attacks.correct(m, attacks.fgsm(m, x, y, k / 255), y))
-                cfg["pgd"][str(k)] = _acc(attacks.correct(m, attacks.pgd(m, x, y, k / 255, steps=budget.pgd_steps,
-                                                                          seed=seed), y))
-        cfg["adaptive"] = cfg["transfer"] = None
-        if r is not None:
-            with stage(f"{label}: adaptive+transfer"):
-                _, ad_ok, _ = attacks.adaptive(m, x, y, eps, **aa_kw)
-                tr_ok = attacks.correct(m, x_adv_original, y)
-                cfg["adaptive"], cfg["transfer"] = _acc(ad_ok), _acc(tr_ok)
-                worst &= ad_ok & tr_ok
-        cfg["worst_case"] = _acc(worst)
-        with stage(f"{label}: smoothing"):
-            n_c = min(budget.n_cert, len(x))
-            preds, radii = smoothing.certify(m, x[:n_c], y[:n_c], sigma=sigma, num_classes=n_cls, n0=budget.cert_n0,
-                                             n=budget.cert_n, alpha=budget.cert_alpha, seed=seed,
-                                             progress=progress, desc=f"certify {label}",
-                                             position=2 + progress_position)
-            cert[label] = smoothing.certified_accuracy(preds, radii, y[:n_c].numpy(), CERT_RADII)
-        with stage(f"{label}: layers"):
-            layer_inputs[label] = layers.layer_inputs(m, x[:n_lip], names)
-        cfg["audit"] = audit.audit(cfg, len(x))
-        configs[label] = cfg
-
-    last = ratio_label(ratios[-1])
-    zero = {c: layers.zero_fractions(v) for c, v in layer_inputs.items()}
-    remapped_layers = [n for n in names if zero[last][n] > zero["original"][n] + layers.REMAPPED_MIN_GAIN]
-    modules = dict(layers.linear_layers(original))
-    lip = lipschitz.lipschitz_table({n: modules[n] for n in remapped_layers},
-                                    {c: {n: v[n] for n in remapped_layers} for c, v in layer_inputs.items()})
-    del layer_inputs
-
-    wv_ratio = 2 ** -7 if 2 ** -7 in ratios else ratios[len(ratios) // 2]
-    aux_label = " + ".join(a.upper() for a in budget.aux_attacks)
-
-    def aux_attack(model_, x_, y_, eps_, **kw):
-        return attacks.gradient_attacks(model_, x_, y_, eps_, attacks=budget.aux_attacks, **kw)
-    with stage("weight variant"):
-        _remap.set_ratio(converted, wv_ratio)
-        freq = weight_variant.remap_frequency(
-            {n: v for n, v in layers.layer_inputs(converted, calib.x, names).items() if n in remapped_layers},
-            layers.layer_inputs(original, calib.x, names))
-        wv_rows = []
-        for f in budget.weight_fractions:
-            wm, pruned = weight_variant.weight_variant(original, freq, f)
-            _, ok, _ = aux_attack(wm, x, y, eps, **aa_kw)
-            wv_rows.append({"fraction": f, "pruned_columns": pruned, "clean": _acc(attacks.correct(wm, x, y)),
-                            "robust": _acc(ok)})
-
-    with stage("calibration ablation"):
-        ab_rows = []
-        for size in _ablation_sizes(len(calib), len(ablation), budget.n_ablation_sizes):
-            if size == len(calib) and wv_ratio in ratios:
-                main = configs[ratio_label(wv_ratio)]
-                ab_rows.append({"n_calib": size, "clean": main["clean"], "robust": main["aux_robust"]})
-                continue
-            sub = ablation.head(size)
-            am, _ = _remap.remapped_copy(original, list(sub.batches(256)), wv_ratio, convert_kwargs, progress=False)
-            _, ok, _ = aux_attack(am, x, y, eps, **aa_kw)
-            ab_rows.append({"n_calib": size, "clean": _acc(attacks.correct(am, x, y)), "robust": _acc(ok)})
-    bar.close()
-
-    result = {
-        "name": name, "eps": eps, "eps_label": eps_label(eps), "ratios": list(ratios),
-        "ratio_labels": [ratio_label(r) for r in ratios], "n_test": len(x), "n_calib": len(calib),
-        "num_classes": n_cls, "budget": asdict(budget), "convert_kwargs": {k: list(v) if isinstance(v, tuple) else v
-                                                                            for k, v in convert_kwargs.items()},
-        "configs": configs,
-        "smoothing": {"sigma": sigma, "n0": budget.cert_n0, "n": budget.cert_n, "alpha": budget.cert_alpha,
-                      "n_points": min(budget.n_cert, len(x)), "radii": list(CERT_RADII), "certified_accuracy": cert},
-        "layers": {"names": remapped_layers, "zero_fraction": {c: {n: z[n] for n in remapped_layers}
-                                                               for c, z in zero.items()},
-                   "n_samples": n_lip},
-        "lipschitz": lip,
-        "weight_variant": {"ratio": wv_ratio, "ratio_label": ratio_label(wv_ratio), "attack": aux_label,
-                           "rows": wv_rows},
-        "calib_ablation": {"ratio": wv_ratio, "ratio_label": ratio_label(wv_ratio), "attack": aux_label,
-                           "rows": ab_rows},
-        "timings_s": timings,
-    }
+        with _in_stage("remap counts"):
+            layer_info = _layer_selection(original, converted, calib, names, ratios, processes, dev)
+        aux_models = _aux_models(original, layer_info, calib, ablation, budget, ratios, convert_kwargs,
+                                 processes, dev)
+        timings = _run_chunks(plan, store, original, converted, layer_info, aux_models, test, processes, dev,
+                              progress, progress_position, log if log is not None else sys.stderr)
+        processes.barrier()
+        result = _aggregate(plan, store, original, layer_info, aux_models, timings, calib_source, len(calib),
+                            test.y.numpy()[order], dev)
     return EvalResult([result], {"quick": budget.name == "quick"})
 
 
-def _stage_accuracies(stages: dict[str, float], clean: float) -> dict[str, float]:
-    """Accuracy after each AutoAttack stage; a stage skipped because no point was left keeps the previous value."""
-    out, last = {}, clean
-    for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
-        last = out[name] = stages.get(name, last)
-    return out
+def _digest(*arrays) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _jsonable(kwargs: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+def _my_batches(split: Split, processes: parallel.Processes, device) -> list[torch.Tensor]:
+    return [x.to(device) for i, (x, _) in enumerate(split.batches(CALIB_BATCH)) if processes.owns(i)]
+
+
+@dataclass
+class _LayerInfo:
+    names: list[str]                       # every Linear / Conv2d, original model's names
+    remapped: list[str]                    # those whose input the remap changes (from the calibration data)
+    zero_fraction_calib: dict[str, dict[str, float]]
+    wv_ratio: float
+    frequency: dict[str, torch.Tensor]     # weight variant: per remapped layer, per feature
+
+
+def _layer_selection(original, converted, calib, names, ratios, processes, device) -> _LayerInfo:
+    """Layers with a remapped input (at the largest ratio, their share of zero inputs on the calibration data
+    grows by more than ``layers.REMAPPED_MIN_GAIN``) and the weight variant's remap frequencies."""
+    batches = _my_batches(calib, processes, device)
+    wv_ratio = 2 ** -7 if 2 ** -7 in ratios else ratios[len(ratios) // 2]
+    counts = {}
+    for r in sorted({ratios[-1], wv_ratio}):
+        _remap.set_ratio(converted, r)
+        c = layers.remap_counts(original, converted, batches, names)
+        for n in names:
+            parallel.all_reduce_sum_(c[n])
+        counts[r] = {n: v.cpu() for n, v in c.items()}
+    last = counts[ratios[-1]]
+    zero = {}
+    for n in names:
+        elements = last[n][0, 0].item() * (last[n].shape[1] - 1)
+        zero[n] = {"original": last[n][0, 1:].sum().item() / elements,
+                   "converted": last[n][1, 1:].sum().item() / elements}
+    remapped = [n for n in names if zero[n]["converted"] > zero[n]["original"] + layers.REMAPPED_MIN_GAIN]
+    frequency = {n: weight_variant.remap_frequency(counts[wv_ratio][n]) for n in remapped}
+    _remap.set_ratio(converted, ratios[0])
+    return _LayerInfo(names, remapped, {n: zero[n] for n in remapped}, wv_ratio, frequency)
 
 
 def _ablation_sizes(n_main: int, n_available: int, k: int) -> list[int]:
@@ -306,15 +354,272 @@ def _ablation_sizes(n_main: int, n_available: int, k: int) -> list[int]:
     return sorted(set([max(1, n_main // 4), n_main, n_available][:max(k, 1)]))
 
 
-class _Timer:
-    def __init__(self, store, label, bar):
-        self.store, self.label, self.bar = store, label, bar
+def _aux_models(original, info: _LayerInfo, calib, ablation, budget, ratios, convert_kwargs, processes, device):
+    """``{unit name: model}`` of the weight variants and the calibration ablation (the main calibration size
+    is the main run at the weight variant's ratio and needs no model of its own)."""
+    models = {}
+    with _in_stage("weight variant models"):
+        for f in budget.weight_fractions:
+            models[f"weight/{f}"] = weight_variant.weight_variant(original, info.frequency, f)
+    with _in_stage("calibration ablation models"):
+        for size in _ablation_sizes(len(calib), len(ablation), budget.n_ablation_sizes):
+            if size == len(calib) and info.wv_ratio in ratios:
+                continue
+            sub = ablation.head(size)
+            if math.ceil(size / CALIB_BATCH) < processes.world:
+                sub = ablation.head(min(len(ablation), CALIB_BATCH * processes.world))
+            m, _ = _remap.remapped_copy(original, _my_batches(sub, processes, device), info.wv_ratio,
+                                        convert_kwargs, progress=False)
+            for p in m.parameters():
+                p.requires_grad_(False)
+            models[f"ablation/{len(sub)}"] = (m, None)
+    return models
 
-    def __enter__(self):
-        self.t0 = time.perf_counter()
 
-    def __exit__(self, *exc):
-        self.store[self.label] = round(time.perf_counter() - self.t0, 2)
-        if exc[0] is None:
-            self.bar.update(1)
-        return False
+@dataclass(frozen=True)
+class _Plan:
+    name: str
+    budget: Budget
+    ratios: tuple[float, ...]
+    order: np.ndarray                      # indices into the test set, in attack order
+    chunk_size: int
+    eps: float
+    sigma: float
+    seed: int
+    num_classes: int
+    batch_size: int
+
+    @property
+    def configs(self) -> list[str]:
+        return ["original", *map(ratio_label, self.ratios)]
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(len(self.order) / self.chunk_size)
+
+    def positions(self, chunk: int) -> np.ndarray:
+        return np.arange(chunk * self.chunk_size, min(len(self.order), (chunk + 1) * self.chunk_size))
+
+    def units(self, chunk: int, aux_units) -> list[str]:
+        pos = self.positions(chunk)
+        out = []
+        for config in self.configs:
+            out += [f"{config}/aa", f"{config}/cw", f"{config}/sweep"]
+            if config != "original":
+                out.append(f"{config}/adaptive")
+            if pos[0] < self.budget.n_cert:
+                out.append(f"{config}/smoothing")
+            if pos[0] < self.budget.n_lipschitz:
+                out.append(f"{config}/layers")
+        return out + list(aux_units)
+
+
+def _run_chunks(plan: _Plan, store: OutcomeStore, original, converted, info: _LayerInfo, aux_models, test: Split,
+                processes, device, progress, position, log) -> dict[str, float]:
+    mine = [k for k in range(plan.n_chunks) if processes.owns(k)]
+    todo = [(k, u) for k in mine for u in plan.units(k, aux_models) if not store.has(plan.name, k, u)]
+    total_units = sum(len(plan.units(k, aux_models)) for k in range(plan.n_chunks))
+    if processes.is_main:
+        print(f"lipkern eval: {plan.name}: {len(plan.order)} test samples x {len(plan.configs)} configurations "
+              f"(AutoAttack, CW, FGSM/PGD at {len(SWEEP_EPS_255)} eps, adaptive+transfer, smoothing, layers) + "
+              f"{len(aux_models)} weight-variant/ablation models; {plan.n_chunks} chunk(s) of {plan.chunk_size} "
+              f"on {processes.world} process(es), device {device}; {total_units} units, "
+              f"{store.count(plan.name)} already done", file=log, flush=True)
+    timings: dict[str, float] = {}
+    bar = tqdm(total=len(todo), desc=f"eval {plan.name}" + (f" [rank {processes.rank}]" if processes.world > 1
+                                                             else ""), disable=not progress, unit="unit",
+               position=position + processes.rank, dynamic_ncols=True)
+    start, estimated = time.perf_counter(), False
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, (k, unit) in enumerate(todo):
+        if k not in cache:
+            cache.clear()
+            idx = torch.from_numpy(plan.order[plan.positions(k)])
+            cache[k] = (test.x[idx].to(device), test.y[idx].to(device))
+        x, y = cache[k]
+        bar.set_postfix_str(f"chunk {k} {unit}")
+        t0 = time.perf_counter()
+        with _in_stage(unit):
+            arrays = _run_unit(plan, store, unit, k, x, y, original, converted, info, aux_models)
+        kind = unit.split("/")[-1] if not unit.startswith(("weight/", "ablation/")) else unit.split("/")[0]
+        timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - t0
+        t1 = time.perf_counter()
+        store.put(plan.name, k, unit, arrays)
+        timings["store writes"] = timings.get("store writes", 0.0) + time.perf_counter() - t1
+        bar.update(1)
+        done_chunk = i + 1 == len(todo) or todo[i + 1][0] != k
+        if done_chunk and not estimated and processes.is_main and i + 1 < len(todo):
+            estimated = True
+            elapsed = time.perf_counter() - start
+            print(f"lipkern eval: {plan.name}: estimated time left {_duration(elapsed / (i + 1) * (len(todo) - i - 1))}"
+                  f" (first chunk took {_duration(elapsed)})", file=log, flush=True)
+    bar.close()
+    return timings
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _config_model(plan: _Plan, config: str, original, converted):
+    if config == "original":
+        return original
+    _remap.set_ratio(converted, plan.ratios[plan.configs.index(config) - 1])
+    return converted
+
+
+def _flags(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(bool)
+
+
+def _run_unit(plan: _Plan, store, unit, k, x, y, original, converted, info, aux_models) -> dict[str, np.ndarray]:
+    seed = chunk_seed(plan.seed, k)
+    b = plan.budget
+    aa_kw = dict(num_classes=plan.num_classes, seed=seed, n_targets=b.aa_targets, batch_size=plan.batch_size)
+    bs = plan.batch_size
+    if unit.startswith(("weight/", "ablation/")):
+        m = aux_models[unit][0]
+        _, ok, _ = attacks.gradient_attacks(m, x, y, plan.eps, attacks=b.aux_attacks, **aa_kw)
+        return {"clean": _flags(attacks.correct(m, x, y, bs)), "robust": _flags(ok)}
+    config, stage = unit.split("/")
+    m = _config_model(plan, config, original, converted)
+    if stage == "aa":
+        clean = attacks.correct(m, x, y, bs)
+        x_adv, ok, stage_acc = attacks.autoattack(m, x, y, plan.eps, square_queries=b.aa_square_queries, **aa_kw)
+        # A stage AutoAttack skips (no survivor left) keeps the count of the stage before it.
+        robust, last = [], int(clean.sum())
+        for s in AA_STAGES:
+            last = round(stage_acc[s] * len(x)) if s in stage_acc else last
+            robust.append(last)
+        robust = np.array(robust)
+        out = {"clean": _flags(clean), "aa": _flags(ok), "stage_robust": robust}
+        if config == "original":
+            out["x_adv"] = x_adv.detach().cpu().numpy()
+        return out
+    if stage == "cw":
+        return {"cw": _flags(attacks.correct(m, attacks.pgd_cw(m, x, y, plan.eps, steps=b.cw_steps, seed=seed,
+                                                              batch_size=bs), y, bs))}
+    if stage == "sweep":
+        fgsm = [_flags(attacks.correct(m, attacks.fgsm(m, x, y, e / 255, batch_size=bs), y, bs))
+                for e in SWEEP_EPS_255]
+        pgd = [_flags(attacks.correct(m, attacks.pgd(m, x, y, e / 255, steps=b.pgd_steps, seed=seed,
+                                                     batch_size=bs), y, bs)) for e in SWEEP_EPS_255]
+        return {"fgsm": np.stack(fgsm), "pgd": np.stack(pgd)}
+    if stage == "adaptive":
+        _, ok, _ = attacks.adaptive(m, x, y, plan.eps, **aa_kw)
+        x_adv = torch.from_numpy(store.get(plan.name, k, "original/aa")["x_adv"]).to(x.device)
+        return {"adaptive": _flags(ok), "transfer": _flags(attacks.correct(m, x_adv, y, bs))}
+    pos = plan.positions(k)
+    if stage == "smoothing":
+        n = int((pos < b.n_cert).sum())
+        preds, radii = smoothing.certify(m, x[:n], y[:n], sigma=plan.sigma, num_classes=plan.num_classes,
+                                         n0=b.cert_n0, n=b.cert_n, alpha=b.cert_alpha, seed=seed, batch_size=bs)
+        return {"pred": preds, "radius": radii}
+    if stage == "layers":
+        n = int((pos < b.n_lipschitz).sum())
+        modules = dict(layers.linear_layers(original))
+        selected = {name: modules[name] for name in info.remapped}
+        st = layers.sample_layer_stats(m, x[:n], info.names, selected, bs)
+        return {name: v.cpu().numpy() for name, v in st.items()} or {"none": np.zeros(0)}
+    raise AssertionError(f"unknown unit {unit}")
+
+
+def _aggregate(plan: _Plan, store: OutcomeStore, original, info: _LayerInfo, aux_models, timings, calib_source,
+               n_calib, labels: np.ndarray, device) -> dict:
+    """The results dictionary of one model, built from the store's per-sample outcomes of every chunk."""
+    chunks = range(plan.n_chunks)
+
+    def gather(unit, key, axis=0):
+        return np.concatenate([store.get(plan.name, k, unit)[key] for k in chunks
+                               if unit in plan.units(k, aux_models)], axis=axis)
+
+    n = len(plan.order)
+    b = plan.budget
+    configs, flags = {}, {}
+    for config in plan.configs:
+        f = {"clean": gather(f"{config}/aa", "clean"), "autoattack": gather(f"{config}/aa", "aa"),
+             "cw": gather(f"{config}/cw", "cw")}
+        fgsm, pgd = gather(f"{config}/sweep", "fgsm", 1), gather(f"{config}/sweep", "pgd", 1)
+        worst = f["clean"] & f["autoattack"] & f["cw"]
+        if config != "original":
+            f["adaptive"], f["transfer"] = gather(f"{config}/adaptive", "adaptive"), gather(f"{config}/adaptive",
+                                                                                            "transfer")
+            worst = worst & f["adaptive"] & f["transfer"]
+        f["worst_case"] = worst
+        flags[config] = f
+        robust_after = sum(store.get(plan.name, k, f"{config}/aa")["stage_robust"] for k in chunks)
+        stage_acc = {s: float(robust_after[j] / n) for j, s in enumerate(AA_STAGES)}
+        cfg = {"ratio": None if config == "original" else plan.ratios[plan.configs.index(config) - 1]}
+        for key, v in f.items():
+            cfg[key] = float(v.mean())
+        cfg.setdefault("adaptive", None)
+        cfg.setdefault("transfer", None)
+        cfg["autoattack_stages"] = stage_acc
+        cfg["apgd_ce"] = stage_acc["apgd-ce"]
+        cfg["square_gain"] = stage_acc["fab-t"] - stage_acc["square"]
+        cfg["aux_robust"] = stage_acc[b.aux_attacks[-1]]
+        cfg["fgsm"] = {str(e): float(fgsm[i].mean()) for i, e in enumerate(SWEEP_EPS_255)}
+        cfg["pgd"] = {str(e): float(pgd[i].mean()) for i, e in enumerate(SWEEP_EPS_255)}
+        cfg["n"] = n
+        cfg["intervals"] = {key: list(stats.wilson_interval(int(v.sum()), n)[:2]) for key, v in f.items()}
+        cfg["outcomes"] = {key: "".join("1" if t else "0" for t in v) for key, v in f.items()}
+        configs[config] = cfg
+    base = flags["original"]
+    for config in plan.configs[1:]:
+        f, cfg = flags[config], configs[config]
+        cmp = {"clean": stats.paired(base["clean"], f["clean"]),
+               "autoattack": stats.paired(base["autoattack"], f["autoattack"]),
+               "worst_case": stats.paired(base["worst_case"], f["worst_case"]),
+               "adaptive_vs_original_aa": stats.paired(base["autoattack"], f["adaptive"]),
+               "transfer_vs_original_aa": stats.paired(base["autoattack"], f["transfer"])}
+        cfg["paired"] = {k: v.to_dict() for k, v in cmp.items()}
+        cfg["verdict"] = stats.verdict(cmp["autoattack"], cmp["worst_case"])
+    for config, cfg in configs.items():
+        cfg["audit"] = audit.audit(cfg, n, original_autoattack=configs["original"]["autoattack"])
+
+    n_cert = min(b.n_cert, n)
+    cert = {}
+    for config in plan.configs:
+        preds, radii = gather(f"{config}/smoothing", "pred"), gather(f"{config}/smoothing", "radius")
+        cert[config] = smoothing.certified_accuracy(preds, radii, labels[:n_cert], CERT_RADII)
+
+    n_lip = min(b.n_lipschitz, n)
+    per_sample = {config: {name: torch.from_numpy(gather(f"{config}/layers", name)) for name in info.remapped}
+                  for config in plan.configs}
+    zero = {config: {name: float(v[:, 0].sum() / v[:, 1].sum()) for name, v in st.items()}
+            for config, st in per_sample.items()}
+    modules = dict(layers.linear_layers(original))
+    lip = lipschitz.lipschitz_table({name: modules[name].cpu() for name in info.remapped}, per_sample)
+
+    wv_label = ratio_label(info.wv_ratio)
+    aux_label = " + ".join(a.upper() for a in b.aux_attacks)
+    wv_rows, ab_rows = [], []
+    for unit, (_, pruned) in aux_models.items():
+        clean, robust = gather(unit, "clean"), gather(unit, "robust")
+        row = {"clean": float(clean.mean()), "robust": float(robust.mean()),
+               "robust_interval": list(stats.wilson_interval(int(robust.sum()), n))}
+        if unit.startswith("weight/"):
+            wv_rows.append({"fraction": float(unit.split("/")[1]), "pruned_columns": pruned, **row})
+        else:
+            ab_rows.append({"n_calib": int(unit.split("/")[1]), **row})
+    if wv_label in configs:
+        main = configs[wv_label]
+        ab_rows.append({"n_calib": n_calib, "clean": main["clean"], "robust": main["aux_robust"],
+                        "robust_interval": None})
+    ab_rows.sort(key=lambda r: r["n_calib"])
+
+    return {
+        "name": plan.name, "eps": plan.eps, "eps_label": eps_label(plan.eps), "ratios": list(plan.ratios),
+        "ratio_labels": [ratio_label(r) for r in plan.ratios], "n_test": n, "n_calib": n_calib,
+        "calib_source": calib_source, "test_indices": plan.order.tolist(), "chunk_size": plan.chunk_size,
+        "seed": plan.seed, "device": str(device), "num_classes": plan.num_classes, "budget": asdict(b),
+        "configs": configs,
+        "smoothing": {"sigma": plan.sigma, "n0": b.cert_n0, "n": b.cert_n, "alpha": b.cert_alpha,
+                      "n_points": n_cert, "radii": list(CERT_RADII), "certified_accuracy": cert},
+        "layers": {"names": info.remapped, "zero_fraction": zero, "n_samples": n_lip,
+                   "zero_fraction_calibration": info.zero_fraction_calib},
+        "lipschitz": lip,
+        "weight_variant": {"ratio": info.wv_ratio, "ratio_label": wv_label, "attack": aux_label, "rows": wv_rows},
+        "calib_ablation": {"ratio": info.wv_ratio, "ratio_label": wv_label, "attack": aux_label, "rows": ab_rows},
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }

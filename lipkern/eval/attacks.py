@@ -9,7 +9,8 @@
   here as a ``torchattacks.attack.Attack`` subclass.
 
 All functions return per-sample boolean "still correct" flags (and adversarial inputs where useful), so
-that the caller can combine attacks per sample (worst case over attacks).
+that the caller can combine attacks per sample (worst case over attacks). Everything runs on the device of
+``x``, which must be the model's.
 """
 from __future__ import annotations
 
@@ -134,9 +135,10 @@ def _run_autoattack(model, x, y, eps, *, num_classes, seed, batch_size, attacks=
     Returns ``(x_adv, still-correct flags, {attack: robust accuracy after that stage})``.
     """
     if attacks is None:
-        aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed)
+        aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
     else:
-        aa = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=list(attacks), seed=seed)
+        aa = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=list(attacks), seed=seed,
+                        device=x.device)
         aa.apgd.n_restarts = 1
         aa.apgd_targeted.n_restarts = 1
     # AutoAttack's 9 targets assume >= 10 classes; fewer classes cap the targets at num_classes - 1.

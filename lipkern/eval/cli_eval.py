@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ DEFAULT_OUT = "lipkern-eval-out"
 
 
 def parse_eps(text: str) -> float:
-    """``0.03``, ``8/255`` -> float; must be finite and > 0."""
+    """``0.03``, ``8/255`` -> float in (0, 1); ``8`` is refused with a hint (an eps is in [0, 1] input units)."""
     try:
         if "/" in text:
             num, den = text.split("/", 1)
@@ -34,7 +37,27 @@ def parse_eps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"cannot parse {text!r}; give a number like 0.03 or 8/255") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (an L-inf radius in [0, 1] input units), got {text}")
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be < 1 (an L-inf radius in [0, 1] input units), got {text}; "
+                                         f"did you mean {text}/255?")
     return value
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"cannot parse {text!r} as {'an integer' if kind is int else 'a number'}"
+                                             ) from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+positive_int, positive_float = _positive(int), _positive(float)
 
 
 def parse_ratios(text: str) -> tuple[float, ...]:
@@ -55,19 +78,23 @@ def parse_ratios(text: str) -> tuple[float, ...]:
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    from .api import DEFAULT_SIGMA
+    from .api import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_SIGMA
+    from .models import EMBEDDED
 
     p = subparsers.add_parser(
-        "eval", help="evaluate the remap: accuracy, AutoAttack, adaptive attack, masking audit, ...",
+        "eval", help="evaluate the remap: accuracy, AutoAttack, adaptive attack, masking audit, verdict, ...",
         description="Evaluate a model and its remapped versions (c^r = 2^-8, 2^-7, 2^-6 by default): clean, "
                     "AutoAttack, adaptive BPDA APGD, CW-Linf, FGSM/PGD sweep, transfer, masking audit, randomized "
-                    "smoothing, remapped proportions, Lipschitz constants, the weight variant and a calibration "
-                    "size ablation. Without --model / --robustbench: the two embedded adversarially trained "
-                    "digits models.")
+                    "smoothing, remapped proportions, Lipschitz constants, the weight variant, a calibration "
+                    "size ablation and a paired statistical verdict against the original model. Without --model / "
+                    "--robustbench: the two embedded adversarially trained digits models. Under `torchrun "
+                    "--nproc_per_node K -m lipkern eval ...` the test samples are shared among K processes.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="MODULE:CALLABLE",
-                     help="import MODULE and call CALLABLE() to get the nn.Module to evaluate")
+                     help="import MODULE (the working directory is searched first) and call CALLABLE() to get "
+                          "the nn.Module to evaluate")
     src.add_argument("--robustbench", metavar="ID", help="RobustBench model ID (L-inf), read from --model-dir")
+    src.add_argument("--embedded", choices=sorted(EMBEDDED), help="only this one of the embedded digits models")
     p.add_argument("--checkpoint", metavar="FILE", help="state dict to load into the --model")
     p.add_argument("--model-dir", metavar="DIR",
                    help="RobustBench checkpoints: <DIR>/<dataset>/Linf/<ID>.pt (nothing is downloaded)")
@@ -76,21 +103,44 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="FILE.npz",
                    help="arrays x (N, C, H, W) float in [0, 1] and y (N,); optional x_calib / y_calib, else half "
                         "of the file calibrates (default: the embedded digits data)")
+    p.add_argument("--calib-data", metavar="FILE.npz",
+                   help="calibration images (array x, (N, C, H, W) in [0, 1]; take them from the training set, "
+                        "as the paper does); then all of --data is test data")
+    p.add_argument("--n-test", type=positive_int, default=None,
+                   help="attacked test samples, drawn without replacement with --seed (default: all of --data in "
+                        "the full budget, 40 with --quick; the embedded default: 200, 40 with --quick)")
+    p.add_argument("--n-calib", type=positive_int, default=None,
+                   help="use the first N calibration samples (default all)")
     p.add_argument("--eps", type=parse_eps, default=None,
                    help="L-inf radius, e.g. 8/255 (default 32/255 for digits, 8/255 otherwise)")
     p.add_argument("--ratios", type=parse_ratios, default=None, help="c^r list (default 2^-8,2^-7,2^-6)")
-    p.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="randomized-smoothing noise level")
+    p.add_argument("--sigma", type=positive_float, default=DEFAULT_SIGMA, help="randomized-smoothing noise level")
     p.add_argument("--acts", default=None,
                    help="activations to convert, comma-separated (default: lipkern.convert's own)")
     p.add_argument("--inputs-of", default=None,
                    help="glob patterns of layers whose input gets a remap, comma-separated (e.g. '*.mlp.fc1')")
     p.add_argument("--quick", action="store_true", help="CI smoke budget (<= 3 min on the embedded default)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun, cuda means "
+                        "cuda:LOCAL_RANK")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH,
+                   help=f"samples per forward/backward in attacks and smoothing (default {DEFAULT_BATCH})")
+    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK,
+                   help=f"test samples per unit of work (default {DEFAULT_CHUNK}); the unit processes share and "
+                        "resume; per-sample outcomes depend on it, not on the number of processes")
+    p.add_argument("--name", default=None, help="the model's name in the report (default: from --model / ID)")
     p.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
-                   help=f"output directory for report.md, results.json and PNGs (default ./{DEFAULT_OUT})")
+                   help=f"output directory for report.md, results.json, PNGs and the outcome store "
+                        f"(default ./{DEFAULT_OUT}); must be empty or missing unless --resume / --overwrite")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run stored in --out, skipping finished work")
+    again.add_argument("--overwrite", action="store_true", help="delete the earlier run in --out first")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=2,
-                   help="models evaluated in parallel worker processes (default 2: one per core on 2 cores)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--jobs", type=positive_int, default=2,
+                   help="models evaluated in parallel worker processes (default 2: one per core on 2 cores; "
+                        "single process under torchrun)")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads per process (default 1: these small models are latency-bound, and "
                         "more threads than free cores makes OpenMP spin and run several times slower)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -102,6 +152,9 @@ def _load_callable_model(spec: str) -> torch.nn.Module:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise EvalInputError(f"--model must look like module:callable, got {spec!r}")
+    # `python -m` puts the working directory on sys.path; a console script does not, so do it here.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -130,42 +183,57 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
         raise EvalInputError(f"--checkpoint {p} does not fit the model: {e}") from None
 
 
-def _user_jobs(args):
-    """[(name, model, dataset, convert_kwargs, eps)] for --model / --robustbench."""
-    from .data import load_digits, load_npz
+@dataclass
+class Job:
+    """One model to evaluate. ``model`` is None for an embedded model, loaded where it is evaluated."""
+
+    name: str
+    model: torch.nn.Module | None
+    calib: object
+    test: object
+    ablation: object
+    num_classes: int | None
+    convert_kwargs: dict
+    eps: float
+    n_test: int | None
+    calib_source: str
+
+
+def _user_jobs(args) -> list[Job]:
+    from .api import QUICK
+    from .data import load_calibration_npz, load_npz
 
     if args.robustbench:
         if not args.model_dir:
             raise EvalInputError("--robustbench needs --model-dir DIR (checkpoint at <DIR>/<dataset>/Linf/<ID>.pt)")
+        if not args.data:
+            raise EvalInputError(f"--robustbench needs --data FILE.npz with {args.dataset} images (x in [0, 1], "
+                                 "y); nothing is downloaded")
+    elif not args.data:
+        raise EvalInputError("--model needs --data FILE.npz (x (N, C, H, W) in [0, 1], y (N,))")
+    # Data first: a bad file is reported before a large model is built.
+    try:
+        dataset = load_npz(args.data, all_test=args.calib_data is not None)
+        calib_file = load_calibration_npz(args.calib_data) if args.calib_data else None
+    except (ValueError, FileNotFoundError) as e:
+        raise EvalInputError(str(e)) from None
+    if calib_file is not None:
+        calib, source = calib_file, f"{args.calib_data} (--calib-data)"
+    else:
+        calib, source = dataset.calib, dataset.calib_source
+    if args.robustbench:
         from lipkern.models import load_robustbench
 
         model = load_robustbench(args.robustbench, args.dataset, args.model_dir)
         name = args.robustbench
-        if not args.data:
-            raise EvalInputError(f"--robustbench needs --data FILE.npz with {args.dataset} images (x in [0, 1], "
-                                 "y); nothing is downloaded")
     else:
         model = _load_callable_model(args.model)
         if args.checkpoint:
             _load_checkpoint(model, args.checkpoint)
         name = args.model.rsplit(":", 1)[-1]
-    model.eval()
-    if args.data:
-        try:
-            dataset = load_npz(args.data)
-        except (ValueError, FileNotFoundError) as e:
-            raise EvalInputError(str(e)) from None
-        dataset.num_classes = None  # the model's output width decides; evaluate() checks the labels against it
-        eps = args.eps if args.eps is not None else 8 / 255
-    else:
-        dataset = load_digits()
-        eps = args.eps if args.eps is not None else _digits_eps()
-    return [(name, model, dataset, _convert_kwargs(args, None), eps)]
-
-
-def _digits_eps():
-    from .api import DEFAULT_EPS
-    return DEFAULT_EPS
+    n_test = args.n_test or (QUICK.n_test if args.quick else len(dataset.test))
+    return [Job(args.name or name, model.eval(), calib, dataset.test, calib, None, _convert_kwargs(args, None),
+                args.eps if args.eps is not None else 8 / 255, min(n_test, len(dataset.test)), source)]
 
 
 def _convert_kwargs(args, default):
@@ -177,69 +245,153 @@ def _convert_kwargs(args, default):
     return kw
 
 
-def _embedded_jobs(args):
-    """[(name, None, dataset, convert_kwargs, eps)]: the model is loaded where it is evaluated (maybe a worker)."""
-    from .data import load_digits
+def _embedded_jobs(args) -> list[Job]:
+    from .api import DEFAULT_EPS
+    from .data import CALIB_SIZE, load_digits
     from .models import EMBEDDED
 
-    if args.checkpoint or args.model_dir:
-        raise EvalInputError("--checkpoint needs --model, --model-dir needs --robustbench")
+    if args.checkpoint or args.model_dir or args.data or args.calib_data:
+        raise EvalInputError("--checkpoint needs --model, --model-dir needs --robustbench, and --data / "
+                             "--calib-data need --model or --robustbench (the embedded models use the digits)")
+    if args.name:
+        raise EvalInputError("--name needs --model or --robustbench (the embedded models keep their names)")
     dataset = load_digits()
-    eps = args.eps if args.eps is not None else _digits_eps()
-    return [(name, None, dataset, _convert_kwargs(args, kw), eps) for name, (_, kw) in EMBEDDED.items()]
+    eps = args.eps if args.eps is not None else DEFAULT_EPS
+    names = [args.embedded] if args.embedded else list(EMBEDDED)
+    return [Job(name, None, dataset.calib, dataset.test, dataset.train, dataset.num_classes,
+                _convert_kwargs(args, EMBEDDED[name][1]), eps, args.n_test,
+                f"the first {CALIB_SIZE} images of the digits training split") for name in names]
 
 
-def _evaluate_job(job, options: dict, threads: int, position: int):
+def _evaluate_job(job: Job, options: dict, threads: int, position: int):
     """Evaluates one job; runs in the main process or in a worker process (hence module level)."""
     from .api import evaluate
     from .models import load_embedded
 
     torch.set_num_threads(threads)
-    name, model, dataset, convert_kwargs, eps = job
-    if model is None:
-        model = load_embedded(name)
-    return evaluate(model, dataset.calib, dataset.test, eps=eps, convert_kwargs=convert_kwargs, name=name,
-                    num_classes=dataset.num_classes, progress_position=position,
-                    ablation_data=dataset.train if dataset.train is not None else dataset.calib, **options)
+    model = job.model if job.model is not None else load_embedded(job.name)
+    return evaluate(model, job.calib, job.test, eps=job.eps, convert_kwargs=job.convert_kwargs, name=job.name,
+                    num_classes=job.num_classes, progress_position=position, ablation_data=job.ablation,
+                    n_test=job.n_test, calib_source=job.calib_source, **options)
+
+
+def _ignore_sigint():
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _evaluate_in_workers(jobs, options, threads, n_workers):
+    """One worker process per model. Ctrl-C stops the workers at once; their finished units stay stored."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    # Workers ignore SIGINT: the terminal sends it to the whole process group, and the parent decides.
+    pool = ctx.Pool(n_workers, initializer=_ignore_sigint)
+    try:
+        pending = [pool.apply_async(_evaluate_job, (job, options, threads, i)) for i, job in enumerate(jobs)]
+        parts = [r.get() for r in pending]
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
+    return parts
+
+
+LIPKERN_MARKERS = ("outcomes.sqlite", "report.md", "results.json")
+
+
+def prepare_out_dir(path: str, resume: bool, overwrite: bool) -> Path:
+    """Checks ``--out`` before any work: refuses a file, a non-empty directory without --resume / --overwrite,
+    and an unwritable place; --overwrite clears only a directory lipkern wrote."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise EvalInputError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()):
+        ours = any((out / m).exists() for m in LIPKERN_MARKERS)
+        if overwrite:
+            if not ours:
+                raise EvalInputError(f"--out {out} holds files lipkern did not write; --overwrite only replaces an "
+                                     "earlier lipkern eval output. Choose another directory")
+            shutil.rmtree(out)
+        elif not resume:
+            raise EvalInputError(f"--out {out} is not empty; continue its run with --resume, replace it with "
+                                 "--overwrite, or choose another directory")
+        elif not (out / "outcomes.sqlite").exists():
+            raise EvalInputError(f"--resume: {out} holds no outcome store (outcomes.sqlite) to continue")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lipkern-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise EvalInputError(f"--out {out} is not writable: {e.strerror or e}") from None
+    return out
 
 
 def run_eval(args) -> int:
     """Runs the evaluation for parsed ``args``; prints the Markdown report; returns the exit status."""
+    from . import parallel
     from .api import DEFAULT_RATIOS, EvalResult
+    from .store import SettingsMismatchError
 
+    processes = parallel.launched_processes()
     try:
         if args.checkpoint and not args.model:
             raise EvalInputError("--checkpoint needs --model MODULE:CALLABLE")
-        if args.threads < 1 or args.jobs < 1:
-            raise EvalInputError("--threads and --jobs must be >= 1")
+        device = parallel.resolve_device(args.device, processes.local_rank)
+    except (EvalInputError, parallel.DeviceError) as e:
+        print(f"lipkern eval: error: {e}", file=sys.stderr)
+        return 2
+    parallel.init_process_group(processes, device)
+    try:
+        error = None
+        if processes.is_main:
+            try:
+                prepare_out_dir(args.out, args.resume, args.overwrite)
+            except EvalInputError as e:
+                error = str(e)
+        error = processes.broadcast_error(error)
+        if error:
+            raise EvalInputError(error)
         jobs = _user_jobs(args) if (args.model or args.robustbench) else _embedded_jobs(args)
         options = dict(ratios=args.ratios or DEFAULT_RATIOS, quick=args.quick, sigma=args.sigma, seed=args.seed,
-                       progress=not args.no_progress)
-        n_workers = min(args.jobs, len(jobs))
+                       progress=not args.no_progress, device=device, batch_size=args.batch_size,
+                       chunk_size=args.chunk_size, out_dir=args.out, n_calib=args.n_calib)
+        n_workers = 1 if processes.world > 1 else min(args.jobs, len(jobs))
         if n_workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
-                futures = [pool.submit(_evaluate_job, job, options, args.threads, i) for i, job in enumerate(jobs)]
-                parts = [f.result() for f in futures]
+            parts = _evaluate_in_workers(jobs, options, args.threads, n_workers)
         else:
             previous = torch.get_num_threads()
             try:
                 parts = [_evaluate_job(job, options, args.threads, 0) for job in jobs]
             finally:
                 torch.set_num_threads(previous)
-    except (EvalInputError, FileNotFoundError) as e:
+    except (EvalInputError, SettingsMismatchError, FileNotFoundError) as e:
         print(f"lipkern eval: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lipkern eval: interrupted; finished work is stored in {args.out}, continue it with --resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        if processes.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not processes.is_main:
+        return 0
     result = EvalResult()
     for part in parts:
         result = result.merged(part)
     files = result.save(args.out)
+    from .report import verdict_lines
+
     print(result.to_markdown())
     print(f"lipkern eval: wrote {files['report']}, {files['results']} and {len(files) - 2} PNGs in {args.out}",
           file=sys.stderr)
+    print("\n".join(["Verdict (paired with the original model on the same samples):", *verdict_lines(result.to_dict())]))
     return 0
 
 

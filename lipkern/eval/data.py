@@ -1,6 +1,7 @@
 """Datasets for the evaluation: the embedded scikit-learn digits and user-supplied ``.npz`` files."""
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +38,10 @@ class Split:
 class Dataset:
     name: str
     train: Split | None
-    calib: Split
+    calib: Split | None
     test: Split
     num_classes: int
+    calib_source: str = ""
 
 
 def _stratified_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,33 +82,44 @@ def load_digits(calib_size: int = CALIB_SIZE) -> Dataset:
         calib=to_split(train_idx[:calib_size]),
         test=to_split(test_idx),
         num_classes=10,
+        calib_source=f"the first {calib_size} images of the digits training split",
     )
 
 
+def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no such file: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{what} {path} is not an .npz file (the zip archive numpy.savez writes); save the arrays "
+                         "with numpy.savez(path, x=..., y=...)")
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
 def load_npz(path: str | Path, *, num_classes: int | None = None, calib_fraction: float = 0.5,
-             seed: int = SPLIT_SEED) -> Dataset:
+             seed: int = SPLIT_SEED, all_test: bool = False) -> Dataset:
     """A user's data file: arrays ``x`` (N, C, H, W) float in [0, 1] and ``y`` (N,) integer labels.
 
     Optional arrays ``x_calib`` / ``y_calib`` give the calibration set; without them a fixed random
     ``calib_fraction`` of the file is used for calibration and the rest for testing (the two never overlap).
+    ``all_test``: the calibration data comes from elsewhere, so all of ``x`` is test data (``calib`` is None).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data: no such file: {path}")
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
+    arrays = _read_npz(path, "--data")
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise ValueError(f"--data {path}: missing array(s) {missing}; the file must contain 'x' (N, C, H, W) "
                          f"float in [0, 1] and 'y' (N,) integer labels (found: {sorted(arrays)})")
     x, y = _check_xy(arrays["x"], arrays["y"], f"--data {path}", num_classes)
-    if "x_calib" in arrays or "y_calib" in arrays:
+    if all_test:
+        calib, test, source = None, Split(x, y), ""
+    elif "x_calib" in arrays or "y_calib" in arrays:
         if not ("x_calib" in arrays and "y_calib" in arrays):
             raise ValueError(f"--data {path}: 'x_calib' and 'y_calib' must be given together")
         xc, yc = _check_xy(arrays["x_calib"], arrays["y_calib"], f"--data {path} (calibration)", num_classes)
         if xc.shape[1:] != x.shape[1:]:
             raise ValueError(f"--data {path}: x_calib has shape {xc.shape}, x has {x.shape}")
-        calib, test = Split(xc, yc), Split(x, y)
+        calib, test, source = Split(xc, yc), Split(x, y), f"the arrays x_calib / y_calib of {path}"
     else:
         if len(y) < 2:
             raise ValueError(f"--data {path}: need at least 2 samples to split into calibration and test")
@@ -114,8 +127,24 @@ def load_npz(path: str | Path, *, num_classes: int | None = None, calib_fraction
         n_calib = min(max(1, int(round(len(y) * calib_fraction))), len(y) - 1)
         calib = Split(x[perm[:n_calib]], y[perm[:n_calib]])
         test = Split(x[perm[n_calib:]], y[perm[n_calib:]])
-    n_cls = num_classes if num_classes is not None else int(max(calib.y.max(), test.y.max())) + 1
-    return Dataset(name=path.stem, train=None, calib=calib, test=test, num_classes=n_cls)
+        source = (f"a random {n_calib} of the {len(y)} samples of {path} (seed {seed}), the rest tests; no "
+                  "training data was given (pass --calib-data with training images, as the paper calibrates)")
+    labels = [s.y for s in (calib, test) if s is not None]
+    n_cls = num_classes if num_classes is not None else int(max(int(t.max()) for t in labels)) + 1
+    return Dataset(name=path.stem, train=None, calib=calib, test=test, num_classes=n_cls, calib_source=source)
+
+
+def load_calibration_npz(path: str | Path) -> Split:
+    """Calibration images: array ``x`` (N, C, H, W) float in [0, 1]; ``y`` is optional (calibration ignores it)."""
+    path = Path(path)
+    arrays = _read_npz(path, "--calib-data")
+    if "x" not in arrays:
+        raise ValueError(f"--calib-data {path}: missing array 'x' (N, C, H, W) float in [0, 1] "
+                         f"(found: {sorted(arrays)})")
+    x = arrays["x"]
+    y = arrays.get("y", np.zeros(len(x), dtype=np.int64))
+    xt, yt = _check_xy(x, y, f"--calib-data {path}", None)
+    return Split(xt, yt)
 
 
 def _check_xy(x: np.ndarray, y: np.ndarray, what: str, num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:

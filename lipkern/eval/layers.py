@@ -52,8 +52,11 @@ def is_pointwise(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def capture_inputs(model: nn.Module, names: list[str] | None = None):
-    """Collects ``{layer name: [input rows of each call]}``; names are the original model's, matched by order."""
+def capture_inputs(model: nn.Module, names: list[str] | None = None, only=None):
+    """Collects ``{layer name: [input rows of each call]}``; names are the original model's, matched by order.
+
+    ``only``: the names of the layers to capture (default all), so that large layers nobody reads cost nothing.
+    """
     layers = linear_layers(model)
     store: dict[str, list[torch.Tensor]] = {}
     handles = []
@@ -67,7 +70,10 @@ def capture_inputs(model: nn.Module, names: list[str] | None = None):
         return pre_hook, post_hook
 
     for i, (name, m) in enumerate(layers):
-        pre_hook, post_hook = hook_for(names[i] if names is not None else name, m)
+        name = names[i] if names is not None else name
+        if only is not None and name not in only:
+            continue
+        pre_hook, post_hook = hook_for(name, m)
         if has_input_remap(m):
             handles.append(m.input_remap.register_forward_hook(post_hook))
         else:
@@ -95,5 +101,54 @@ def check_matching(original: nn.Module, converted: nn.Module) -> list[str]:
     return [name for name, _ in a]
 
 
-def zero_fractions(inputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {k: (v == 0).float().mean().item() for k, v in inputs.items()}
+@torch.no_grad()
+def remap_counts(original: nn.Module, converted: nn.Module, batches, names: list[str]) -> dict[str, torch.Tensor]:
+    """Per layer, int64 counts over the input rows of ``batches`` (each an input tensor on the models' device):
+    ``[rows, zero in the original per feature..., zero in the converted per feature..., remapped per feature...]``
+    stacked as a (3, F + 1) tensor whose column 0 holds the row count. "Remapped": 0 in the converted model's
+    input and not 0 in the original's for the same row (so ReLU's own zeros are not counted).
+
+    Integer counts over batches add up exactly, so ranks can all-reduce them.
+    """
+    totals: dict[str, torch.Tensor] = {}
+    for x in batches:
+        with capture_inputs(original, names) as before:
+            original(x)
+        with capture_inputs(converted, names) as after:
+            converted(x)
+        for name in names:
+            rows_before, rows_after = torch.cat(before[name]), torch.cat(after[name])
+            zero_before, zero_after = rows_before == 0, rows_after == 0
+            counts = torch.stack([zero_before.sum(0), zero_after.sum(0), (zero_after & ~zero_before).sum(0)])
+            rows = torch.full((3, 1), len(rows_after), dtype=torch.int64, device=counts.device)
+            counts = torch.cat([rows, counts.to(torch.int64)], 1)
+            totals[name] = counts if name not in totals else totals[name] + counts
+    return totals
+
+
+@torch.no_grad()
+def sample_layer_stats(model: nn.Module, x: torch.Tensor, names: list[str], selected: dict[str, nn.Module],
+                       batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """Per selected layer and test sample, float64 ``[zero inputs, inputs, max sigma, sum of sigma, rows]``
+    where sigma is the largest singular value of W diag(mask(row)) of each of the sample's input rows (Linear
+    and 1x1 convs only; NaN for other layers). Returns ``{layer: (len(x), 5)}``; batch by batch, so the
+    memory held is one batch's layer inputs."""
+    from .lipschitz import masked_spectral_norms
+
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in selected}
+    for i in range(0, len(x), batch_size):
+        batch = x[i:i + batch_size]
+        with capture_inputs(model, names, only=set(selected)) as store:
+            model(batch)
+        for name, module in selected.items():
+            rows = torch.cat(store[name]).reshape(len(batch), -1, store[name][0].shape[-1])
+            zeros = (rows == 0).flatten(1).sum(1).double()
+            size = torch.full_like(zeros, rows[0].numel())
+            n_rows = torch.full_like(zeros, rows.shape[1])
+            if is_pointwise(module):
+                sigma = masked_spectral_norms(weight_matrix(module), rows.flatten(0, 1)).reshape(len(batch), -1)
+                smax, ssum = sigma.amax(1), sigma.sum(1)
+            else:
+                smax = ssum = torch.full_like(zeros, float("nan"))
+            out[name].append(torch.stack([zeros, size, smax, ssum, n_rows], 1))
+    return {n: torch.cat(v) for n, v in out.items()}

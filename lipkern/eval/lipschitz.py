@@ -25,17 +25,22 @@ def masked_spectral_norms(w: torch.Tensor, rows: torch.Tensor, chunk: int = 2048
     return torch.cat(out)[inverse]
 
 
-def lipschitz_table(modules: dict[str, torch.nn.Module], inputs_by_config: dict[str, dict[str, torch.Tensor]]):
-    """``{layer: {"sigma_W": s, "<config>": {"worst": w, "mean": m, "worst_ratio": w / s}}}`` for pointwise layers."""
+def lipschitz_table(modules: dict[str, torch.nn.Module], stats_by_config: dict[str, dict[str, torch.Tensor]]):
+    """``{layer: {"sigma_W": s, "<config>": {"worst": w, "mean": m, "worst_ratio": w / s}}}`` for pointwise layers.
+
+    ``stats_by_config[config][layer]``: the per-sample rows of :func:`lipkern.eval.layers.sample_layer_stats`
+    (max and sum of sigma over each sample's input rows, and the row count), so "worst" is the maximum over all
+    rows of all samples and "mean" the mean over all rows.
+    """
     table = {}
     for name, module in modules.items():
         if not is_pointwise(module):
             continue
-        w = weight_matrix(module)
-        sigma = torch.linalg.matrix_norm(w.double(), ord=2).item()
+        sigma = torch.linalg.matrix_norm(weight_matrix(module).double(), ord=2).item()
         row = {"sigma_W": sigma}
-        for config, inputs in inputs_by_config.items():
-            s = masked_spectral_norms(w, inputs[name])
-            row[config] = {"worst": s.max().item(), "mean": s.mean().item(), "worst_ratio": s.max().item() / sigma}
+        for config, stats in stats_by_config.items():
+            s = stats[name].double()
+            worst, mean = s[:, 2].max().item(), (s[:, 3].sum() / s[:, 4].sum()).item()
+            row[config] = {"worst": worst, "mean": mean, "worst_ratio": worst / sigma}
         table[name] = row
     return table

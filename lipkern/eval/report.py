@@ -5,6 +5,7 @@ Everything here reads only that dictionary, so a report can be rebuilt from a sa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -25,14 +26,70 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _ci(c: dict, key: str) -> str:
+    """``acc [low, high]`` in % (Wilson 95 %)."""
+    if c.get(key) is None:
+        return "-"
+    low, high = c["intervals"][key]
+    return f"{_pct(c[key])} [{_pct(low)}, {_pct(high)}]"
+
+
+def _signed(v: float) -> str:
+    return f"{100 * v:+.2f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def _difference(cmp: dict) -> str:
+    return f"{_signed(cmp['difference'])} [{_signed(cmp['low'])}, {_signed(cmp['high'])}], p = {_p(cmp['p_value'])}"
+
+
+def verdict_lines(results: dict) -> list[str]:
+    """One plain sentence per model and c^r: the verdict and the worst-case comparison it rests on."""
+    lines = []
+    for m in results["models"]:
+        for label, c in m["configs"].items():
+            if label == "original":
+                continue
+            w, a = c["paired"]["worst_case"], c["paired"]["autoattack"]
+            clean = c["paired"]["clean"]
+            lines.append(
+                f"- **{m['name']}, c^r = {label}: {c['verdict']}.** Worst case {_pct(w['candidate'])} % vs the "
+                f"original's {_pct(w['baseline'])} % ({_difference(w)}); AutoAttack {_pct(a['candidate'])} % vs "
+                f"{_pct(a['baseline'])} % ({_difference(a)}); clean {_difference(clean)}"
+                f"{' (a significant clean-accuracy change)' if clean['direction'] else ''}. "
+                f"{w['n']} test samples, differences in points with 95 % intervals and exact McNemar p-values.")
+    return lines
+
+
 def main_table(results: dict) -> str:
-    """Clean / AutoAttack / adaptive accuracy (%) per model and configuration: the report's headline."""
+    """Clean / AutoAttack / adaptive / worst-case accuracy (%) with 95 % Wilson intervals: the headline."""
     rows = []
     for m in results["models"]:
         for label, c in m["configs"].items():
-            rows.append([m["name"], label, _pct(c["clean"]), _pct(c["autoattack"]), _pct(c["adaptive"]),
-                         _pct(c["worst_case"]), c["audit"]["verdict"]])
-    return _table(["model", "c^r", "clean", "AutoAttack", "adaptive (BPDA)", "worst case", "audit"], rows)
+            rows.append([m["name"], label, c["n"], _ci(c, "clean"), _ci(c, "autoattack"), _ci(c, "adaptive"),
+                         _ci(c, "worst_case"), c["audit"]["verdict"], c.get("verdict", "(baseline)")])
+    return _table(["model", "c^r", "n", "clean", "AutoAttack", "adaptive (BPDA)", "worst case", "audit",
+                   "verdict vs original"], rows)
+
+
+def paired_table(m: dict) -> str:
+    rows = []
+    for label, c in m["configs"].items():
+        if label == "original":
+            continue
+        for key, title in (("clean", "clean"), ("autoattack", "AutoAttack"), ("worst_case", "worst case"),
+                           ("adaptive_vs_original_aa", "adaptive vs original's AutoAttack"),
+                           ("transfer_vs_original_aa", "transfer vs original's AutoAttack")):
+            cmp = c["paired"][key]
+            rows.append([label, title, _pct(cmp["baseline"]), _pct(cmp["candidate"]), _signed(cmp["difference"]),
+                         f"[{_signed(cmp['low'])}, {_signed(cmp['high'])}]",
+                         f"{cmp['only_baseline']} / {cmp['only_candidate']}", _p(cmp["p_value"]),
+                         "yes" if cmp["significant"] else "no"])
+    return _table(["c^r", "comparison", "original", "remapped", "difference", "95 % interval",
+                   "only original / only remapped correct", "McNemar p", "significant"], rows)
 
 
 def _model_sections(m: dict) -> list[str]:
@@ -41,20 +98,28 @@ def _model_sections(m: dict) -> list[str]:
     aa = ("standard" if (b["aa_targets"], b["aa_square_queries"]) == (9, 5000) else
           f"standard attacks, reduced: {b['aa_targets']} target classes, Square {b['aa_square_queries']} queries")
     s = [f"## {m['name']}",
-         f"L-inf eps {m['eps_label']} ({m['eps']:.4f}); {m['n_test']} test samples, {m['n_calib']} calibration "
-         f"samples; budget `{b['name']}`; AutoAttack {aa}. Accuracies in %."]
+         f"L-inf eps {m['eps_label']} ({m['eps']:.4f}); {m['n_test']} test samples (seed {m['seed']}, chunks of "
+         f"{m['chunk_size']}), {m['n_calib']} calibration samples: {m['calib_source']}; budget `{b['name']}`; "
+         f"AutoAttack {aa}; device {m['device']}. Accuracies in %; [..] are 95 % Wilson intervals."]
+
+    s.append(f"### Paired comparison with the original model ({m['n_test']} test samples)")
+    s.append(paired_table(m))
+    s.append("Each row compares the same samples. Difference in points (remapped - original) with Newcombe's 95 % "
+             "interval for paired proportions; McNemar's exact test on the samples only one model gets right. "
+             "'significant' means p < 0.05. The worst case of a remapped model also counts the adaptive BPDA and "
+             "transfer attacks, so a gain there is one the masking-aware attacks could not remove.")
 
     s.append("### Accuracy per c^r (paper Tables 1, 2, 4, 6; adaptive attack beside AutoAttack)")
     s.append(_table(
         ["c^r", "clean", "AutoAttack", "adaptive APGD-CE+T (BPDA)", f"CW-Linf (PGD-{b['cw_steps']})",
          "transfer from original (AA)", "APGD-CE (AA stage 1)", "Square's extra breaks", "worst case"],
-        [[k, _pct(c["clean"]), _pct(c["autoattack"]), _pct(c["adaptive"]), _pct(c["cw"]), _pct(c["transfer"]),
-          _pct(c["apgd_ce"]), _pct(c["square_gain"]), _pct(c["worst_case"])] for k, c in cfgs.items()]))
+        [[k, _ci(c, "clean"), _ci(c, "autoattack"), _ci(c, "adaptive"), _ci(c, "cw"), _ci(c, "transfer"),
+          _pct(c["apgd_ce"]), _pct(c["square_gain"]), _ci(c, "worst_case")] for k, c in cfgs.items()]))
     s.append("worst case = correct under AutoAttack, CW, adaptive and transfer at once (per sample). Square's extra "
              "breaks = accuracy Square removes after APGD-CE, APGD-T and FAB-T inside AutoAttack.")
 
     eps_keys = list(next(iter(cfgs.values()))["pgd"])
-    s.append(f"### FGSM / PGD-{b['pgd_steps']} accuracy vs eps (paper Tables 7-8)")
+    s.append(f"### FGSM / PGD-{b['pgd_steps']} accuracy vs eps (paper Tables 7-8; {m['n_test']} test samples)")
     rows = []
     for k, c in cfgs.items():
         rows.append([k, "FGSM", *(_pct(c["fgsm"][e]) for e in eps_keys)])
@@ -68,7 +133,11 @@ def _model_sections(m: dict) -> list[str]:
         rows.append([k, f"**{a['verdict']}**", "; ".join(a["reasons"]) or "all checks hold",
                      ", ".join(x["check"] for x in a["checks"])])
     s.append(_table(["c^r", "verdict", "reasons", "checks run"], rows))
-    s.append(f"Margin: {100 * next(iter(cfgs.values()))['audit']['margin']:.2f} points.")
+    s.append(f"Margin: {100 * next(iter(cfgs.values()))['audit']['margin']:.2f} points, the larger of 2 points and "
+             f"3 samples of {m['n_test']}: a symptom smaller than that is not flagged. The audit screens for masking "
+             "symptoms (including an AutoAttack gain over the original that the adaptive or transfer attack takes "
+             "back, as RobustBench found for MeanSparse); the paired test above decides whether a difference is "
+             "real.")
 
     sm = m["smoothing"]
     s.append(f"### Randomized smoothing (Cohen et al. CERTIFY; sigma {sm['sigma']}, n0 {sm['n0']}, n {sm['n']}, "
@@ -86,7 +155,8 @@ def _model_sections(m: dict) -> list[str]:
 
     lip = m["lipschitz"]
     if lip:
-        s.append("### Empirical Lipschitz constant per Linear / 1x1 conv (paper appendix C)")
+        s.append(f"### Empirical Lipschitz constant per Linear / 1x1 conv (paper appendix C; {ly['n_samples']} test "
+                 "samples)")
         confs = [k for k in next(iter(lip.values())) if k != "sigma_W"]
         rows = [[n, f"{row['sigma_W']:.3f}",
                  *(f"{row[k]['worst']:.3f} / {row[k]['mean']:.3f} ({100 * row[k]['worst_ratio']:.1f} %)"
@@ -96,7 +166,8 @@ def _model_sections(m: dict) -> list[str]:
 
     wv = m["weight_variant"]
     attack = wv["attack"]
-    s.append(f"### Weight variant (Lemma 2, paper Table 5; masks at c^r = {wv['ratio_label']}; {attack})")
+    s.append(f"### Weight variant (Lemma 2, paper Table 5; masks at c^r = {wv['ratio_label']} from the calibration "
+             f"data; {attack}; {m['n_test']} test samples)")
     rows = [["original", "0", _pct(cfgs["original"]["clean"]), _pct(cfgs["original"]["aux_robust"])]]
     if wv["ratio_label"] in cfgs:
         runtime = cfgs[wv["ratio_label"]]
@@ -107,14 +178,16 @@ def _model_sections(m: dict) -> list[str]:
 
     ab = m["calib_ablation"]
     attack = ab["attack"]
-    s.append(f"### Calibration-set size (paper Table 3; c^r = {ab['ratio_label']}; {attack})")
+    s.append(f"### Calibration-set size (paper Table 3; c^r = {ab['ratio_label']}; {attack}; {m['n_test']} test "
+             "samples)")
     s.append(_table(["calibration samples", "clean", attack],
                     [[r["n_calib"], _pct(r["clean"]), _pct(r["robust"])] for r in ab["rows"]]))
     return s
 
 
 def render_markdown(results: dict) -> str:
-    parts = ["# lipkern evaluation report", "## Main table", main_table(results)]
+    parts = ["# lipkern evaluation report", "## Verdict", "\n".join(verdict_lines(results)),
+             "## Main table", main_table(results)]
     for m in results["models"]:
         parts += _model_sections(m)
     return "\n\n".join(parts) + "\n"
@@ -122,12 +195,50 @@ def render_markdown(results: dict) -> str:
 
 def _plot_smoothing(m, path):
     sm = m["smoothing"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for k, v in sm["certified_accuracy"].items():
-        ax.plot(sm["radii"], v, label=k, drawstyle="steps-post")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, (k, v) in enumerate(sm["certified_accuracy"].items()):
+        # Equal curves are common (the remap rarely changes a certificate): markers and dashes keep them apart.
+        ax.plot(sm["radii"], v, label=k, drawstyle="steps-post", marker=MARKERS[i % len(MARKERS)], markersize=3,
+                linestyle=("-", "--", "-.", ":")[i % 4], alpha=0.85)
     ax.set(xlabel="L2 radius", ylabel="certified accuracy", ylim=(0, 1),
-           title=f"{m['name']}: randomized smoothing, sigma={sm['sigma']}")
+           title=f"{m['name']}: randomized smoothing, sigma={sm['sigma']}, n = {sm['n_points']}")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def _short(name: str, parts: int = 3) -> str:
+    return ".".join(name.split(".")[-parts:])
+
+
+def _plot_main(m, path):
+    """Robust accuracy against c^r with 95 % intervals; the original model as a line and band."""
+    cfgs = m["configs"]
+    labels = [k for k in cfgs if k != "original"]
+    xs = list(range(len(labels)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    orig = cfgs["original"]
+    for key, colour, title in (("autoattack", "tab:blue", "AutoAttack"), ("worst_case", "tab:red", "worst case")):
+        low, high = orig["intervals"][key]
+        ax.axhspan(100 * low, 100 * high, color=colour, alpha=0.12)
+        ax.axhline(100 * orig[key], color=colour, linestyle="--", linewidth=1, label=f"original, {title}")
+    for offset, (key, colour, marker, title) in zip((-0.12, 0.0, 0.12), (
+            ("autoattack", "tab:blue", "o", "AutoAttack"), ("adaptive", "tab:green", "s", "adaptive (BPDA)"),
+            ("worst_case", "tab:red", "D", "worst case"))):
+        ys = [100 * cfgs[k][key] for k in labels]
+        err = [[100 * (cfgs[k][key] - cfgs[k]["intervals"][key][0]) for k in labels],
+               [100 * (cfgs[k]["intervals"][key][1] - cfgs[k][key]) for k in labels]]
+        ax.errorbar([x + offset for x in xs], ys, yerr=err, fmt=marker, color=colour, capsize=3, label=title)
+    ax.set_xticks(xs, [f"c^r = {k}" for k in labels])
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+    ax.set(ylabel="accuracy under attack (%)",
+           title=f"{m['name']}: robust accuracy, eps {m['eps_label']}, n = {m['n_test']} (95 % intervals)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -135,46 +246,60 @@ def _plot_smoothing(m, path):
 
 def _plot_layers(m, path):
     ly = m["layers"]
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(ly["names"]) + 2), 3.5))
+    names = ly["names"]
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(names) + 2.5), 4))
     confs = list(ly["zero_fraction"])
     width = 0.8 / max(len(confs), 1)
     for i, k in enumerate(confs):
-        ax.bar([j + i * width for j in range(len(ly["names"]))], [ly["zero_fraction"][k][n] for n in ly["names"]],
+        ax.bar([j + i * width for j in range(len(names))], [100 * ly["zero_fraction"][k][n] for n in names],
                width, label=k)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ly["names"]))], ly["names"], rotation=60, ha="right",
-                  fontsize=7)
-    ax.set(ylabel="proportion of inputs = 0", ylim=(0, 1), title=f"{m['name']}: remapped proportion per layer")
-    ax.legend(fontsize=7)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [_short(n) for n in names], rotation=60,
+                  ha="right", fontsize=7)
+    ax.set(ylabel="layer inputs equal to 0 (%)", ylim=(0, 100),
+           title=f"{m['name']}: remapped proportion per layer ({ly['n_samples']} test samples)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, ncol=len(confs))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _plot_lipschitz(m, path):
+    """Dot chart: one row per layer, one marker per configuration, nudged apart so equal values stay visible."""
     lip = m["lipschitz"]
     names = list(lip)
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(names) + 2), 3.5))
     confs = [k for k in lip[names[0]] if k != "sigma_W"]
-    for k in confs:
-        ax.plot(range(len(names)), [lip[n][k]["worst_ratio"] for n in names], marker="o", label=f"{k} worst")
-        ax.plot(range(len(names)), [lip[n][k]["mean"] / lip[n]["sigma_W"] for n in names], marker="x",
-                linestyle=":", label=f"{k} mean")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set(ylabel="sigma(W diag(mask)) / sigma(W)", title=f"{m['name']}: empirical Lipschitz constant")
-    ax.legend(fontsize=6)
+    fig, ax = plt.subplots(figsize=(6.5, max(3, 0.35 * len(names) + 1.5)))
+    step = 0.6 / max(len(confs), 1)
+    for i, k in enumerate(confs):
+        ys = [j - 0.3 + (i + 0.5) * step for j in range(len(names))]
+        ax.scatter([lip[n][k]["worst_ratio"] for n in names], ys, marker=MARKERS[i % len(MARKERS)], s=28,
+                   label=f"{k}: worst case", zorder=3)
+        ax.scatter([lip[n][k]["mean"] / lip[n]["sigma_W"] for n in names], ys, marker=MARKERS[i % len(MARKERS)],
+                   s=28, facecolors="none", edgecolors=f"C{i}", label=f"{k}: mean", zorder=3)
+    ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set(xlabel="sigma(W diag(mask)) / sigma(W)",
+           title=f"{m['name']}: empirical Lipschitz constant ({m['layers']['n_samples']} test samples)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _plot_sweep(m, path):
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for k, c in m["configs"].items():
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, (k, c) in enumerate(m["configs"].items()):
         e = [int(v) for v in c["pgd"]]
-        line, = ax.plot(e, list(c["fgsm"].values()), linestyle="--", marker=".")
-        ax.plot(e, list(c["pgd"].values()), color=line.get_color(), marker="o", label=k)
+        marker = MARKERS[i % len(MARKERS)]
+        ax.plot(e, list(c["fgsm"].values()), linestyle="--", marker=marker, markersize=4, color=f"C{i}", alpha=0.8)
+        ax.plot(e, list(c["pgd"].values()), color=f"C{i}", marker=marker, markerfacecolor="none", label=k,
+                alpha=0.8)
     ax.set(xscale="log", xlabel="eps x 255", ylabel="accuracy", ylim=(0, 1),
-           title=f"{m['name']}: FGSM (dashed) vs PGD (solid)")
+           title=f"{m['name']}: FGSM (dashed) vs PGD (solid), n = {m['n_test']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -184,10 +309,13 @@ def _plot_sweep(m, path):
 def write_report(results: dict, out_dir) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A resumed or partial earlier report may have drawn figures this one does not.
+    for stale in out.glob("*.png"):
+        stale.unlink()
     files = {"report": out / "report.md", "results": out / "results.json"}
     for m in results["models"]:
-        for kind, fn in (("smoothing", _plot_smoothing), ("remapped", _plot_layers), ("lipschitz", _plot_lipschitz),
-                         ("sweep", _plot_sweep)):
+        for kind, fn in (("robust_accuracy", _plot_main), ("smoothing", _plot_smoothing),
+                         ("remapped", _plot_layers), ("lipschitz", _plot_lipschitz), ("sweep", _plot_sweep)):
             if kind == "lipschitz" and not m["lipschitz"] or kind == "remapped" and not m["layers"]["names"]:
                 continue
             path = out / f"{kind}_{m['name']}.png"
@@ -195,6 +323,12 @@ def write_report(results: dict, out_dir) -> dict:
             files[f"{kind}_{m['name']}"] = path
     md = render_markdown(results)
     md += "\n## Figures\n\n" + "\n".join(f"![{k}]({p.name})" for k, p in files.items() if p.suffix == ".png") + "\n"
-    files["report"].write_text(md)
-    files["results"].write_text(json.dumps(results, indent=1))
+    _write_atomic(files["results"], json.dumps(results, indent=1))
+    _write_atomic(files["report"], md)
     return {k: str(p) for k, p in files.items()}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -20,12 +20,11 @@ DEFAULT_FRACTION = 0.5
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75)
 
 
-def remap_frequency(remapped_inputs: dict[str, torch.Tensor],
-                    original_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per layer, per input feature: the fraction of calibration rows in which the remap set the feature to 0
-    (0 in the converted model's input, non-zero in the original model's input for the same row)."""
-    return {name: ((rows == 0) & (original_inputs[name] != 0)).double().mean(0)
-            for name, rows in remapped_inputs.items()}
+def remap_frequency(counts: torch.Tensor) -> torch.Tensor:
+    """Per input feature: the fraction of calibration rows in which the remap set the feature to 0 (0 in the
+    converted model's input, non-zero in the original model's input for the same row), from the (3, F + 1)
+    counts of :func:`lipkern.eval.layers.remap_counts`."""
+    return counts[2, 1:].double() / counts[2, 0].double()
 
 
 @torch.no_grad()

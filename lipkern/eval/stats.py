@@ -1,0 +1,135 @@
+"""Uncertainty of accuracies and of paired differences, and the verdict built on them.
+
+* One accuracy: the Wilson score interval (Wilson 1927), which keeps its coverage near 0 and 1 where the
+  normal-approximation interval collapses to a point.
+* Two models on the same samples: the difference of accuracies with Newcombe's hybrid score interval for
+  paired proportions (Newcombe 1998, method 10, built from the two Wilson intervals and the phi correlation of
+  the 2x2 table), and McNemar's exact test: under "no difference" the discordant samples split 50/50, so the
+  two-sided p-value is a binomial tail on the discordant count (scipy's ``binomtest``).
+
+A difference is called a gain or a loss only when the McNemar p-value is below ``ALPHA``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import binomtest, norm
+
+ALPHA = 0.05
+Z95 = float(norm.ppf(1 - ALPHA / 2))
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of the proportion k / n."""
+    if not 0 <= k <= n or n <= 0:
+        raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts b and c."""
+    if b + c == 0:
+        return 1.0
+    return float(binomtest(min(b, c), b + c, 0.5).pvalue)
+
+
+def paired_difference_interval(a: int, b: int, c: int, d: int, z: float = Z95) -> tuple[float, float]:
+    """Newcombe's method-10 interval for acc_B - acc_A from the 2x2 table of samples.
+
+    a: both correct, b: only A correct, c: only B correct, d: both wrong.
+    """
+    n = a + b + c + d
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson_interval(a + b, n, z)
+    l2, u2 = wilson_interval(a + c, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
+    diff = p2 - p1
+    lower = diff - math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    upper = diff + math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
+    return max(-1.0, lower), min(1.0, upper)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    k: int
+    n: int
+    value: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, flags) -> "Accuracy":
+        flags = np.asarray(flags, dtype=bool)
+        k, n = int(flags.sum()), int(flags.size)
+        low, high = wilson_interval(k, n)
+        return cls(k, n, k / n, low, high)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """``candidate`` vs ``baseline`` on the same samples (difference = candidate - baseline)."""
+
+    n: int
+    baseline: float
+    candidate: float
+    difference: float
+    low: float
+    high: float
+    only_baseline: int     # samples the baseline gets right and the candidate wrong
+    only_candidate: int
+    p_value: float
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < ALPHA
+
+    @property
+    def direction(self) -> int:
+        """+1 significant gain, -1 significant loss, 0 no significant change."""
+        return 0 if not self.significant else (1 if self.difference > 0 else -1)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "significant": self.significant, "direction": self.direction}
+
+
+def paired(baseline_flags, candidate_flags) -> PairedComparison:
+    base = np.asarray(baseline_flags, dtype=bool)
+    cand = np.asarray(candidate_flags, dtype=bool)
+    if base.shape != cand.shape or base.ndim != 1 or base.size == 0:
+        raise ValueError(f"paired outcomes need two non-empty 1-D arrays of one length, got {base.shape} and "
+                         f"{cand.shape}")
+    a, b = int((base & cand).sum()), int((base & ~cand).sum())
+    c, d = int((~base & cand).sum()), int((~base & ~cand).sum())
+    low, high = paired_difference_interval(a, b, c, d)
+    n = base.size
+    return PairedComparison(n, (a + b) / n, (a + c) / n, (c - b) / n, low, high, b, c, mcnemar_exact(b, c))
+
+
+GAIN = "significant gain that survives the adaptive attack"
+NO_CHANGE = "no significant change"
+LOSS = "significant loss"
+MASKING = "gain under AutoAttack only, gone under the adaptive or transfer attack (gradient masking)"
+
+
+def verdict(autoattack: PairedComparison, worst_case: PairedComparison) -> str:
+    """One remapped configuration vs the original model.
+
+    ``autoattack``: AutoAttack outcomes, original vs remapped. ``worst_case``: the original's worst case vs the
+    remapped model's worst case over AutoAttack, the adaptive BPDA attack, CW and transfer from the original.
+    A gain counts only if it holds in the worst case; an AutoAttack gain without it is the masking signature
+    RobustBench found for MeanSparse.
+    """
+    if worst_case.direction > 0:
+        return GAIN
+    if autoattack.direction > 0:
+        return MASKING
+    if worst_case.direction < 0 or autoattack.direction < 0:
+        return LOSS
+    return NO_CHANGE

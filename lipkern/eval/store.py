@@ -1,0 +1,95 @@
+"""Crash-safe store of per-sample outcomes: one SQLite database in the output directory.
+
+Each finished unit of work (one model, one chunk of samples, one stage) is one row, written in its own
+transaction, so a killed process loses at most the unit in flight; ``synchronous=FULL`` makes a committed
+transaction survive a power cut too. Several processes (torchrun ranks, model workers) write to the same file;
+SQLite's locking serialises them and ``timeout`` makes a writer wait for the lock instead of failing.
+
+The ``meta`` table holds the run's settings; a resumed run must bring the same settings, or its units would
+mix two different evaluations.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+FILENAME = "outcomes.sqlite"
+LOCK_TIMEOUT_S = 600
+
+
+class SettingsMismatchError(ValueError):
+    """A resumed run's settings differ from those the store was started with."""
+
+
+class OutcomeStore:
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / FILENAME
+        self._db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._transaction():
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS units (model TEXT NOT NULL, chunk INTEGER NOT NULL, "
+                             "unit TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (model, chunk, unit))")
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def bind_settings(self, model: str, settings: dict) -> None:
+        """Records ``settings`` for ``model``, or checks them against those already recorded."""
+        text = json.dumps(settings, sort_keys=True)
+        key = f"settings:{model}"
+        with self._transaction():
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES (?, ?)", (key, text))
+                return
+        recorded = json.loads(row[0])
+        differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+        if differ:
+            details = "; ".join(f"{k}: recorded {recorded.get(k)!r}, now {settings.get(k)!r}" for k in differ)
+            raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings ({details}); "
+                                        "resume with the same arguments, or start over with --overwrite")
+
+    def has(self, model: str, chunk: int, unit: str) -> bool:
+        return self._db.execute("SELECT 1 FROM units WHERE model = ? AND chunk = ? AND unit = ?",
+                                (model, chunk, unit)).fetchone() is not None
+
+    def put(self, model: str, chunk: int, unit: str, arrays: dict[str, np.ndarray]) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?)",
+                             (model, chunk, unit, buffer.getvalue()))
+
+    def get(self, model: str, chunk: int, unit: str) -> dict[str, np.ndarray]:
+        row = self._db.execute("SELECT data FROM units WHERE model = ? AND chunk = ? AND unit = ?",
+                               (model, chunk, unit)).fetchone()
+        if row is None:
+            raise KeyError(f"{self.path}: no outcomes for {model}, chunk {chunk}, {unit}")
+        with np.load(io.BytesIO(row[0]), allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+    def count(self, model: str) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM units WHERE model = ?", (model,)).fetchone()[0]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE .. COMMIT, ROLLBACK on error: the write lock is taken up front, so two writers never
+    deadlock upgrading a read lock."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        return False
