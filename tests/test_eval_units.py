@@ -46,8 +46,7 @@ def test_weight_variant_equals_runtime_remap_on_matching_inputs():
     c_r = 2 ** -6
     conv = _calibrated(model, calib, c_r, acts=("relu",))
     names = layers.check_matching(model, conv)
-    freq = weight_variant.remap_frequency({"2": layers.layer_inputs(conv, calib, names)["2"]},
-                                          layers.layer_inputs(model, calib, names))
+    freq = {"2": weight_variant.remap_frequency(layers.remap_counts(model, conv, [calib], names)["2"])}
     wm, pruned = weight_variant.weight_variant(model, freq, weight_variant.DEFAULT_FRACTION)
     assert pruned == {"2": 2}
     assert torch.equal(wm[2].weight[:, :2], torch.zeros(3, 2))
@@ -61,10 +60,27 @@ def test_weight_variant_equals_runtime_remap_on_matching_inputs():
 
 def test_relu_zeros_are_not_counted_as_remapped():
     """A feature that ReLU already zeroes in most rows is not pruned: the remap did not remove it."""
-    original = {"fc": torch.tensor([[0.0, 0.001], [0.0, 0.002], [0.0, 0.003], [0.5, 0.004]])}
-    remapped = {"fc": torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.5, 0.0]])}
-    freq = weight_variant.remap_frequency(remapped, original)["fc"]
-    assert freq.tolist() == [0.0, 1.0]
+    model = nn.Sequential(nn.ReLU(), nn.Linear(2, 1))
+    x = torch.tensor([[-1.0, 0.001], [-1.0, 0.002], [-1.0, 0.003], [0.5, 0.004]])
+    conv = _calibrated(model, x, 2 ** -6, acts=("relu",))  # t = 0.5 * 2^-6: feature 1 is remapped in every row
+    names = layers.check_matching(model, conv)
+    counts = layers.remap_counts(model, conv, [x, x[:1]], names)["1"]
+    assert counts[:, 0].tolist() == [5, 5, 5]  # rows, summed over both batches
+    assert counts[0, 1:].tolist() == [4, 0] and counts[1, 1:].tolist() == [4, 5]
+    assert weight_variant.remap_frequency(counts).tolist() == [0.0, 1.0]
+
+
+def test_sample_layer_stats_per_sample():
+    torch.manual_seed(0)
+    fc = nn.Linear(6, 4)
+    model = nn.Sequential(nn.ReLU(), fc)
+    x = torch.randn(5, 3, 6)  # 5 samples of 3 tokens
+    st = layers.sample_layer_stats(model, x, ["1"], {"1": fc}, batch_size=2)["1"]
+    rows = torch.relu(x)
+    for i in range(5):
+        sigma = lipschitz.masked_spectral_norms(fc.weight.detach(), rows[i])
+        want = [float((rows[i] == 0).sum()), 18.0, sigma.max().item(), sigma.sum().item(), 3.0]
+        torch.testing.assert_close(st[i], torch.tensor(want, dtype=torch.float64))
 
 
 def test_masked_spectral_norm_matches_svd():
@@ -74,7 +90,12 @@ def test_masked_spectral_norm_matches_svd():
     got = lipschitz.masked_spectral_norms(w, rows)
     want = torch.stack([torch.linalg.matrix_norm((w * (r != 0)).double(), ord=2) for r in rows])
     torch.testing.assert_close(got, want)
-    table = lipschitz.lipschitz_table({"fc": nn.Linear(7, 5)}, {"original": {"fc": rows}})
+    fc = nn.Linear(7, 5)
+    s = lipschitz.masked_spectral_norms(fc.weight.detach(), rows)
+    per_sample = torch.stack([torch.zeros(40), torch.full((40,), 7.0), s, s, torch.ones(40)], 1)
+    table = lipschitz.lipschitz_table({"fc": fc}, {"original": {"fc": per_sample}})
+    assert table["fc"]["original"]["worst"] == s.max().item()
+    assert abs(table["fc"]["original"]["mean"] - s.mean().item()) < 1e-12
     assert table["fc"]["original"]["worst"] <= table["fc"]["sigma_W"] + 1e-9
 
 
@@ -95,8 +116,7 @@ def test_clopper_pearson_and_certify():
         model[1].weight.copy_(torch.tensor([[1.0, 1, 1, 1], [-1, -1, -1, -1]]))
         model[1].bias.zero_()
     x = torch.cat([torch.full((3, 1, 2, 2), 2.0), torch.full((1, 1, 2, 2), 0.01)])
-    preds, radii = smoothing.certify(model, x, torch.zeros(4, dtype=torch.long), sigma=0.5, num_classes=2,
-                                     progress=False)
+    preds, radii = smoothing.certify(model, x, torch.zeros(4, dtype=torch.long), sigma=0.5, num_classes=2)
     assert (preds[:3] == 0).all() and (radii[:3] > 0.5).all()
     acc = smoothing.certified_accuracy(preds, radii, np.zeros(4), [0.0, 0.5, 1.0, 100.0])
     assert acc[-1] == 0.0 and all(a >= b for a, b in zip(acc, acc[1:]))
@@ -106,6 +126,13 @@ def test_audit_flags_masking():
     base = {"fgsm": {"8": 0.5, "96": 0.1}, "pgd": {"8": 0.4, "96": 0.0}, "autoattack": 0.4, "square_gain": 0.0,
             "transfer": 0.45, "adaptive": 0.39}
     assert audit.audit(base, 1000)["verdict"] == "PASS"
+    # An AutoAttack gain over the original (0.42 -> 0.45) that the adaptive attack takes back (0.44, within the
+    # 0.02 margin of the original) is flagged, though adaptive is within the margin of the model's own AutoAttack.
+    gain = dict(base, autoattack=0.45, adaptive=0.44, transfer=0.46)
+    masked = audit.audit(gain, 1000, original_autoattack=0.42)
+    assert masked["verdict"] == "WARN" and len(masked["reasons"]) == 1
+    assert "survives adaptive and transfer" in masked["reasons"][0]
+    assert audit.audit(dict(gain, adaptive=0.45), 1000, original_autoattack=0.42)["verdict"] == "PASS"
     bad = dict(base, pgd={"8": 0.6, "96": 0.3}, adaptive=0.2, square_gain=0.1)
     res = audit.audit(bad, 1000)
     assert res["verdict"] == "WARN"

@@ -169,9 +169,6 @@ def _check_data(model, calib: Split, test: Split, num_classes, device) -> int:
             raise EvalInputError(f"{what} is empty")
         if s.x.dim() != 4:
             raise EvalInputError(f"{what}: x must have shape (N, C, H, W), got {tuple(s.x.shape)}")
-    if calib.x.shape[1:] != test.x.shape[1:]:
-        raise EvalInputError(f"calib_data has samples of shape {tuple(calib.x.shape[1:])}, test_data "
-                             f"{tuple(test.x.shape[1:])}")
     if test.x.min() < 0 or test.x.max() > 1:
         raise EvalInputError("test_data: x must lie in [0, 1] (attacks clip to that box)")
     expected = _input_channels(model)
@@ -181,6 +178,9 @@ def _check_data(model, calib: Split, test: Split, num_classes, device) -> int:
                 if test.x.shape[-1] == expected else "")
         raise EvalInputError(f"the data has {c} channels (x of shape (N, C, H, W) = {tuple(test.x.shape)}) but "
                              f"the model's first convolution takes {expected}{hint}")
+    if calib.x.shape[1:] != test.x.shape[1:]:
+        raise EvalInputError(f"calib_data has samples of shape {tuple(calib.x.shape[1:])}, test_data "
+                             f"{tuple(test.x.shape[1:])}")
     try:
         with torch.no_grad():
             n_out = model.eval()(test.x[:2].to(device)).shape[-1]

@@ -104,8 +104,8 @@ def _model_sections(m: dict) -> list[str]:
 
     s.append(f"### Paired comparison with the original model ({m['n_test']} test samples)")
     s.append(paired_table(m))
-    s.append("Each row compares the same samples. Difference in points (remapped - original) with Newcombe's 95 % "
-             "interval for paired proportions; McNemar's exact test on the samples only one model gets right. "
+    s.append("Each row compares the same samples. Difference in points (remapped - original) with the 95 % "
+             "interval for paired proportions (Bonett-Price); McNemar's exact test on the samples only one model gets right. "
              "'significant' means p < 0.05. The worst case of a remapped model also counts the adaptive BPDA and "
              "transfer attacks, so a gain there is one the masking-aware attacks could not remove.")
 

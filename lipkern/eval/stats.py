@@ -2,9 +2,8 @@
 
 * One accuracy: the Wilson score interval (Wilson 1927), which keeps its coverage near 0 and 1 where the
   normal-approximation interval collapses to a point.
-* Two models on the same samples: the difference of accuracies with Newcombe's hybrid score interval for
-  paired proportions (Newcombe 1998, method 10, built from the two Wilson intervals and the phi correlation of
-  the 2x2 table), and McNemar's exact test: under "no difference" the discordant samples split 50/50, so the
+* Two models on the same samples: the difference of accuracies with Bonett & Price's (2012) adjusted Wald
+  interval for paired proportions, and McNemar's exact test: under "no difference" the discordant samples split 50/50, so the
   two-sided p-value is a binomial tail on the discordant count (scipy's ``binomtest``).
 
 A difference is called a gain or a loss only when the McNemar p-value is below ``ALPHA``.
@@ -40,20 +39,19 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def paired_difference_interval(a: int, b: int, c: int, d: int, z: float = Z95) -> tuple[float, float]:
-    """Newcombe's method-10 interval for acc_B - acc_A from the 2x2 table of samples.
+    """Bonett & Price's adjusted Wald interval for acc_B - acc_A from the 2x2 table of samples.
 
-    a: both correct, b: only A correct, c: only B correct, d: both wrong.
+    a: both correct, b: only A correct, c: only B correct, d: both wrong. Adding one to each discordant count
+    keeps the coverage near 95 % for small or lopsided tables and never gives a zero-width interval (Newcombe's
+    score-based hybrid does when the two models agree on every sample).
     """
     n = a + b + c + d
-    p1, p2 = (a + b) / n, (a + c) / n
-    l1, u1 = wilson_interval(a + b, n, z)
-    l2, u2 = wilson_interval(a + c, n, z)
-    margins = (a + b) * (c + d) * (a + c) * (b + d)
-    phi = (a * d - b * c) / math.sqrt(margins) if margins else 0.0
-    diff = p2 - p1
-    lower = diff - math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
-    upper = diff + math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
-    return max(-1.0, lower), min(1.0, upper)
+    if n <= 0 or min(a, b, c, d) < 0:
+        raise ValueError(f"need non-negative counts with a positive total, got {(a, b, c, d)}")
+    only_a, only_b = (b + 1) / (n + 2), (c + 1) / (n + 2)
+    diff = only_b - only_a
+    half = z * math.sqrt((only_a + only_b - diff * diff) / (n + 2))
+    return max(-1.0, diff - half), min(1.0, diff + half)
 
 
 @dataclass(frozen=True)

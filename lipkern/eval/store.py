@@ -44,6 +44,7 @@ class OutcomeStore:
     def bind_settings(self, model: str, settings: dict) -> None:
         """Records ``settings`` for ``model``, or checks them against those already recorded."""
         text = json.dumps(settings, sort_keys=True)
+        settings = json.loads(text)  # compared as stored: tuples come back as lists
         key = f"settings:{model}"
         with self._transaction():
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

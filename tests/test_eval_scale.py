@@ -1,0 +1,327 @@
+"""The evaluation at scale: statistics, the outcome store, devices, processes, resuming and bad input."""
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from lipkern.eval import api, cli_eval, stats
+from lipkern.eval.api import Budget, EvalInputError, evaluate
+from lipkern.eval.store import OutcomeStore, SettingsMismatchError
+
+MICRO = Budget("micro", 6, pgd_steps=2, cw_steps=2, aa_targets=1, aa_square_queries=10, aux_attacks=("apgd-ce",),
+               n_cert=3, cert_n0=4, cert_n=8, cert_alpha=0.001, weight_fractions=(0.5,), n_ablation_sizes=2,
+               n_lipschitz=4)
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+
+
+# --- statistics -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k, n, low, high", [
+    # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I, method 3 (Wilson).
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)])
+def test_wilson_interval_published_values(k, n, low, high):
+    got = stats.wilson_interval(k, n)
+    assert abs(got[0] - low) < 5e-5 and abs(got[1] - high) < 5e-5
+
+
+@pytest.mark.parametrize("b, c, p", [(1, 6, 16 / 128), (0, 5, 2 / 32), (0, 6, 2 / 64), (3, 3, 1.0), (0, 0, 1.0)])
+def test_mcnemar_exact_hand_computed(b, c, p):
+    # Two-sided: 2 * P(X <= min(b, c)) for X ~ Binomial(b + c, 1/2), capped at 1.
+    assert abs(stats.mcnemar_exact(b, c) - p) < 1e-12
+    assert stats.mcnemar_exact(c, b) == stats.mcnemar_exact(b, c)
+
+
+def test_paired_difference_interval_hand_computed():
+    # Bonett-Price: discordant shares (b + 1) / (n + 2) = (c + 1) / (n + 2) = 1/22, difference 0,
+    # half width 1.95996 * sqrt((2/22) / 22) = 0.125991.
+    low, high = stats.paired_difference_interval(18, 0, 0, 2)
+    assert abs(low + 0.125991) < 1e-6 and abs(high - 0.125991) < 1e-6
+    # b = 2, c = 12, n = 50: shares 3/52 and 13/52, difference 10/52, variance (16/52 - (10/52)^2) / 52.
+    low, high = stats.paired_difference_interval(30, 2, 12, 6)
+    half = 1.959964 * ((16 / 52 - (10 / 52) ** 2) / 52) ** 0.5
+    assert abs(low - (10 / 52 - half)) < 1e-6 and abs(high - (10 / 52 + half)) < 1e-6
+    assert 0 < low  # a clear gain excludes 0, as the exact test says
+    assert stats.mcnemar_exact(2, 12) < 0.05
+    low, high = stats.paired_difference_interval(0, 0, 0, 5)
+    assert -1 <= low < 0 < high <= 1
+
+
+def _flags(pattern: str) -> np.ndarray:
+    return np.array([ch == "1" for ch in pattern])
+
+
+def test_paired_comparison_counts():
+    cmp = stats.paired(_flags("1100"), _flags("1010"))
+    assert (cmp.only_baseline, cmp.only_candidate, cmp.difference) == (1, 1, 0.0)
+    assert cmp.p_value == 1.0 and cmp.direction == 0
+    with pytest.raises(ValueError, match="one length"):
+        stats.paired(_flags("10"), _flags("101"))
+
+
+def _outcomes(n_both, n_only_base, n_only_cand, n_none):
+    base = np.array([1] * n_both + [1] * n_only_base + [0] * n_only_cand + [0] * n_none, dtype=bool)
+    cand = np.array([1] * n_both + [0] * n_only_base + [1] * n_only_cand + [0] * n_none, dtype=bool)
+    return base, cand
+
+
+def test_verdicts_on_constructed_outcomes():
+    gain = stats.paired(*_outcomes(50, 1, 15, 34))
+    none = stats.paired(*_outcomes(50, 5, 6, 39))
+    loss = stats.paired(*_outcomes(50, 15, 1, 34))
+    assert gain.direction == 1 and none.direction == 0 and loss.direction == -1
+    assert stats.verdict(autoattack=gain, worst_case=gain) == stats.GAIN
+    # Masking: AutoAttack improves, the worst case over the adaptive and transfer attacks does not.
+    assert stats.verdict(autoattack=gain, worst_case=none) == stats.MASKING
+    assert stats.verdict(autoattack=gain, worst_case=loss) == stats.MASKING
+    assert stats.verdict(autoattack=none, worst_case=none) == stats.NO_CHANGE
+    assert stats.verdict(autoattack=loss, worst_case=none) == stats.LOSS
+    assert stats.verdict(autoattack=none, worst_case=loss) == stats.LOSS
+
+
+# --- the outcome store ------------------------------------------------------------------------------------------
+
+def test_store_round_trip_settings_and_rollback(tmp_path):
+    store = OutcomeStore(tmp_path)
+    store.bind_settings("m", {"eps": 0.1, "seed": 0})
+    store.put("m", 3, "original/aa", {"aa": np.array([True, False]), "x_adv": np.ones((2, 1, 2, 2), np.float32)})
+    assert store.has("m", 3, "original/aa") and not store.has("m", 2, "original/aa")
+    got = store.get("m", 3, "original/aa")
+    assert got["aa"].tolist() == [True, False] and got["x_adv"].dtype == np.float32
+    store.close()
+    again = OutcomeStore(tmp_path)
+    again.bind_settings("m", {"eps": 0.1, "seed": 0})
+    with pytest.raises(SettingsMismatchError, match="seed: recorded 0, now 1"):
+        again.bind_settings("m", {"eps": 0.1, "seed": 1})
+    with pytest.raises(RuntimeError):
+        with again._transaction():
+            again._db.execute("INSERT INTO units VALUES ('m', 9, 'u', x'00')")
+            raise RuntimeError("dies mid-transaction")
+    assert not again.has("m", 9, "u") and again.count("m") == 1
+
+
+# --- the API: devices, stages, sample selection -----------------------------------------------------------------
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 8), nn.GELU(), nn.Linear(8, 5))
+
+
+def _tiny_data(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 6, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def test_every_stage_runs_on_the_requested_device(tmp_path):
+    """A forward pre-hook (deep-copied with the model into every converted and variant copy) records the stage
+    and the device of every input the model receives."""
+    model = _tiny_model()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((api.current_stage(), args[0].device)))
+    calib, test = _tiny_data(), _tiny_data(seed=1)
+    res = evaluate(model, calib, test, eps=8 / 255, ratios=(2 ** -6, 2 ** -4), budget=MICRO, progress=False,
+                   device=torch.device("cpu"), chunk_size=4, out_dir=tmp_path)
+    stages = {s.split("/")[-1] if s and not s.startswith(("weight/", "ablation/")) else (s or "").split("/")[0]
+              for s, _ in seen}
+    for stage in ("calibrate", "remap counts", "aa", "cw", "sweep", "adaptive", "smoothing", "layers", "weight",
+                  "ablation"):
+        assert stage in stages, stage
+    assert {d for _, d in seen} == {torch.device("cpu")}
+    m = res.models[0]
+    assert m["device"] == "cpu" and m["n_test"] == 6 and m["chunk_size"] == 4
+    assert m["smoothing"]["n_points"] == 3 and m["layers"]["n_samples"] == 4
+
+
+@no_gpu
+def test_cuda_without_a_gpu_is_a_clear_error_at_once(capsys):
+    x, y = _tiny_data()
+    with pytest.raises(EvalInputError, match="no CUDA GPU"):
+        evaluate(_tiny_model(), (x, y), (x, y), device="cuda")
+    assert cli_eval.main(["--device", "cuda:1", "--no-progress", "--out", "/nonexistent/never-written"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@needs_gpu
+def test_evaluation_on_cuda(tmp_path):
+    x, y = _tiny_data()
+    res = evaluate(_tiny_model(), (x, y), (x, y), eps=8 / 255, budget=MICRO, progress=False, device="cuda",
+                   chunk_size=4, out_dir=tmp_path)
+    assert res.models[0]["device"].startswith("cuda")
+
+
+def test_sample_selection_is_seeded_and_documented():
+    a, b = api.select_samples(100, 10, seed=3), api.select_samples(100, 10, seed=3)
+    assert np.array_equal(a, b) and len(set(a.tolist())) == 10 and np.all(np.diff(a) > 0)
+    assert not np.array_equal(a, api.select_samples(100, 10, seed=4))
+    assert np.array_equal(api.select_samples(7, None, 0), np.arange(7))
+    assert "default_rng(seed)" in api.__doc__
+
+
+def test_api_input_errors():
+    model, (x, y) = _tiny_model(), _tiny_data()
+    with pytest.raises(EvalInputError, match="did you mean 8/255"):
+        evaluate(model, (x, y), (x, y), eps=8)
+    with pytest.raises(EvalInputError, match="sigma"):
+        evaluate(model, (x, y), (x, y), sigma=-1)
+    with pytest.raises(EvalInputError, match="n_test"):
+        evaluate(model, (x, y), (x, y), n_test=1000)
+    with pytest.raises(EvalInputError, match="chunk_size"):
+        evaluate(model, (x, y), (x, y), chunk_size=0)
+    rgb = x.repeat(1, 3, 1, 1)
+    with pytest.raises(EvalInputError, match="3 channels .* takes 1"):
+        evaluate(model, (rgb, y), (rgb, y))
+    channels_last = x.permute(0, 2, 3, 1)[:, :3].contiguous()  # (N, 3, 6, 1): H and W read as C and W
+    with pytest.raises(EvalInputError, match="channels-last"):
+        evaluate(model, (channels_last, y), (channels_last, y))
+    with pytest.raises(EvalInputError, match="calib_data has samples of shape"):
+        evaluate(model, (x[:, :, :4], y), (x, y))
+
+
+# --- the command line: inputs and the output directory ----------------------------------------------------------
+
+def _fail_if_evaluated(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the evaluation started despite bad arguments")
+    monkeypatch.setattr(api, "evaluate", boom)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eps", "8"], "did you mean 8/255"),
+    (["--sigma", "-1"], "--sigma"),
+    (["--n-test", "0"], "--n-test"),
+    (["--batch-size", "x"], "--batch-size"),
+    (["--resume", "--overwrite"], "not allowed with"),
+])
+def test_bad_arguments_fail_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_eval.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_out_problems_fail_before_any_work(tmp_path, monkeypatch, capsys):
+    _fail_if_evaluated(monkeypatch)
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep me")
+    assert cli_eval.main(["--no-progress", "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep me"
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    assert cli_eval.main(["--no-progress", "--out", str(used)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli_eval.main(["--no-progress", "--out", str(used), "--overwrite"]) == 2
+    assert "did not write" in capsys.readouterr().err and (used / "notes.txt").exists()
+    assert cli_eval.main(["--no-progress", "--out", str(used), "--resume"]) == 2
+    assert "no outcome store" in capsys.readouterr().err
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert cli_eval.main(["--no-progress", "--out", str(locked / "sub")]) == 2
+        assert "not writable" in capsys.readouterr().err
+
+
+def test_bad_data_files_are_clear_errors(tmp_path, capsys):
+    not_zip = tmp_path / "d.npz"
+    not_zip.write_text("x,y\n0.1,2\n")
+    module = tmp_path / "cwd_model.py"
+    module.write_text("import torch.nn as nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), "
+                      "nn.Flatten(), nn.Linear(64, 5))\n")
+    assert cli_eval.main(["--model", "cwd_model:make", "--data", str(not_zip), "--out", str(tmp_path / "o")]) == 2
+    assert "not an .npz file" in capsys.readouterr().err
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, x=np.random.default_rng(0).random((8, 3, 6, 6), dtype=np.float32), y=np.arange(8) % 5)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # --model imports from the working directory, as `python -m` would
+    try:
+        sys.modules.pop("cwd_model", None)
+        assert cli_eval.main(["--model", "cwd_model:make", "--data", "rgb.npz", "--out", "o2", "--no-progress"]) == 2
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = [p for p in sys.path if p != str(tmp_path)]
+    assert "3 channels" in capsys.readouterr().err
+
+
+# --- processes and resuming (real subprocesses) -----------------------------------------------------------------
+
+RUN = ["--embedded", "preact_wrn", "--quick", "--n-test", "20", "--chunk-size", "5", "--no-progress",
+       "--threads", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(out, *extra):
+    return [sys.executable, "-m", "lipkern", "eval", *RUN, "--out", str(out), *extra]
+
+
+def _per_sample(out):
+    res = json.loads((Path(out) / "results.json").read_text())
+    (m,) = res["models"]
+    keep = ("clean", "autoattack", "cw", "adaptive", "transfer", "worst_case", "fgsm", "pgd", "autoattack_stages",
+            "outcomes", "paired", "verdict", "audit")
+    return {k: {f: c[f] for f in keep if f in c} for k, c in m["configs"].items()}, m
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "out"
+    subprocess.run(_cli(out), check=True, env=ENV, capture_output=True, timeout=900)
+    return out
+
+
+def test_two_processes_give_the_one_process_outcomes(one_process_run, tmp_path):
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "lipkern", "eval", *RUN, "--out", str(out)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 2 process(es)" in done.stderr
+    one, m1 = _per_sample(one_process_run)
+    two, m2 = _per_sample(out)
+    assert one == two
+    assert m1["lipschitz"] == m2["lipschitz"] and m1["smoothing"] == m2["smoothing"]
+    assert m1["weight_variant"] == m2["weight_variant"] and m1["calib_ablation"] == m2["calib_ablation"]
+    table = lambda p: (Path(p) / "report.md").read_text().split("## preact_wrn")[0]  # noqa: E731
+    assert table(one_process_run) == table(out)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(one_process_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / "outcomes.sqlite"
+    deadline = time.monotonic() + 600
+    units = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=5) as con:
+                    units = con.execute("SELECT COUNT(*) FROM units").fetchone()[0]
+            except sqlite3.OperationalError:
+                units = 0
+            if units >= 12:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+    refused = subprocess.run(_cli(out), env=ENV, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    changed = subprocess.run(_cli(out, "--resume", "--seed", "1"), env=ENV, capture_output=True, text=True,
+                             timeout=120)
+    assert changed.returncode == 2 and "other settings" in changed.stderr
+    resumed = subprocess.run(_cli(out, "--resume"), env=ENV, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    already = int(re.search(r"(\d+) already done", resumed.stderr).group(1))
+    assert already >= units > 0
+    assert _per_sample(out)[0] == _per_sample(one_process_run)[0]
+    assert (out / "report.md").read_text() == (one_process_run / "report.md").read_text()
