@@ -19,6 +19,7 @@ of the device's peak memory bandwidth; without one, the static traffic figures a
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import json
@@ -109,7 +110,12 @@ class Shape:
 def parse_shape(text: str) -> Shape:
     """``4096x1024`` ([rows, C], channel_dim -1), ``nlc:NxLxC``, ``nchw:NxCxHxW``, ``nchw_cl:...``."""
     kind, _, dims = text.rpartition(":")
-    sizes = tuple(int(d) for d in dims.lower().split("x"))
+    try:
+        sizes = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"shape {text!r}: sizes must be integers joined by 'x'") from None
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"shape {text!r}: every size must be >= 1")
     kind = kind.lower()
     if kind in ("", "nlc", "nc"):
         return Shape(text, sizes, -1)
@@ -443,12 +449,22 @@ def static_traffic() -> Optional[str]:
 # Driver
 
 
+def _shape_argument(text: str) -> Shape:
+    # argparse reports a type's ValueError as "invalid value" only; this keeps the reason.
+    try:
+        return parse_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_arguments(parser) -> None:
+    from lipkern.cli import output_file, positive
+
     parser.add_argument("--quick", action="store_true", help="4096x1024 fp32 only")
     parser.add_argument(
         "--shape",
         action="append",
-        type=parse_shape,
+        type=_shape_argument,
         help="AxB ([rows, C]), nlc:NxLxC, nchw:NxCxHxW or nchw_cl:NxCxHxW (repeatable)",
     )
     parser.add_argument("--dtype", action="append", choices=tuple(DTYPES), help="repeatable")
@@ -458,11 +474,14 @@ def add_arguments(parser) -> None:
         help="lipkern backend timed on the CPU (auto: the C++ kernels)",
     )
     parser.add_argument(
-        "--batch", type=int, default=16, help="batch of the [N, L, C] and NCHW shapes (16)"
+        "--batch", type=positive(int), default=16, help="batch of the [N, L, C] and NCHW shapes (16)"
     )
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument(
-        "--min-time", type=float, default=0.4, help="seconds of timing per candidate (0.4)"
+        "--threads", type=positive(int), default=os.cpu_count(), help="torch threads"
+    )
+    parser.add_argument(
+        "--min-time", type=positive(float), default=0.4,
+        help="seconds of timing per candidate (0.4)",
     )
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile baselines"
@@ -472,7 +491,9 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="print torch.profiler tables of lipkern and compiled-reference calls (first config)",
     )
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument(
+        "--json", metavar="FILE", type=output_file, help="also write the results as JSON to FILE"
+    )
 
 
 PROFILED = ("lipkern fwd", "compile(ref)", "lipkern fwd+stats", "compile(ref+stats)", "lipkern bwd")

@@ -40,13 +40,30 @@ checks that the model has the same converted layers (names, kinds, activations, 
 known channel counts) before it changes anything, and names the first layer that differs (layers
 are matched by name: the model's layers are checked first, in model order, then the file's extra
 layers). Channel counts are known for input remaps (the layer's ``in_features`` /
-``in_channels``) and for layers calibrated per channel.
+``in_channels``) and for layers calibrated per channel. Every tensor and setting of the file is
+checked too (dtypes, shapes, thresholds >= 0, finite centres, ...) before the first layer changes.
+
+All or nothing: :func:`calibrate`, :func:`set_ratio`, :func:`measure_remapped` and
+:func:`load_calibration` either succeed or leave every converted layer exactly as it was (buffers,
+settings, modes), whatever the error: a data iterator that raises midway, Ctrl-C, empty data,
+a threshold that would underflow. Each module's own train/eval flag is restored after a scan.
+They may run under ``torch.inference_mode()``: the state they make is made outside it, so the
+model still trains afterwards.
+
+Threads: one model's layers hold one scan's statistics, so two of these operations running at
+once on the same model (from two threads) would mix two scans into one set of thresholds. The
+second one is refused with a RuntimeError instead of being queued: waiting would only let it
+overwrite the first one's result, which is never what either caller wants. Operations on
+different models run concurrently.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import numbers
+import os
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -124,13 +141,37 @@ class CalibrationReport:
         return "\n".join([title, *lines])
 
 
-def check_ratio(c_r) -> float:
-    if isinstance(c_r, bool) or not isinstance(c_r, numbers.Real):
-        raise TypeError(f"c_r must be a real number, got {type(c_r).__name__}")
-    c_r = float(c_r)
-    if not 0.0 < c_r < 1.0:
-        raise ValueError(f"c_r must be in (0, 1), got {c_r}")
-    return c_r
+# id(module) -> the thread running a state-changing operation on it (see module docstring).
+_BUSY: dict[int, int] = {}
+_BUSY_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _state_change(modules, what: str):
+    """Run the block as the only state change of ``modules`` (the same thread may nest), undoing
+    every change to their state if it raises, and outside inference mode."""
+    me = threading.get_ident()
+    with _BUSY_LOCK:
+        busy = [name for name, m in modules if _BUSY.get(id(m), me) != me]
+        if busy:
+            raise RuntimeError(
+                f"lipkern.{what}: another thread is calibrating, measuring or loading this "
+                f"model (layer {busy[0]!r}); run one such operation on a model at a time"
+            )
+        claimed = [id(m) for _, m in modules if id(m) not in _BUSY]
+        _BUSY.update(dict.fromkeys(claimed, me))
+    snapshots = [m.snapshot() for _, m in modules]
+    try:
+        with torch.inference_mode(False):
+            yield
+    except BaseException:
+        for (_, module), snapshot in zip(modules, snapshots):
+            module.restore(snapshot)
+        raise
+    finally:
+        with _BUSY_LOCK:
+            for key in claimed:
+                del _BUSY[key]
 
 
 def _converted(model: nn.Module) -> list[tuple[str, lnn.RemapAct]]:
@@ -157,7 +198,10 @@ def _inputs(batch, index: int, device) -> torch.Tensor:
             f"data batch {index}: expected a tensor or an (x, y, ...) tuple whose first item is "
             f"a tensor, got {type(x).__name__}"
         )
-    return x if device is None else x.to(device)
+    x = x if device is None else x.to(device)
+    # Scans run outside inference mode (_state_change), where a model may not write into an
+    # inference tensor: give it a normal one.
+    return x.clone() if x.is_inference() else x
 
 
 def _batches(data, max_batches, progress: bool, desc: str):
@@ -203,7 +247,8 @@ def _agree(batches: int, error: Optional[BaseException], group) -> None:
 def _scan(model, modules, data, max_batches, progress, desc, check_finite, group) -> int:
     """Run ``model`` over ``data`` without gradients in eval mode; returns the batch count."""
     device = _model_device(model)
-    was_training = model.training
+    # Each module's own flag: a frozen BatchNorm kept in eval inside a training model stays so.
+    was_training = [(module, module.training) for module in model.modules()]
     batches, error = 0, None
     lnn.begin_scan_tracking()
     model.eval()
@@ -226,7 +271,8 @@ def _scan(model, modules, data, max_batches, progress, desc, check_finite, group
         error = caught
     finally:
         lnn.end_scan_tracking()
-        model.train(was_training)
+        for module, training in was_training:
+            module.training = training
     _agree(batches, error, group)
     return batches
 
@@ -302,26 +348,35 @@ def calibrate(
     moved to the model's device). ``measure=True`` adds a second pass that fills the report's
     remapped fractions (needs re-iterable data). ``group``: the torch.distributed process group.
     """
-    c_r = check_ratio(c_r)
+    c_r = lnn.check_ratio(c_r)
     if granularity not in lnn.GRANULARITIES:
         raise ValueError(f"granularity must be one of {lnn.GRANULARITIES}, got {granularity!r}")
     lnn.parse_statistic(statistic)
     if center not in lnn.CENTERS:
         raise ValueError(f"center must be None or 'mean', got {center!r}")
     modules = _converted(model)
-    previous_modes = [m.mode for _, m in modules]
+    with _state_change(modules, "calibrate"):
+        report = _calibrate(
+            model, modules, data, c_r, granularity, statistic, center, max_batches, progress, group
+        )
+        if measure:
+            fractions = measure_remapped(
+                model, data, max_batches=max_batches, progress=progress, group=group
+            )
+            for layer in report.layers:
+                layer.remapped_fraction = fractions.get(layer.name)
+    return report
+
+
+def _calibrate(
+    model, modules, data, c_r, granularity, statistic, center, max_batches, progress, group
+) -> CalibrationReport:
+    """:func:`calibrate`'s work, which :func:`_state_change` undoes on any error."""
     for _, module in modules:
         module.begin_calibration(granularity, statistic, center)
-    try:
-        batches = _scan(
-            model, modules, data, max_batches, progress, "lipkern calibrate", True, group
-        )
-        if _distributed():
-            _all_reduce_calibration(modules, group)
-    except BaseException:
-        for (_, module), mode in zip(modules, previous_modes):
-            module.mode = mode
-        raise
+    batches = _scan(model, modules, data, max_batches, progress, "lipkern calibrate", True, group)
+    if _distributed():
+        _all_reduce_calibration(modules, group)
     unused, mixed = [], []
     for name, module in modules:
         if not module.reached:
@@ -341,14 +396,7 @@ def calibrate(
             "lipkern.calibrate: these input remaps read a converted activation's output at some "
             f"calls only; their thresholds come from the other calls and apply to all: {mixed}"
         )
-    report = _report(modules, c_r, batches)
-    if measure:
-        fractions = measure_remapped(
-            model, data, max_batches=max_batches, progress=progress, group=group
-        )
-        for layer in report.layers:
-            layer.remapped_fraction = fractions.get(layer.name)
-    return report
+    return _report(modules, c_r, batches)
 
 
 def measure_remapped(
@@ -367,13 +415,13 @@ def measure_remapped(
     if not modules:
         raise RuntimeError("no calibrated layer to measure; run lipkern.calibrate first")
     previous_modes = [m.mode for _, m in modules]
-    for _, module in modules:
-        module.mode = "monitor"
-        module.monitor_remapped = torch.zeros(0, dtype=torch.int64, device=module.threshold.device)
-        module.monitor_count = torch.zeros(0, dtype=torch.int64, device=module.threshold.device)
-    try:
+    with _state_change(modules, "measure_remapped"):
+        for _, module in modules:
+            module.mode = "monitor"
+            device = module.threshold.device
+            module.monitor_remapped = torch.zeros(0, dtype=torch.int64, device=device)
+            module.monitor_count = torch.zeros(0, dtype=torch.int64, device=device)
         _scan(model, modules, data, max_batches, progress, "lipkern measure", False, group)
-    finally:
         for (_, module), mode in zip(modules, previous_modes):
             module.mode = mode
     fractions: dict[str, Optional[float]] = {}
@@ -392,18 +440,19 @@ def measure_remapped(
 
 def set_ratio(model: nn.Module, c_r: float) -> CalibrationReport:
     """Re-derive every layer's threshold at ratio ``c_r`` from the stored statistics (no scan)."""
-    c_r = check_ratio(c_r)
+    c_r = lnn.check_ratio(c_r)
     modules = _converted(model)
-    # Layers the calibration data never reached (e.g. a registered but unused block) have no
-    # statistics and stay uncalibrated, as calibrate left them.
-    with_stats = [(name, m) for name, m in modules if m.stats is not None]
-    if not with_stats:
-        raise RuntimeError(
-            f"{modules[0][0]}: no stored statistics; run lipkern.calibrate or "
-            "load_calibration first"
-        )
-    for _, module in with_stats:
-        module.set_ratio(c_r)
+    with _state_change(modules, "set_ratio"):
+        # Layers the calibration data never reached (e.g. a registered but unused block) have no
+        # statistics and stay uncalibrated, as calibrate left them.
+        with_stats = [(name, m) for name, m in modules if m.stats is not None]
+        if not with_stats:
+            raise RuntimeError(
+                f"{modules[0][0]}: no stored statistics; run lipkern.calibrate or "
+                "load_calibration first"
+            )
+        for _, module in with_stats:
+            module.set_ratio(c_r)
     return _report(with_stats, c_r, batches=0)
 
 
@@ -419,7 +468,11 @@ def _expected_channels(module: lnn.RemapAct) -> Optional[int]:
 
 
 def save_calibration(model: nn.Module, path) -> None:
-    """Write every converted layer's thresholds, centres, statistics and settings to ``path``."""
+    """Write every converted layer's thresholds, centres, statistics and settings to ``path``.
+
+    Written to a temporary file beside ``path`` and renamed over it, so an error (a full disk,
+    Ctrl-C) never leaves a truncated file in place of a previous good one.
+    """
     from safetensors.torch import save_file
 
     modules = _converted(model)
@@ -430,7 +483,17 @@ def save_calibration(model: nn.Module, path) -> None:
             if value.numel():
                 tensors[f"{name}/{buffer}"] = value.detach().cpu().contiguous()
     layers = [_layer_metadata(name, m) for name, m in modules]
-    save_file(tensors, str(path), metadata={"format": FORMAT, "layers": json.dumps(layers)})
+    path = os.fspath(path)
+    handle, temporary = tempfile.mkstemp(
+        prefix=".lipkern-calibration-", dir=os.path.dirname(os.path.abspath(path))
+    )
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata={"format": FORMAT, "layers": json.dumps(layers)})
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def _mismatch(name: str, what: str) -> ValueError:
@@ -439,41 +502,70 @@ def _mismatch(name: str, what: str) -> ValueError:
     )
 
 
-def load_calibration(model: nn.Module, path) -> None:
-    """Load a :func:`save_calibration` file into a converted model (checked before any change)."""
+def _read_calibration(path) -> tuple[dict, dict]:
+    """``(layers by name, tensors by key)`` of a :func:`save_calibration` file."""
     from safetensors import safe_open
 
-    modules = _converted(model)
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(os.fspath(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a lipkern calibration file (format {FORMAT})")
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    saved = {entry["name"]: entry for entry in json.loads(metadata["layers"])}
-    names = {name for name, _ in modules}
-    for name, module in modules:
-        entry = saved.get(name)
-        if entry is None:
-            raise _mismatch(name, "converted in the model but not in the file")
-        for key in ("kind", "act", "channel_dim"):
-            if entry[key] != getattr(module, key):
-                have = getattr(module, key)
-                raise _mismatch(name, f"{key} is {have!r}, the file has {entry[key]!r}")
-        known = _expected_channels(module)
-        if known is not None and entry["channels"] is not None and known != entry["channels"]:
-            raise _mismatch(name, f"{known} channels, the file has {entry['channels']}")
-    for name in saved:
-        if name not in names:
-            raise _mismatch(name, "in the file but not converted in the model")
-    for name, module in modules:
-        entry = saved[name]
-        device = module.threshold.device
-        for buffer in _SAVED_BUFFERS:
-            value = tensors.get(f"{name}/{buffer}")
-            if value is None:
-                value = torch.zeros(0, dtype=getattr(module, buffer).dtype)
-            setattr(module, buffer, value.to(device))
-        module.set_extra_state(entry)
+    try:
+        entries = json.loads(metadata["layers"])
+        saved = {entry["name"]: entry for entry in entries}
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: the metadata's layer list is malformed ({error!r})") from None
+    return saved, tensors
+
+
+def load_calibration(model: nn.Module, path) -> None:
+    """Load a :func:`save_calibration` file into a converted model.
+
+    Every layer, tensor and setting is checked before anything changes (module docstring);
+    errors name the first layer that does not fit.
+    """
+    modules = _converted(model)
+    with torch.inference_mode(False):
+        saved, tensors = _read_calibration(path)
+    # Checked while holding the layers, so no other thread's calibration changes them between
+    # the checks and the load.
+    with _state_change(modules, "load_calibration"):
+        names = {name for name, _ in modules}
+        for name, module in modules:
+            entry = saved.get(name)
+            if entry is None:
+                raise _mismatch(name, "converted in the model but not in the file")
+            for key in ("kind", "act", "channel_dim"):
+                if entry.get(key) != getattr(module, key):
+                    have = getattr(module, key)
+                    raise _mismatch(name, f"{key} is {have!r}, the file has {entry.get(key)!r}")
+            known = _expected_channels(module)
+            channels = entry.get("channels")
+            if known is not None and channels is not None and known != channels:
+                raise _mismatch(name, f"{known} channels, the file has {channels}")
+            layer_tensors = {
+                b: tensors[f"{name}/{b}"] for b in _SAVED_BUFFERS if f"{name}/{b}" in tensors
+            }
+            try:
+                module.check_state(layer_tensors, entry, exact_dtypes=True)
+            except ValueError as error:
+                raise _mismatch(name, str(error)) from None
+        for name in saved:
+            if name not in names:
+                raise _mismatch(name, "in the file but not converted in the model")
+        known_keys = {f"{name}/{b}" for name in names for b in _SAVED_BUFFERS}
+        unknown = sorted(set(tensors) - known_keys)
+        if unknown:
+            raise ValueError(f"{path}: tensor {unknown[0]!r} belongs to no converted layer")
+        for name, module in modules:
+            device = module.threshold.device
+            for buffer in _SAVED_BUFFERS:
+                value = tensors.get(f"{name}/{buffer}")
+                if value is None:
+                    value = torch.zeros(0, dtype=getattr(module, buffer).dtype)
+                setattr(module, buffer, value.to(device))
+            module.set_extra_state(saved[name])
 
 
 __all__ = [

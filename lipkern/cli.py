@@ -36,6 +36,41 @@ def _prefer_triton_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+def output_file(text: str) -> str:
+    """An argparse type for an output FILE: checked when the arguments are parsed, so a path
+    that cannot be written fails before the work whose results it would hold."""
+    if text == "-":
+        return text
+    path = os.path.abspath(text)
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, expected a file path")
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text!r}: directory {parent!r} does not exist"
+        )
+    writable = os.access(path, os.W_OK) if os.path.exists(path) else os.access(parent, os.W_OK)
+    if not writable:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: permission denied")
+    return text
+
+
+def positive(kind):
+    """An argparse type for a number of ``kind`` (int or float) that must be > 0."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _add_verify_parser(subparsers) -> None:
     from lipkern.ops.reference import ACTIVATIONS
 
@@ -63,6 +98,7 @@ def _add_verify_parser(subparsers) -> None:
     p.add_argument(
         "--json",
         metavar="FILE",
+        type=output_file,
         help="also write the results as JSON to FILE ('-': JSON on stdout instead of the table)",
     )
     p.set_defaults(func=_run_verify)

@@ -21,7 +21,14 @@ returns the same model (a model that *is* an activation module is returned as it
   (Linear / LayerNorm -> ``-1``; Conv / BatchNorm / GroupNorm / timm ``LayerNorm2d`` -> ``1``; else
   ``-1``); an int forces it everywhere. It only matters for ``granularity="channel"``.
 - ``inplace=True`` lets every converted activation overwrite its input at inference (as
-  ``nn.ReLU(inplace=True)``); activations that were in place already stay in place.
+  ``nn.ReLU(inplace=True)``); activations that were in place already stay in place. In place is
+  as safe as it was in the original model: the layer never overwrites an input that requires
+  grad under grad mode, and the op bumps the input's version counter, so where the input was
+  also saved for another layer's backward (a pre-activation feeding a trainable layer) the
+  backward raises, as the original model's does, instead of using overwritten values.
+- Loading a state_dict into the converted model checks every converted layer's entries first
+  (:meth:`lipkern.nn.RemapAct.check_state`), so a state saved from a different conversion raises
+  before any weight is replaced.
 - ``backend`` is stored on every created module and passed to the ops (default ``"auto"``).
 """
 
@@ -163,12 +170,24 @@ def convert(
                 new.layer_name = f"{parent_name}.{child_name}" if parent_name else child_name
                 replaced[id(child)] = new
             parent._modules[child_name] = new
+    if (replaced or added) and not any(
+        getattr(hook, "hook", None) is _check_remap_state
+        for hook in model._load_state_dict_pre_hooks.values()
+    ):
+        model.register_load_state_dict_pre_hook(_check_remap_state)
     if not replaced and not added:
         warnings.warn(
             f"lipkern.convert: nothing was converted (acts={acts}, inputs_of={inputs_of}): no "
             "matching activation module or input layer that is not converted already"
         )
     return model
+
+
+def _check_remap_state(model, state_dict, prefix, *args) -> None:
+    """Check every converted layer's entries of ``state_dict`` before the load changes anything
+    (the root's pre-hook runs before any module is loaded)."""
+    for name, module in remap_modules(model):
+        module.check_state_dict(state_dict, f"{prefix}{name}." if name else prefix)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lipkern
-from lipkern import cli, testing, verify
+from lipkern import bench, cli, testing, verify
 from lipkern.ops import api
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,3 +194,34 @@ def test_bench_pins_the_allocator():
     from lipkern import bench
 
     assert bench.steady_allocator() is True
+
+
+def _refuse_work(monkeypatch):
+    def work(*args, **kwargs):
+        raise AssertionError("the command started its work before checking its arguments")
+
+    monkeypatch.setattr(verify, "run_verify", work)
+    monkeypatch.setattr(bench, "run", work)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["verify", "--json", "/missing/dir/x.json"], "does not exist"),
+        (["verify", "--json", "."], "is a directory"),
+        (["bench", "--json", "/missing/dir/x.json"], "does not exist"),
+        (["bench", "--shape=-1x5"], "every size must be >= 1"),
+        (["bench", "--shape", "4096xabc"], "sizes must be integers"),
+        (["bench", "--min-time", "-1"], "must be > 0"),
+        (["bench", "--min-time", "nan"], "must be > 0"),
+        (["bench", "--threads", "0"], "must be > 0"),
+        (["bench", "--batch", "0"], "must be > 0"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(monkeypatch, capsys, argv, message):
+    _refuse_work(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+

@@ -27,6 +27,8 @@ from lipkern.ops.reference import ACTIVATIONS
 from lipkern.ops.stats import ChannelStats
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The smallest magnitude that rounds to infinity in float32 (FLT_MAX plus half an ulp).
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 BACKENDS = ("auto", "cpu", "reference", "triton")
 
 
@@ -86,7 +88,10 @@ class ReferenceBackend:
         return reference.remap_act_stats_reference(x, threshold, center, act, channel_dim)
 
     def remap_act_(self, x, threshold, center, act, channel_dim):
-        reference.remap_act_inplace_reference(x, threshold, center, act, channel_dim)
+        # copy_ alone would write into an inference tensor before refusing it.
+        library.overwrite(
+            x, lambda: reference.remap_act_inplace_reference(x, threshold, center, act, channel_dim)
+        )
 
 
 class OpsBackend:
@@ -187,13 +192,19 @@ def _normalise_parameter(
     """
     is_threshold = name == "threshold"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float64
+            number = math.inf if value > 0 else -math.inf
         if math.isnan(number):
             raise ValueError(f"{name} must not be NaN")
+        # Parameters are float32: beyond its range a number is +-inf, as a float64 tensor is.
+        if abs(number) >= _FLOAT32_OVERFLOW:
+            number = math.copysign(math.inf, number)
         if is_threshold and number < 0:
-            raise ValueError(f"threshold must be >= 0, got {number}")
+            raise ValueError(f"threshold must be >= 0, got {value}")
         if not is_threshold and math.isinf(number):
-            raise ValueError(f"center must be finite, got {number}")
+            raise ValueError(f"center must be finite in float32, got {value}")
         return torch.full((), number, dtype=torch.float32, device=x.device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")

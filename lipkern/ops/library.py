@@ -7,11 +7,28 @@ this level gives every backend the same ``torch.compile`` / ``torch.export`` / a
 behaviour. For CPU tensors the extension overrides the autograd kernels with the same formulas in
 C++ (``csrc/autograd.cpp``, the ``AutogradCPU`` key): this Python one runs on every call, grad or
 not, which cost up to 25 us per call inside a model.
+
+Higher-order gradients are supported, not refused: a gradient penalty (``create_graph=True``)
+through a remap is a normal use in robustness training, and a refusal would push users to the
+reference backend, which is many times slower. The backward ``dx = dy * act'(x) * keep`` is
+differentiable in ``dy`` (the same op on the incoming gradient) and in ``x``
+(``dy * act''(x) * keep``: the keep mask is piecewise constant, so it contributes nothing away
+from the threshold, where the first derivative already jumps). That second derivative is
+:func:`lipkern.ops.reference.activation_second_derivative` with the reference's mask; it differs
+from a backend's own mask only inside the tie band around ``t`` (see ``lipkern.testing``).
+
+``remap_act_`` overwrites ``x``, so like ATen's in-place ops it bumps ``x``'s version counter (a
+backward that saved ``x`` earlier then raises instead of using the new values) and refuses an
+inference tensor outside ``torch.inference_mode()``. The extension does both in C++ (the
+``ADInplaceOrView`` key, no Python per call); without the extension the kernel below does it.
 """
 
 from __future__ import annotations
 
 import torch
+
+from lipkern import _ext
+from lipkern.ops import reference
 
 _LIB = torch.library.Library("lipkern", "DEF")
 _LIB.define(
@@ -29,6 +46,55 @@ _LIB.define(
 _LIB.define(
     "remap_act_(Tensor(a!) x, Tensor threshold, Tensor? center, str act, int channel_dim) -> ()"
 )
+_LIB.define(
+    "remap_act_double_backward(Tensor grad_grad_x, Tensor grad_y, Tensor x, Tensor threshold, "
+    "Tensor? center, str act, int channel_dim, bool straight_through) "
+    "-> (Tensor grad_grad_y, Tensor grad_x)"
+)
+
+
+def _remap_act_double_backward(
+    grad_grad_x, grad_y, x, threshold, center, act, channel_dim, straight_through
+):
+    """Gradients of ``dx = remap_act_backward(grad_y, x, ...)`` given ``grad_grad_x`` (module
+    docstring). Written with differentiable ops, so every further order differentiates too."""
+    grad_grad_y = torch.ops.lipkern.remap_act_backward(
+        grad_grad_x, x, threshold, center, act, channel_dim, straight_through
+    )
+    second = reference.activation_second_derivative(x.float(), act)
+    if not straight_through:
+        _, _, mask = reference.activate_and_mask(x, threshold, center, act, channel_dim)
+        second = second.masked_fill(mask, 0.0)
+    grad_x = (grad_grad_x.float() * grad_y.float() * second).to(x.dtype)
+    return grad_grad_y, grad_x
+
+
+_LIB.impl("remap_act_double_backward", _remap_act_double_backward, "CompositeImplicitAutograd")
+
+
+def overwrite(x: torch.Tensor, write) -> None:
+    """Run ``write()``, which overwrites ``x``, as ATen's in-place ops do: refuse an inference
+    tensor outside inference mode (it has no version counter that could tell autograd) before
+    anything is written, then bump ``x``'s version counter."""
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "remap_act_: x is an inference tensor, which may be updated in place only inside "
+            "torch.inference_mode(); clone it first to get a normal tensor"
+        )
+    write()
+    torch.autograd.graph.increment_version(x)
+
+
+def _remap_act_inplace_or_view(x, threshold, center, act, channel_dim):
+    def write():
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            torch.ops.lipkern.remap_act_(x, threshold, center, act, channel_dim)
+
+    overwrite(x, write)
+
+
+if _ext.missing_reason() is not None:
+    _LIB.impl("remap_act_", _remap_act_inplace_or_view, "ADInplaceOrView")
 
 
 @torch.library.register_fake("lipkern::remap_act")
@@ -90,4 +156,25 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "lipkern::remap_act_stats", _remap_act_stats_backward, setup_context=_setup_context
+)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad_y, x, threshold, center, act, channel_dim, straight_through = inputs
+    ctx.save_for_backward(grad_y, x, threshold, center)
+    ctx.act, ctx.channel_dim, ctx.straight_through = act, channel_dim, straight_through
+
+
+def _remap_act_backward_backward(ctx, grad_grad_x):
+    grad_y, x, threshold, center = ctx.saved_tensors
+    grad_grad_y, grad_x = torch.ops.lipkern.remap_act_double_backward(
+        grad_grad_x, grad_y, x, threshold, center, ctx.act, ctx.channel_dim, ctx.straight_through
+    )
+    return grad_grad_y, grad_x, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "lipkern::remap_act_backward",
+    _remap_act_backward_backward,
+    setup_context=_setup_backward_context,
 )

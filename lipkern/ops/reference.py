@@ -21,6 +21,8 @@ Statistics are taken per channel on ``a`` before the remap: max |a| (float32, Na
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +77,38 @@ def activation_backward_reference(grad_a: torch.Tensor, x: torch.Tensor, act: st
     return torch.where(x.isinf(), torch.where(x > 0, grad_a, 0.0), grad_x)
 
 
+_GELU_TANH_SCALE = math.sqrt(2.0 / math.pi)
+_GELU_TANH_CUBIC = 0.044715
+
+
+def activation_second_derivative(x: torch.Tensor, act: str) -> torch.Tensor:
+    """``act''(x)`` in float32, from float64 formulas (the double backward's ``x`` term).
+
+    0 for identity and ReLU (piecewise linear: PyTorch's ReLU double backward is 0 too) and at
+    +-inf (the limits); NaN stays NaN.
+    """
+    if act in ("identity", "relu"):
+        return torch.zeros_like(x, dtype=torch.float32)
+    xd = x.double()
+    if act == "gelu":
+        # x Phi(x): 2 phi(x) + x phi'(x) = phi(x) (2 - x^2)
+        second = torch.exp(-0.5 * xd * xd) / math.sqrt(2.0 * math.pi) * (2.0 - xd * xd)
+    elif act == "gelu_tanh":
+        # x (1 + tanh u) / 2, u = k (x + b x^3): sech^2(u) (u' - x tanh(u) u'^2 + x u'' / 2)
+        u = _GELU_TANH_SCALE * (xd + _GELU_TANH_CUBIC * xd**3)
+        du = _GELU_TANH_SCALE * (1.0 + 3.0 * _GELU_TANH_CUBIC * xd * xd)
+        d2u = _GELU_TANH_SCALE * 6.0 * _GELU_TANH_CUBIC * xd
+        tanh_u = torch.tanh(u)
+        second = (1.0 - tanh_u * tanh_u) * (du - xd * tanh_u * du * du + 0.5 * xd * d2u)
+    elif act == "silu":
+        # x s(x): s (1 - s) (2 + x (1 - 2 s))
+        s = torch.sigmoid(xd)
+        second = s * (1.0 - s) * (2.0 + xd * (1.0 - 2.0 * s))
+    else:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    return torch.where(x.isinf(), 0.0, second).float()
+
+
 def _broadcast_per_channel(p: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
     """View a () or (C,) parameter so that it broadcasts along ``channel_dim`` of an ndim tensor."""
     if p.dim() == 0:
@@ -84,7 +118,7 @@ def _broadcast_per_channel(p: torch.Tensor, ndim: int, channel_dim: int) -> torc
     return p.view(shape)
 
 
-def _activate_and_mask(x, threshold, center, act, channel_dim):
+def activate_and_mask(x, threshold, center, act, channel_dim):
     a = activation_reference(x.float(), act)
     t = _broadcast_per_channel(threshold, x.dim(), channel_dim)
     c = None if center is None else _broadcast_per_channel(center, x.dim(), channel_dim)
@@ -103,7 +137,7 @@ def remap_act_reference(x, threshold, center, act, channel_dim, straight_through
     With ``straight_through`` the forward value is unchanged but the gradient skips the mask
     (the BPDA gradient an adaptive attacker uses).
     """
-    a, c, mask = _activate_and_mask(x, threshold, center, act, channel_dim)
+    a, c, mask = activate_and_mask(x, threshold, center, act, channel_dim)
     y = _remapped(a, c, mask)
     if straight_through:
         # Not a + (y - a).detach(), which rounds a centre c to a + (c - a). Where the mask holds,
@@ -116,14 +150,14 @@ def remap_act_backward_reference(grad_y, x, threshold, center, act, channel_dim,
     """``dx`` for :func:`remap_act_reference`, written out (the kernels implement this formula)."""
     grad_a = grad_y.float()
     if not straight_through:
-        _, _, mask = _activate_and_mask(x, threshold, center, act, channel_dim)
+        _, _, mask = activate_and_mask(x, threshold, center, act, channel_dim)
         grad_a = grad_a.masked_fill(mask, 0.0)
     return activation_backward_reference(grad_a, x.float(), act).to(x.dtype)
 
 
 def remap_act_stats_reference(x, threshold, center, act, channel_dim):
     """``(y, amax, remapped, count, sum, sumsq)``: the output plus per-channel statistics."""
-    a, c, mask = _activate_and_mask(x, threshold, center, act, channel_dim)
+    a, c, mask = activate_and_mask(x, threshold, center, act, channel_dim)
     y = _remapped(a, c, mask).to(x.dtype)
     channels = x.shape[channel_dim]
     reduce_dims = [d for d in range(x.dim()) if d != channel_dim]

@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lipkern.ops import api, reference, triton_kernels
+from lipkern.ops import api, library, reference, triton_kernels
 from lipkern.ops.triton_kernels import (
     INTERPRETED,
     remap_backward,
@@ -72,6 +72,17 @@ _LIB.impl("remap_act_", _cuda_remap_act_, "CUDA")
 # ----------------------------------------------------------------------------- interpreter path
 
 
+def _refuse_higher_order() -> None:
+    # The interpreter emulates the CUDA kernels for tests; its backward is not differentiable, so a
+    # create_graph backward would silently drop the second-order term (on CUDA the lipkern::* ops
+    # support it, see library.py).
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors (the Triton interpreter) does not support "
+            "higher-order gradients (create_graph=True); use backend='cpu' or a CUDA device"
+        )
+
+
 class _RemapAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, threshold, center, act, channel_dim, straight_through):
@@ -81,6 +92,7 @@ class _RemapAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        _refuse_higher_order()
         x, threshold, center = ctx.saved_tensors
         return remap_backward(grad_y, x, threshold, center, *ctx.args), None, None, None, None, None
 
@@ -96,6 +108,7 @@ class _RemapActStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, *stats_grads):
+        _refuse_higher_order()
         x, threshold, center = ctx.saved_tensors
         return remap_backward(grad_y, x, threshold, center, *ctx.args), None, None, None, None
 
@@ -134,7 +147,9 @@ class TritonBackend:
         if x.is_cuda:
             torch.ops.lipkern.remap_act_(x, threshold, center, act, channel_dim)
         else:
-            remap_forward(x, threshold, center, act, channel_dim, out=x)
+            library.overwrite(
+                x, lambda: remap_forward(x, threshold, center, act, channel_dim, out=x)
+            )
 
 
 api.register_backend(TritonBackend())

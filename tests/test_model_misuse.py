@@ -1,0 +1,350 @@
+"""The model layer under misuse: all-or-nothing state changes, inference mode, train/eval flags,
+threads, in-place conversion and bad ratios."""
+
+import sys
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import lipkern
+from lipkern.nn import RemapAct
+
+
+def _model(channel_dim=-1):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    return lipkern.convert(model, inputs_of=("2",), channel_dim=channel_dim)
+
+
+def _data(batches=3):
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(5, 6, generator=generator) for _ in range(batches)]
+
+
+def _calibrated(**kwargs):
+    model = _model()
+    lipkern.calibrate(model, _data(), progress=False, **kwargs)
+    return model
+
+
+def _state(model):
+    """Everything a failed operation must leave as it was: tensors bit for bit, settings, flags."""
+    tensors = {
+        key: value.clone() if isinstance(value, torch.Tensor) else value
+        for key, value in model.state_dict().items()
+    }
+    modules = [(m.training, getattr(m, "_mode", None)) for m in model.modules()]
+    return tensors, modules
+
+
+def _assert_same_state(model, state):
+    tensors, modules = state
+    now, now_modules = _state(model)
+    assert now.keys() == tensors.keys()
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            assert now[key].dtype == value.dtype and now[key].shape == value.shape, key
+            bits, want = now[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)
+            assert torch.equal(bits, want), key
+        else:
+            assert now[key] == value, key
+    assert now_modules == modules
+
+
+def _failing(batches, exception):
+    def data():
+        yield from batches
+        raise exception
+
+    return data()
+
+
+@pytest.mark.parametrize("exception", [OSError("disk"), KeyboardInterrupt()])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_aborted_calibration_leaves_the_model_as_it_was(exception, calibrated):
+    model = _calibrated() if calibrated else _model()
+    before = _state(model)
+    with pytest.raises(type(exception)):
+        lipkern.calibrate(model, _failing(_data(2), exception), granularity="channel", progress=False)
+    _assert_same_state(model, before)
+    if not calibrated:
+        with pytest.raises(RuntimeError, match="no stored statistics"):
+            lipkern.set_ratio(model, 2**-6)
+
+
+def test_calibrating_on_empty_data_keeps_the_previous_calibration():
+    model = _calibrated()
+    before = _state(model)
+    with pytest.raises(ValueError, match="data is empty"):
+        lipkern.calibrate(model, [], progress=False)
+    _assert_same_state(model, before)
+
+
+def test_failed_measure_pass_undoes_the_whole_calibration():
+    model = _calibrated()
+    before = _state(model)
+    data = _data(2)
+    calls = []
+
+    class OnceOnly:
+        def __iter__(self):
+            calls.append(1)
+            if len(calls) > 1:
+                raise OSError("the data can be read once")
+            return iter(data)
+
+    with pytest.raises(OSError):
+        lipkern.calibrate(model, OnceOnly(), c_r=2**-5, measure=True, progress=False)
+    _assert_same_state(model, before)
+
+
+def test_calibration_under_inference_mode_leaves_a_trainable_model():
+    model = _model()
+    with torch.inference_mode():
+        data = _data()
+        lipkern.calibrate(model, data, progress=False)
+        lipkern.set_ratio(model, 2**-6)
+    for _, layer in lipkern.nn.remap_modules(model):
+        assert not any(buffer.is_inference() for buffer in layer.buffers())
+    x = torch.randn(4, 6, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_calibration_restores_each_module_train_flag():
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    lipkern.convert(model)
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    lipkern.calibrate(model, _data(), progress=False)
+    assert model.training and model[0].training and not model[1].training
+
+
+def test_set_ratio_refuses_nan_and_underflow_and_changes_nothing():
+    model = _calibrated()
+    before = _state(model)
+    layer = model[1]
+    for bad in (float("nan"), float("inf"), 0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="ratio"):
+            layer.set_ratio(bad)
+        with pytest.raises(ValueError, match="c_r"):
+            lipkern.set_ratio(model, bad)
+    with pytest.raises(ValueError, match="underflows float32"):
+        lipkern.set_ratio(model, 1e-50)
+    with pytest.raises(ValueError, match="underflows float32"):
+        lipkern.calibrate(model, _data(), c_r=1e-50, progress=False)
+    _assert_same_state(model, before)
+
+
+def test_load_calibration_checks_every_tensor_before_changing_anything(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    source = _calibrated(granularity="channel", center="mean", statistic="std")
+    path = tmp_path / "good.safetensors"
+    lipkern.save_calibration(source, path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    target = _calibrated()
+    before = _state(target)
+    layer = "3"  # the ReLU, a later layer than the GELU (1)
+
+    def corrupt(key, value):
+        bad = dict(tensors, **{key: value})
+        bad_path = tmp_path / "bad.safetensors"
+        save_file(bad, str(bad_path), metadata=metadata)
+        return bad_path
+
+    threshold = tensors[f"{layer}/threshold"]
+    cases = {
+        "NaN": corrupt(f"{layer}/threshold", torch.full_like(threshold, float("nan"))),
+        "negative": corrupt(f"{layer}/threshold", -threshold),
+        "wrong length": corrupt(f"{layer}/threshold", threshold[:-1].contiguous()),
+        "float64": corrupt(f"{layer}/threshold", threshold.double()),
+        "infinite centre": corrupt(f"{layer}/center", torch.full_like(threshold, float("inf"))),
+        "stray tensor": corrupt(f"{layer}/bogus", threshold.clone()),
+    }
+    for what, bad_path in cases.items():
+        with pytest.raises(ValueError) as error:
+            lipkern.load_calibration(target, bad_path)
+        assert layer in str(error.value), what
+        _assert_same_state(target, before)
+    lipkern.load_calibration(target, path)
+    assert torch.equal(target[3].threshold, source[3].threshold)
+
+
+def test_load_calibration_with_a_bad_settings_entry_changes_nothing(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "good.safetensors"
+    lipkern.save_calibration(_calibrated(c_r=2**-5), path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    layers = json.loads(metadata["layers"])
+    layers[-1]["mode"] = "bogus"
+    bad_path = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad_path), metadata={**metadata, "layers": json.dumps(layers)})
+    target = _calibrated()
+    before = _state(target)
+    with pytest.raises(ValueError, match="mode"):
+        lipkern.load_calibration(target, bad_path)
+    _assert_same_state(target, before)
+
+
+def test_save_calibration_never_leaves_a_truncated_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "calibration.safetensors"
+    model = _calibrated()
+    lipkern.save_calibration(model, path)
+    good = path.read_bytes()
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        lipkern.save_calibration(model, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_load_state_dict_of_another_conversion_changes_nothing():
+    source = _calibrated()
+    target = _model(channel_dim=1)
+    before = _state(target)
+    with pytest.raises(ValueError, match="channel_dim"):
+        target.load_state_dict(source.state_dict())
+    _assert_same_state(target, before)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("3.threshold", torch.tensor(float("nan")), "threshold must be >= 0"),
+        ("3.threshold", torch.tensor(-1.0), "threshold must be >= 0"),
+        ("3.threshold", torch.ones(5), "threshold must have shape"),
+        ("3.amax", torch.ones(2), "statistics"),
+    ],
+)
+def test_load_state_dict_with_bad_values_changes_nothing(key, value, message):
+    state = _calibrated().state_dict()
+    state[key] = value
+    target = _model()
+    before = _state(target)
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state)
+    _assert_same_state(target, before)
+
+
+def test_converted_inplace_relu_raises_where_the_original_raises():
+    # x feeds a trainable layer (which saves it for its weight's gradient) and an in-place ReLU.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.fc(x) + self.act(x)
+
+    for convert in (False, True):
+        block = Block()
+        if convert:
+            lipkern.convert(block)
+            assert block.act.inplace
+            lipkern.calibrate(block, _data(), progress=False)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            block(torch.randn(4, 6)).sum().backward()
+
+
+@pytest.fixture
+def frequent_thread_switches():
+    """Switch threads every microsecond, so that unguarded read-modify-writes interleave."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def test_calibrate_mode_called_from_threads_keeps_every_call(frequent_thread_switches):
+    layer = RemapAct("relu", channel_dim=-1)
+    layer.begin_calibration(granularity="channel")
+    calls, rows = 400, 7
+    inputs = [torch.randn(rows, 8) for _ in range(calls)]
+    barrier = threading.Barrier(4)
+    errors = []
+
+    def work(chunk):
+        barrier.wait()
+        try:
+            for x in chunk:
+                layer(x)
+        except Exception as error:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(inputs[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert layer.count.tolist() == [calls * rows] * 8
+    want = torch.stack(inputs).relu().amax(dim=(0, 1))
+    assert torch.equal(layer.amax, want)
+
+
+def test_concurrent_calibration_of_one_model_is_refused():
+    model = _model()
+    started, release = threading.Event(), threading.Event()
+    results = {}
+
+    def slow_data():
+        started.set()
+        assert release.wait(30)
+        yield from _data()
+
+    def first():
+        results["first"] = lipkern.calibrate(model, slow_data(), progress=False)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(30)
+    try:
+        with pytest.raises(RuntimeError, match="another thread"):
+            lipkern.calibrate(model, _data(), progress=False)
+        with pytest.raises(RuntimeError, match="another thread"):
+            lipkern.set_ratio(model, 2**-6)
+    finally:
+        release.set()
+        thread.join()
+    assert results["first"].batches == 3
+    lipkern.set_ratio(model, 2**-6)  # free again once the first one finished
+
+
+def test_concurrent_calibration_of_different_models_is_independent(frequent_thread_switches):
+    # Each scan tracks its own converted activations' outputs (input remaps after an activation
+    # are redundant); the other thread's scan must neither hide nor fake them.
+    models = [_model() for _ in range(2)]
+    reports = [None, None]
+    barrier = threading.Barrier(2)
+
+    def work(i):
+        barrier.wait()
+        reports[i] = lipkern.calibrate(models[i], _data(6), progress=False)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for model in models:
+        assert model[2].input_remap.redundant and model[2].input_remap.fed_by == "1"
