@@ -29,23 +29,84 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from torch import nn
 
-from lipkern.nn import RemapAct, add_input_remap, has_input_remap, remap_modules
+from lipkern.nn import (
+    InputRemap,
+    RemapAct,
+    add_input_remap,
+    has_input_remap,
+    remap_modules,
+    remove_input_remap,
+)
 
 ACT_FAMILIES = ("relu", "gelu", "gelu_tanh", "silu")
+# The attribute of a RemapAct made by convert that holds the module it replaced.
+_ORIGINAL = "_lipkern_original"
+# torch.nn modules that compute each lipkern act, for RemapActs that replaced nothing.
+_TORCH_EQUIVALENTS = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+}
 
 _CHANNEL_LAST_TYPES = (nn.Linear, nn.LayerNorm)
-_CHANNEL_FIRST_TYPES = (
-    nn.modules.conv._ConvNd,
+_CHANNEL_FIRST_NORMS = (
     nn.modules.batchnorm._BatchNorm,
     nn.GroupNorm,
     nn.modules.instancenorm._InstanceNorm,
 )
+_CHANNEL_FIRST_TYPES = (nn.modules.conv._ConvNd,) + _CHANNEL_FIRST_NORMS
+
+
+def _transformers_activation_types() -> dict[type, str]:
+    """Hugging Face transformers' activation modules that compute a lipkern activation.
+
+    Only looked up when transformers is imported already (a model holding its modules imported
+    it), so converting other models never pays for importing transformers.
+    """
+    activations = sys.modules.get("transformers.activations")
+    if activations is None:
+        return {}
+    return {
+        activations.GELUActivation: "gelu",  # F.gelu (erf), or its erf formula in Python
+        activations.GELUTanh: "gelu_tanh",  # F.gelu(approximate="tanh"), or its formula
+        # The tanh formula written out: the same function, values within ulps of F.gelu's.
+        activations.NewGELUActivation: "gelu_tanh",
+        activations.AccurateGELUActivation: "gelu_tanh",
+        activations.SiLUActivation: "silu",
+    }
+
+
+# Modules of these namespaces are activations; those without a lipkern op are named in a warning.
+_ACTIVATION_NAMESPACES = (
+    "torch.nn.modules.activation",
+    "timm.layers.activations",
+    "timm.layers.activations_me",
+    "transformers.activations",
+)
+# Left alone without a warning: modules that are no pointwise activation though defined beside
+# them, and gates / squashing functions (squeeze-excitation gates, BERT's pooler), which are not
+# what the remap is for.
+_NOT_ACTIVATIONS = frozenset(
+    (
+        "MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "GLU",
+        "Sigmoid", "Hardsigmoid", "HardSigmoid", "HardSigmoidMe", "LogSigmoid", "Tanh",
+        "Tanhshrink", "Softsign",
+    )
+)
+
+
+def _unsupported_activation(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__ in _ACTIVATION_NAMESPACES and cls.__name__ not in _NOT_ACTIVATIONS
 
 
 def _timm_activation_types() -> dict[type, str]:
@@ -71,21 +132,54 @@ def activation_of(module: nn.Module) -> Optional[str]:
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
     if type(module) is nn.SiLU:
         return "silu"
-    return _timm_activation_types().get(type(module))
+    act = _timm_activation_types().get(type(module))
+    return act if act is not None else _transformers_activation_types().get(type(module))
 
 
 def _selected(act: str, acts: tuple[str, ...]) -> bool:
     return act in acts or (act == "gelu_tanh" and "gelu" in acts)
 
 
-def _infer_channel_dim(siblings: list[nn.Module], position: int) -> int:
+def _norm_act_layout(module: nn.Module) -> Optional[int]:
+    """The channel axis of a fused norm + activation layer's output (timm's BatchNormAct2d,
+    GroupNormAct, LayerNormAct2d, LayerNormAct, ...), whose activation child sees it; None for
+    other modules."""
+    if isinstance(module, _CHANNEL_FIRST_NORMS):
+        return 1
+    if type(module).__module__ == "timm.layers.norm_act":
+        # timm names its channels-first variants ...2d (LayerNormAct2d is an nn.LayerNorm).
+        return 1 if "2d" in type(module).__name__ else -1
+    return None
+
+
+def _output_layout(module: nn.Module) -> Optional[int]:
+    """The channel axis of ``module``'s output: from its type, else from its last descendant
+    of known type (timm's ConvNormAct ends in a BatchNormAct2d); None when nothing tells."""
+    if type(module).__name__ == "LayerNorm2d":  # timm's channels-first LayerNorm
+        return 1
+    layout = _norm_act_layout(module)
+    if layout is not None:
+        return layout
+    if isinstance(module, _CHANNEL_LAST_TYPES):
+        return -1
+    if isinstance(module, _CHANNEL_FIRST_TYPES):
+        return 1
+    for child in reversed(list(module.children())):
+        layout = _output_layout(child)
+        if layout is not None:
+            return layout
+    return None
+
+
+def _infer_channel_dim(parent: nn.Module, siblings: list[nn.Module], position: int) -> int:
+    # An activation inside a norm-act layer sees that layer's normalised output.
+    layout = _norm_act_layout(parent)
+    if layout is not None:
+        return layout
     for module in reversed(siblings[:position]):
-        if type(module).__name__ == "LayerNorm2d":  # timm's channels-first LayerNorm
-            return 1
-        if isinstance(module, _CHANNEL_LAST_TYPES):
-            return -1
-        if isinstance(module, _CHANNEL_FIRST_TYPES):
-            return 1
+        layout = _output_layout(module)
+        if layout is not None:
+            return layout
     return -1
 
 
@@ -119,17 +213,31 @@ def convert(
     ):
         raise TypeError(f"channel_dim must be None or an int, got {type(channel_dim).__name__}")
 
-    def make(module, siblings, position):
+    unsupported: dict[int, tuple[str, str]] = {}  # id -> (class name, first qualified name)
+
+    def make(module, name, parent, siblings, position):
         act = activation_of(module)
-        if act is None or not _selected(act, acts):
+        if act is None:
+            if _unsupported_activation(module):
+                unsupported.setdefault(id(module), (type(module).__name__, name))
             return None
-        dim = channel_dim if channel_dim is not None else _infer_channel_dim(siblings, position)
-        return RemapAct(
+        if not _selected(act, acts):
+            return None
+        dim = (
+            channel_dim
+            if channel_dim is not None
+            else _infer_channel_dim(parent, siblings, position)
+        )
+        new = RemapAct(
             act,
             dim,
             inplace=inplace or bool(getattr(module, "inplace", False)),
             backend=backend,
         )
+        new.layer_name = name
+        # Kept outside the module tree (no state_dict entries) for unconvert and describe.
+        object.__setattr__(new, _ORIGINAL, module)
+        return new
 
     # Input remaps first, while names are those of the original model.
     matched = {pattern: [] for pattern in inputs_of}
@@ -147,7 +255,7 @@ def convert(
                 added += 1
 
     replaced: dict[int, RemapAct] = {}
-    root_replacement = make(model, [], 0)
+    root_replacement = make(model, type(model).__name__, None, [], 0)
     if root_replacement is not None:
         return root_replacement
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
@@ -157,17 +265,61 @@ def convert(
                 continue
             new = replaced.get(id(child))
             if new is None:
-                new = make(child, siblings, position)
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                new = make(child, name, parent, siblings, position)
                 if new is None:
                     continue
-                new.layer_name = f"{parent_name}.{child_name}" if parent_name else child_name
                 replaced[id(child)] = new
             parent._modules[child_name] = new
+    if unsupported:
+        by_class: dict[str, list[str]] = {}
+        for class_name, name in unsupported.values():
+            by_class.setdefault(class_name, []).append(name)
+        listing = "; ".join(
+            f"{class_name} at {', '.join(names[:3])}"
+            + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            for class_name, names in by_class.items()
+        )
+        warnings.warn(
+            f"lipkern.convert: left activation modules that no lipkern op computes exactly: "
+            f"{listing}"
+        )
     if not replaced and not added:
         warnings.warn(
             f"lipkern.convert: nothing was converted (acts={acts}, inputs_of={inputs_of}): no "
             "matching activation module or input layer that is not converted already"
         )
+    return model
+
+
+def _original_of(layer: RemapAct) -> nn.Module:
+    original = getattr(layer, _ORIGINAL, None)
+    return original if original is not None else _TORCH_EQUIVALENTS[layer.act]()
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert` in place: every RemapAct becomes the module it replaced (a RemapAct
+    made by hand: the torch.nn module of its act) and every input remap is removed, so the
+    state dict has no lipkern entries again. Returns ``model`` (or, for a model that is a
+    RemapAct, its original). Calibrations are dropped with the modules."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, RemapAct) and not isinstance(model, InputRemap):
+        return _original_of(model)
+    # Decide every change before making any, so that an error leaves the model as it was.
+    wrapped = [module for module in model.modules() if has_input_remap(module)]
+    sites = [
+        (parent, name, _original_of(child))
+        for parent in model.modules()
+        for name, child in parent._modules.items()
+        if isinstance(child, RemapAct) and not isinstance(child, InputRemap)
+    ]
+    originals: dict[int, nn.Module] = {}
+    for parent, name, original in sites:
+        # A RemapAct shared by several sites gives them one original module back.
+        parent._modules[name] = originals.setdefault(id(parent._modules[name]), original)
+    for module in wrapped:
+        remove_input_remap(module)
     return model
 
 
@@ -177,6 +329,7 @@ class LayerInfo:
 
     name: str
     kind: str  # "act" or "input"
+    replaced: str  # class of the replaced activation, or of the layer whose input is remapped
     act: str
     channel_dim: int
     mode: str
@@ -192,13 +345,22 @@ class Description(list):
     """A list of :class:`LayerInfo` that prints as a table."""
 
     def __str__(self) -> str:
-        header = ("layer", "kind", "act", "dim", "mode", "threshold", "note")
+        header = ("layer", "kind", "replaced", "act", "dim", "mode", "threshold", "note")
         rows = [header]
         for info in self:
             threshold = "-" if info.threshold_max is None else f"{info.threshold_max:.4g}"
             note = f"redundant: fed by {info.fed_by}" if info.redundant else ""
             rows.append(
-                (info.name, info.kind, info.act, str(info.channel_dim), info.mode, threshold, note)
+                (
+                    info.name,
+                    info.kind,
+                    info.replaced,
+                    info.act,
+                    str(info.channel_dim),
+                    info.mode,
+                    threshold,
+                    note,
+                )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         return "\n".join(
@@ -210,12 +372,22 @@ class Description(list):
 def describe(model: nn.Module) -> Description:
     """What :func:`convert` did to ``model``: one :class:`LayerInfo` per RemapAct / InputRemap."""
     infos = Description()
+    wrapped_by = {
+        id(layer.input_remap): type(layer).wrapped_class.__name__
+        for layer in model.modules()
+        if has_input_remap(layer)
+    }
     for name, module in remap_modules(model):
         calibrated = module.calibrated
+        if module.kind == "input":
+            replaced = f"input of {wrapped_by.get(id(module), '?')}"
+        else:
+            replaced = type(_original_of(module)).__name__
         infos.append(
             LayerInfo(
                 name=name,
                 kind=module.kind,
+                replaced=replaced,
                 act=module.act,
                 channel_dim=module.channel_dim,
                 mode=module.mode,
@@ -257,4 +429,5 @@ __all__ = [
     "convert",
     "describe",
     "straight_through",
+    "unconvert",
 ]
