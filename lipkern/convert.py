@@ -1,15 +1,21 @@
-"""Turn a trained model into a remapping one: :func:`convert`, :func:`describe`,
-:func:`straight_through`.
+"""Turn a trained model into a remapping one and back: :func:`convert`, :func:`unconvert`,
+:func:`describe`, :func:`straight_through`.
 
 ``convert(model, acts=("relu", "gelu", "silu"), inputs_of=(), inplace=False)`` works in place and
 returns the same model (a model that *is* an activation module is returned as its replacement):
 
 - Activation modules are replaced by :class:`lipkern.nn.RemapAct`: ``nn.ReLU`` (``inplace=True``
   too), ``nn.GELU`` (``approximate="none"`` -> ``"gelu"``, ``"tanh"`` -> ``"gelu_tanh"``),
-  ``nn.SiLU``, and timm's ``GELU``, ``GELUTanh``, ``Swish`` and ``SwishMe``. ``acts`` filters by
-  family: ``"relu"``, ``"gelu"`` (both approximations, each mapped to its exact op),
-  ``"gelu_tanh"`` (tanh-approximated GELU only) and ``"silu"``. timm's ``QuickGELU``
-  (``x * sigmoid(1.702 x)``) has no lipkern op and is left alone.
+  ``nn.SiLU``, timm's ``GELU``, ``GELUTanh``, ``Swish`` and ``SwishMe``, and Hugging Face
+  transformers' ``GELUActivation`` (``"gelu"``), ``GELUTanh``, ``NewGELUActivation``,
+  ``AccurateGELUActivation`` (``"gelu_tanh"``: the same tanh formula) and ``SiLUActivation``.
+  ``acts`` filters by family: ``"relu"``, ``"gelu"`` (both approximations, each mapped to its
+  exact op), ``"gelu_tanh"`` (tanh-approximated GELU only) and ``"silu"``.
+- Activations that no lipkern op computes exactly are left alone and named in one warning (class
+  and qualified names): timm's ``QuickGELU``, transformers' ``QuickGELUActivation``,
+  ``ClippedGELUActivation``, ``FastGELUActivation`` (its constant is sqrt(2/pi) cut after 10
+  digits), ``nn.Hardswish``, ... Gates and squashing functions (sigmoid, tanh) and softmax are
+  not what the remap is for and are left alone silently.
 - A module object reached under several names (or called at several sites, as torchvision's
   ResNet ``relu``) becomes ONE RemapAct with one threshold over all its sites.
 - ``inputs_of``: glob patterns (:mod:`fnmatch`) on qualified module names; each matching
@@ -17,12 +23,22 @@ returns the same model (a model that *is* an activation module is returned as it
   parameter names (``fc1.weight`` stays, ``fc1.input_remap.*`` is added). Whether that input is
   already a converted activation's output is decided at calibration (see :mod:`lipkern.nn`).
 - Warnings: a pattern of ``inputs_of`` that matches nothing, and a conversion that changes nothing.
-- ``channel_dim`` of each activation: ``None`` infers it from the nearest preceding sibling module
-  (Linear / LayerNorm -> ``-1``; Conv / BatchNorm / GroupNorm / timm ``LayerNorm2d`` -> ``1``; else
-  ``-1``); an int forces it everywhere. It only matters for ``granularity="channel"``.
+- ``channel_dim`` of each activation: ``None`` infers it from what the activation sees. Inside a
+  fused norm + activation layer (timm's ``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct2d``:
+  ``1``; ``LayerNormAct``: ``-1``) it is that layer's layout; otherwise the nearest preceding
+  sibling that tells decides: Linear / LayerNorm -> ``-1``; Conv / BatchNorm / GroupNorm / timm
+  ``LayerNorm2d`` -> ``1``; a composite sibling (timm's ``ConvNormAct``, a residual block) by
+  its last descendant of such a type; ``-1`` when nothing tells. An int forces it everywhere. It
+  only matters for ``granularity="channel"``, and a per-channel layer called with another channel
+  count raises an error naming the layer.
 - ``inplace=True`` lets every converted activation overwrite its input at inference (as
   ``nn.ReLU(inplace=True)``); activations that were in place already stay in place.
 - ``backend`` is stored on every created module and passed to the ops (default ``"auto"``).
+
+Checkpoints: an uncalibrated converted model has no state of its own, so a state dict of the
+original model loads into it with ``strict=True``; load pretrained weights, then calibrate (or
+load a converted model's own state dict, lipkern's entries included, at any time).
+:func:`unconvert` puts the replaced modules back and removes input remaps.
 """
 
 from __future__ import annotations
