@@ -22,6 +22,17 @@ returns the same model (a model that *is* an activation module is returned as it
   ``nn.Linear`` / convolution gets an :class:`lipkern.nn.InputRemap` on its input, keeping its
   parameter names (``fc1.weight`` stays, ``fc1.input_remap.*`` is added). Whether that input is
   already a converted activation's output is decided at calibration (see :mod:`lipkern.nn`).
+- ``preset="paper"``: input remaps where the paper puts them, found by structure instead of
+  names (which move between libraries and versions and are not in registration order): on every
+  ``nn.Linear`` of a module that also holds a converted activation, but for one registered last
+  (a network's classifier after its final activation): the layers of MLP blocks, as timm ``Mlp``
+  (``fc1``, ``fc2``), Hugging Face ViT / Swin / BERT (``mlp.fc1``, ``intermediate.dense``),
+  Llama-style gated MLPs (``gate_proj``, ``up_proj``, ``down_proj``). Calibration turns a remap
+  whose input is a converted activation's output (timm's FC2) into a pass-through; what stays are
+  the remaps of inputs no activation remap covers: FC1's (a LayerNorm output), a gated MLP's down
+  projection's (the gated product). CNNs (ResNet, WideResNet, EfficientNet) get only their
+  activations; GPT-2's MLP is made of transformers' ``Conv1D``, not ``nn.Linear``, and gets none.
+  Combines with ``inputs_of``; :func:`describe` prints what was placed where.
 - Warnings: a pattern of ``inputs_of`` that matches nothing, and a conversion that changes nothing.
 - ``channel_dim`` of each activation: ``None`` infers it from what the activation sees. Inside a
   fused norm + activation layer (timm's ``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct2d``:
@@ -62,6 +73,7 @@ from lipkern.nn import (
 )
 
 ACT_FAMILIES = ("relu", "gelu", "gelu_tanh", "silu")
+PRESETS = ("paper",)
 # The attribute of a RemapAct made by convert that holds the module it replaced.
 _ORIGINAL = "_lipkern_original"
 # torch.nn modules that compute each lipkern act, for RemapActs that replaced nothing.
@@ -209,6 +221,24 @@ def _check_acts(acts) -> tuple[str, ...]:
     return acts
 
 
+def _mlp_linears(model: nn.Module, acts: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """The ``nn.Linear`` children of every module that also has a selected activation child,
+    but for one registered last: the layers of MLP blocks whatever the library names them
+    (preset ``"paper"``), without a network's classifier after its final activation."""
+    found = []
+    for name, parent in model.named_modules():
+        children = [(n, c) for n, c in parent._modules.items() if c is not None]
+        if not any(
+            (act := activation_of(child)) is not None and _selected(act, acts)
+            for _, child in children
+        ):
+            continue
+        for child_name, child in children[:-1]:
+            if isinstance(child, nn.Linear):
+                found.append((f"{name}.{child_name}" if name else child_name, child))
+    return found
+
+
 def convert(
     model: nn.Module,
     acts: Iterable[str] = ("relu", "gelu", "silu"),
@@ -216,10 +246,13 @@ def convert(
     inplace: bool = False,
     backend: str = "auto",
     channel_dim: Optional[int] = None,
+    preset: Optional[str] = None,
 ) -> nn.Module:
     """Replace activations by RemapAct and add input remaps; returns ``model`` (see module doc)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if preset not in (None,) + PRESETS:
+        raise ValueError(f"preset must be None or one of {PRESETS}, got {preset!r}")
     acts = _check_acts(acts)
     if isinstance(inputs_of, str):
         inputs_of = (inputs_of,)
@@ -261,9 +294,11 @@ def convert(
         for pattern in inputs_of:
             if fnmatch.fnmatchcase(name, pattern):
                 matched[pattern].append((name, module))
+    if preset == "paper":
+        matched["preset 'paper'"] = _mlp_linears(model, acts)
     added = 0
     for pattern, hits in matched.items():
-        if not hits:
+        if not hits and pattern in inputs_of:
             warnings.warn(f"lipkern.convert: inputs_of pattern {pattern!r} matched no module")
         for name, module in hits:
             if not has_input_remap(module):
@@ -439,6 +474,7 @@ def straight_through(model: nn.Module):
 
 __all__ = [
     "ACT_FAMILIES",
+    "PRESETS",
     "Description",
     "LayerInfo",
     "activation_of",

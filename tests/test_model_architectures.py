@@ -126,7 +126,7 @@ def test_real_model_compiles_without_graph_breaks(spec, kwargs, shape, inputs_of
 
 
 def _small_mixed_nuts():
-    """MixedNUTS's mixing around a tiny ConvNeXtV2 and a tiny Swin (same classes as the real one)."""
+    """MixedNUTS's mixing around a tiny ConvNeXtV2 and a tiny Swin (the real ones' classes)."""
     import timm
 
     from lipkern.models.robustbench import (

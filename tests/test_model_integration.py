@@ -239,3 +239,39 @@ def test_unconvert_gives_back_the_original_modules():
     assert type(hand_made[1]) is nn.SiLU
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         unconvert("model")
+
+
+def test_paper_preset_places_input_remaps_on_mlp_blocks():
+    vit, pixels = _tiny_vit()
+    llama, tokens = _tiny_llama()
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    mlp = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3)
+    for model, x in (
+        (vit, pixels), (llama, tokens), (resnet, torch.randn(1, 3, 32, 32)),
+        (mlp, torch.randn(1, 3, 32, 32)),
+    ):
+        model.eval()
+        convert_quietly(model, preset="paper")
+        lipkern.calibrate(model, [x], c_r=C_R, progress=False)
+    inputs = lambda model: {  # noqa: E731
+        info.name: (info.replaced, info.redundant)
+        for info in describe(model)
+        if info.kind == "input"
+    }
+    assert inputs(vit) == {
+        f"vit.layers.{i}.mlp.fc1.input_remap": ("input of Linear", False) for i in range(2)
+    }
+    # Gated MLP: both projections of the normalised input and the down projection's input.
+    assert inputs(llama) == {
+        f"model.layers.{i}.mlp.{proj}.input_remap": ("input of Linear", False)
+        for i in range(2) for proj in ("gate_proj", "up_proj", "down_proj")
+    }
+    assert inputs(resnet) == {}  # its classifier follows the last activation
+    # timm's Mlp registers fc2 after its GELU and feeds it the GELU output: a pass-through.
+    assert inputs(mlp) == {
+        "blocks.0.mlp.fc1.input_remap": ("input of Linear", False),
+        "blocks.0.mlp.fc2.input_remap": ("input of Linear", True),
+    }
+    assert "input of Linear" in str(describe(vit))
+    with pytest.raises(ValueError, match="preset must be None or one of"):
+        lipkern.convert(_tiny_bert()[0], preset="swin")
