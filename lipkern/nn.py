@@ -15,9 +15,11 @@ or Conv layer (e.g. the LayerNorm output that feeds a transformer's FC1). Both h
 
 Thresholds, centres, statistics and the calibration settings are buffers / extra state, so they
 live in ``state_dict``. Their shapes are only known after calibration, so loading a state_dict
-resizes them. ``Module.to(dtype)`` / ``.half()`` move them between devices but never change their
-dtypes: thresholds and maxima stay float32, counts int64 and sums float64 (contract: statistics
-never accumulate in the storage dtype).
+resizes them. A layer that holds no calibration may be absent from a state dict it loads (the
+original model's, strictly), and keeps its uncalibrated state. ``Module.to(dtype)`` /
+``.half()`` move them between devices but never change their dtypes: thresholds and maxima stay
+float32, counts int64 and sums float64 (contract: statistics never accumulate in the storage
+dtype).
 
 Statistics layout: ``granularity="channel"`` keeps one entry per channel of ``channel_dim``;
 ``granularity="tensor"`` pools every call's statistics into one entry (so a module object shared by
