@@ -15,7 +15,18 @@ import platform
 from pathlib import Path
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError as error:
+    # pip's default build runs in an isolated environment without the user's torch; compiling
+    # against another torch (or none) would give an extension that cannot load.
+    raise SystemExit(
+        f"lipkern: torch is not importable while building ({error}). lipkern compiles its C++ "
+        "kernels against the torch it will run with: install torch first, then install lipkern "
+        "with `pip install --no-build-isolation .` (pip's default isolated build cannot see "
+        "your torch)."
+    ) from error
 
 ROOT = Path(__file__).resolve().parent
 CSRC = Path("csrc")
@@ -84,6 +95,24 @@ class CapabilityBuildExtension(BuildExtension):
         super().build_extension(ext)
 
 
+# What `import lipkern` and `import lipkern.eval` (the CLI's evaluation) need; torch is the one
+# the extension is built against. Model zoos and the test tools are extras.
+INSTALL_REQUIRES = [
+    "torch>=2.10",
+    "numpy>=1.26",
+    "tqdm>=4.60",
+    "safetensors>=0.4",
+    "matplotlib>=3.7",
+    "scipy>=1.10",
+    "scikit-learn>=1.3",
+    "pyautoattack>=0.2",
+    "torchattacks>=3.5",
+]
+EXTRAS_REQUIRE = {
+    "models": ["torchvision", "timm>=1.0", "transformers>=5", "pyyaml"],
+    "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "ninja"],
+}
+
 sources = [
     str(CSRC / "module.cpp"),
     str(CSRC / "ops.cpp"),
@@ -96,6 +125,8 @@ setup(
     version="0.1.0",
     description="Fused activation + threshold-remap kernels (PyTorch extension)",
     python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
     packages=find_packages(include=["lipkern", "lipkern.*"]),
     package_data={"lipkern": ["eval/weights/*.pt"]},
     ext_modules=[

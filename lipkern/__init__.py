@@ -13,7 +13,7 @@ from lipkern.ops import (
     remap_act_stats,
 )
 from lipkern import nn
-from lipkern.convert import convert, describe, straight_through
+from lipkern.convert import convert, describe, straight_through, unconvert
 from lipkern.calibrate import (
     CalibrationReport,
     calibrate,
@@ -53,4 +53,5 @@ __all__ = [
     "save_calibration",
     "set_ratio",
     "straight_through",
+    "unconvert",
 ]

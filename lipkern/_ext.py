@@ -23,7 +23,10 @@ try:
     _MISSING_REASON = None
 except ImportError as _error:
     _MODULE = None
-    _MISSING_REASON = f"lipkern._C is not built ({_error}); {BUILD_HINT}"
+    _MISSING_REASON = (
+        f"lipkern._C could not be imported ({_error}): it is not built, or was built for another "
+        f"torch than this one; {BUILD_HINT}"
+    )
 
 
 def load():

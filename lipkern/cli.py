@@ -71,6 +71,30 @@ def positive(kind):
     return parse
 
 
+def _quiet_cuda_home_warning() -> None:
+    """Import ``torch.utils.cpp_extension`` with its warnings held back on machines without a
+    CUDA device.
+
+    At import it warns "No CUDA runtime is found, using CUDA_HOME=..." whenever a CUDA toolkit is
+    installed but no GPU is usable; torch.compile (lipkern bench, the evaluation) imports it. On
+    such a machine nothing of lipkern uses CUDA, so the line only alarms; imported once here, the
+    module is not imported (and does not warn) again.
+    """
+    import logging
+
+    import torch
+
+    if torch.cuda.is_available() or "torch.utils.cpp_extension" in sys.modules:
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        importlib.import_module("torch.utils.cpp_extension")
+    finally:
+        logger.setLevel(level)
+
+
 def _add_verify_parser(subparsers) -> None:
     from lipkern.ops.reference import ACTIVATIONS
 
@@ -185,6 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lipkern`` console script and ``python -m lipkern``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _prefer_triton_interpreter()
+    _quiet_cuda_home_warning()
     if argv and argv[0] == "eval":
         return _run_eval(argv[1:])
     args = build_parser().parse_args(argv)

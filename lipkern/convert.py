@@ -1,25 +1,47 @@
-"""Turn a trained model into a remapping one: :func:`convert`, :func:`describe`,
-:func:`straight_through`.
+"""Turn a trained model into a remapping one and back: :func:`convert`, :func:`unconvert`,
+:func:`describe`, :func:`straight_through`.
 
 ``convert(model, acts=("relu", "gelu", "silu"), inputs_of=(), inplace=False)`` works in place and
 returns the same model (a model that *is* an activation module is returned as its replacement):
 
 - Activation modules are replaced by :class:`lipkern.nn.RemapAct`: ``nn.ReLU`` (``inplace=True``
   too), ``nn.GELU`` (``approximate="none"`` -> ``"gelu"``, ``"tanh"`` -> ``"gelu_tanh"``),
-  ``nn.SiLU``, and timm's ``GELU``, ``GELUTanh``, ``Swish`` and ``SwishMe``. ``acts`` filters by
-  family: ``"relu"``, ``"gelu"`` (both approximations, each mapped to its exact op),
-  ``"gelu_tanh"`` (tanh-approximated GELU only) and ``"silu"``. timm's ``QuickGELU``
-  (``x * sigmoid(1.702 x)``) has no lipkern op and is left alone.
+  ``nn.SiLU``, timm's ``GELU``, ``GELUTanh``, ``Swish`` and ``SwishMe``, and Hugging Face
+  transformers' ``GELUActivation`` (``"gelu"``), ``GELUTanh``, ``NewGELUActivation``,
+  ``AccurateGELUActivation`` (``"gelu_tanh"``: the same tanh formula) and ``SiLUActivation``.
+  ``acts`` filters by family: ``"relu"``, ``"gelu"`` (both approximations, each mapped to its
+  exact op), ``"gelu_tanh"`` (tanh-approximated GELU only) and ``"silu"``.
+- Activations that no lipkern op computes exactly are left alone and named in one warning (class
+  and qualified names): timm's ``QuickGELU``, transformers' ``QuickGELUActivation``,
+  ``ClippedGELUActivation``, ``FastGELUActivation`` (its constant is sqrt(2/pi) cut after 10
+  digits), ``nn.Hardswish``, ... Gates and squashing functions (sigmoid, tanh) and softmax are
+  not what the remap is for and are left alone silently.
 - A module object reached under several names (or called at several sites, as torchvision's
   ResNet ``relu``) becomes ONE RemapAct with one threshold over all its sites.
 - ``inputs_of``: glob patterns (:mod:`fnmatch`) on qualified module names; each matching
   ``nn.Linear`` / convolution gets an :class:`lipkern.nn.InputRemap` on its input, keeping its
   parameter names (``fc1.weight`` stays, ``fc1.input_remap.*`` is added). Whether that input is
   already a converted activation's output is decided at calibration (see :mod:`lipkern.nn`).
+- ``preset="paper"``: input remaps where the paper puts them, found by structure instead of
+  names (which move between libraries and versions and are not in registration order): on every
+  ``nn.Linear`` of a module that also holds a converted activation, but for one registered last
+  (a network's classifier after its final activation): the layers of MLP blocks, as timm ``Mlp``
+  (``fc1``, ``fc2``), Hugging Face ViT / Swin / BERT (``mlp.fc1``, ``intermediate.dense``),
+  Llama-style gated MLPs (``gate_proj``, ``up_proj``, ``down_proj``). Calibration turns a remap
+  whose input is a converted activation's output (timm's FC2) into a pass-through; what stays are
+  the remaps of inputs no activation remap covers: FC1's (a LayerNorm output), a gated MLP's down
+  projection's (the gated product). CNNs (ResNet, WideResNet, EfficientNet) get only their
+  activations; GPT-2's MLP is made of transformers' ``Conv1D``, not ``nn.Linear``, and gets none.
+  Combines with ``inputs_of``; :func:`describe` prints what was placed where.
 - Warnings: a pattern of ``inputs_of`` that matches nothing, and a conversion that changes nothing.
-- ``channel_dim`` of each activation: ``None`` infers it from the nearest preceding sibling module
-  (Linear / LayerNorm -> ``-1``; Conv / BatchNorm / GroupNorm / timm ``LayerNorm2d`` -> ``1``; else
-  ``-1``); an int forces it everywhere. It only matters for ``granularity="channel"``.
+- ``channel_dim`` of each activation: ``None`` infers it from what the activation sees. Inside a
+  fused norm + activation layer (timm's ``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct2d``:
+  ``1``; ``LayerNormAct``: ``-1``) it is that layer's layout; otherwise the nearest preceding
+  sibling that tells decides: Linear / LayerNorm -> ``-1``; Conv / BatchNorm / GroupNorm / timm
+  ``LayerNorm2d`` -> ``1``; a composite sibling (timm's ``ConvNormAct``, a residual block) by
+  its last descendant of such a type; ``-1`` when nothing tells. An int forces it everywhere. It
+  only matters for ``granularity="channel"``, and a per-channel layer called with another channel
+  count raises an error naming the layer.
 - ``inplace=True`` lets every converted activation overwrite its input at inference (as
   ``nn.ReLU(inplace=True)``); activations that were in place already stay in place. In place is
   as safe as it was in the original model: the layer never overwrites an input that requires
@@ -30,29 +52,96 @@ returns the same model (a model that *is* an activation module is returned as it
   (:meth:`lipkern.nn.RemapAct.check_state`), so a state saved from a different conversion raises
   before any weight is replaced.
 - ``backend`` is stored on every created module and passed to the ops (default ``"auto"``).
+
+Checkpoints: an uncalibrated converted model has no state of its own, so a state dict of the
+original model loads into it with ``strict=True``; load pretrained weights, then calibrate (or
+load a converted model's own state dict, lipkern's entries included, at any time).
+:func:`unconvert` puts the replaced modules back and removes input remaps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from torch import nn
 
-from lipkern.nn import RemapAct, add_input_remap, has_input_remap, remap_modules
+from lipkern.nn import (
+    InputRemap,
+    RemapAct,
+    add_input_remap,
+    has_input_remap,
+    remap_modules,
+    remove_input_remap,
+)
 
 ACT_FAMILIES = ("relu", "gelu", "gelu_tanh", "silu")
+PRESETS = ("paper",)
+# The attribute of a RemapAct made by convert that holds the module it replaced.
+_ORIGINAL = "_lipkern_original"
+# torch.nn modules that compute each lipkern act, for RemapActs that replaced nothing.
+_TORCH_EQUIVALENTS = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+}
 
 _CHANNEL_LAST_TYPES = (nn.Linear, nn.LayerNorm)
-_CHANNEL_FIRST_TYPES = (
-    nn.modules.conv._ConvNd,
+_CHANNEL_FIRST_NORMS = (
     nn.modules.batchnorm._BatchNorm,
     nn.GroupNorm,
     nn.modules.instancenorm._InstanceNorm,
 )
+_CHANNEL_FIRST_TYPES = (nn.modules.conv._ConvNd,) + _CHANNEL_FIRST_NORMS
+
+
+def _transformers_activation_types() -> dict[type, str]:
+    """Hugging Face transformers' activation modules that compute a lipkern activation.
+
+    Only looked up when transformers is imported already (a model holding its modules imported
+    it), so converting other models never pays for importing transformers.
+    """
+    activations = sys.modules.get("transformers.activations")
+    if activations is None:
+        return {}
+    return {
+        activations.GELUActivation: "gelu",  # F.gelu (erf), or its erf formula in Python
+        activations.GELUTanh: "gelu_tanh",  # F.gelu(approximate="tanh"), or its formula
+        # The tanh formula written out: the same function, values within ulps of F.gelu's.
+        activations.NewGELUActivation: "gelu_tanh",
+        activations.AccurateGELUActivation: "gelu_tanh",
+        activations.SiLUActivation: "silu",
+    }
+
+
+# Modules of these namespaces are activations; those without a lipkern op are named in a warning.
+_ACTIVATION_NAMESPACES = (
+    "torch.nn.modules.activation",
+    "timm.layers.activations",
+    "timm.layers.activations_me",
+    "transformers.activations",
+)
+# Left alone without a warning: modules that are no pointwise activation though defined beside
+# them, and gates / squashing functions (squeeze-excitation gates, BERT's pooler), which are not
+# what the remap is for.
+_NOT_ACTIVATIONS = frozenset(
+    (
+        "MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "GLU",
+        "Sigmoid", "Hardsigmoid", "HardSigmoid", "HardSigmoidMe", "LogSigmoid", "Tanh",
+        "Tanhshrink", "Softsign",
+    )
+)
+
+
+def _unsupported_activation(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__ in _ACTIVATION_NAMESPACES and cls.__name__ not in _NOT_ACTIVATIONS
 
 
 def _timm_activation_types() -> dict[type, str]:
@@ -78,21 +167,54 @@ def activation_of(module: nn.Module) -> Optional[str]:
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
     if type(module) is nn.SiLU:
         return "silu"
-    return _timm_activation_types().get(type(module))
+    act = _timm_activation_types().get(type(module))
+    return act if act is not None else _transformers_activation_types().get(type(module))
 
 
 def _selected(act: str, acts: tuple[str, ...]) -> bool:
     return act in acts or (act == "gelu_tanh" and "gelu" in acts)
 
 
-def _infer_channel_dim(siblings: list[nn.Module], position: int) -> int:
+def _norm_act_layout(module: nn.Module) -> Optional[int]:
+    """The channel axis of a fused norm + activation layer's output (timm's BatchNormAct2d,
+    GroupNormAct, LayerNormAct2d, LayerNormAct, ...), whose activation child sees it; None for
+    other modules."""
+    if isinstance(module, _CHANNEL_FIRST_NORMS):
+        return 1
+    if type(module).__module__ == "timm.layers.norm_act":
+        # timm names its channels-first variants ...2d (LayerNormAct2d is an nn.LayerNorm).
+        return 1 if "2d" in type(module).__name__ else -1
+    return None
+
+
+def _output_layout(module: nn.Module) -> Optional[int]:
+    """The channel axis of ``module``'s output: from its type, else from its last descendant
+    of known type (timm's ConvNormAct ends in a BatchNormAct2d); None when nothing tells."""
+    if type(module).__name__ == "LayerNorm2d":  # timm's channels-first LayerNorm
+        return 1
+    layout = _norm_act_layout(module)
+    if layout is not None:
+        return layout
+    if isinstance(module, _CHANNEL_LAST_TYPES):
+        return -1
+    if isinstance(module, _CHANNEL_FIRST_TYPES):
+        return 1
+    for child in reversed(list(module.children())):
+        layout = _output_layout(child)
+        if layout is not None:
+            return layout
+    return None
+
+
+def _infer_channel_dim(parent: nn.Module, siblings: list[nn.Module], position: int) -> int:
+    # An activation inside a norm-act layer sees that layer's normalised output.
+    layout = _norm_act_layout(parent)
+    if layout is not None:
+        return layout
     for module in reversed(siblings[:position]):
-        if type(module).__name__ == "LayerNorm2d":  # timm's channels-first LayerNorm
-            return 1
-        if isinstance(module, _CHANNEL_LAST_TYPES):
-            return -1
-        if isinstance(module, _CHANNEL_FIRST_TYPES):
-            return 1
+        layout = _output_layout(module)
+        if layout is not None:
+            return layout
     return -1
 
 
@@ -106,6 +228,24 @@ def _check_acts(acts) -> tuple[str, ...]:
     return acts
 
 
+def _mlp_linears(model: nn.Module, acts: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """The ``nn.Linear`` children of every module that also has a selected activation child,
+    but for one registered last: the layers of MLP blocks whatever the library names them
+    (preset ``"paper"``), without a network's classifier after its final activation."""
+    found = []
+    for name, parent in model.named_modules():
+        children = [(n, c) for n, c in parent._modules.items() if c is not None]
+        if not any(
+            (act := activation_of(child)) is not None and _selected(act, acts)
+            for _, child in children
+        ):
+            continue
+        for child_name, child in children[:-1]:
+            if isinstance(child, nn.Linear):
+                found.append((f"{name}.{child_name}" if name else child_name, child))
+    return found
+
+
 def convert(
     model: nn.Module,
     acts: Iterable[str] = ("relu", "gelu", "silu"),
@@ -113,10 +253,13 @@ def convert(
     inplace: bool = False,
     backend: str = "auto",
     channel_dim: Optional[int] = None,
+    preset: Optional[str] = None,
 ) -> nn.Module:
     """Replace activations by RemapAct and add input remaps; returns ``model`` (see module doc)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if preset not in (None,) + PRESETS:
+        raise ValueError(f"preset must be None or one of {PRESETS}, got {preset!r}")
     acts = _check_acts(acts)
     if isinstance(inputs_of, str):
         inputs_of = (inputs_of,)
@@ -126,17 +269,31 @@ def convert(
     ):
         raise TypeError(f"channel_dim must be None or an int, got {type(channel_dim).__name__}")
 
-    def make(module, siblings, position):
+    unsupported: dict[int, tuple[str, str]] = {}  # id -> (class name, first qualified name)
+
+    def make(module, name, parent, siblings, position):
         act = activation_of(module)
-        if act is None or not _selected(act, acts):
+        if act is None:
+            if _unsupported_activation(module):
+                unsupported.setdefault(id(module), (type(module).__name__, name))
             return None
-        dim = channel_dim if channel_dim is not None else _infer_channel_dim(siblings, position)
-        return RemapAct(
+        if not _selected(act, acts):
+            return None
+        dim = (
+            channel_dim
+            if channel_dim is not None
+            else _infer_channel_dim(parent, siblings, position)
+        )
+        new = RemapAct(
             act,
             dim,
             inplace=inplace or bool(getattr(module, "inplace", False)),
             backend=backend,
         )
+        new.layer_name = name
+        # Kept outside the module tree (no state_dict entries) for unconvert and describe.
+        object.__setattr__(new, _ORIGINAL, module)
+        return new
 
     # Input remaps first, while names are those of the original model.
     matched = {pattern: [] for pattern in inputs_of}
@@ -144,9 +301,11 @@ def convert(
         for pattern in inputs_of:
             if fnmatch.fnmatchcase(name, pattern):
                 matched[pattern].append((name, module))
+    if preset == "paper":
+        matched["preset 'paper'"] = _mlp_linears(model, acts)
     added = 0
     for pattern, hits in matched.items():
-        if not hits:
+        if not hits and pattern in inputs_of:
             warnings.warn(f"lipkern.convert: inputs_of pattern {pattern!r} matched no module")
         for name, module in hits:
             if not has_input_remap(module):
@@ -154,7 +313,7 @@ def convert(
                 added += 1
 
     replaced: dict[int, RemapAct] = {}
-    root_replacement = make(model, [], 0)
+    root_replacement = make(model, type(model).__name__, None, [], 0)
     if root_replacement is not None:
         return root_replacement
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
@@ -164,10 +323,10 @@ def convert(
                 continue
             new = replaced.get(id(child))
             if new is None:
-                new = make(child, siblings, position)
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                new = make(child, name, parent, siblings, position)
                 if new is None:
                     continue
-                new.layer_name = f"{parent_name}.{child_name}" if parent_name else child_name
                 replaced[id(child)] = new
             parent._modules[child_name] = new
     if (replaced or added) and not any(
@@ -175,6 +334,19 @@ def convert(
         for hook in model._load_state_dict_pre_hooks.values()
     ):
         model.register_load_state_dict_pre_hook(_check_remap_state)
+    if unsupported:
+        by_class: dict[str, list[str]] = {}
+        for class_name, name in unsupported.values():
+            by_class.setdefault(class_name, []).append(name)
+        listing = "; ".join(
+            f"{class_name} at {', '.join(names[:3])}"
+            + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            for class_name, names in by_class.items()
+        )
+        warnings.warn(
+            f"lipkern.convert: left activation modules that no lipkern op computes exactly: "
+            f"{listing}"
+        )
     if not replaced and not added:
         warnings.warn(
             f"lipkern.convert: nothing was converted (acts={acts}, inputs_of={inputs_of}): no "
@@ -190,12 +362,44 @@ def _check_remap_state(model, state_dict, prefix, *args) -> None:
         module.check_state_dict(state_dict, f"{prefix}{name}." if name else prefix)
 
 
+def _original_of(layer: RemapAct) -> nn.Module:
+    original = getattr(layer, _ORIGINAL, None)
+    return original if original is not None else _TORCH_EQUIVALENTS[layer.act]()
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert` in place: every RemapAct becomes the module it replaced (a RemapAct
+    made by hand: the torch.nn module of its act) and every input remap is removed, so the
+    state dict has no lipkern entries again. Returns ``model`` (or, for a model that is a
+    RemapAct, its original). Calibrations are dropped with the modules."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, RemapAct) and not isinstance(model, InputRemap):
+        return _original_of(model)
+    # Decide every change before making any, so that an error leaves the model as it was.
+    wrapped = [module for module in model.modules() if has_input_remap(module)]
+    sites = [
+        (parent, name, _original_of(child))
+        for parent in model.modules()
+        for name, child in parent._modules.items()
+        if isinstance(child, RemapAct) and not isinstance(child, InputRemap)
+    ]
+    originals: dict[int, nn.Module] = {}
+    for parent, name, original in sites:
+        # A RemapAct shared by several sites gives them one original module back.
+        parent._modules[name] = originals.setdefault(id(parent._modules[name]), original)
+    for module in wrapped:
+        remove_input_remap(module)
+    return model
+
+
 @dataclass
 class LayerInfo:
     """One converted layer, as :func:`describe` lists it."""
 
     name: str
     kind: str  # "act" or "input"
+    replaced: str  # class of the replaced activation, or of the layer whose input is remapped
     act: str
     channel_dim: int
     mode: str
@@ -211,13 +415,22 @@ class Description(list):
     """A list of :class:`LayerInfo` that prints as a table."""
 
     def __str__(self) -> str:
-        header = ("layer", "kind", "act", "dim", "mode", "threshold", "note")
+        header = ("layer", "kind", "replaced", "act", "dim", "mode", "threshold", "note")
         rows = [header]
         for info in self:
             threshold = "-" if info.threshold_max is None else f"{info.threshold_max:.4g}"
             note = f"redundant: fed by {info.fed_by}" if info.redundant else ""
             rows.append(
-                (info.name, info.kind, info.act, str(info.channel_dim), info.mode, threshold, note)
+                (
+                    info.name,
+                    info.kind,
+                    info.replaced,
+                    info.act,
+                    str(info.channel_dim),
+                    info.mode,
+                    threshold,
+                    note,
+                )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         return "\n".join(
@@ -229,12 +442,22 @@ class Description(list):
 def describe(model: nn.Module) -> Description:
     """What :func:`convert` did to ``model``: one :class:`LayerInfo` per RemapAct / InputRemap."""
     infos = Description()
+    wrapped_by = {
+        id(layer.input_remap): type(layer).wrapped_class.__name__
+        for layer in model.modules()
+        if has_input_remap(layer)
+    }
     for name, module in remap_modules(model):
         calibrated = module.calibrated
+        if module.kind == "input":
+            replaced = f"input of {wrapped_by.get(id(module), '?')}"
+        else:
+            replaced = type(_original_of(module)).__name__
         infos.append(
             LayerInfo(
                 name=name,
                 kind=module.kind,
+                replaced=replaced,
                 act=module.act,
                 channel_dim=module.channel_dim,
                 mode=module.mode,
@@ -270,10 +493,12 @@ def straight_through(model: nn.Module):
 
 __all__ = [
     "ACT_FAMILIES",
+    "PRESETS",
     "Description",
     "LayerInfo",
     "activation_of",
     "convert",
     "describe",
     "straight_through",
+    "unconvert",
 ]

@@ -15,9 +15,11 @@ or Conv layer (e.g. the LayerNorm output that feeds a transformer's FC1). Both h
 
 Thresholds, centres, statistics and the calibration settings are buffers / extra state, so they
 live in ``state_dict``. Their shapes are only known after calibration, so loading a state_dict
-resizes them. ``Module.to(dtype)`` / ``.half()`` move them between devices but never change their
-dtypes: thresholds and maxima stay float32, counts int64 and sums float64 (contract: statistics
-never accumulate in the storage dtype).
+resizes them. A layer that holds no calibration may be absent from a state dict it loads (the
+original model's, strictly), and keeps its uncalibrated state. ``Module.to(dtype)`` /
+``.half()`` move them between devices but never change their dtypes: thresholds and maxima stay
+float32, counts int64 and sums float64 (contract: statistics never accumulate in the storage
+dtype).
 
 Statistics layout: ``granularity="channel"`` keeps one entry per channel of ``channel_dim``;
 ``granularity="tensor"`` pools every call's statistics into one entry (so a module object shared by
@@ -246,6 +248,14 @@ class RemapAct(nn.Module):
         return self.threshold.numel() > 0
 
     @property
+    def holds_state(self) -> bool:
+        """Whether a calibration (thresholds, statistics or a redundancy verdict) is stored."""
+        return self.calibrated or self.amax.numel() > 0 or self.redundant
+
+    def _state_keys(self, prefix: str) -> list[str]:
+        return [prefix + name for name in self._buffers] + [prefix + "_extra_state"]
+
+    @property
     def stats(self) -> Optional[ChannelStats]:
         """The statistics gathered so far (one entry per channel, or one pooled entry)."""
         if self.amax.numel() == 0:
@@ -398,6 +408,12 @@ class RemapAct(nn.Module):
         self.fed_by = state["fed_by"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if not self.holds_state and not any(
+            key in state_dict for key in self._state_keys(prefix)
+        ):
+            # An uncalibrated layer has nothing to restore, so a state dict of the original
+            # model (which has no lipkern entries) loads strictly into the converted one.
+            return
         self.check_state_dict(state_dict, prefix)
         # Buffer shapes depend on the calibration that produced them: adopt the incoming ones.
         for name, buffer in self._buffers.items():
@@ -631,37 +647,58 @@ class RemapAct(nn.Module):
             x, threshold, center, self.act, channel_dim % dim, self.straight_through
         )
 
+    def _check_channels(self, x: torch.Tensor, error: ValueError) -> None:
+        """Raise an error naming this layer when x's channel count is not the calibrated one."""
+        threshold = self.threshold
+        dim = x.dim()
+        if threshold.dim() != 1 or not -dim <= self.channel_dim < dim:
+            return
+        got = x.shape[self.channel_dim]
+        if got != threshold.numel():
+            raise ValueError(
+                f"{self.layer_name}: input of shape {tuple(x.shape)} has {got} channels along "
+                f"channel_dim={self.channel_dim}, but the layer was calibrated per channel for "
+                f"{threshold.numel()} (granularity='channel')"
+            ) from error
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self._mode
-        if mode == "apply":
-            y = self._apply_direct(x)
-            if y is not None:
-                return y
-        if mode == "off":
-            return self._plain(x)
-        if mode == "calibrate":
-            return self._calibrate(x)
-        self._check_calibrated()
-        if mode == "monitor":
-            return self._monitor(x)
-        if self._may_overwrite(x) and not self.straight_through:
-            return remap_act_(
+        # The kernels reject a per-channel threshold of the wrong size; the handler only runs
+        # then, to name the layer (a try block costs nothing until it raises).
+        try:
+            if mode == "apply":
+                y = self._apply_direct(x)
+                if y is not None:
+                    return y
+            if mode == "off":
+                return self._plain(x)
+            if mode == "calibrate":
+                return self._calibrate(x)
+            self._check_calibrated()
+            if mode == "monitor":
+                return self._monitor(x)
+            if self._may_overwrite(x) and not self.straight_through:
+                return remap_act_(
+                    x,
+                    self.threshold,
+                    act=self.act,
+                    center=self._center_or_none(),
+                    channel_dim=self.channel_dim,
+                    backend=self.backend,
+                )
+            return remap_act(
                 x,
                 self.threshold,
                 act=self.act,
                 center=self._center_or_none(),
                 channel_dim=self.channel_dim,
                 backend=self.backend,
+                straight_through=self.straight_through,
             )
-        return remap_act(
-            x,
-            self.threshold,
-            act=self.act,
-            center=self._center_or_none(),
-            channel_dim=self.channel_dim,
-            backend=self.backend,
-            straight_through=self.straight_through,
-        )
+        except ValueError as error:
+            if mode != "calibrate":
+                self._check_channels(x, error)
+            raise
 
 
 class InputRemap(RemapAct):
@@ -722,18 +759,29 @@ def _input_remapped_class(cls: type) -> type:
     def forward(self, input, *args, **kwargs):
         return cls.forward(self, self.input_remap(input), *args, **kwargs)
 
-    name = f"InputRemapped{cls.__name__}"
-    while name in globals():
-        name += "_"
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time and cannot be found by name in a new process: pickle
+        # (torch.save of a whole model, copy.deepcopy) records the wrapped class instead.
+        return _new_input_remapped, (cls,), self.__dict__
+
     new_cls = type(
-        name,
+        f"InputRemapped{cls.__name__}",
         (cls,),
-        {"forward": forward, "__module__": __name__, "__doc__": f"{cls.__name__} with InputRemap"},
+        {
+            "forward": forward,
+            "__reduce_ex__": __reduce_ex__,
+            "__module__": __name__,
+            "__doc__": f"{cls.__name__} with InputRemap",
+            "wrapped_class": cls,
+        },
     )
-    # Registered in this module so that pickling a converted model finds the class.
-    globals()[name] = new_cls
     _INPUT_REMAP_CLASSES[cls] = new_cls
     return new_cls
+
+
+def _new_input_remapped(cls: type) -> nn.Module:
+    """An empty instance of ``cls``'s input-remapped class (unpickling fills its state)."""
+    return object.__new__(_input_remapped_class(cls))
 
 
 def input_channel_dim(module: nn.Module) -> int:
@@ -766,6 +814,14 @@ def add_input_remap(module: nn.Module, **kwargs) -> InputRemap:
 
 def has_input_remap(module: nn.Module) -> bool:
     return isinstance(getattr(module, "input_remap", None), InputRemap)
+
+
+def remove_input_remap(module: nn.Module) -> None:
+    """Undo :func:`add_input_remap`: ``module`` gets its own class back and loses the child."""
+    if not has_input_remap(module):
+        raise ValueError(f"{type(module).__name__} has no input remap to remove")
+    module.__class__ = type(module).wrapped_class
+    del module.input_remap
 
 
 def remap_modules(model: nn.Module) -> list[tuple[str, RemapAct]]:

@@ -123,3 +123,105 @@ def test_real_model_compiles_without_graph_breaks(spec, kwargs, shape, inputs_of
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def _small_mixed_nuts():
+    """MixedNUTS's mixing around a tiny ConvNeXtV2 and a tiny Swin (the real ones' classes)."""
+    import timm
+
+    from lipkern.models.robustbench import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        _robustbench,
+        mixed_nuts,
+    )
+
+    convnext_v2 = _robustbench("model_zoo.architectures.convnext_v2")
+    utils = _robustbench("model_zoo.architectures.utils_architectures")
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=16,
+        depths=(1, 1), num_heads=(1, 2), window_size=7,
+    )
+    std = convnext_v2.ConvNeXtV2(depths=[1, 1, 1, 1], dims=[8, 16, 32, 64])
+    return mixed_nuts(std, utils.normalize_model(swin, IMAGENET_MEAN, IMAGENET_STD)).eval()
+
+
+def test_mixed_nuts_mixing_and_checkpoint_files(tmp_path, monkeypatch):
+    """The mixing formula, what convert touches, and the two-file checkpoint layout, on small
+    base models under the real ID (the full-size one: the next test)."""
+    import lipkern.models.robustbench as rb
+
+    monkeypatch.setitem(rb.EXTRA_MODELS, ("imagenet", "Bai2024MixedNUTS"), _small_mixed_nuts)
+    model = build("robustbench:imagenet:Bai2024MixedNUTS")
+    x = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        out = model(x)
+        std_logits, rob_logits = model.std_model(x), model.rob_model(x)
+    # log((1 - alpha) onehot(argmax std) + alpha softmax(s * sign(g) |g|^p)), g = GELU(z + c),
+    # z: the robust logits standardised over their top 250, in float64.
+    top = rob_logits.double().topk(250, dim=1).values
+    z = (rob_logits.double() - top.mean(1, keepdim=True)) / (top.var(1, keepdim=True) + 1e-8).sqrt()
+    g = torch.nn.functional.gelu(z + model.rob_map.clamp_bias.double())
+    mapped = (g.abs() ** model.rob_map.power.double() * g.sign() * model.rob_map.scale.double())
+    alpha = model._alpha.double()
+    onehot = torch.nn.functional.one_hot(std_logits.argmax(1), 1000).double()
+    expected = torch.log((1 - alpha) * onehot + alpha * mapped.softmax(1)).float()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert 0.99 < float(model._alpha) < 1  # the published Swin-L weight at its default beta
+
+    converted = convert(copy.deepcopy(model), acts=("gelu",))
+    names = [info.name for info in describe(converted)]
+    assert len(names) == 4 + 2  # one GELU per ConvNeXtV2 block and per Swin block
+    assert all(n.startswith(("std_model.stages.", "rob_model.model.layers.")) for n in names)
+
+    path = write_robustbench_checkpoint(model, "Bai2024MixedNUTS", "imagenet", tmp_path)
+    files = rb.checkpoint_files("Bai2024MixedNUTS", "imagenet", tmp_path)
+    assert path == tmp_path / "imagenet" / "Linf" / "Bai2024MixedNUTS.pt"
+    assert [f.name for f in files] == ["Bai2024MixedNUTS.pt_m0.pt", "Bai2024MixedNUTS.pt_m1.pt"]
+    member0 = torch.load(files[0], weights_only=True)["state_dict"]
+    member1 = torch.load(files[1], weights_only=True)["state_dict"]
+    assert member0.keys() == model.std_model.state_dict().keys()
+    assert member1.keys() == model.rob_model.model.state_dict().keys()
+    # RobustBench loads the accurate member without its (unused) normalisation parameters.
+    torch.save({"state_dict": {k: v for k, v in member0.items() if k not in ("mean", "std")}},
+               files[0])
+    loaded = load_robustbench("Bai2024MixedNUTS", "imagenet", tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+    torch.save({"state_dict": {**member0, "extra.weight": torch.zeros(1)}}, files[0])
+    with pytest.raises(RuntimeError, match=r"_m0\.pt does not fit.*extra\.weight"):
+        load_robustbench("Bai2024MixedNUTS", "imagenet", tmp_path)
+    files[1].unlink()
+    with pytest.raises(FileNotFoundError, match=r"Bai2024MixedNUTS\.pt_m1\.pt.*cannot download"):
+        load_robustbench("Bai2024MixedNUTS", "imagenet", tmp_path)
+
+
+def test_mixed_nuts_full_size_loads_converts_and_runs_at_224(tmp_path):
+    """The real ID: ConvNeXtV2-L + Swin-L (394M parameters, about 30 s and 6 GB here)."""
+    model = build("robustbench:imagenet:Bai2024MixedNUTS")
+    write_robustbench_checkpoint(model, "Bai2024MixedNUTS", "imagenet", tmp_path)
+    loaded = load_robustbench("Bai2024MixedNUTS", "imagenet", tmp_path)
+    expected = model.state_dict()
+    del model
+    state = loaded.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    del expected, state
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        original = loaded(x)
+    model = convert(loaded, acts=("gelu",), backend=model_backend())
+    layers = describe(model)
+    # ConvNeXtV2-L: 3 + 3 + 27 + 3 blocks, Swin-L: 2 + 2 + 18 + 2, one GELU each (channels last).
+    assert len(layers) == 36 + 24
+    assert sum(n.name.startswith("std_model.") for n in layers) == 36
+    assert all(info.act == "gelu" and info.channel_dim == -1 for info in layers)
+    with torch.no_grad():
+        assert torch.equal(model(x), original)  # uncalibrated: the plain GELUs
+    calibrate(model, [x], c_r=C_R, progress=False)
+    with torch.no_grad():
+        remapped = model(x)
+    assert remapped.shape == (1, 1000) and torch.isfinite(remapped).all()
+    assert not torch.equal(remapped, original)

@@ -16,8 +16,28 @@ What was checked (robustbench 1.1.1, the PyPI release, installed with ``--no-dep
   :data:`EXTRA_MODELS` builds the architecture from robustbench's own code (``WideResNet``) or
   timm behind robustbench's ``normalize_model``, as the RobustBench repository defines them
   *(reconstructed: the exact definition of these IDs could not be read here)*, and reads the
-  checkpoint with the same prefix rules as ``load_model``. ``Bai2024MixedNUTS`` (an ensemble with
-  its own mixing code) is not provided.
+  checkpoint with the same prefix rules as ``load_model``.
+- ``Bai2024MixedNUTS`` (ImageNet) is MixedNUTS (Bai et al., "MixedNUTS: training-free
+  accuracy-robustness balance via nonlinearly mixed classifiers"): an accurate ConvNeXtV2-L
+  (robustbench's ``convnext_v2.convnextv2_large``, which reads raw [0, 1] pixels: its ``mean`` /
+  ``std`` parameters are never used by its forward) and the robust Swin-L of
+  ``Liu2023Comprehensive_Swin-L``, mixed by robustbench 1.1.1's own ``NonLinMixedClassifier``: the
+  ConvNeXt's logits become a one-hot of their argmax (``HardMaxMap``), the Swin's are normalised
+  over their top 250, shifted by ``c``, passed through GELU, raised to the power ``p`` (sign kept)
+  and scaled by ``s`` (``LNClampPowerScaleMap``), and the output is
+  ``log((1 - alpha) softmax(std) + alpha softmax(rob))``. The PyPI release ships those classes and
+  the constants (``optimal_spca.yaml``, ImageNet / Swin-L, GELU entry at its default beta) but not
+  the function that assembles them; :func:`mixed_nuts` assembles them as the RobustBench
+  repository's ``get_nonlin_mixed_classifier`` does *(reconstructed from that repository's
+  source)*, with one deliberate difference: the GELU of the logit map is passed as the function
+  ``F.gelu`` instead of an ``nn.GELU`` module (the same values), so that :func:`lipkern.convert`
+  converts the two networks' GELUs and not the float64 logit transform. Its checkpoint is two
+  files, as RobustBench stores ensembles: ``<ID>.pt_m0.pt`` (the ConvNeXtV2 state dict) and
+  ``<ID>.pt_m1.pt`` (the Swin-L one, the same file as ``Liu2023Comprehensive_Swin-L.pt``). Loading
+  follows RobustBench's: ``module.`` prefixes stripped, timm's Swin ``checkpoint_filter_fn`` on
+  the Swin state dict (it converts checkpoints of older timm versions), strict loading except that
+  the ConvNeXtV2's unused ``mean`` / ``std`` may be absent (RobustBench lists that failure as
+  known and loads without them).
 
 :func:`write_robustbench_checkpoint` writes a model's weights in that checkpoint format, so the
 whole pipeline (load, convert, calibrate, evaluate) runs offline on the real architectures with
@@ -29,12 +49,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.resources
+import io
 import sys
 import types
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
@@ -88,11 +110,55 @@ def _imagenet_timm(name: str) -> Callable[[], nn.Module]:
     return make
 
 
+def mixed_nuts(std_model: nn.Module, rob_model: nn.Module) -> nn.Module:
+    """The ImageNet MixedNUTS classifier around ``std_model`` (accurate) and ``rob_model``
+    (robust, behind robustbench's input normaliser), with the published mixing constants.
+
+    ``Bai2024MixedNUTS`` is ``mixed_nuts(convnextv2_large(), Liu2023Comprehensive_Swin-L)``; other
+    base models (smaller ones in tests) go through the same mixing (module docstring).
+    """
+    import yaml
+
+    mixing_net = _robustbench("model_zoo.architectures.mixing_net")
+    output_maps = _robustbench("model_zoo.architectures.output_maps")
+    constants_file = importlib.resources.files("robustbench.model_zoo.architectures").joinpath(
+        "optimal_spca.yaml"
+    )
+    constants = yaml.safe_load(constants_file.read_text())["imagenet"]
+    constants = constants["Liu2023Comprehensive_Swin-L"]
+    # "none": the mixing weight of the differentiable output (for attacks); "gelu": the logit map
+    # and mixing weight of the prediction, each at its default beta (the clean-accuracy level).
+    plain = constants["none"]
+    nonlinear = constants["gelu"][constants["gelu"]["default_beta"]]
+    settings = {
+        "std_map": output_maps.HardMaxMap(),
+        "rob_map": output_maps.LNClampPowerScaleMap(
+            scale=nonlinear["s"],
+            power=nonlinear["p"],
+            clamp_bias=nonlinear["c"],
+            ln_k=250,
+            clamp_fn=F.gelu,  # a function, not a module: convert must not remap the logit map
+        ),
+        "alpha": nonlinear["alpha"],
+        "alpha_diffable": plain[plain["default_beta"]]["alpha"],
+    }
+    # The constructor reports parameter counts and settings on stdout.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return mixing_net.NonLinMixedClassifier(std_model, rob_model, settings)
+
+
+def _mixed_nuts_imagenet() -> nn.Module:
+    convnext_v2 = _robustbench("model_zoo.architectures.convnext_v2")
+    rob_model = _imagenet_timm("swin_large_patch4_window7_224")()
+    return mixed_nuts(convnext_v2.convnextv2_large(num_classes=1000), rob_model)
+
+
 EXTRA_MODELS: dict[tuple[str, str], Callable[[], nn.Module]] = {
     ("cifar10", "Chen2024Data_WRN_34_10"): _wide_resnet(34, 10, 10),
     ("cifar100", "Chen2024Data_WRN_34_10"): _wide_resnet(34, 10, 100),
     ("cifar100", "Cui2023Decoupled_WRN-34-10"): _wide_resnet(34, 10, 100),
     ("imagenet", "Liu2023Comprehensive_Swin-L"): _imagenet_timm("swin_large_patch4_window7_224"),
+    ("imagenet", "Bai2024MixedNUTS"): _mixed_nuts_imagenet,
 }
 
 
@@ -123,23 +189,81 @@ def robustbench_architecture(model_id: str, dataset: str = "cifar10", threat_mod
 
 
 def checkpoint_path(model_id: str, dataset: str, model_dir, threat_model: str = "Linf") -> Path:
+    """``DIR/<dataset>/<threat_model>/<ID>.pt``: RobustBench's path for the model; an ensemble's
+    files are this path plus ``_m<i>.pt`` (:func:`checkpoint_files`)."""
     return Path(model_dir) / dataset / threat_model / f"{model_id}.pt"
 
 
-def _checkpoint_target(model: nn.Module, dataset: str) -> nn.Module:
+def _swin_filter(state_dict: dict, swin: nn.Module) -> dict:
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state_dict, swin)
+
+
+def _keep(state_dict: dict, module: nn.Module) -> dict:
+    return state_dict
+
+
+# RobustBench converts Swin checkpoints of older timm versions with timm's filter before loading.
+_STATE_FILTERS = {"Liu2023Comprehensive_Swin-L": _swin_filter}
+
+# Ensembles are stored one file per member, ``<ID>.pt_m<i>.pt``: each member's module in file
+# order and the filter RobustBench applies to its state dict.
+_ENSEMBLES = {
+    ("imagenet", "Bai2024MixedNUTS"): (
+        (lambda model: model.std_model, _keep),
+        (lambda model: model.rob_model.model, _swin_filter),
+    ),
+}
+
+# Parameters RobustBench loads a checkpoint without (its _safe_load_state_dict lists the message
+# as a known failure): robustbench's ConvNeXtV2 defines them but its forward never reads them.
+_OPTIONAL_KEYS = {"Bai2024MixedNUTS": {"mean", "std"}}
+
+
+def _checkpoint_parts(model: nn.Module, model_id: str, dataset: str) -> list:
+    """``(module, state-dict filter)`` per checkpoint file of ``model``."""
+    members = _ENSEMBLES.get((dataset, model_id))
+    if members is not None:
+        return [(member(model), state_filter) for member, state_filter in members]
     # ImageNet checkpoints hold the network behind robustbench's input normaliser.
-    return model.model if dataset == "imagenet" else model
+    module = model.model if dataset == "imagenet" else model
+    return [(module, _STATE_FILTERS.get(model_id, _keep))]
+
+
+def checkpoint_files(
+    model_id: str, dataset: str, model_dir, threat_model: str = "Linf"
+) -> list[Path]:
+    """The files RobustBench reads for ``model_id`` (one, or one per ensemble member)."""
+    path = checkpoint_path(model_id, dataset, model_dir, threat_model)
+    members = _ENSEMBLES.get((dataset, model_id))
+    if members is None:
+        return [path]
+    return [path.with_name(f"{path.name}_m{i}.pt") for i in range(len(members))]
 
 
 def write_robustbench_checkpoint(
     model: nn.Module, model_id: str, dataset: str, model_dir, threat_model: str = "Linf"
 ) -> Path:
-    """Save ``model``'s weights where and how RobustBench's loader reads them; returns the path."""
+    """Save ``model``'s weights where and how RobustBench's loader reads them; returns
+    :func:`checkpoint_path` (an ensemble's files: :func:`checkpoint_files`)."""
     _check_dataset(dataset)
-    path = checkpoint_path(model_id, dataset, model_dir, threat_model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": _checkpoint_target(model, dataset).state_dict()}, path)
-    return path
+    files = checkpoint_files(model_id, dataset, model_dir, threat_model)
+    files[0].parent.mkdir(parents=True, exist_ok=True)
+    for file, (module, _) in zip(files, _checkpoint_parts(model, model_id, dataset)):
+        torch.save({"state_dict": module.state_dict()}, file)
+    return checkpoint_path(model_id, dataset, model_dir, threat_model)
+
+
+def _load_part(module: nn.Module, state_dict: dict, optional: set, file: Path) -> None:
+    expected = set(module.state_dict())
+    missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+    if unexpected or missing - optional:
+        raise RuntimeError(
+            f"{file} does not fit the architecture: missing keys {sorted(missing - optional)}, "
+            f"unexpected keys {sorted(unexpected)}"
+        )
+    module.load_state_dict(state_dict, strict=not missing)
 
 
 def load_robustbench(
@@ -147,14 +271,15 @@ def load_robustbench(
 ) -> nn.Module:
     """Load RobustBench model ``model_id`` from ``model_dir`` (offline; module docstring).
 
-    Raises FileNotFoundError instead of downloading when the checkpoint is missing.
+    Raises FileNotFoundError instead of downloading when a checkpoint file is missing.
     """
     _check_dataset(dataset)
-    path = checkpoint_path(model_id, dataset, model_dir, threat_model)
-    if not path.is_file():
+    files = checkpoint_files(model_id, dataset, model_dir, threat_model)
+    absent = [str(file) for file in files if not file.is_file()]
+    if absent:
         raise FileNotFoundError(
-            f"no checkpoint at {path}; place the RobustBench checkpoint there (this machine "
-            "cannot download it)"
+            f"no checkpoint at {', '.join(absent)}; place the RobustBench checkpoint there (this "
+            "machine cannot download it)"
         )
     if _zoo_entry(model_id, dataset, threat_model) is not None:
         utils = _robustbench("utils")
@@ -166,19 +291,26 @@ def load_robustbench(
         )
     model = robustbench_architecture(model_id, dataset, threat_model)
     utils = _robustbench("utils")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("state_dict", checkpoint)
-    state_dict = utils.rm_substr_from_state_dict(state_dict, "module.")
-    state_dict = utils.rm_substr_from_state_dict(state_dict, "model.")
-    _checkpoint_target(model, dataset).load_state_dict(state_dict, strict=True)
+    optional = _OPTIONAL_KEYS.get(model_id, set())
+    ensemble = (dataset, model_id) in _ENSEMBLES
+    for file, (module, state_filter) in zip(files, _checkpoint_parts(model, model_id, dataset)):
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        state_dict = checkpoint.get("state_dict", checkpoint)
+        state_dict = utils.rm_substr_from_state_dict(state_dict, "module.")
+        if not ensemble:
+            # A single file may hold the normaliser wrapper's prefix (load_model strips it too).
+            state_dict = utils.rm_substr_from_state_dict(state_dict, "model.")
+        _load_part(module, state_filter(state_dict, module), optional, file)
     return model.eval()
 
 
 __all__ = [
     "DATASETS",
     "EXTRA_MODELS",
+    "checkpoint_files",
     "checkpoint_path",
     "load_robustbench",
+    "mixed_nuts",
     "robustbench_architecture",
     "write_robustbench_checkpoint",
 ]
