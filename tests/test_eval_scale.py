@@ -82,8 +82,13 @@ def test_verdicts_on_constructed_outcomes():
     assert gain.direction == 1 and none.direction == 0 and loss.direction == -1
     assert stats.verdict(autoattack=gain, worst_case=gain) == stats.GAIN
     # Masking: AutoAttack improves, the worst case over the adaptive and transfer attacks does not.
-    assert stats.verdict(autoattack=gain, worst_case=none) == stats.MASKING
+    gone = stats.paired(*_outcomes(50, 6, 5, 39))  # worst-case estimate below the original's
+    assert gone.difference < 0 and none.difference > 0
+    assert stats.verdict(autoattack=gain, worst_case=gone) == stats.MASKING
     assert stats.verdict(autoattack=gain, worst_case=loss) == stats.MASKING
+    # A gain that shrinks but stays positive without significance is not called masking.
+    assert stats.verdict(autoattack=gain, worst_case=none) == stats.UNCONFIRMED
+    assert stats.verdict(autoattack=none, worst_case=none, clean=loss) == stats.LOSS
     assert stats.verdict(autoattack=none, worst_case=none) == stats.NO_CHANGE
     assert stats.verdict(autoattack=loss, worst_case=none) == stats.LOSS
     assert stats.verdict(autoattack=none, worst_case=loss) == stats.LOSS
@@ -202,6 +207,8 @@ def _fail_if_evaluated(monkeypatch):
     (["--n-test", "0"], "--n-test"),
     (["--batch-size", "x"], "--batch-size"),
     (["--resume", "--overwrite"], "not allowed with"),
+    (["--seed", "-1"], "--seed"),
+    (["--name", "a/b"], "--name"),
 ])
 def test_bad_arguments_fail_when_parsed(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -280,7 +287,7 @@ def one_process_run(tmp_path_factory):
 
 def test_two_processes_give_the_one_process_outcomes(one_process_run, tmp_path):
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lipkern", "eval", *RUN, "--out", str(out)]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

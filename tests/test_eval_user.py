@@ -81,13 +81,13 @@ def test_robustbench_random_checkpoint(tmp_path, one_thread):
     np.savez(data, x=x.numpy(), y=np.zeros(4, np.int64))
     args = _parse(["--robustbench", model_id, "--model-dir", str(tmp_path), "--data", str(data),
                    "--inputs-of", "layer*.*.conv2"])
-    ((name, model, dataset, convert_kwargs, eps),) = cli_eval._user_jobs(args)
-    assert name == model_id and eps == 8 / 255
+    (job,) = cli_eval._user_jobs(args)
+    assert job.name == model_id and job.eps == 8 / 255 and "random 2 of the 4 samples" in job.calib_source
     # Labels the random network gets wrong: every AutoAttack run then stops at once, which keeps this CPU test of
     # the load -> convert -> calibrate -> evaluate path short (the attacks are exercised on the small models).
     with torch.no_grad():
-        dataset.test.y = (model(dataset.test.x).argmax(1) + 1) % 10
-    res = evaluate(model, dataset.calib, dataset.test, eps=eps, convert_kwargs=convert_kwargs, budget=MICRO,
+        job.test.y = (job.model(job.test.x).argmax(1) + 1) % 10
+    res = evaluate(job.model, job.calib, job.test, eps=job.eps, convert_kwargs=job.convert_kwargs, budget=MICRO,
                    ratios=(2 ** -7,), progress=False).to_dict()["models"][0]
     assert list(res["configs"]) == ["original", "2^-7"]
     assert res["layers"]["names"], "the input remaps on conv2 were not found"

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import copy
 import math
+import re
 import sys
 import tempfile
 import time
@@ -45,8 +46,10 @@ DEFAULT_SIGMA = 0.25
 CERT_RADII = tuple(round(0.05 * i, 2) for i in range(0, 21))
 DEFAULT_CHUNK = 100
 DEFAULT_BATCH = 500
-# Small enough that a few hundred calibration samples still give every one of several ranks a batch.
-CALIB_BATCH = 64
+# Small enough that a few hundred calibration samples still give each of 8 ranks a batch; the batches are the
+# same for any number of processes, so the thresholds are too.
+CALIB_BATCH = 16
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 AA_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
@@ -156,6 +159,12 @@ def _check_number(name: str, value, low=None, high=None, *, integer=False, low_o
         raise EvalInputError(f"{name} must be a finite {'integer' if integer else 'number'} {rng}, got {value!r}")
 
 
+def check_name(name) -> None:
+    """A model name becomes part of file names and Markdown tables: letters, digits and ``._+-`` only."""
+    if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
+        raise EvalInputError(f"name must be letters, digits and . _ + - (it names the report's files), got {name!r}")
+
+
 def check_eps(eps) -> None:
     if isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 1:
         raise EvalInputError(f"eps must be < 1 (an L-inf radius in [0, 1] input units), got {eps!r}; "
@@ -239,6 +248,8 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     calib, test = _as_split(calib_data, "calib_data"), _as_split(test_data, "test_data")
     if not isinstance(model, nn.Module):
         raise EvalInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_name(name)
+    _check_number("seed", seed, 0, integer=True)
     check_eps(eps)
     ratios = tuple(float(r) for r in ratios)
     if not ratios or any(not (0 < r < 1) for r in ratios):
@@ -262,14 +273,20 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     n_cls = _check_data(original, calib, test, num_classes, dev)
     ablation = calib if ablation_data is None else _as_split(ablation_data, "ablation_data")
     convert_kwargs = dict(convert_kwargs or {})
-    n_calib_batches = math.ceil(len(calib) / CALIB_BATCH)
-    if n_calib_batches < processes.world:
-        raise EvalInputError(f"{len(calib)} calibration samples make {n_calib_batches} batches of {CALIB_BATCH}, "
-                             f"fewer than the {processes.world} processes; every process needs a batch")
+    for what, size in [("calibration", len(calib)), *(("ablation calibration", k) for k in
+                                                       _ablation_sizes(len(calib), len(ablation),
+                                                                       budget.n_ablation_sizes))]:
+        if math.ceil(size / CALIB_BATCH) < processes.world:
+            raise EvalInputError(f"{size} {what} samples make {math.ceil(size / CALIB_BATCH)} batches of "
+                                 f"{CALIB_BATCH}, fewer than the {processes.world} processes; every process needs "
+                                 "a batch (use more calibration data or fewer processes)")
     order = select_samples(len(test), n_test if n_test is not None else budget.n_test, seed)
     plan = _Plan(name, budget, ratios, order, chunk_size, eps, sigma, seed, n_cls, batch_size)
+    # Everything a per-sample outcome depends on: a resumed run must match it, or the report would mix runs.
     settings = {"eps": eps, "ratios": list(ratios), "budget": asdict(budget), "seed": seed, "sigma": sigma,
-                "chunk_size": chunk_size, "test_indices_sha": _digest(order), "n_calib": len(calib),
+                "chunk_size": chunk_size, "batch_size": batch_size, "device_type": dev.type,
+                "model_sha": _digest(*(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()
+                                       for t in original.state_dict().values() if t.numel())), "test_indices_sha": _digest(order), "n_calib": len(calib),
                 "convert_kwargs": _jsonable(convert_kwargs), "test_sha": _digest(test.x.numpy(), test.y.numpy()),
                 "calib_sha": _digest(calib.x.numpy())}
 
@@ -291,9 +308,13 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
             layer_info = _layer_selection(original, converted, calib, names, ratios, processes, dev)
         aux_models = _aux_models(original, layer_info, calib, ablation, budget, ratios, convert_kwargs,
                                  processes, dev)
-        timings = _run_chunks(plan, store, original, converted, layer_info, aux_models, test, processes, dev,
-                              progress, progress_position, log if log is not None else sys.stderr)
-        processes.barrier()
+        error, timings = None, {}
+        try:
+            timings = _run_chunks(plan, store, original, converted, layer_info, aux_models, test, processes, dev,
+                                  progress, progress_position, log if log is not None else sys.stderr)
+        except Exception as caught:  # noqa: BLE001 -- re-raised by agree() once every rank knows
+            error = caught
+        processes.agree(error)
         result = _aggregate(plan, store, original, layer_info, aux_models, timings, calib_source, len(calib),
                             test.y.numpy()[order], dev)
     return EvalResult([result], {"quick": budget.name == "quick"})
@@ -366,8 +387,6 @@ def _aux_models(original, info: _LayerInfo, calib, ablation, budget, ratios, con
             if size == len(calib) and info.wv_ratio in ratios:
                 continue
             sub = ablation.head(size)
-            if math.ceil(size / CALIB_BATCH) < processes.world:
-                sub = ablation.head(min(len(ablation), CALIB_BATCH * processes.world))
             m, _ = _remap.remapped_copy(original, _my_batches(sub, processes, device), info.wv_ratio,
                                         convert_kwargs, progress=False)
             for p in m.parameters():
@@ -507,7 +526,7 @@ def _run_unit(plan: _Plan, store, unit, k, x, y, original, converted, info, aux_
         return {"fgsm": np.stack(fgsm), "pgd": np.stack(pgd)}
     if stage == "adaptive":
         _, ok, _ = attacks.adaptive(m, x, y, plan.eps, **aa_kw)
-        x_adv = torch.from_numpy(store.get(plan.name, k, "original/aa")["x_adv"]).to(x.device)
+        x_adv = torch.from_numpy(store.get(plan.name, k, "original/aa", ("x_adv",))["x_adv"]).to(x.device)
         return {"adaptive": _flags(ok), "transfer": _flags(attacks.correct(m, x_adv, y, bs))}
     pos = plan.positions(k)
     if stage == "smoothing":
@@ -530,7 +549,7 @@ def _aggregate(plan: _Plan, store: OutcomeStore, original, info: _LayerInfo, aux
     chunks = range(plan.n_chunks)
 
     def gather(unit, key, axis=0):
-        return np.concatenate([store.get(plan.name, k, unit)[key] for k in chunks
+        return np.concatenate([store.get(plan.name, k, unit, (key,))[key] for k in chunks
                                if unit in plan.units(k, aux_models)], axis=axis)
 
     n = len(plan.order)
@@ -547,7 +566,8 @@ def _aggregate(plan: _Plan, store: OutcomeStore, original, info: _LayerInfo, aux
             worst = worst & f["adaptive"] & f["transfer"]
         f["worst_case"] = worst
         flags[config] = f
-        robust_after = sum(store.get(plan.name, k, f"{config}/aa")["stage_robust"] for k in chunks)
+        robust_after = sum(store.get(plan.name, k, f"{config}/aa", ("stage_robust",))["stage_robust"]
+                           for k in chunks)
         stage_acc = {s: float(robust_after[j] / n) for j, s in enumerate(AA_STAGES)}
         cfg = {"ratio": None if config == "original" else plan.ratios[plan.configs.index(config) - 1]}
         for key, v in f.items():
@@ -573,7 +593,7 @@ def _aggregate(plan: _Plan, store: OutcomeStore, original, info: _LayerInfo, aux
                "adaptive_vs_original_aa": stats.paired(base["autoattack"], f["adaptive"]),
                "transfer_vs_original_aa": stats.paired(base["autoattack"], f["transfer"])}
         cfg["paired"] = {k: v.to_dict() for k, v in cmp.items()}
-        cfg["verdict"] = stats.verdict(cmp["autoattack"], cmp["worst_case"])
+        cfg["verdict"] = stats.verdict(cmp["autoattack"], cmp["worst_case"], cmp["clean"])
     for config, cfg in configs.items():
         cfg["audit"] = audit.audit(cfg, n, original_autoattack=configs["original"]["autoattack"])
 
@@ -589,7 +609,7 @@ def _aggregate(plan: _Plan, store: OutcomeStore, original, info: _LayerInfo, aux
     zero = {config: {name: float(v[:, 0].sum() / v[:, 1].sum()) for name, v in st.items()}
             for config, st in per_sample.items()}
     modules = dict(layers.linear_layers(original))
-    lip = lipschitz.lipschitz_table({name: modules[name].cpu() for name in info.remapped}, per_sample)
+    lip = lipschitz.lipschitz_table({name: modules[name] for name in info.remapped}, per_sample)
 
     wv_label = ratio_label(info.wv_ratio)
     aux_label = " + ".join(a.upper() for a in b.aux_attacks)

@@ -146,7 +146,7 @@ def _run_autoattack(model, x, y, eps, *, num_classes, seed, batch_size, attacks=
     aa.square.n_queries = square_queries
     with _stage_log() as stages:
         x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
-    return x_adv, correct(model, x_adv, y), stages
+    return x_adv, correct(model, x_adv, y, batch_size), stages
 
 
 def autoattack(model, x, y, eps, *, num_classes, seed=0, batch_size=500, n_targets=9, square_queries=5000):

@@ -60,6 +60,26 @@ def _positive(kind):
 positive_int, positive_float = _positive(int), _positive(float)
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot parse {text!r} as an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def model_name(text: str) -> str:
+    from .api import check_name
+
+    try:
+        check_name(text)
+    except EvalInputError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("name must", "must")) from None
+    return text
+
+
 def parse_ratios(text: str) -> tuple[float, ...]:
     """Comma-separated c^r values: ``2^-8,2^-7`` or ``0.0039,0.0078``; each in (0, 1)."""
     out = []
@@ -128,7 +148,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK,
                    help=f"test samples per unit of work (default {DEFAULT_CHUNK}); the unit processes share and "
                         "resume; per-sample outcomes depend on it, not on the number of processes")
-    p.add_argument("--name", default=None, help="the model's name in the report (default: from --model / ID)")
+    p.add_argument("--name", type=model_name, default=None, help="the model's name in the report (default: from --model / ID)")
     p.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
                    help=f"output directory for report.md, results.json, PNGs and the outcome store "
                         f"(default ./{DEFAULT_OUT}); must be empty or missing unless --resume / --overwrite")
@@ -136,7 +156,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true",
                        help="continue the run stored in --out, skipping finished work")
     again.add_argument("--overwrite", action="store_true", help="delete the earlier run in --out first")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the sample selection and of every attack's randomness (default 0)")
     p.add_argument("--jobs", type=positive_int, default=2,
                    help="models evaluated in parallel worker processes (default 2: one per core on 2 cores; "
                         "single process under torchrun)")
@@ -206,9 +227,18 @@ def _user_jobs(args) -> list[Job]:
     if args.robustbench:
         if not args.model_dir:
             raise EvalInputError("--robustbench needs --model-dir DIR (checkpoint at <DIR>/<dataset>/Linf/<ID>.pt)")
+        from lipkern.models.robustbench import checkpoint_files
+
+        missing = [str(f) for f in checkpoint_files(args.robustbench, args.dataset, args.model_dir)
+                   if not Path(f).is_file()]
+        if missing:
+            raise EvalInputError(f"--robustbench {args.robustbench}: no checkpoint at {', '.join(missing)}; place "
+                                 "the RobustBench checkpoint there (this machine cannot download it)")
         if not args.data:
             raise EvalInputError(f"--robustbench needs --data FILE.npz with {args.dataset} images (x in [0, 1], "
                                  "y); nothing is downloaded")
+    elif args.checkpoint and not Path(args.checkpoint).is_file():
+        raise EvalInputError(f"--checkpoint: no such file: {args.checkpoint}")
     elif not args.data:
         raise EvalInputError("--model needs --data FILE.npz (x (N, C, H, W) in [0, 1], y (N,))")
     # Data first: a bad file is reported before a large model is built.
@@ -231,9 +261,9 @@ def _user_jobs(args) -> list[Job]:
         if args.checkpoint:
             _load_checkpoint(model, args.checkpoint)
         name = args.model.rsplit(":", 1)[-1]
-    n_test = args.n_test or (QUICK.n_test if args.quick else len(dataset.test))
+    n_test = args.n_test or min(QUICK.n_test if args.quick else len(dataset.test), len(dataset.test))
     return [Job(args.name or name, model.eval(), calib, dataset.test, calib, None, _convert_kwargs(args, None),
-                args.eps if args.eps is not None else 8 / 255, min(n_test, len(dataset.test)), source)]
+                args.eps if args.eps is not None else 8 / 255, n_test, source)]
 
 
 def _convert_kwargs(args, default):

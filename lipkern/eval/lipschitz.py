@@ -12,10 +12,17 @@ import torch
 from .layers import is_pointwise, weight_matrix
 
 
-def masked_spectral_norms(w: torch.Tensor, rows: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+# float64 elements of W diag(mask) held at once (1 GiB): a wide layer (Swin-L's 1536 x 6144) takes few masks
+# per step, a small one up to 2048.
+MASKED_COPIES_ELEMENTS = 2 ** 27
+
+
+def masked_spectral_norms(w: torch.Tensor, rows: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """sigma_max(W diag(rows[i] != 0)) for every row, computed once per distinct mask."""
     masks, inverse = torch.unique(rows != 0, dim=0, return_inverse=True)
     w = w.double()
+    if chunk is None:
+        chunk = max(1, min(2048, MASKED_COPIES_ELEMENTS // w.numel()))
     out = []
     for i in range(0, len(masks), chunk):
         wm = w[None] * masks[i:i + chunk, None, :].double()
@@ -36,7 +43,7 @@ def lipschitz_table(modules: dict[str, torch.nn.Module], stats_by_config: dict[s
     for name, module in modules.items():
         if not is_pointwise(module):
             continue
-        sigma = torch.linalg.matrix_norm(weight_matrix(module).double(), ord=2).item()
+        sigma = torch.linalg.matrix_norm(weight_matrix(module).double().cpu(), ord=2).item()
         row = {"sigma_W": sigma}
         for config, stats in stats_by_config.items():
             s = stats[name].double()

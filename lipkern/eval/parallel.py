@@ -36,6 +36,9 @@ def resolve_device(spec: str | torch.device | None, local_rank: int = 0) -> torc
     if not torch.cuda.is_available():
         raise DeviceError(f"--device {text}: no CUDA GPU is available on this machine "
                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+    if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DeviceError(f"--device {text}: under several processes each rank takes cuda:LOCAL_RANK; give "
+                          "--device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
     index = local_rank if device.index is None else device.index
     if index >= torch.cuda.device_count():
         raise DeviceError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
@@ -60,6 +63,19 @@ class Processes:
         if self.world > 1:
             dist.barrier()
 
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if any rank failed, so that no rank waits for a dead one in a later
+        collective; the failing rank re-raises its own error."""
+        failed = int(error is not None)
+        if self.world > 1:
+            flag = torch.tensor([failed], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            failed = int(flag.item())
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError("lipkern eval: another process failed (see its error); stopping this one too")
+
     def broadcast_error(self, message: str | None) -> str | None:
         """Rank 0's error message (or None) on every rank, so that all ranks stop together."""
         if self.world == 1:
@@ -78,12 +94,15 @@ def launched_processes() -> Processes:
 
 
 def init_process_group(processes: Processes, device: torch.device) -> None:
-    """gloo for CPU work, NCCL for CUDA (each rank on its own GPU); a no-op for a single process."""
+    """gloo for CPU work, NCCL for CUDA (each rank on its own GPU); a no-op for a single process.
+
+    On CUDA, gloo stays registered for CPU tensors: small bookkeeping collectives (error flags, counts in
+    ``lipkern.calibrate``) use CPU tensors, which NCCL alone cannot reduce."""
     if processes.world == 1 or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
 

@@ -106,7 +106,9 @@ def _model_sections(m: dict) -> list[str]:
     s.append(paired_table(m))
     s.append("Each row compares the same samples. Difference in points (remapped - original) with the 95 % "
              "interval for paired proportions (Bonett-Price); McNemar's exact test on the samples only one model gets right. "
-             "'significant' means p < 0.05. The worst case of a remapped model also counts the adaptive BPDA and "
+             "'significant' means p < 0.05 in the exact test, which decides the verdict; the interval is the "
+             "size of the difference and can exclude 0 when the exact test, which is conservative, does not. "
+             "The worst case of a remapped model also counts the adaptive BPDA and "
              "transfer attacks, so a gain there is one the masking-aware attacks could not remove.")
 
     s.append("### Accuracy per c^r (paper Tables 1, 2, 4, 6; adaptive attack beside AutoAttack)")
@@ -115,7 +117,8 @@ def _model_sections(m: dict) -> list[str]:
          "transfer from original (AA)", "APGD-CE (AA stage 1)", "Square's extra breaks", "worst case"],
         [[k, _ci(c, "clean"), _ci(c, "autoattack"), _ci(c, "adaptive"), _ci(c, "cw"), _ci(c, "transfer"),
           _pct(c["apgd_ce"]), _pct(c["square_gain"]), _ci(c, "worst_case")] for k, c in cfgs.items()]))
-    s.append("worst case = correct under AutoAttack, CW, adaptive and transfer at once (per sample). Square's extra "
+    s.append("worst case = correct under AutoAttack and CW at once (per sample), and for a remapped model also under "
+             "the adaptive and transfer attacks. Square's extra "
              "breaks = accuracy Square removes after APGD-CE, APGD-T and FAB-T inside AutoAttack.")
 
     eps_keys = list(next(iter(cfgs.values()))["pgd"])

@@ -24,19 +24,21 @@ def lower_confidence_bound(k, n: int, alpha: float):
 def _class_counts(model, x, draws, sigma, num_classes, batch_size, gen):
     """(len(x), num_classes) counts of the classes ``model`` predicts on ``draws`` noisy copies of each sample.
 
-    Copies are made ``per_round`` at a time per sample so that one forward holds about ``batch_size`` inputs;
-    everything stays on the samples' device.
+    Samples are taken ``batch_size`` at a time and their copies made ``per_round`` at a time, so that one
+    forward holds at most about ``batch_size`` inputs; everything stays on the samples' device.
     """
     counts = torch.zeros(len(x), num_classes, dtype=torch.long, device=x.device)
-    per_round = max(1, batch_size // len(x))
-    done = 0
-    while done < draws:
-        k = min(per_round, draws - done)
-        batch = x.repeat_interleave(k, 0)
-        noisy = batch + sigma * torch.randn(batch.shape, generator=gen, device=x.device)
-        preds = model(noisy).argmax(1).reshape(len(x), k)
-        counts.scatter_add_(1, preds, torch.ones_like(preds))
-        done += k
+    for start in range(0, len(x), batch_size):
+        group = x[start:start + batch_size]
+        per_round = max(1, batch_size // len(group))
+        done = 0
+        while done < draws:
+            k = min(per_round, draws - done)
+            batch = group.repeat_interleave(k, 0)
+            noisy = batch + sigma * torch.randn(batch.shape, generator=gen, device=x.device)
+            preds = model(noisy).argmax(1).reshape(len(group), k)
+            counts[start:start + len(group)].scatter_add_(1, preds, torch.ones_like(preds))
+            done += k
     return counts
 
 

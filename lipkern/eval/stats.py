@@ -114,20 +114,24 @@ GAIN = "significant gain that survives the adaptive attack"
 NO_CHANGE = "no significant change"
 LOSS = "significant loss"
 MASKING = "gain under AutoAttack only, gone under the adaptive or transfer attack (gradient masking)"
+UNCONFIRMED = ("gain under AutoAttack, not confirmed in the worst case over the adaptive and transfer attacks "
+               "(inconclusive at this sample size)")
 
 
-def verdict(autoattack: PairedComparison, worst_case: PairedComparison) -> str:
+def verdict(autoattack: PairedComparison, worst_case: PairedComparison, clean: PairedComparison | None = None) -> str:
     """One remapped configuration vs the original model.
 
     ``autoattack``: AutoAttack outcomes, original vs remapped. ``worst_case``: the original's worst case vs the
     remapped model's worst case over AutoAttack, the adaptive BPDA attack, CW and transfer from the original.
-    A gain counts only if it holds in the worst case; an AutoAttack gain without it is the masking signature
-    RobustBench found for MeanSparse.
+    A gain counts only if it holds in the worst case. An AutoAttack gain whose worst-case estimate is gone
+    (difference <= 0) is the masking signature RobustBench found for MeanSparse; one that shrinks but stays
+    positive without significance is reported as unconfirmed rather than as masking. A significant loss in
+    clean accuracy is a loss whatever the attacks say.
     """
     if worst_case.direction > 0:
         return GAIN
     if autoattack.direction > 0:
-        return MASKING
-    if worst_case.direction < 0 or autoattack.direction < 0:
+        return MASKING if worst_case.difference <= 0 else UNCONFIRMED
+    if worst_case.direction < 0 or autoattack.direction < 0 or (clean is not None and clean.direction < 0):
         return LOSS
     return NO_CHANGE

@@ -69,13 +69,14 @@ class OutcomeStore:
             self._db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?)",
                              (model, chunk, unit, buffer.getvalue()))
 
-    def get(self, model: str, chunk: int, unit: str) -> dict[str, np.ndarray]:
+    def get(self, model: str, chunk: int, unit: str, keys=None) -> dict[str, np.ndarray]:
+        """The arrays of one unit (only ``keys`` when given: the others are not decoded)."""
         row = self._db.execute("SELECT data FROM units WHERE model = ? AND chunk = ? AND unit = ?",
                                (model, chunk, unit)).fetchone()
         if row is None:
             raise KeyError(f"{self.path}: no outcomes for {model}, chunk {chunk}, {unit}")
         with np.load(io.BytesIO(row[0]), allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+            return {k: f[k] for k in (f.files if keys is None else keys)}
 
     def count(self, model: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM units WHERE model = ?", (model,)).fetchone()[0]
