@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from lipkern.cli import positive
+
 from .api import EvalInputError
 
 DEFAULT_OUT = "lipkern-eval-out"
@@ -43,21 +45,7 @@ def parse_eps(text: str) -> float:
     return value
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"cannot parse {text!r} as {'an integer' if kind is int else 'a number'}"
-                                             ) from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-positive_int, positive_float = _positive(int), _positive(float)
+positive_int, positive_float = positive(int), positive(float)
 
 
 def non_negative_int(text: str) -> int:

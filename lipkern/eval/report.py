@@ -196,6 +196,17 @@ def render_markdown(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def _finish(fig, ax, path, legend: dict) -> None:
+    ax.title.set_fontsize(9)
+    ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plot_smoothing(m, path):
     sm = m["smoothing"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -205,13 +216,7 @@ def _plot_smoothing(m, path):
                 linestyle=("-", "--", "-.", ":")[i % 4], alpha=0.85)
     ax.set(xlabel="L2 radius", ylabel="certified accuracy", ylim=(0, 1),
            title=f"{m['name']}: randomized smoothing, sigma={sm['sigma']}, n = {sm['n_points']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+    _finish(fig, ax, path, legend=dict(fontsize=7))
 
 
 def _short(name: str, parts: int = 3) -> str:
@@ -240,11 +245,7 @@ def _plot_main(m, path):
     ax.set_xlim(-0.5, len(labels) - 0.5)
     ax.set(ylabel="accuracy under attack (%)",
            title=f"{m['name']}: robust accuracy, eps {m['eps_label']}, n = {m['n_test']} (95 % intervals)")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, legend=dict(fontsize=7, loc="best"))
 
 
 def _plot_layers(m, path):
@@ -260,11 +261,7 @@ def _plot_layers(m, path):
                   ha="right", fontsize=7)
     ax.set(ylabel="layer inputs equal to 0 (%)", ylim=(0, 100),
            title=f"{m['name']}: remapped proportion per layer ({ly['n_samples']} test samples)")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, ncol=len(confs))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, legend=dict(fontsize=7, ncol=len(confs)))
 
 
 def _plot_lipschitz(m, path):
@@ -286,11 +283,7 @@ def _plot_lipschitz(m, path):
     ax.grid(axis="x", alpha=0.3)
     ax.set(xlabel="sigma(W diag(mask)) / sigma(W)",
            title=f"{m['name']}: empirical Lipschitz constant ({m['layers']['n_samples']} test samples)")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, legend=dict(fontsize=6, loc="best"))
 
 
 def _plot_sweep(m, path):
@@ -303,10 +296,7 @@ def _plot_sweep(m, path):
                 alpha=0.8)
     ax.set(xscale="log", xlabel="eps x 255", ylabel="accuracy", ylim=(0, 1),
            title=f"{m['name']}: FGSM (dashed) vs PGD (solid), n = {m['n_test']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, legend=dict(fontsize=7))
 
 
 def write_report(results: dict, out_dir) -> dict:
