@@ -65,7 +65,7 @@ def positive(kind):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
         if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {text!r}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
