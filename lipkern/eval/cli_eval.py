@@ -308,6 +308,10 @@ def _evaluate_in_workers(jobs, options, threads, n_workers):
     pool = ctx.Pool(n_workers, initializer=_ignore_sigint)
     try:
         pending = [pool.apply_async(_evaluate_job, (job, options, threads, i)) for i, job in enumerate(jobs)]
+        # Waiting in short slices keeps the parent responsive to Ctrl-C (a bare get() may not return to it).
+        for r in pending:
+            while not r.ready():
+                r.wait(0.2)
         parts = [r.get() for r in pending]
     except BaseException:
         pool.terminate()
