@@ -12,7 +12,7 @@ so a slow drift of the machine hits them alike), after warm-up calls that also t
 - *bandwidth fraction* = copy_ time / in-place time for the in-place ReLU + remap, which moves the
   same bytes as ``copy_``.
 
-The targets of the core issue are printed with each ratio they apply to. On a CUDA machine the
+The project's performance targets are printed with each ratio they apply to. On a CUDA machine the
 Triton kernels are timed with ``triton.testing.do_bench`` and reported in GB/s and as a fraction
 of the device's peak memory bandwidth; without one, the static traffic figures are printed.
 """
@@ -39,7 +39,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # On x ~ N(0, 1) a threshold of 0.1 remaps about 23 % of GELU outputs, near the 20 % the paper
 # reports at FC1 inputs (2^-7 * max|a| would remap almost nothing of a Gaussian).
 THRESHOLD = 0.1
-# (subject, baseline) -> (ratio kind, comparison, bound): the core issue's performance targets.
+# (subject, baseline) -> (ratio kind, comparison, bound): the project's performance targets.
 TARGETS = {
     ("fwd", "compile"): ("speedup", ">=", 1.5),
     ("fwd", "act"): ("time", "<=", 1.1),
@@ -127,7 +127,7 @@ def parse_shape(text: str) -> Shape:
 
 
 def cuda_extra_shapes(shapes) -> list[Shape]:
-    """The issue's bandwidth target is for >= 16 Mi elements: add such a shape on CUDA."""
+    """The bandwidth target is for >= 16 Mi elements: add such a shape on CUDA."""
     if any(s.numel >= 1 << 24 for s in shapes):
         return []
     return [Shape("4096x4096", (4096, 4096), -1)]

@@ -1,4 +1,4 @@
-"""The evaluation's only contact with the model layer (issue 4: lipkern.convert / calibrate / set_ratio /
+"""The evaluation's only contact with the model layer (lipkern.convert / calibrate / set_ratio /
 straight_through), so the rest of lipkern.eval does not depend on how conversion is wired."""
 from __future__ import annotations
 

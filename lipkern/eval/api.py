@@ -267,6 +267,8 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
         dev = parallel.resolve_device(device, processes.local_rank)
     except parallel.DeviceError as e:
         raise EvalInputError(str(e)) from None
+    if out_dir is None and processes.world > 1:
+        raise EvalInputError("out_dir is required when several processes evaluate together")
     original = copy.deepcopy(model).eval().to(dev)
     for p in original.parameters():
         p.requires_grad_(False)
@@ -293,8 +295,6 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     with contextlib.ExitStack() as cleanup:
         if out_dir is None:
             out_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="lipkern-eval-"))
-            if processes.world > 1:
-                raise EvalInputError("out_dir is required when several processes evaluate together")
         store = OutcomeStore(out_dir)
         cleanup.callback(store.close)
         store.bind_settings(name, settings)

@@ -85,15 +85,6 @@ def capture_inputs(model: nn.Module, names: list[str] | None = None, only=None):
             h.remove()
 
 
-@torch.no_grad()
-def layer_inputs(model: nn.Module, x: torch.Tensor, names: list[str] | None = None,
-                 batch_size: int = 500) -> dict[str, torch.Tensor]:
-    with capture_inputs(model, names) as store:
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
-    return {k: torch.cat(v) for k, v in store.items()}
-
-
 def check_matching(original: nn.Module, converted: nn.Module) -> list[str]:
     a, b = linear_layers(original), linear_layers(converted)
     if len(a) != len(b) or any(m1.weight.shape != m2.weight.shape for (_, m1), (_, m2) in zip(a, b)):

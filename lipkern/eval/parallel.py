@@ -59,10 +59,6 @@ class Processes:
     def owns(self, chunk: int) -> bool:
         return chunk % self.world == self.rank
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank failed, so that no rank waits for a dead one in a later
         collective; the failing rank re-raises its own error."""
