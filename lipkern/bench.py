@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import lipkern
 from lipkern.ops import reference
+from lipkern.ops.activations import lookup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # On x ~ N(0, 1) a threshold of 0.1 remaps about 23 % of GELU outputs, near the 20 % the paper
@@ -198,13 +198,7 @@ def median_times(
 
 def _bare_activation(act: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """PyTorch's own activation in the storage dtype (what a model without lipkern runs)."""
-    return {
-        "identity": torch.clone,
-        "relu": torch.relu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "silu": F.silu,
-    }[act]
+    return torch.clone if act == "identity" else lookup(act).torch_fn
 
 
 def _fwd_bwd(fn, x, dy):

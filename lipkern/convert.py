@@ -70,6 +70,7 @@ from typing import Iterable, Optional
 
 from torch import nn
 
+from lipkern.ops.activations import ACTIVATIONS
 from lipkern.nn import (
     InputRemap,
     RemapAct,
@@ -79,7 +80,7 @@ from lipkern.nn import (
     remove_input_remap,
 )
 
-ACT_FAMILIES = ("relu", "gelu", "gelu_tanh", "silu")
+ACT_FAMILIES = tuple(act for act in ACTIVATIONS if act != "identity")
 PRESETS = ("paper",)
 # The attribute of a RemapAct made by convert that holds the module it replaced.
 _ORIGINAL = "_lipkern_original"

@@ -23,13 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from lipkern.ops import reference
+from lipkern.ops.activations import EXACT_ACTIVATIONS, GELU_TANH_CUBIC, GELU_TANH_SCALE
 from lipkern.ulp import same_bits, ulp_distance, ulp_size
 
-EXACT_ACTIVATIONS = ("identity", "relu")
 TIE_BAND_ULPS = 4
 
-_GELU_TANH_K = 0.7978845608028654  # sqrt(2 / pi)
-_GELU_TANH_A = 0.044715
 
 
 def activation_float64(x: torch.Tensor, act: str) -> torch.Tensor:
@@ -44,7 +42,7 @@ def activation_float64(x: torch.Tensor, act: str) -> torch.Tensor:
     if act == "gelu":
         a = 0.5 * x * torch.special.erfc(-x / 2**0.5)
     elif act == "gelu_tanh":
-        u = _GELU_TANH_K * (x + _GELU_TANH_A * x**3)
+        u = GELU_TANH_SCALE * (x + GELU_TANH_CUBIC * x**3)
         a = x * torch.sigmoid(2 * u)
     else:
         a = x * torch.sigmoid(x)
@@ -62,9 +60,9 @@ def activation_grad_float64(x: torch.Tensor, act: str) -> torch.Tensor:
         cdf = 0.5 * torch.special.erfc(-x / 2**0.5)
         grad = cdf + x * torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
     elif act == "gelu_tanh":
-        u = _GELU_TANH_K * (x + _GELU_TANH_A * x**3)
+        u = GELU_TANH_SCALE * (x + GELU_TANH_CUBIC * x**3)
         s, s_neg = torch.sigmoid(2 * u), torch.sigmoid(-2 * u)
-        du = _GELU_TANH_K * (1 + 3 * _GELU_TANH_A * x * x)
+        du = GELU_TANH_SCALE * (1 + 3 * GELU_TANH_CUBIC * x * x)
         grad = s + 2 * x * s * s_neg * du
     else:
         s = torch.sigmoid(x)

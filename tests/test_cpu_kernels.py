@@ -12,12 +12,13 @@ import torch
 
 import lipkern
 from lipkern.ops import reference
+from lipkern.ops.activations import ACTIVATIONS
 from lipkern.testing import compare_backward, compare_forward
 from lipkern.ulp import same_bits
 
 _C = pytest.importorskip("lipkern._C", reason="lipkern's C++ extension is not built")
 
-ACTS = reference.ACTIVATIONS
+ACTS = ACTIVATIONS
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

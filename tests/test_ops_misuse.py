@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import lipkern
+from lipkern.ops.activations import SMOOTH_ACTIVATIONS, lookup
 from conftest import kernel_backends
 
 BACKENDS = ["reference", *kernel_backends()]
-SMOOTH = ("gelu", "gelu_tanh", "silu")
+SMOOTH = SMOOTH_ACTIVATIONS
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -80,11 +81,7 @@ def test_double_backward_equals_the_reference(backend, act, straight_through):
 @pytest.mark.parametrize("act", SMOOTH)
 def test_second_derivative_matches_autograd_of_pytorch_activations(act):
     x = torch.linspace(-6, 6, 241, dtype=torch.float64, requires_grad=True)
-    torch_act = {
-        "gelu": torch.nn.functional.gelu,
-        "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
-        "silu": torch.nn.functional.silu,
-    }[act]
+    torch_act = lookup(act).torch_fn
     (first,) = torch.autograd.grad(torch_act(x).sum(), x, create_graph=True)
     (second,) = torch.autograd.grad(first.sum(), x)
     got = lipkern.ops.reference.activation_second_derivative(x.detach(), act)

@@ -23,9 +23,11 @@ import pytest
 
 pytest.importorskip("triton")
 
+from lipkern.ops.activations import ACTIVATIONS  # noqa: E402
+
 ARCHS = (80, 90)
 DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
-ACTS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
+ACTS = ACTIVATIONS
 # Representative per-channel shapes: [rows, C=1024] and NCHW with H*W = 56*56.
 COLS_C, ROWS_INNER = 1024, 3136
 

@@ -7,7 +7,7 @@ from lipkern.ops.api import (
     remap_act_,
     remap_act_stats,
 )
-from lipkern.ops.reference import ACTIVATIONS
+from lipkern.ops.activations import ACTIVATIONS
 from lipkern.ops.stats import ChannelStats
 
 __all__ = [

@@ -24,17 +24,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
-
-
-def _smooth_activation(x: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "gelu":
-        return F.gelu(x)
-    if act == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    return F.silu(x)
+from lipkern.ops.activations import ACTIVATIONS, GELU_TANH_CUBIC, GELU_TANH_SCALE, lookup
 
 
 def activation_reference(x: torch.Tensor, act: str) -> torch.Tensor:
@@ -47,9 +38,7 @@ def activation_reference(x: torch.Tensor, act: str) -> torch.Tensor:
         return x
     if act == "relu":
         return torch.relu(x)
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    a = _smooth_activation(x, act)
+    a = lookup(act).torch_fn(x)
     limit = torch.where(x > 0, x, -0.0)
     return torch.where(x.isinf(), limit, a)
 
@@ -77,10 +66,6 @@ def activation_backward_reference(grad_a: torch.Tensor, x: torch.Tensor, act: st
     return torch.where(x.isinf(), torch.where(x > 0, grad_a, 0.0), grad_x)
 
 
-_GELU_TANH_SCALE = math.sqrt(2.0 / math.pi)
-_GELU_TANH_CUBIC = 0.044715
-
-
 def activation_second_derivative(x: torch.Tensor, act: str) -> torch.Tensor:
     """``act''(x)`` in float32, from float64 formulas (the double backward's ``x`` term).
 
@@ -95,9 +80,9 @@ def activation_second_derivative(x: torch.Tensor, act: str) -> torch.Tensor:
         second = torch.exp(-0.5 * xd * xd) / math.sqrt(2.0 * math.pi) * (2.0 - xd * xd)
     elif act == "gelu_tanh":
         # x (1 + tanh u) / 2, u = k (x + b x^3): sech^2(u) (u' - x tanh(u) u'^2 + x u'' / 2)
-        u = _GELU_TANH_SCALE * (xd + _GELU_TANH_CUBIC * xd**3)
-        du = _GELU_TANH_SCALE * (1.0 + 3.0 * _GELU_TANH_CUBIC * xd * xd)
-        d2u = _GELU_TANH_SCALE * 6.0 * _GELU_TANH_CUBIC * xd
+        u = GELU_TANH_SCALE * (xd + GELU_TANH_CUBIC * xd**3)
+        du = GELU_TANH_SCALE * (1.0 + 3.0 * GELU_TANH_CUBIC * xd * xd)
+        d2u = GELU_TANH_SCALE * 6.0 * GELU_TANH_CUBIC * xd
         tanh_u = torch.tanh(u)
         second = (1.0 - tanh_u * tanh_u) * (du - xd * tanh_u * du * du + 0.5 * xd * d2u)
     elif act == "silu":

@@ -41,15 +41,15 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
-ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+from lipkern.ops.activations import ACT_CODES, GELU_TANH_CUBIC, GELU_TANH_SCALE
 
 LAYOUT_FLAT, LAYOUT_COLS, LAYOUT_ROWS = 0, 1, 2
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 # gelu_tanh: 0.5 x (1 + tanh(u)) with u = BETA (x + KAPPA x^3), BETA = sqrt(2 / pi).
-_BETA = tl.constexpr(0.7978845608028654)
-_KAPPA = tl.constexpr(0.044715)
+_BETA = tl.constexpr(GELU_TANH_SCALE)
+_KAPPA = tl.constexpr(GELU_TANH_CUBIC)
 _INF = tl.constexpr(float("inf"))
 
 

@@ -1,0 +1,49 @@
+"""Every backend implements exactly the activations of ``lipkern.ops.activations.TABLE``."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import lipkern
+from conftest import kernel_backends
+from lipkern.ops import activations
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+@pytest.mark.parametrize("backend", ["reference", *kernel_backends()])
+def test_backend_accepts_every_table_entry_and_nothing_else(backend):
+    x = torch.linspace(-3, 3, 64).view(8, 8)
+    for entry in activations.TABLE:
+        y = lipkern.remap_act(x, 0.0, act=entry.name, backend=backend)
+        expected = entry.torch_fn(x)
+        torch.testing.assert_close(y, expected, atol=2e-6, rtol=2e-6)
+    with pytest.raises(ValueError, match="act must be one of"):
+        lipkern.remap_act(x, 0.0, act="gelu_erf", backend=backend)
+
+
+def test_cpp_enum_follows_the_table_codes():
+    header = (CSRC / "remap_act.h").read_text()
+    enum_body = re.search(r"enum class Act : int \{([^}]*)\}", header).group(1)
+    cpp_names = [name.strip() for name in enum_body.split(",")]
+    table_names = [entry.name.replace("_", " ").title().replace(" ", "") for entry in activations.TABLE]
+    assert cpp_names == table_names  # enum values are positions: code i is the i-th name
+
+
+def test_cpp_parses_every_table_name():
+    source = (CSRC / "ops.cpp").read_text()
+    parsed = re.findall(r'if \(act == "(\w+)"\) return Act::(\w+);', source)
+    assert [name for name, _ in parsed] == list(activations.ACTIVATIONS)
+
+
+def test_gelu_tanh_constants_agree_across_backends():
+    kernels = (CSRC / "remap_act_kernels.cpp").read_text()
+    cubic = float(re.search(r"kTanhKappa = ([0-9.e-]+);", kernels).group(1))
+    assert cubic == activations.GELU_TANH_CUBIC
+    # The scale is written as M_SQRT2 * M_2_SQRTPI * 0.5 = sqrt(2/pi) in C++.
+    assert "kTanhBeta = M_SQRT2 * M_2_SQRTPI * 0.5" in kernels
+    assert torch.nn.functional.gelu(torch.tensor(1.0, dtype=torch.float64), approximate="tanh").item() == (
+        pytest.approx(0.5 * (1 + torch.tanh(torch.tensor(activations.GELU_TANH_SCALE * (1 + activations.GELU_TANH_CUBIC), dtype=torch.float64)).item()), rel=1e-15)
+    )
