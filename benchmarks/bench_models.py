@@ -9,6 +9,11 @@ Random weights, eval mode, no_grad. Groups, one table row each:
 - ``calib-<model>``: ``plain`` (a no-grad pass of the original model over the calibration batches)
   vs ``scan`` (``lipkern.calibrate`` over the same batches: the fused statistics op in every
   converted layer). The target is at most 1.1x.
+- ``compiled-<model>-<dtype>``: the same under ``torch.compile`` (inductor): ``original``,
+  ``converted`` (the default ``compile_form="decomposed"``, fused by inductor) and ``opaque``
+  (``compile_form="opaque"``, the lipkern op as an extern call). The target is at most 3 % for
+  ``converted``. Only with ``LIPKERN_BENCH_COMPILED=1`` (compiling three variants of a model
+  takes minutes).
 - ``layer-call-8x192``: one converted GELU layer's call in apply and in calibrate mode against
   ``nn.GELU``, on a tiny input: the per-layer Python a model pays.
 
@@ -55,6 +60,7 @@ CALIB_BATCHES = int(os.environ.get("LIPKERN_BENCH_CALIB_BATCHES", "4"))
 ROUNDS = int(os.environ.get("LIPKERN_BENCH_ROUNDS", "5"))
 SCRIPT_ROUNDS = int(os.environ.get("LIPKERN_BENCH_ROUNDS", "15"))
 BACKEND = os.environ.get("LIPKERN_BENCH_BACKEND", "auto")
+COMPILED = os.environ.get("LIPKERN_BENCH_COMPILED", "0") == "1"
 
 
 def _original(model: str) -> torch.nn.Module:
@@ -69,14 +75,43 @@ def _batches(n: int, dtype=torch.float32) -> list:
     return [torch.randn(BATCH, 3, SIZE, SIZE, generator=generator).to(dtype) for _ in range(n)]
 
 
+def _converted_calibrated(original, model: str, compile_form: str = "decomposed"):
+    converted = convert(
+        copy.deepcopy(original),
+        inputs_of=MODELS[model][1],
+        backend=BACKEND,
+        compile_form=compile_form,
+    )
+    calibrate(converted, _batches(2), c_r=C_R, progress=False)
+    return converted
+
+
 @functools.lru_cache(maxsize=1)
 def _pair(model: str, dtype_name: str):
     """(original, converted + calibrated) in ``dtype``; calibrated in fp32 on separate batches."""
     original = _original(model)
-    converted = convert(copy.deepcopy(original), inputs_of=MODELS[model][1], backend=BACKEND)
-    calibrate(converted, _batches(2), c_r=C_R, progress=False)
+    converted = _converted_calibrated(original, model)
     dtype = DTYPES[dtype_name]
     return original.to(dtype), converted.to(dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_variants(model: str, dtype_name: str) -> dict:
+    """``torch.compile`` of the original, the converted (decomposed) and the opaque variant."""
+    original = _original(model)
+    dtype = DTYPES[dtype_name]
+    nets = {
+        "original": original,
+        "converted": _converted_calibrated(original, model),
+        "opaque": _converted_calibrated(original, model, compile_form="opaque"),
+    }
+    x = _batches(1, dtype)[0]
+    compiled = {}
+    with torch.no_grad():
+        for name, net in nets.items():
+            compiled[name] = torch.compile(net.to(dtype))
+            compiled[name](x)  # compiles now, outside any timing
+    return compiled
 
 
 def _run(benchmark, fn):
@@ -97,6 +132,23 @@ def test_inference(benchmark, model, dtype, variant):
     benchmark.group = f"infer-{model}-{dtype}-batch{BATCH}"
     original, converted = _pair(model, dtype)
     net = original if variant == "original" else converted
+    x = _batches(1, DTYPES[dtype])[0]
+    _run(benchmark, lambda: net(x))
+
+
+COMPILED_CASES = [
+    pytest.param(m, d, v, id=f"{m}-{d}-{v}")
+    for m in SELECTED
+    for d in SELECTED_DTYPES
+    for v in ("original", "converted", "opaque")
+]
+
+
+@pytest.mark.skipif(not COMPILED, reason="set LIPKERN_BENCH_COMPILED=1 (compiles take minutes)")
+@pytest.mark.parametrize("model, dtype, variant", COMPILED_CASES)
+def test_compiled_inference(benchmark, model, dtype, variant):
+    benchmark.group = f"compiled-{model}-{dtype}-batch{BATCH}"
+    net = _compiled_variants(model, dtype)[variant]
     x = _batches(1, DTYPES[dtype])[0]
     _run(benchmark, lambda: net(x))
 
@@ -184,6 +236,30 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
         _pair.cache_clear()
+    if COMPILED:
+        rows += [
+            "",
+            "| model | dtype | compiled original ms | compiled converted ms (paired median) "
+            "| compiled opaque ms (paired median) |",
+            "|---|---|---|---|---|",
+        ]
+        for model in SELECTED:
+            for dtype in SELECTED_DTYPES:
+                nets = _compiled_variants(model, dtype)
+                x = _batches(1, DTYPES[dtype])[0]
+                base, fused, fused_paired = _interleaved(
+                    lambda: nets["original"](x), lambda: nets["converted"](x), SCRIPT_ROUNDS
+                )
+                _, opaque, opaque_paired = _interleaved(
+                    lambda: nets["original"](x), lambda: nets["opaque"](x), SCRIPT_ROUNDS
+                )
+                rows.append(
+                    f"| {model} | {dtype} | {base * 1e3:.1f} | {fused * 1e3:.1f} "
+                    f"({(fused_paired - 1) * 100:+.1f} %) | {opaque * 1e3:.1f} "
+                    f"({(opaque_paired - 1) * 100:+.1f} %) |"
+                )
+                print(rows[-1], flush=True)
+            _compiled_variants.cache_clear()
     rows += [
         "",
         "| model | batches | plain pass ms | calibration scan ms | ratio (minima) "

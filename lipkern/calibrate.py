@@ -19,7 +19,7 @@ rule with ``alpha = c_r``). With ``center="mean"`` and ``statistic="max"`` M is 
 mean is not known during the scan, so max |a - mean| would need a second pass.
 
 ``statistic="quantile:q"`` keeps, per layer, a histogram of |a| with bins 2**-7 of their value wide
-(:data:`lipkern.nn.HIST_MANTISSA_BITS`) and returns the upper edge of the bin holding the
+(:data:`lipkern.ops.thresholds.HIST_MANTISSA_BITS`) and returns the upper edge of the bin holding the
 q-quantile, capped at max |a|: relative error below 2**-7 from one scan. It supports
 ``granularity="tensor"`` only (a histogram per channel would cost megabytes per layer).
 
@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from lipkern import nn as lnn
+from lipkern.ops import thresholds
 
 FORMAT = "lipkern-calibration/1"
 _SAVED_BUFFERS = ("threshold", "center", "amax", "remapped", "count", "sum", "sumsq", "hist")
@@ -244,19 +245,21 @@ def _agree(batches: int, error: Optional[BaseException], group) -> None:
         raise ValueError("data is empty: calibration needs at least one batch")
 
 
-def _scan(model, modules, data, max_batches, progress, desc, check_finite, group) -> int:
+def _scan(
+    model, modules, data, max_batches, progress, desc, check_finite, group, tracker=None
+) -> int:
     """Run ``model`` over ``data`` without gradients in eval mode; returns the batch count."""
     device = _model_device(model)
     # Each module's own flag: a frozen BatchNorm kept in eval inside a training model stays so.
     was_training = [(module, module.training) for module in model.modules()]
     batches, error = 0, None
-    lnn.begin_scan_tracking()
     model.eval()
     try:
         with torch.no_grad():
             for index, batch in _batches(data, max_batches, progress, desc):
                 model(_inputs(batch, index, device))
-                lnn.clear_scan_outputs()
+                if tracker is not None:
+                    tracker.clear()
                 batches += 1
                 if check_finite:
                     for name, module in modules:
@@ -270,7 +273,6 @@ def _scan(model, modules, data, max_batches, progress, desc, check_finite, group
             raise
         error = caught
     finally:
-        lnn.end_scan_tracking()
         for module, training in was_training:
             module.training = training
     _agree(batches, error, group)
@@ -348,12 +350,8 @@ def calibrate(
     moved to the model's device). ``measure=True`` adds a second pass that fills the report's
     remapped fractions (needs re-iterable data). ``group``: the torch.distributed process group.
     """
-    c_r = lnn.check_ratio(c_r)
-    if granularity not in lnn.GRANULARITIES:
-        raise ValueError(f"granularity must be one of {lnn.GRANULARITIES}, got {granularity!r}")
-    lnn.parse_statistic(statistic)
-    if center not in lnn.CENTERS:
-        raise ValueError(f"center must be None or 'mean', got {center!r}")
+    c_r = thresholds.check_ratio(c_r)
+    thresholds.check_settings(granularity, statistic, center)
     modules = _converted(model)
     with _state_change(modules, "calibrate"):
         report = _calibrate(
@@ -372,9 +370,12 @@ def _calibrate(
     model, modules, data, c_r, granularity, statistic, center, max_batches, progress, group
 ) -> CalibrationReport:
     """:func:`calibrate`'s work, which :func:`_state_change` undoes on any error."""
+    tracker = lnn.ScanTracker()
     for _, module in modules:
-        module.begin_calibration(granularity, statistic, center)
-    batches = _scan(model, modules, data, max_batches, progress, "lipkern calibrate", True, group)
+        module.begin_calibration(granularity, statistic, center, tracker)
+    batches = _scan(
+        model, modules, data, max_batches, progress, "lipkern calibrate", True, group, tracker
+    )
     if _distributed():
         _all_reduce_calibration(modules, group)
     unused, mixed = [], []
@@ -440,7 +441,7 @@ def measure_remapped(
 
 def set_ratio(model: nn.Module, c_r: float) -> CalibrationReport:
     """Re-derive every layer's threshold at ratio ``c_r`` from the stored statistics (no scan)."""
-    c_r = lnn.check_ratio(c_r)
+    c_r = thresholds.check_ratio(c_r)
     modules = _converted(model)
     with _state_change(modules, "set_ratio"):
         # Layers the calibration data never reached (e.g. a registered but unused block) have no
@@ -464,7 +465,7 @@ def _expected_channels(module: lnn.RemapAct) -> Optional[int]:
     """The channel count this layer is known to have (calibrated per channel), else None."""
     if module.granularity == "channel" and module.amax.numel():
         return module.amax.numel()
-    return getattr(module, "expected_channels", None)
+    return module.expected_channels
 
 
 def save_calibration(model: nn.Module, path) -> None:

@@ -52,6 +52,10 @@ returns the same model (a model that *is* an activation module is returned as it
   (:meth:`lipkern.nn.RemapAct.check_state`), so a state saved from a different conversion raises
   before any weight is replaced.
 - ``backend`` is stored on every created module and passed to the ops (default ``"auto"``).
+- ``compile_form`` (default ``"decomposed"``): under ``torch.compile`` / ``torch.export`` an
+  applying layer is traced as pointwise torch ops, which inductor fuses into the neighbouring
+  kernels; ``"opaque"`` keeps the exact ``lipkern::remap_act`` op there too (see
+  :class:`lipkern.nn.RemapAct`).
 
 Checkpoints: an uncalibrated converted model has no state of its own, so a state dict of the
 original model loads into it with ``strict=True``; load pretrained weights, then calibrate (or
@@ -72,6 +76,7 @@ from torch import nn
 
 from lipkern.ops.activations import ACTIVATIONS
 from lipkern.nn import (
+    COMPILE_FORMS,
     InputRemap,
     RemapAct,
     add_input_remap,
@@ -255,10 +260,13 @@ def convert(
     backend: str = "auto",
     channel_dim: Optional[int] = None,
     preset: Optional[str] = None,
+    compile_form: str = "decomposed",
 ) -> nn.Module:
     """Replace activations by RemapAct and add input remaps; returns ``model`` (see module doc)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if compile_form not in COMPILE_FORMS:
+        raise ValueError(f"compile_form must be one of {COMPILE_FORMS}, got {compile_form!r}")
     if preset not in (None,) + PRESETS:
         raise ValueError(f"preset must be None or one of {PRESETS}, got {preset!r}")
     acts = _check_acts(acts)
@@ -290,8 +298,9 @@ def convert(
             dim,
             inplace=inplace or bool(getattr(module, "inplace", False)),
             backend=backend,
+            compile_form=compile_form,
+            layer_name=name,
         )
-        new.layer_name = name
         # Kept outside the module tree (no state_dict entries) for unconvert and describe.
         object.__setattr__(new, _ORIGINAL, module)
         return new
@@ -310,7 +319,12 @@ def convert(
             warnings.warn(f"lipkern.convert: inputs_of pattern {pattern!r} matched no module")
         for name, module in hits:
             if not has_input_remap(module):
-                add_input_remap(module, backend=backend).layer_name = f"{name}.input_remap"
+                add_input_remap(
+                    module,
+                    backend=backend,
+                    compile_form=compile_form,
+                    layer_name=f"{name}.input_remap",
+                )
                 added += 1
 
     replaced: dict[int, RemapAct] = {}

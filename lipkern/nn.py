@@ -13,6 +13,14 @@ or Conv layer (e.g. the LayerNorm output that feeds a transformer's FC1). Both h
 - ``"monitor"``: like ``"apply"``, and also counts remapped elements
   (:func:`lipkern.measure_remapped`).
 
+Under ``torch.compile`` and ``torch.export`` an ``"apply"`` layer is traced, by default, as
+pointwise torch ops (``compile_form="decomposed"``, :func:`lipkern.ops.api.remap_act_traceable`)
+that inductor fuses into the producer's kernel; ``compile_form="opaque"`` keeps the exact op.
+
+The thresholds' arithmetic (accumulating a scan, the quantile histogram, ``t = c^r * M``, the
+checks of a stored calibration) lives in :mod:`lipkern.ops.thresholds`; this module keeps the
+modules, their modes and their forward.
+
 Thresholds, centres, statistics and the calibration settings are buffers / extra state, so they
 live in ``state_dict``. Their shapes are only known after calibration, so loading a state_dict
 resizes them. A layer that holds no calibration may be absent from a state dict it loads (the
@@ -45,8 +53,8 @@ remaps all of them (calibrate warns).
 Threads: calls in ``"calibrate"`` and ``"monitor"`` mode may come from several threads at once (a
 serving thread pool, a data-parallel wrapper): merging into the statistics is serialised by one
 lock, so no call's statistics are lost. A calibration scan's bookkeeping of which tensors were
-converted activations' outputs is per thread, so scans of different models in different threads
-do not see each other's tensors. (Two :func:`lipkern.calibrate` calls on the SAME model at once
+converted activations' outputs is a :class:`ScanTracker` that the scan hands to its layers, so
+scans of different models in different threads do not see each other's tensors. (Two :func:`lipkern.calibrate` calls on the SAME model at once
 are refused there: see :mod:`lipkern.calibrate`.)
 
 State changes are all-or-nothing: :meth:`RemapAct.snapshot` / :meth:`RemapAct.restore` let the
@@ -56,46 +64,29 @@ every incoming value (:meth:`RemapAct.check_state`) before it changes anything.
 
 from __future__ import annotations
 
-import math
-import numbers
 import threading
 import weakref
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lipkern.ops import reference
+from lipkern.ops import thresholds
+from lipkern.ops.activations import ACTIVATIONS, lookup
 from lipkern.ops.api import (
-    _direct_cpu_kernels,
-    _normalise_channel_dim,
-    remap_act,
-    remap_act_,
-    remap_act_stats,
+    remap_act_prechecked,
+    remap_act_stats_prechecked,
+    remap_act_traceable,
 )
-from lipkern.ops.stats import ChannelStats, merge_fields_
+from lipkern.ops.stats import STAT_DTYPES, ChannelStats
+from lipkern.ops.thresholds import MODES
 
-MODES = ("off", "calibrate", "apply", "monitor")
-GRANULARITIES = ("tensor", "channel")
-CENTERS = (None, "mean")
-
-# Quantile histograms: bins of |a| keyed by the top float32 bits (exponent and HIST_MANTISSA_BITS
-# mantissa bits), so a bin's width is 2**-HIST_MANTISSA_BITS of its value over the octaves
-# [2**-HIST_OCTAVES_BELOW, 2**HIST_OCTAVES_ABOVE); smaller magnitudes fall into bin 0, larger
-# ones into the last bin.
-HIST_MANTISSA_BITS = 7
-HIST_OCTAVES_BELOW = 64
-HIST_OCTAVES_ABOVE = 64
-HIST_BINS = (HIST_OCTAVES_BELOW + HIST_OCTAVES_ABOVE) << HIST_MANTISSA_BITS
-_HIST_SHIFT = 23 - HIST_MANTISSA_BITS
-_HIST_OFFSET = (127 - HIST_OCTAVES_BELOW) << HIST_MANTISSA_BITS
-
-_STAT_BUFFERS = ("amax", "remapped", "count", "sum", "sumsq")
+COMPILE_FORMS = ("decomposed", "opaque")
+_STAT_BUFFERS = tuple(STAT_DTYPES)
 # The Python attributes a calibration, set_ratio or load changes (with the buffers).
 _STATE_ATTRIBUTES = (
     "_mode", "granularity", "statistic", "center_mode", "ratio", "redundant", "fed_by",
-    "sites_seen", "sites_fed",
+    "sites_seen", "sites_fed", "_scan_tracker",
 )
 # Serialises merging into the statistics and monitor counts (see module docstring). One lock for
 # all layers: a lock is not picklable, so a converted model could not be saved with one per layer,
@@ -105,74 +96,29 @@ _MERGE_LOCK = threading.Lock()
 _NO_THRESHOLD = torch.zeros(())
 
 
-def check_ratio(c_r, name: str = "c_r") -> float:
-    """``c_r`` as a float in (0, 1), or an error naming ``name``."""
-    if isinstance(c_r, bool) or not isinstance(c_r, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(c_r).__name__}")
-    c_r = float(c_r)
-    if not 0.0 < c_r < 1.0:  # NaN fails too
-        raise ValueError(f"{name} must be in (0, 1), got {c_r}")
-    return c_r
+class ScanTracker:
+    """The outputs of converted activations during one calibration scan, as weak references
+    (cleared after every batch): an input remap whose input is one of them would remap twice.
 
+    :func:`lipkern.calibrate` makes one per scan and hands it to every layer it calibrates, so
+    scans of different models (in different threads) never see each other's tensors.
+    """
 
-def parse_statistic(statistic) -> tuple[str, Optional[float]]:
-    """``"max"``, ``"std"`` or ``"quantile:q"`` (0 < q <= 1) as ``(kind, q)``."""
-    if statistic in ("max", "std"):
-        return statistic, None
-    if isinstance(statistic, str) and statistic.startswith("quantile:"):
-        try:
-            q = float(statistic.split(":", 1)[1])
-        except ValueError:
-            q = float("nan")
-        if 0.0 < q <= 1.0:
-            return "quantile", q
-    raise ValueError(
-        f"statistic must be 'max', 'std' or 'quantile:q' with 0 < q <= 1, got {statistic!r}"
-    )
+    def __init__(self):
+        self._outputs: list[tuple[weakref.ref, str]] = []
 
+    def record(self, y: torch.Tensor, layer_name: str) -> None:
+        self._outputs.append((weakref.ref(y), layer_name))
 
-def _histogram(a: torch.Tensor) -> torch.Tensor:
-    """Counts of |a| per quantile-histogram bin (int64, HIST_BINS)."""
-    bits = a.detach().float().abs().reshape(-1).view(torch.int32)
-    index = ((bits >> _HIST_SHIFT) - _HIST_OFFSET).clamp_(0, HIST_BINS - 1)
-    return torch.bincount(index, minlength=HIST_BINS)
+    def source_of(self, x: torch.Tensor) -> Optional[str]:
+        """The name of the converted activation whose output ``x`` is, if any."""
+        for ref, name in self._outputs:
+            if ref() is x:
+                return name
+        return None
 
-
-def _hist_upper_edges(device) -> torch.Tensor:
-    """Upper edge of every histogram bin (float32)."""
-    index = torch.arange(1, HIST_BINS + 1, dtype=torch.int32, device=device)
-    return ((index + _HIST_OFFSET) << _HIST_SHIFT).view(torch.float32)
-
-
-# Outputs of converted activations during this thread's calibration scan (weak references,
-# cleared after every batch; None outside a scan): an input remap whose input is one of them
-# would remap twice.
-_scan = threading.local()
-
-
-def _scan_outputs() -> Optional[list]:
-    return getattr(_scan, "outputs", None)
-
-
-def begin_scan_tracking() -> None:
-    _scan.outputs = []
-
-
-def end_scan_tracking() -> None:
-    _scan.outputs = None
-
-
-def clear_scan_outputs() -> None:
-    outputs = _scan_outputs()
-    if outputs is not None:
-        outputs.clear()
-
-
-def _feeding_layer(x: torch.Tensor) -> Optional[str]:
-    for ref, name in _scan_outputs() or ():
-        if ref() is x:
-            return name
-    return None
+    def clear(self) -> None:
+        self._outputs.clear()
 
 
 class RemapAct(nn.Module):
@@ -187,6 +133,12 @@ class RemapAct(nn.Module):
             it (as ``nn.ReLU(inplace=True)``); only safe where the input is not read elsewhere.
         backend: passed to the lipkern ops (``"auto"``, ``"cpu"``, ``"reference"``, ``"triton"``).
         straight_through: the backward ignores the remap mask (BPDA, for adaptive attacks).
+        compile_form: what ``torch.compile`` / ``torch.export`` see in ``"apply"`` mode:
+            ``"decomposed"`` (pointwise torch ops that inductor fuses into the neighbouring
+            kernels; the compiler's numerics for smooth activations) or ``"opaque"`` (the exact
+            ``lipkern::remap_act`` op). Eager always runs the fused kernels.
+        layer_name: how errors and reports name this layer (convert and calibrate set the
+            qualified name in the model).
     """
 
     kind = "act"
@@ -200,19 +152,27 @@ class RemapAct(nn.Module):
         inplace: bool = False,
         backend: str = "auto",
         straight_through: bool = False,
+        compile_form: str = "decomposed",
+        layer_name: Optional[str] = None,
     ):
         super().__init__()
-        if act not in reference.ACTIVATIONS:
-            raise ValueError(f"act must be one of {reference.ACTIVATIONS}, got {act!r}")
+        lookup(act)
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
             raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+        if compile_form not in COMPILE_FORMS:
+            raise ValueError(f"compile_form must be one of {COMPILE_FORMS}, got {compile_form!r}")
         self.act = act
         self.channel_dim = channel_dim
         self.mode = mode
         self.inplace = bool(inplace)
         self.backend = backend
         self.straight_through = bool(straight_through)
-        self.layer_name = type(self).__name__
+        self.compile_form = compile_form
+        self.layer_name = layer_name or type(self).__name__
+        # The channel count a layer is known to read before any calibration (an input remap's
+        # in_features / in_channels), checked when a calibration is loaded.
+        self.expected_channels: Optional[int] = None
+        self._scan_tracker: Optional[ScanTracker] = None
         # Calibration settings (persisted as extra state).
         self.granularity = "tensor"
         self.statistic = "max"
@@ -225,7 +185,7 @@ class RemapAct(nn.Module):
         # Shapes are decided at calibration; (0,) means "not calibrated / no statistics".
         self.register_buffer("threshold", torch.zeros(0, dtype=torch.float32))
         self.register_buffer("center", torch.zeros(0, dtype=torch.float32))
-        for name, dtype in ChannelStats._DTYPES.items():
+        for name, dtype in STAT_DTYPES.items():
             self.register_buffer(name, torch.zeros(0, dtype=dtype))
         self.register_buffer("hist", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("monitor_remapped", torch.zeros(0, dtype=torch.int64))
@@ -266,7 +226,7 @@ class RemapAct(nn.Module):
     def stats(self, value: Optional[ChannelStats]) -> None:
         for name in _STAT_BUFFERS:
             tensor = (
-                torch.zeros(0, dtype=ChannelStats._DTYPES[name], device=self.threshold.device)
+                torch.zeros(0, dtype=STAT_DTYPES[name], device=self.threshold.device)
                 if value is None
                 else getattr(value, name)
             )
@@ -307,94 +267,16 @@ class RemapAct(nn.Module):
     def check_state(self, tensors: dict, config: dict, exact_dtypes: bool) -> None:
         """Raise ValueError naming this layer unless ``tensors`` (buffer name -> tensor; absent
         ones are empty) and ``config`` (:meth:`config`'s keys) make a valid state for it. Changes
-        nothing. ``exact_dtypes``: buffers must have this layer's dtypes (a calibration file is
-        adopted as it is; a state_dict is copied into the buffers, which converts)."""
-        where = self.layer_name
-
-        def fail(what: str):
-            raise ValueError(f"{where}: {what}")
-
-        if not isinstance(config, dict):
-            fail(f"the settings must be a dict, got {type(config).__name__}")
-        missing = [key for key in self.config() if key not in config]
-        if missing:
-            fail(f"the settings lack {missing}")
-        for key in ("kind", "act", "channel_dim"):
-            if config[key] != getattr(self, key):
-                fail(
-                    f"state was saved from a layer with {key}={config[key]!r}, this layer has "
-                    f"{key}={getattr(self, key)!r}"
-                )
-        if config["mode"] not in MODES:
-            fail(f"mode must be one of {MODES}, got {config['mode']!r}")
-        if config["granularity"] not in GRANULARITIES:
-            fail(f"granularity must be one of {GRANULARITIES}, got {config['granularity']!r}")
-        try:
-            parse_statistic(config["statistic"])
-            if config["ratio"] is not None:
-                check_ratio(config["ratio"], "ratio")
-        except (TypeError, ValueError) as error:
-            fail(str(error))
-        if config["center"] not in CENTERS:
-            fail(f"center must be None or 'mean', got {config['center']!r}")
-        if not isinstance(config["redundant"], bool):
-            fail(f"redundant must be a bool, got {config['redundant']!r}")
-        if config["fed_by"] is not None and not isinstance(config["fed_by"], str):
-            fail(f"fed_by must be None or a layer name, got {config['fed_by']!r}")
-
-        def tensor(name: str) -> torch.Tensor:
-            value = tensors.get(name)
-            if value is None:
-                return torch.zeros(0, dtype=self._buffers[name].dtype)
-            if not isinstance(value, torch.Tensor):
-                fail(f"{name} must be a tensor, got {type(value).__name__}")
-            if exact_dtypes and value.dtype != self._buffers[name].dtype:
-                fail(f"{name} must be {self._buffers[name].dtype}, got {value.dtype}")
-            if value.is_floating_point() != self._buffers[name].is_floating_point():
-                fail(f"{name} must be a {self._buffers[name].dtype} tensor, got {value.dtype}")
-            return value
-
-        values = {name: tensor(name) for name in self._buffers}
-        stats = [values[name] for name in _STAT_BUFFERS]
-        channels = stats[0].shape[0] if stats[0].dim() == 1 else -1
-        if any(t.dim() != 1 or t.shape[0] != channels for t in stats):
-            fail(
-                "the statistics amax, remapped, count, sum, sumsq must be 1-D tensors of one "
-                f"length, got shapes {[tuple(t.shape) for t in stats]}"
-            )
-        if channels and (stats[0].isnan().any() or (stats[0] < 0).any()):
-            fail("amax must be >= 0 and not NaN")
-        if channels and ((stats[1] < 0).any() or (stats[2] < 0).any() or (stats[1] > stats[2]).any()):
-            fail("the counts must satisfy 0 <= remapped <= count")
-        threshold, center = values["threshold"], values["center"]
-        if config["granularity"] == "tensor":
-            expected = [(0,), ()]
-            if channels > 1:
-                fail(f"granularity 'tensor' keeps one statistics entry, got {channels}")
-        else:
-            known = channels or getattr(self, "expected_channels", None)
-            expected = [(0,), (known,)] if known else None
-            if expected is None and threshold.dim() != 1:
-                fail(f"granularity 'channel' needs a 1-D threshold, got {tuple(threshold.shape)}")
-        if expected is not None and tuple(threshold.shape) not in expected:
-            fail(
-                f"threshold must have shape {' or '.join(map(str, expected))} for granularity "
-                f"{config['granularity']!r}, got {tuple(threshold.shape)}"
-            )
-        if threshold.numel() and (threshold.isnan().any() or (threshold < 0).any()):
-            fail("threshold must be >= 0 and not NaN")
-        if center.numel():
-            if config["center"] != "mean" or center.shape != threshold.shape:
-                fail(
-                    f"center must be empty or, with center='mean', of the threshold's shape "
-                    f"{tuple(threshold.shape)}; got {tuple(center.shape)} with "
-                    f"center={config['center']!r}"
-                )
-            if not center.isfinite().all():
-                fail("center must be finite")
-        hist = values["hist"]
-        if hist.numel() and tuple(hist.shape) != (HIST_BINS,):
-            fail(f"hist must be empty or of shape ({HIST_BINS},), got {tuple(hist.shape)}")
+        nothing (see :func:`lipkern.ops.thresholds.check_layer_state`)."""
+        thresholds.check_layer_state(
+            tensors,
+            config,
+            self.config(),
+            {name: buffer.dtype for name, buffer in self._buffers.items()},
+            self.expected_channels,
+            exact_dtypes,
+            self.layer_name,
+        )
 
     def set_extra_state(self, state: dict) -> None:
         """Adopt :meth:`config`'s settings (checked with the buffers by
@@ -451,95 +333,41 @@ class RemapAct(nn.Module):
 
     # -- calibration -------------------------------------------------------------------------
 
-    def begin_calibration(self, granularity="tensor", statistic="max", center=None) -> None:
-        """Forget previous statistics and start gathering new ones (mode ``"calibrate"``)."""
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        kind, _ = parse_statistic(statistic)
-        if center not in CENTERS:
-            raise ValueError(f"center must be None or 'mean', got {center!r}")
-        if kind == "quantile" and granularity != "tensor":
-            raise ValueError(
-                "statistic='quantile:q' keeps a histogram per layer and supports "
-                "granularity='tensor' only"
-            )
+    def begin_calibration(
+        self, granularity="tensor", statistic="max", center=None, tracker=None
+    ) -> None:
+        """Forget previous statistics and start gathering new ones (mode ``"calibrate"``).
+
+        ``tracker``: the scan's :class:`ScanTracker` (input remaps use it to detect a double
+        remap); without one, every input is scanned.
+        """
+        thresholds.check_settings(granularity, statistic, center)
         self.granularity, self.statistic, self.center_mode = granularity, statistic, center
         self.stats = None
         self.hist = torch.zeros(0, dtype=torch.int64, device=self.threshold.device)
         self.sites_seen = self.sites_fed = 0
         self.redundant, self.fed_by = False, None
+        self._scan_tracker = tracker
         self.mode = "calibrate"
 
-    def _pool(self, fields: tuple) -> tuple:
-        """Statistics fields pooled to the layer's granularity (a layer-wide scan of a contiguous
-        input already has one channel, see _stats)."""
-        if self.granularity == "tensor" and fields[0].shape[0] != 1:
-            return ChannelStats(*fields).total().as_tuple()
-        return fields
-
     def _accumulate(self, fields: tuple) -> None:
-        fields = self._pool(fields)
-        if self.amax.numel() == 0:
-            # The first call of a scan: the buffers take over this call's fresh tensors, and
-            # later calls merge into them in place.
-            self.stats = ChannelStats(*fields)
-            return
-        channels, got = self.amax.shape[0], fields[0].shape[0]
-        if channels != got:
-            raise ValueError(
-                f"{self.layer_name}: called with {got} channels along channel_dim="
-                f"{self.channel_dim} after {channels}; a module shared by call sites "
-                "with different channel counts needs granularity='tensor'"
-            )
-        buffers = self._buffers
-        merge_fields_(tuple(buffers[name] for name in _STAT_BUFFERS), fields)
-
-    def statistic_value(self) -> torch.Tensor:
-        """The per-channel (or pooled) ``M`` of ``t = ratio * M``, float64."""
-        stats = self.stats
-        if stats is None or int(stats.count.sum()) == 0:
-            raise RuntimeError(f"{self.layer_name}: no calibration statistics (never called)")
-        kind, q = parse_statistic(self.statistic)
-        if kind == "max":
-            return stats.amax.double()
-        if kind == "std":
-            return stats.var.sqrt()
-        counts = self.hist
-        total = int(counts.sum())
-        needed = torch.tensor(q * total, dtype=torch.float64)
-        cumulative = counts.cumsum(0).double()
-        index = int(torch.searchsorted(cumulative, needed))
-        edge = _hist_upper_edges(counts.device)[min(index, HIST_BINS - 1)].double()
-        return torch.minimum(edge, stats.amax.double()).reshape(1)
+        current = None if self.amax.numel() == 0 else tuple(self._buffers[n] for n in _STAT_BUFFERS)
+        merged = thresholds.accumulate(current, fields, self.granularity, self.layer_name)
+        if current is None:
+            self.stats = ChannelStats(*merged)
 
     def set_ratio(self, ratio: float) -> None:
-        """Thresholds ``t = float32(ratio * M)`` (M in float64) from the stored statistics.
-
-        ``ratio`` must be in (0, 1). A product that underflows float32 to 0 where ``M > 0``
-        raises instead of silently turning the remap off. Nothing changes on an error.
-        """
-        ratio = check_ratio(ratio, "ratio")
+        """Thresholds ``t = float32(ratio * M)`` from the stored statistics (see
+        :func:`lipkern.ops.thresholds.thresholds`); mode becomes ``"apply"``. Nothing changes
+        on an error."""
         # Thresholds made under torch.inference_mode would be inference tensors, which a later
         # grad-mode forward cannot save for backward.
         with torch.inference_mode(False):
-            m = self.statistic_value()
-            threshold = (ratio * m).to(torch.float32)
-            if bool(((threshold == 0) & (m > 0)).any()):
-                raise ValueError(
-                    f"{self.layer_name}: ratio={ratio:g} times the statistic (min nonzero "
-                    f"{float(m[m > 0].min()):g}) underflows float32 to a threshold of 0; "
-                    "use a larger ratio"
-                )
-            if not bool(threshold.isfinite().all()):
-                raise ValueError(f"{self.layer_name}: the statistics give a non-finite threshold")
-            if self.center_mode == "mean":
-                center = self.stats.mean.to(torch.float32)
-            else:
-                center = torch.zeros(0, dtype=torch.float32, device=m.device)
-            if self.granularity == "tensor":
-                threshold = threshold.reshape(())
-                center = center.reshape(()) if center.numel() else center
-        self.threshold, self.center, self.ratio = threshold, center, ratio
+            threshold, center = thresholds.thresholds(
+                self.stats, self.hist, ratio, self.statistic, self.center_mode,
+                self.granularity, self.layer_name,
+            )
+        self.threshold, self.center, self.ratio = threshold, center, float(ratio)
         self.mode = "apply"
 
     @property
@@ -549,6 +377,7 @@ class RemapAct(nn.Module):
 
     def finish_calibration(self, ratio: float) -> None:
         """Set thresholds after a scan (input remaps: decide redundancy); mode becomes apply."""
+        self._scan_tracker = None
         self.set_ratio(ratio)
 
     # -- forward -----------------------------------------------------------------------------
@@ -556,59 +385,53 @@ class RemapAct(nn.Module):
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         """The activation exactly as the torch.nn module computes it."""
         act = self.act
-        if act == "identity":
-            return x
         if act == "relu":
             return torch.relu_(x) if self._may_overwrite(x) else torch.relu(x)
-        if act == "silu":
-            return F.silu(x, inplace=self._may_overwrite(x))
-        return F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
+        if act == "silu" and self._may_overwrite(x):
+            return torch.nn.functional.silu(x, inplace=True)
+        return lookup(act).torch_fn(x)
 
     def _may_overwrite(self, x: torch.Tensor) -> bool:
         return self.inplace and not (x.requires_grad and torch.is_grad_enabled())
 
-    def _center_or_none(self):
-        return self.center if self.center.numel() else None
+    def _center_or_none(self) -> Optional[torch.Tensor]:
+        center = self._buffers["center"]
+        return center if center.numel() else None
 
-    def _stats(self, x: torch.Tensor, threshold, center=None):
-        """``(y, fields)``: :func:`remap_act_stats` for this layer's granularity, its statistics
-        as :meth:`ChannelStats.as_tuple`.
+    def _stats(self, x: torch.Tensor, threshold: torch.Tensor, center=None):
+        """``(y, fields)``: the statistics op for this layer's granularity, its statistics as
+        :meth:`ChannelStats.as_tuple`.
 
         Layer-wide statistics (granularity ``"tensor"``) need no channel axis, so a contiguous x
         is scanned as one flat channel: the kernels then keep every accumulator in registers
         instead of per-channel slots (ViT-tiny's MLP GELU: 0.28 instead of 0.37 ms at batch 8).
-        On the C++ kernels the op is called directly with tensor thresholds, as in apply mode
-        (see _apply_direct): a calibration scan calls this once per layer and batch.
         """
-        channel_dim = _normalise_channel_dim(self.channel_dim, x)  # an axis x lacks: an error
-        flat = self.granularity == "tensor" and x.is_contiguous()
-        scanned, axis = (x.view(-1, 1), 1) if flat else (x, channel_dim)
-        if _direct_cpu_kernels(self.backend, x) and isinstance(threshold, torch.Tensor):
-            y, *fields = torch.ops.lipkern.remap_act_stats.default(
-                scanned, threshold, center, self.act, axis
+        dim = x.dim()
+        flat = self.granularity == "tensor" and x.is_contiguous() and -dim <= self.channel_dim < dim
+        if not flat:
+            return remap_act_stats_prechecked(
+                x, threshold, center, self.act, self.channel_dim, self.backend
             )
-        else:
-            y, stats = remap_act_stats(
-                scanned, threshold, self.act, center, channel_dim=axis, backend=self.backend
-            )
-            fields = stats.as_tuple()
-        return (y.view_as(x) if flat else y), tuple(fields)
+        y, fields = remap_act_stats_prechecked(
+            x.view(-1, 1), threshold, center, self.act, 1, self.backend
+        )
+        return y.view_as(x), fields
 
     def _calibrate(self, x: torch.Tensor) -> torch.Tensor:
-        y, fields = self._stats(x, _NO_THRESHOLD if x.is_cpu else 0.0)
-        counts = _histogram(y) if self.statistic.startswith("quantile") else None
+        no_threshold = _NO_THRESHOLD if x.is_cpu else x.new_zeros((), dtype=torch.float32)
+        y, fields = self._stats(x, no_threshold)
+        counts = thresholds.histogram(y) if self.statistic.startswith("quantile") else None
         with _MERGE_LOCK:
             self._accumulate(fields)
             if counts is not None:
                 self.hist = counts if self.hist.numel() == 0 else self.hist + counts
-        outputs = _scan_outputs()
-        if outputs is not None:
-            outputs.append((weakref.ref(y), self.layer_name))
+        if self._scan_tracker is not None:
+            self._scan_tracker.record(y, self.layer_name)
         return y
 
-    def _monitor(self, x: torch.Tensor) -> torch.Tensor:
-        y, fields = self._stats(x, self.threshold, self._center_or_none())
-        _, remapped, count, _, _ = self._pool(fields)
+    def _monitor(self, x: torch.Tensor, threshold: torch.Tensor, center) -> torch.Tensor:
+        y, fields = self._stats(x, threshold, center)
+        _, remapped, count, _, _ = thresholds.pool(fields, self.granularity)
         with _MERGE_LOCK:
             if self.monitor_count.shape != count.shape:
                 self.monitor_remapped = torch.zeros_like(remapped)
@@ -617,34 +440,10 @@ class RemapAct(nn.Module):
             self.monitor_count = self.monitor_count + count
         return y
 
-    def _check_calibrated(self) -> None:
-        if not self.calibrated:
-            raise RuntimeError(
-                f"{self.layer_name}: mode {self.mode!r} needs a threshold, but this layer was "
-                "never calibrated; run lipkern.calibrate(model, data) or load_calibration first"
-            )
-
-    def _apply_direct(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Apply mode straight through the C++ kernels' op, or None where the checked API must
-        run (another backend, no threshold yet, a channel_dim x lacks: it raises the errors).
-
-        Python here is dear: inside a model, between two multi-threaded ops, one microsecond of
-        it measured about six (ViT-tiny bf16, between LayerNorm and FC1); the public API's checks
-        and dispatch cost about 3 us of it per call.
-        """
-        if not _direct_cpu_kernels(self.backend, x):
-            return None
-        threshold = self._buffers["threshold"]
-        dim, channel_dim = x.dim(), self.channel_dim
-        if threshold.numel() == 0 or not -dim <= channel_dim < dim:
-            return None
-        center = self._buffers["center"]
-        center = center if center.numel() else None
-        if self._may_overwrite(x) and not self.straight_through:
-            torch.ops.lipkern.remap_act_.default(x, threshold, center, self.act, channel_dim % dim)
-            return x
-        return torch.ops.lipkern.remap_act.default(
-            x, threshold, center, self.act, channel_dim % dim, self.straight_through
+    def _not_calibrated(self) -> RuntimeError:
+        return RuntimeError(
+            f"{self.layer_name}: mode {self.mode!r} needs a threshold, but this layer was "
+            "never calibrated; run lipkern.calibrate(model, data) or load_calibration first"
         )
 
     def _check_channels(self, x: torch.Tensor, error: ValueError) -> None:
@@ -661,43 +460,52 @@ class RemapAct(nn.Module):
                 f"{threshold.numel()} (granularity='channel')"
             ) from error
 
+    def _traceable(self, x: torch.Tensor, threshold, center) -> Optional[torch.Tensor]:
+        """The remap as pointwise ops while torch.compile / torch.export trace an ``"apply"``
+        layer (see ``compile_form``), or None where the op must run: the opaque form was asked
+        for, the straight-through gradient (the decomposition's gradient has the mask), or a
+        channel_dim x lacks (the op raises the error)."""
+        dim = x.dim()
+        if (
+            self.compile_form != "decomposed"
+            or self.straight_through
+            or not -dim <= self.channel_dim < dim
+            or (threshold.dim() == 1 and x.shape[self.channel_dim] != threshold.numel())
+        ):
+            return None
+        return remap_act_traceable(x, threshold, center, self.act, self.channel_dim % dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self._mode
+        if mode == "off":
+            return self._plain(x)
+        if mode == "calibrate":
+            return self._calibrate(x)
+        threshold = self._buffers["threshold"]
+        if threshold.numel() == 0:
+            raise self._not_calibrated()
+        center = self._center_or_none()
+        if mode == "apply" and torch.compiler.is_compiling():
+            y = self._traceable(x, threshold, center)
+            if y is not None:
+                return y
         # The kernels reject a per-channel threshold of the wrong size; the handler only runs
         # then, to name the layer (a try block costs nothing until it raises).
         try:
-            if mode == "apply":
-                y = self._apply_direct(x)
-                if y is not None:
-                    return y
-            if mode == "off":
-                return self._plain(x)
-            if mode == "calibrate":
-                return self._calibrate(x)
-            self._check_calibrated()
             if mode == "monitor":
-                return self._monitor(x)
-            if self._may_overwrite(x) and not self.straight_through:
-                return remap_act_(
-                    x,
-                    self.threshold,
-                    act=self.act,
-                    center=self._center_or_none(),
-                    channel_dim=self.channel_dim,
-                    backend=self.backend,
-                )
-            return remap_act(
+                return self._monitor(x, threshold, center)
+            return remap_act_prechecked(
                 x,
-                self.threshold,
-                act=self.act,
-                center=self._center_or_none(),
-                channel_dim=self.channel_dim,
-                backend=self.backend,
-                straight_through=self.straight_through,
+                threshold,
+                center,
+                self.act,
+                self.channel_dim,
+                self.backend,
+                self.straight_through,
+                inplace=self._may_overwrite(x) and not self.straight_through,
             )
         except ValueError as error:
-            if mode != "calibrate":
-                self._check_channels(x, error)
+            self._check_channels(x, error)
             raise
 
 
@@ -711,15 +519,17 @@ class InputRemap(RemapAct):
 
     kind = "input"
 
-    def __init__(self, channel_dim: int = -1, **kwargs):
+    def __init__(self, channel_dim: int = -1, expected_channels: Optional[int] = None, **kwargs):
         super().__init__("identity", channel_dim, **kwargs)
+        self.expected_channels = expected_channels
 
     @property
     def reached(self) -> bool:
         return self.sites_seen > 0
 
     def _calibrate(self, x: torch.Tensor) -> torch.Tensor:
-        source = _feeding_layer(x)
+        tracker = self._scan_tracker
+        source = None if tracker is None else tracker.source_of(x)
         with _MERGE_LOCK:
             self.sites_seen += 1
             if source is not None:
@@ -731,12 +541,13 @@ class InputRemap(RemapAct):
         return x
 
     def finish_calibration(self, ratio: float) -> None:
+        self._scan_tracker = None
         self.redundant = self.sites_seen > 0 and self.sites_fed == self.sites_seen
         if not self.redundant:
             self.fed_by = None
             super().finish_calibration(ratio)
             return
-        ratio = check_ratio(ratio, "ratio")
+        ratio = thresholds.check_ratio(ratio, "ratio")
         with torch.inference_mode(False):
             empty = torch.zeros(0, dtype=torch.float32, device=self.threshold.device)
             self.threshold, self.center, self.ratio = empty, empty.clone(), ratio
@@ -803,10 +614,8 @@ def add_input_remap(module: nn.Module, **kwargs) -> InputRemap:
     if has_input_remap(module):
         return module.input_remap
     channel_dim = input_channel_dim(module)
-    remap = InputRemap(channel_dim, **kwargs)
-    remap.expected_channels = (
-        module.in_features if isinstance(module, nn.Linear) else module.in_channels
-    )
+    channels = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    remap = InputRemap(channel_dim, channels, **kwargs)
     module.__class__ = _input_remapped_class(type(module))
     module.input_remap = remap
     return remap

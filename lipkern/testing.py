@@ -83,7 +83,7 @@ class Comparison:
 
 
 def _per_channel(p, ndim, channel_dim):
-    return reference._broadcast_per_channel(p, ndim, channel_dim)
+    return reference.broadcast_per_channel(p, ndim, channel_dim)
 
 
 def _fp32_ulp(v: torch.Tensor) -> torch.Tensor:

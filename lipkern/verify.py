@@ -424,7 +424,7 @@ def backends_to_test(device: str, requested: Optional[Iterable[str]] = None):
 
 def _unavailable_reason(name: str, device: str) -> str:
     try:
-        reason = api._backend_object(name).supports(torch.device(device))
+        reason = api.backend_object(name).supports(torch.device(device))
     except (RuntimeError, KeyError) as error:
         return str(error)
     return reason or "not available"

@@ -205,11 +205,11 @@ def test_dtype_casts_keep_buffer_dtypes():
 @pytest.mark.parametrize("straight_through", [False, True])
 def test_apply_mode_calls_the_cpu_kernels_directly(monkeypatch, inplace, straight_through):
     """In apply mode on CPU tensors with backend auto/cpu, a layer hands its buffers straight to
-    the C++ op (which checks them); results and gradients equal the public API's, and other
+    the C++ op through lipkern.ops.api.remap_act_prechecked (the op checks them); results and gradients equal the public API's, and other
     backends, missing thresholds and bad channel axes still take the checked path."""
     pytest.importorskip("lipkern._C", reason="lipkern's C++ extension is not built")
     import lipkern
-    import lipkern.nn as lnn
+    import lipkern.ops.api as ops_api
 
     layer = RemapAct("gelu", channel_dim=1, inplace=inplace, straight_through=straight_through)
     layer.threshold = torch.rand(5) * 0.5
@@ -227,8 +227,8 @@ def test_apply_mode_calls_the_cpu_kernels_directly(monkeypatch, inplace, straigh
 
         return call
 
-    monkeypatch.setattr(lnn, "remap_act", recorded("api", lipkern.remap_act))
-    monkeypatch.setattr(lnn, "remap_act_", recorded("api_", lipkern.remap_act_))
+    monkeypatch.setattr(ops_api, "remap_act", recorded("api", lipkern.remap_act))
+    monkeypatch.setattr(ops_api, "remap_act_", recorded("api_", lipkern.remap_act_))
     with torch.no_grad():
         assert torch.equal(layer(x.clone()), expected)
     leaf = x.clone().requires_grad_(True)

@@ -23,7 +23,8 @@ import torch
 from lipkern import _ext
 from lipkern.ops import library  # noqa: F401  (defines the lipkern::* ops)
 from lipkern.ops import reference
-from lipkern.ops.reference import ACTIVATIONS
+from lipkern.ops.activations import ACTIVATIONS, lookup
+from lipkern.ops.reference import broadcast_per_channel
 from lipkern.ops.stats import ChannelStats
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,8 +52,8 @@ class Backend(Protocol):
 
 
 _REGISTRY: dict[str, Backend] = {}
-# Backends that live in their own module, imported on first use: importing triton is slow and
-# must happen after TRITON_INTERPRET is decided.
+# Backends that live in their own module (its ``BACKEND``), imported on first use: importing
+# triton is slow and must happen after TRITON_INTERPRET is decided.
 _LAZY_BACKENDS = {"triton": "lipkern.ops.triton_backend"}
 
 
@@ -60,15 +61,17 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-def _backend_object(name: str) -> Backend:
+def backend_object(name: str) -> Backend:
+    """The backend registered as ``name`` (importing a lazy one now)."""
     if name not in _REGISTRY and name in _LAZY_BACKENDS:
         try:
-            importlib.import_module(_LAZY_BACKENDS[name])
+            module = importlib.import_module(_LAZY_BACKENDS[name])
         except ImportError as error:
             raise RuntimeError(
                 f"backend={name!r} is unavailable: importing {_LAZY_BACKENDS[name]} failed "
                 f"({error})"
             ) from error
+        register_backend(module.BACKEND)
     return _REGISTRY[name]
 
 
@@ -128,7 +131,7 @@ def available_backends(device="cpu") -> list[str]:
     names = []
     for name in ("reference", "cpu", "triton"):
         try:
-            backend = _backend_object(name)
+            backend = backend_object(name)
         except RuntimeError:
             continue
         if backend.supports(device) is None:
@@ -136,12 +139,17 @@ def available_backends(device="cpu") -> list[str]:
     return names
 
 
+def _auto_backend(x: torch.Tensor) -> str:
+    """What ``backend="auto"`` means for ``x``: Triton on CUDA, the C++ kernels elsewhere."""
+    return "triton" if x.device.type == "cuda" else "cpu"
+
+
 def _resolve_backend(backend, x: torch.Tensor) -> Backend:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" else "cpu"
-    chosen = _backend_object(backend)
+        backend = _auto_backend(x)
+    chosen = backend_object(backend)
     reason = chosen.supports(x.device)
     if reason is not None:
         error = _ext.ExtensionNotBuiltError if backend == "cpu" and x.is_cpu else RuntimeError
@@ -149,15 +157,12 @@ def _resolve_backend(backend, x: torch.Tensor) -> Backend:
     return chosen
 
 
-def _direct_cpu_kernels(backend, x) -> bool:
+def _runs_cpu_kernels(backend, x: torch.Tensor) -> bool:
     """Whether ``backend`` runs ``x`` on the C++ kernels, which check x, the thresholds and the
-    centres themselves: a caller whose parameters are already float32 ``()`` / ``(C,)`` tensors
-    (the model layer's buffers) may then call the ``lipkern::*`` ops directly, with a
-    non-negative ``channel_dim``."""
+    centres themselves (so a pre-checked caller may skip the API's checks)."""
     return (
-        isinstance(x, torch.Tensor)
-        and x.is_cpu
-        and (backend == "auto" or backend == "cpu")
+        x.is_cpu
+        and (backend == "cpu" or (backend == "auto" and _auto_backend(x) == "cpu"))
         and _ext.missing_reason() is None
     )
 
@@ -327,7 +332,81 @@ def remap_act_(
     return x
 
 
+def remap_act_traceable(x, threshold, center, act: str, channel_dim: int) -> torch.Tensor:
+    """The remap as plain pointwise torch ops, for ``torch.compile`` and ``torch.export``.
+
+    Inductor fuses these into the producer's epilogue (a convolution's, a normalisation's), where
+    the opaque ``lipkern::*`` op would cost its own pass over memory. The comparison and the
+    selection are the op's (float32, rounded once to ``x.dtype``), so identity and ReLU are
+    bit-identical to it; smooth activations carry the compiler's numerics (those of the compiled
+    original model), and at +-inf the activation formulas' own values (the op takes the limits).
+    ``threshold`` / ``center``: float32 ``()`` / ``(C,)`` tensors; ``channel_dim`` non-negative.
+    """
+    a = lookup(act).torch_fn(x.float())
+    t = broadcast_per_channel(threshold, x.dim(), channel_dim)
+    if center is None:
+        y = torch.where(a.abs() < t, 0.0, a)
+    else:
+        c = broadcast_per_channel(center, x.dim(), channel_dim)
+        y = torch.where((a - c).abs() < t, c, a)
+    return y.to(x.dtype)
+
+
+def remap_act_prechecked(
+    x: torch.Tensor,
+    threshold: torch.Tensor,
+    center: Optional[torch.Tensor],
+    act: str,
+    channel_dim: int,
+    backend: str = "auto",
+    straight_through: bool = False,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """:func:`remap_act` (or :func:`remap_act_` with ``inplace``) for callers that hold the
+    threshold and centre as float32 ``()`` / ``(C,)`` tensors on ``x``'s device, checked when
+    they were set (a model layer's buffers).
+
+    Where the C++ kernels run, they check x and the parameters themselves, so the op is called
+    directly: inside a model, a microsecond of Python between two multi-threaded ops costs
+    several (see the README's performance notes), and the public API's checks and dispatch
+    are about 3 us per call. Elsewhere, and for a ``channel_dim`` that ``x`` lacks (whose error
+    the checked API raises), the checked API runs.
+    """
+    dim = x.dim()
+    if _runs_cpu_kernels(backend, x) and -dim <= channel_dim < dim:
+        if inplace:
+            torch.ops.lipkern.remap_act_.default(x, threshold, center, act, channel_dim % dim)
+            return x
+        return torch.ops.lipkern.remap_act.default(
+            x, threshold, center, act, channel_dim % dim, straight_through
+        )
+    if inplace:
+        return remap_act_(x, threshold, act, center, channel_dim, backend)
+    return remap_act(x, threshold, act, center, channel_dim, backend, straight_through)
+
+
+def remap_act_stats_prechecked(
+    x: torch.Tensor,
+    threshold: torch.Tensor,
+    center: Optional[torch.Tensor],
+    act: str,
+    channel_dim: int,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """:func:`remap_act_stats` for pre-checked parameters (see :func:`remap_act_prechecked`);
+    the statistics as :meth:`ChannelStats.as_tuple` (a calibration scan merges them into a
+    layer's buffers without building a ChannelStats)."""
+    dim = x.dim()
+    if _runs_cpu_kernels(backend, x) and -dim <= channel_dim < dim:
+        y, *fields = torch.ops.lipkern.remap_act_stats.default(
+            x, threshold, center, act, channel_dim % dim
+        )
+        return y, tuple(fields)
+    y, stats = remap_act_stats(x, threshold, act, center, channel_dim, backend)
+    return y, stats.as_tuple()
+
+
 # With a GPU, register the Triton CUDA kernels of the lipkern::* ops now, so that the first
 # call may come from inside torch.compile (which must not trace an import).
 if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-    _backend_object("triton")
+    backend_object("triton")

@@ -6,6 +6,15 @@ from dataclasses import dataclass, fields
 
 import torch
 
+# The dtype of each statistic, in the order of the lipkern::remap_act_stats outputs after y.
+STAT_DTYPES = {
+    "amax": torch.float32,
+    "remapped": torch.int64,
+    "count": torch.int64,
+    "sum": torch.float64,
+    "sumsq": torch.float64,
+}
+
 
 @dataclass
 class ChannelStats:
@@ -24,19 +33,11 @@ class ChannelStats:
     sum: torch.Tensor
     sumsq: torch.Tensor
 
-    _DTYPES = {
-        "amax": torch.float32,
-        "remapped": torch.int64,
-        "count": torch.int64,
-        "sum": torch.float64,
-        "sumsq": torch.float64,
-    }
-
     def __post_init__(self):
         channels = None
         for f in fields(self):
             value = getattr(self, f.name)
-            expected = self._DTYPES[f.name]
+            expected = STAT_DTYPES[f.name]
             if not isinstance(value, torch.Tensor) or value.dtype != expected or value.dim() != 1:
                 got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
                 raise TypeError(f"ChannelStats.{f.name} must be a 1-D {expected} tensor, got {got}")
@@ -54,7 +55,7 @@ class ChannelStats:
         return cls(
             **{
                 name: torch.zeros(channels, dtype=dtype, device=device)
-                for name, dtype in cls._DTYPES.items()
+                for name, dtype in STAT_DTYPES.items()
             }
         )
 

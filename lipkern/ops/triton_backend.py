@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lipkern.ops import api, library, reference, triton_kernels
+from lipkern.ops import library, reference, triton_kernels
 from lipkern.ops.triton_kernels import (
     INTERPRETED,
     remap_backward,
@@ -34,7 +34,7 @@ from lipkern.ops.triton_kernels import (
     remap_stats,
 )
 
-__all__ = ["TritonBackend", "static_traffic", "static_traffic_table"]
+__all__ = ["BACKEND", "TritonBackend", "static_traffic", "static_traffic_table"]
 
 
 # ----------------------------------------------------------------------------- CUDA registration
@@ -152,7 +152,7 @@ class TritonBackend:
             )
 
 
-api.register_backend(TritonBackend())
+BACKEND = TritonBackend()
 
 
 # ----------------------------------------------------------------------------- static figures
