@@ -54,8 +54,9 @@ Threads: calls in ``"calibrate"`` and ``"monitor"`` mode may come from several t
 serving thread pool, a data-parallel wrapper): merging into the statistics is serialised by one
 lock, so no call's statistics are lost. A calibration scan's bookkeeping of which tensors were
 converted activations' outputs is a :class:`ScanTracker` that the scan hands to its layers, so
-scans of different models in different threads do not see each other's tensors. (Two :func:`lipkern.calibrate` calls on the SAME model at once
-are refused there: see :mod:`lipkern.calibrate`.)
+scans of different models in different threads do not see each other's tensors. (Two
+:func:`lipkern.calibrate` calls on the SAME model at once are refused there: see
+:mod:`lipkern.calibrate`.)
 
 State changes are all-or-nothing: :meth:`RemapAct.snapshot` / :meth:`RemapAct.restore` let the
 multi-layer operations of :mod:`lipkern.calibrate` undo a failure, and loading a state_dict checks

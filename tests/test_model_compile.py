@@ -94,8 +94,8 @@ def test_traceable_form_under_inductor(act, dtype):
         assert int(distance.max()) == 0
         return
     # PyTorch's float32 formulas cancel for negative x (1 + erf(x / sqrt 2) -> 0): there the
-    # compiled value is off by a few ulps of 1 times |x| (2^-21 |x|; GELU(-6) ~ -6e-9 becomes -0), however
-    # many ulps that is; elsewhere it is within 64 float32 ulps.
+    # compiled value is off by a few ulps of 1 times |x| (2^-21 |x|; GELU(-6) ~ -6e-9 becomes
+    # -0), however many ulps that is; elsewhere it is within 64 float32 ulps.
     bound = 64 if dtype == torch.float32 else 1
     cancellation = (got.double() - want.double()).abs() <= x.double().abs() * 2.0**-21
     # Where |a - c| lies within those errors of t, the two forms may decide the remap
