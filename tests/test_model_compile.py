@@ -1,6 +1,7 @@
 """Converted models under torch.compile, torch.export and AOTInductor (compile_form)."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -123,3 +124,48 @@ def test_compile_form_is_checked():
         lipkern.convert(ConvBlock(), compile_form="fused")
     with pytest.raises(ValueError, match="compile_form must be one of"):
         lipkern.nn.RemapAct("relu", compile_form=None)
+
+
+class _ConvThenMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.ln, self.fc1, self.act, self.fc2 = (
+            nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+        )
+
+    def forward(self, x):
+        tokens = self.relu(self.bn(self.conv1(x))).flatten(2).transpose(1, 2)
+        return self.fc2(self.act(self.fc1(self.ln(tokens))))
+
+
+def _inductor_code(model, x) -> str:
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(model), x)
+    return "\n".join(code)
+
+
+def test_inductor_fuses_the_decomposed_remap():
+    """The structural proof of fusion (speed is benchmarks/bench_models.py's): compiling the
+    converted model (ReLU, LayerNorm -> input remap -> FC1, GELU) generates as many kernels and
+    extern calls as compiling the original; the opaque form adds the lipkern op calls."""
+    torch.manual_seed(0)
+    original = _ConvThenMlp().eval()
+    x = torch.randn(2, 3, 8, 8)
+    forms = {}
+    for form in ("decomposed", "opaque"):
+        model = lipkern.convert(copy.deepcopy(original), inputs_of=("fc1",), compile_form=form)
+        lipkern.calibrate(model, [x], c_r=2**-3, progress=False)
+        forms[form] = _inductor_code(model, x)
+    plain = _inductor_code(original, x)
+
+    def kernels(code):
+        return len(re.findall(r"cpp_fused_\w+ = ", code))
+
+    assert kernels(forms["decomposed"]) == kernels(plain) > 0
+    assert forms["decomposed"].count("extern_kernels") == plain.count("extern_kernels")
+    assert "lipkern" not in forms["decomposed"]
+    assert forms["opaque"].count("lipkern.remap_act") >= 3

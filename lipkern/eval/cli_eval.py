@@ -87,7 +87,7 @@ def parse_ratios(text: str) -> tuple[float, ...]:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     from .api import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_SIGMA
-    from .models import EMBEDDED
+    from .embedded import EMBEDDED
 
     p = subparsers.add_parser(
         "eval", help="evaluate the remap: accuracy, AutoAttack, adaptive attack, masking audit, verdict, ...",
@@ -266,7 +266,7 @@ def _convert_kwargs(args, default):
 def _embedded_jobs(args) -> list[Job]:
     from .api import DEFAULT_EPS
     from .data import CALIB_SIZE, load_digits
-    from .models import EMBEDDED
+    from .embedded import EMBEDDED
 
     if args.checkpoint or args.model_dir or args.data or args.calib_data:
         raise EvalInputError("--checkpoint needs --model, --model-dir needs --robustbench, and --data / "
@@ -284,7 +284,7 @@ def _embedded_jobs(args) -> list[Job]:
 def _evaluate_job(job: Job, options: dict, threads: int, position: int):
     """Evaluates one job; runs in the main process or in a worker process (hence module level)."""
     from .api import evaluate
-    from .models import load_embedded
+    from .embedded import load_embedded
 
     torch.set_num_threads(threads)
     model = job.model if job.model is not None else load_embedded(job.name)

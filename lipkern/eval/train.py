@@ -30,7 +30,7 @@ import torchattacks
 from tqdm import tqdm
 
 from .data import load_digits
-from .models import EMBEDDED, weights_path
+from .embedded import EMBEDDED, weights_path
 
 TRAIN_EPS = 32 / 255
 # (epochs, optimiser factory, peak lr) per model; the transformer wants AdamW, the CNN plain SGD.
