@@ -263,7 +263,7 @@ def _scan(
                 batches += 1
                 if check_finite:
                     for name, module in modules:
-                        if module.amax.numel() and not bool(torch.isfinite(module.amax).all()):
+                        if module.has_stats and not bool(torch.isfinite(module.amax).all()):
                             raise NonFiniteActivationError(
                                 f"non-finite activation (NaN or inf) at layer {name!r} in "
                                 f"calibration batch {index}"
@@ -286,7 +286,7 @@ def _all_reduce_calibration(modules, group) -> None:
     for _, module in modules:
         stats = module.stats
         flags = torch.tensor(
-            [module.sites_seen, module.sites_fed, int(stats is not None)], dtype=torch.int64
+            [module.sites_seen, module.sites_fed, int(module.has_stats)], dtype=torch.int64
         )
         dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group)
         module.sites_seen, module.sites_fed, ranks_with_stats = (int(v) for v in flags)
@@ -327,7 +327,7 @@ def _report(modules, ratio, batches) -> CalibrationReport:
         batches=batches,
     )
     report.layers = [
-        _layer_report(name, m) for name, m in modules if m.calibrated or m.redundant
+        _layer_report(name, m) for name, m in modules if m.ready
     ]
     return report
 
@@ -446,7 +446,7 @@ def set_ratio(model: nn.Module, c_r: float) -> CalibrationReport:
     with _state_change(modules, "set_ratio"):
         # Layers the calibration data never reached (e.g. a registered but unused block) have no
         # statistics and stay uncalibrated, as calibrate left them.
-        with_stats = [(name, m) for name, m in modules if m.stats is not None]
+        with_stats = [(name, m) for name, m in modules if m.has_stats]
         if not with_stats:
             raise RuntimeError(
                 f"{modules[0][0]}: no stored statistics; run lipkern.calibrate or "
@@ -463,7 +463,7 @@ def _layer_metadata(name: str, module: lnn.RemapAct) -> dict:
 
 def _expected_channels(module: lnn.RemapAct) -> Optional[int]:
     """The channel count this layer is known to have (calibrated per channel), else None."""
-    if module.granularity == "channel" and module.amax.numel():
+    if module.granularity == "channel" and module.has_stats:
         return module.amax.numel()
     return module.expected_channels
 

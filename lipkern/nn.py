@@ -209,9 +209,20 @@ class RemapAct(nn.Module):
         return self.threshold.numel() > 0
 
     @property
+    def has_stats(self) -> bool:
+        """Whether statistics of a scan are stored (what set_ratio needs)."""
+        return self.amax.numel() > 0
+
+    @property
+    def ready(self) -> bool:
+        """Whether apply mode has what it needs: thresholds, or the verdict that this (input)
+        remap is redundant and passes its input through."""
+        return self.calibrated or self.redundant
+
+    @property
     def holds_state(self) -> bool:
         """Whether a calibration (thresholds, statistics or a redundancy verdict) is stored."""
-        return self.calibrated or self.amax.numel() > 0 or self.redundant
+        return self.ready or self.has_stats
 
     def _state_keys(self, prefix: str) -> list[str]:
         return [prefix + name for name in self._buffers] + [prefix + "_extra_state"]
@@ -219,7 +230,7 @@ class RemapAct(nn.Module):
     @property
     def stats(self) -> Optional[ChannelStats]:
         """The statistics gathered so far (one entry per channel, or one pooled entry)."""
-        if self.amax.numel() == 0:
+        if not self.has_stats:
             return None
         return ChannelStats(*(getattr(self, name) for name in _STAT_BUFFERS))
 
@@ -352,7 +363,7 @@ class RemapAct(nn.Module):
         self.mode = "calibrate"
 
     def _accumulate(self, fields: tuple) -> None:
-        current = None if self.amax.numel() == 0 else tuple(self._buffers[n] for n in _STAT_BUFFERS)
+        current = tuple(self._buffers[n] for n in _STAT_BUFFERS) if self.has_stats else None
         merged = thresholds.accumulate(current, fields, self.granularity, self.layer_name)
         if current is None:
             self.stats = ChannelStats(*merged)
@@ -374,7 +385,7 @@ class RemapAct(nn.Module):
     @property
     def reached(self) -> bool:
         """Whether the last calibration scan called this layer."""
-        return self.amax.numel() > 0
+        return self.has_stats
 
     def finish_calibration(self, ratio: float) -> None:
         """Set thresholds after a scan (input remaps: decide redundancy); mode becomes apply."""
