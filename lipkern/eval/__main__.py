@@ -1,3 +1,5 @@
+"""``python -m lipkern.eval``: the same as ``lipkern eval``."""
+
 import sys
 
 from .cli_eval import main
