@@ -130,7 +130,7 @@ def _add_verify_parser(subparsers) -> None:
 
 
 def _run_verify(args) -> int:
-    from lipkern import verify
+    from lipkern.tools import verify
 
     report = verify.run_verify(
         backends=args.backend,
@@ -154,7 +154,7 @@ def _run_verify(args) -> int:
 
 
 def _add_bench_parser(subparsers) -> None:
-    from lipkern import bench
+    from lipkern.tools import bench
 
     p = subparsers.add_parser(
         "bench",

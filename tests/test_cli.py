@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lipkern
-from lipkern import bench, cli, testing, verify
+from lipkern import cli, testing
+from lipkern.tools import bench, verify
 from lipkern.ops import api
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,7 +181,7 @@ def test_python_m_lipkern_sets_interpreter_and_skips_eval_imports():
     ("nchw_cl:2x3x4x5", (2, 3, 4, 5), 1, True),
 ])
 def test_parse_shape(text, sizes, channel_dim, cl):
-    from lipkern.bench import parse_shape
+    from lipkern.tools.bench import parse_shape
 
     shape = parse_shape(text)
     assert (shape.sizes, shape.channel_dim, shape.channels_last) == (sizes, channel_dim, cl)
@@ -191,7 +192,7 @@ def test_parse_shape(text, sizes, channel_dim, cl):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt is Linux-only")
 def test_bench_pins_the_allocator():
-    from lipkern import bench
+    from lipkern.tools import bench
 
     assert bench.steady_allocator() is True
 

@@ -21,7 +21,7 @@ triton_kernels = pytest.importorskip("lipkern.ops.triton_kernels")
 if not (triton_kernels.INTERPRETED or torch.cuda.is_available()):
     pytest.skip("needs the Triton interpreter or a GPU", allow_module_level=True)
 
-from lipkern.ops import triton_backend  # noqa: E402
+from lipkern.tools import traffic  # noqa: E402
 
 DEVICE = "cpu" if triton_kernels.INTERPRETED else "cuda"
 
@@ -165,7 +165,7 @@ def test_missing_triton_is_a_clear_error():
 
 def test_static_traffic_figures():
     rows = {(r["kernel"], r["dtype"]): r
-            for r in triton_backend.static_traffic(shape=(4096, 256), compiled=False)}
+            for r in traffic.static_traffic(shape=(4096, 256), compiled=False)}
     for dtype, size in (("bfloat16", 2), ("float16", 2), ("float32", 4)):
         assert rows[("forward", dtype)]["triton_B_per_elem"] == pytest.approx(2 * size, rel=1e-3)
         assert rows[("backward", dtype)]["triton_B_per_elem"] == pytest.approx(3 * size, rel=1e-3)
@@ -174,7 +174,7 @@ def test_static_traffic_figures():
         for kernel in ("forward", "forward+stats", "backward", "in-place"):
             row = rows[(kernel, dtype)]
             assert row["eager_B_per_elem"] > row["triton_B_per_elem"]
-    table = triton_backend.static_traffic_table(shape=(4096, 256), compiled=False)
+    table = traffic.static_traffic_table(shape=(4096, 256), compiled=False)
     assert "3.35 TB/s" in table and "forward+stats" in table
 
 
@@ -182,6 +182,6 @@ def test_compiled_reference_byte_count():
     """inductor fuses the reference forward into one pass: 2 bytes per element in bf16 each way."""
     x = torch.randn(1024, 64).to(torch.bfloat16)
     t = torch.full((64,), 0.5)
-    counted = triton_backend._compiled_bytes(
+    counted = traffic.compiled_bytes(
         lambda x: lipkern.ops.reference.remap_act_reference(x, t, None, "gelu", 1), x)
     assert counted / x.numel() == pytest.approx(4.0, rel=0.01)

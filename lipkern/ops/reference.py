@@ -94,7 +94,7 @@ def activation_second_derivative(x: torch.Tensor, act: str) -> torch.Tensor:
     return torch.where(x.isinf(), 0.0, second).float()
 
 
-def _broadcast_per_channel(p: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+def broadcast_per_channel(p: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
     """View a () or (C,) parameter so that it broadcasts along ``channel_dim`` of an ndim tensor."""
     if p.dim() == 0:
         return p
@@ -105,8 +105,8 @@ def _broadcast_per_channel(p: torch.Tensor, ndim: int, channel_dim: int) -> torc
 
 def activate_and_mask(x, threshold, center, act, channel_dim):
     a = activation_reference(x.float(), act)
-    t = _broadcast_per_channel(threshold, x.dim(), channel_dim)
-    c = None if center is None else _broadcast_per_channel(center, x.dim(), channel_dim)
+    t = broadcast_per_channel(threshold, x.dim(), channel_dim)
+    c = None if center is None else broadcast_per_channel(center, x.dim(), channel_dim)
     distance = a.abs() if c is None else (a - c).abs()
     return a, c, distance < t
 
