@@ -35,7 +35,7 @@ import time
 import pytest
 import torch
 
-from lipkern.bench import steady_allocator
+from lipkern.tools.bench import steady_allocator
 from lipkern.calibrate import calibrate
 from lipkern.convert import convert
 from lipkern.models import build

@@ -154,15 +154,23 @@ def _run_verify(args) -> int:
 
 
 def _add_bench_parser(subparsers) -> None:
-    from lipkern.tools import bench
+    from lipkern.tools import bench, sweep
 
     p = subparsers.add_parser(
         "bench",
-        help="time the fused ops against eager, torch.compile, the bare activation and copy_",
+        help="time the fused ops against hand-written, eager, compiled and bare-activation baselines",
         description=bench.__doc__.split("\n\n")[0],
     )
     bench.add_arguments(p)
-    p.set_defaults(func=bench.run_from_args)
+    sweep.add_arguments(p)
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from lipkern.tools import bench, sweep
+
+    (sweep.run if args.sweep else bench.run)(args)
+    return 0
 
 
 def _add_eval_placeholder(subparsers) -> None:

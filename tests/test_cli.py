@@ -11,7 +11,7 @@ import torch
 
 import lipkern
 from lipkern import cli, testing
-from lipkern.tools import bench, verify
+from lipkern.tools import bench, sweep, verify
 from lipkern.ops import api
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,10 +121,50 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     for config in report["cpu"]:
         ops = {row["op"] for row in config["comparisons"]}
         assert ops == {"fwd", "stats", "bwd", "fwd+bwd", "inplace"}
-        assert all(row["ratio"] > 0 for row in config["comparisons"])
+        assert all(row["speedup"] > 0 for row in config["comparisons"])
+        # One row per kind, against its fastest member: the hand-written remap is a candidate.
+        fwd_eager = [r for r in config["comparisons"] if (r["op"], r["kind"]) == ("fwd", "eager")]
+        assert len(fwd_eager) == 1 and fwd_eager[0]["baseline"] in ("hand fwd", "ref fwd")
+        times = config["times_ms"]
+        assert fwd_eager[0]["baseline_ms"] == min(times["hand fwd"], times["ref fwd"])
     targets = [r for c in report["cpu"] for r in c["comparisons"] if r["target"]]
-    assert {(r["op"], r["baseline"]) for r in targets} >= {("fwd", "act"), ("inplace", "copy_")}
-    assert "baseline" in out and ("no CUDA device" in out) != torch.cuda.is_available()
+    assert {(r["op"], r["kind"]) for r in targets} >= {("fwd", "act"), ("inplace", "copy_")}
+    assert "fastest baseline" in out and "target: the project's goal" in out
+    assert ("no CUDA device" in out) != torch.cuda.is_available()
+
+
+def test_bench_ratios_in_one_unit_and_noise_flagged():
+    assert bench.speedup_text(2.5) == "2.50x faster"
+    assert bench.speedup_text(0.8) == "1.25x slower"
+    steady = bench.summarise([1.0, 1.01, 0.99, 1.0])
+    noisy = bench.summarise([1.0, 2.0, 0.5, 1.5])
+    assert steady.spread < bench.NOISY_SPREAD < noisy.spread
+    times = {"lipkern fwd": steady, "hand fwd": noisy, "ref fwd": bench.Timing(9.0, 0.0)}
+    (row,) = bench.compare(times)
+    assert row["baseline"] == "hand fwd" and row["noisy"]
+    text = bench.format_rows([{"shape": "s", "dtype": "fp32", "comparisons": [row]}])
+    assert "NOISY" in text and "warning: 1 ratios" in text
+
+
+def test_bench_refuses_empty_shapes():
+    with pytest.raises(ValueError, match="every size must be >= 1"):
+        bench.Shape("0x0", (0, 0), -1)
+
+
+def test_sweep_writes_png_and_json(tmp_path, capsys):
+    backend = "cpu" if "cpu" in lipkern.available_backends() else "reference"
+    out = tmp_path / "sweep"
+    status = cli.main(
+        ["bench", "--sweep", "--sweep-max", "2^12", "--no-compile", "--min-time", "0.005",
+         "--backend", backend, "--out", str(out)]
+    )
+    assert status == 0
+    report = json.loads((out / "sweep.json").read_text())
+    assert [p["elements"] for p in report["points"]] == [2**10, 2**12]
+    assert set(report["panels"]) == {"fwd", "fwd+stats", "bwd"}
+    assert all(p["GB/s"]["lipkern bwd"] > 0 for p in report["points"])
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "2^12" in capsys.readouterr().out
 
 
 def test_eval_subcommand_is_lazy_and_forwarded(monkeypatch):
@@ -203,6 +243,7 @@ def _refuse_work(monkeypatch):
 
     monkeypatch.setattr(verify, "run_verify", work)
     monkeypatch.setattr(bench, "run", work)
+    monkeypatch.setattr(sweep, "run", work)
 
 
 @pytest.mark.parametrize(
@@ -217,6 +258,10 @@ def _refuse_work(monkeypatch):
         (["bench", "--min-time", "nan"], "must be > 0"),
         (["bench", "--threads", "0"], "must be > 0"),
         (["bench", "--batch", "0"], "must be > 0"),
+        (["bench", "--shape", "0x0"], "every size must be >= 1"),
+        (["bench", "--sweep", "--sweep-max", "1000"], "must be a power of two >= 2^10"),
+        (["bench", "--sweep", "--sweep-max", "2^x"], "expected a number of elements"),
+        (["bench", "--sweep", "--out", "/missing/dir/out"], "does not exist"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(monkeypatch, capsys, argv, message):

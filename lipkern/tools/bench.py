@@ -1,20 +1,25 @@
-"""``lipkern bench``: the fused ops against eager PyTorch, torch.compile, the bare activation and copy_.
+"""``lipkern bench``: the fused ops against what a user would run without lipkern.
 
 Every timing is a median over interleaved rounds (all candidates of one configuration take turns,
 so a slow drift of the machine hits them alike), after warm-up calls that also trigger
-``torch.compile``. Results are reported as ratios:
+``torch.compile``. Baselines come in kinds, and each op is reported against the *fastest*
+baseline of each kind, always as a speed-up (baseline time / lipkern time; below 1 it is spelled
+out as "x slower"):
 
-- *speedup* = baseline time / lipkern time (``x faster``), against the eager reference and
-  ``torch.compile`` of the reference (forward; forward with statistics; backward; forward+backward
-  through autograd);
-- *time ratio* = lipkern time / baseline time, against the bare activation (``F.gelu`` etc., the
-  floor a fused remap should sit on) and ``copy_`` of the same tensor (the memory-bandwidth floor);
-- *bandwidth fraction* = copy_ time / in-place time for the in-place ReLU + remap, which moves the
-  same bytes as ``copy_``.
+- ``eager``: the remap a user writes by hand (``a = F.gelu(x); torch.where(a.abs() < t, 0, a)``,
+  plus the statistics with ``amax`` / ``sum`` reductions) and lipkern's eager reference;
+- ``compiled``: ``torch.compile`` of both;
+- ``act``: the bare activation (``F.gelu`` etc.), the floor a fused remap should sit on;
+- ``copy_``: a copy of the same tensor, the memory-bandwidth floor;
+- ``fwd`` (statistics only): lipkern's own forward, what the statistics cost on top.
 
-The project's performance targets are printed with each ratio they apply to. On a CUDA machine the
-Triton kernels are timed with ``triton.testing.do_bench`` and reported in GB/s and as a fraction
-of the device's peak memory bandwidth; without one, the static traffic figures are printed.
+The ``target`` column is the project's goal for that ratio, a minimum speed-up; ``met`` says
+whether this run reached it. A baseline whose rounds spread widely (interquartile range above
+``NOISY_SPREAD`` of its median) is flagged: the machine was busy, re-run before quoting. On a
+CUDA machine the Triton kernels are timed with ``triton.testing.do_bench`` and reported in GB/s
+and as a fraction of ``copy_``'s; without one, the static traffic figures are printed.
+``--sweep`` times the forward, statistics and backward over sizes 2^10 to 2^26 and writes a
+throughput-vs-size PNG and JSON.
 """
 
 from __future__ import annotations
@@ -33,56 +38,90 @@ import torch
 
 import lipkern
 from lipkern.ops import reference
-from lipkern.ops.activations import lookup
+from lipkern.ops.activations import ACTIVATIONS, lookup
+from lipkern.tools.table import format_table
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # On x ~ N(0, 1) a threshold of 0.1 remaps about 23 % of GELU outputs, near the 20 % the paper
 # reports at FC1 inputs (2^-7 * max|a| would remap almost nothing of a Gaussian).
 THRESHOLD = 0.1
-# (subject, baseline) -> (ratio kind, comparison, bound): the project's performance targets.
-TARGETS = {
-    ("fwd", "compile"): ("speedup", ">=", 1.5),
-    ("fwd", "act"): ("time", "<=", 1.1),
-    ("stats", "compile"): ("speedup", ">=", 4.0),
-    ("stats", "fwd"): ("time", "<=", 1.2),
-    ("fwd+bwd", "compile"): ("speedup", ">=", 1.5),
-    ("inplace", "copy_"): ("bandwidth", ">=", 0.70),
-}
-# How each subject is compared: baseline name -> ratio kind.
-COMPARISONS = {
-    "fwd": {"eager": "speedup", "compile": "speedup", "act": "time", "copy_": "time"},
-    "stats": {
-        "eager": "speedup",
-        "compile": "speedup",
-        "fwd": "time",
-        "act": "time",
-        "copy_": "time",
-    },
-    "bwd": {"eager": "speedup", "compile": "speedup", "act": "time", "copy_": "time"},
-    "fwd+bwd": {"eager": "speedup", "compile": "speedup", "act": "time"},
-    "inplace": {"eager": "speedup", "copy_": "bandwidth"},
-}
-# Which timing each (subject, baseline) pair reads. "fwd" as a baseline is lipkern's forward.
-BASELINE_TIMING = {
-    "fwd": {"eager": "ref", "compile": "compile(ref)", "act": "act", "copy_": "copy_"},
-    "stats": {
-        "eager": "ref+stats",
-        "compile": "compile(ref+stats)",
-        "fwd": "lipkern fwd",
-        "act": "act",
-        "copy_": "copy_",
-    },
-    "bwd": {"eager": "ref bwd", "compile": "compile(ref bwd)", "act": "act bwd", "copy_": "copy_"},
-    "fwd+bwd": {"eager": "ref fwd+bwd", "compile": "compile(ref) fwd+bwd", "act": "act fwd+bwd"},
-    "inplace": {"eager": "ref relu in-place", "copy_": "copy_"},
-}
-SUBJECT_TIMING = {
-    "fwd": "lipkern fwd",
-    "stats": "lipkern fwd+stats",
-    "bwd": "lipkern bwd",
-    "fwd+bwd": "lipkern fwd+bwd",
-    "inplace": "lipkern relu in-place",
-}
+# Interquartile range / median of a candidate's rounds above which its timing is called noisy:
+# on an idle machine the rounds of one candidate agree within a few per cent.
+NOISY_SPREAD = 0.10
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A timed callable a subject is compared with, and the kind whose fastest member counts."""
+
+    timing: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One lipkern op as timed: its callable, the baselines it is compared with, the project's
+    goal (minimum speed-up against the fastest baseline of ``target_kind``) and the bytes an
+    ideal kernel moves, in units of x's size."""
+
+    op: str
+    timing: str
+    baselines: tuple
+    traffic: int
+    target_kind: Optional[str] = None
+    target: Optional[float] = None
+
+
+def _eager_and_compiled(name: str) -> tuple:
+    """The hand-written and reference variants of ``name``, eager and compiled."""
+    return (
+        Baseline(f"hand {name}", "eager"),
+        Baseline(f"ref {name}", "eager"),
+        Baseline(f"compile(hand) {name}", "compiled"),
+        Baseline(f"compile(ref) {name}", "compiled"),
+    )
+
+
+SUBJECTS = (
+    Subject(
+        "fwd", "lipkern fwd",
+        _eager_and_compiled("fwd") + (Baseline("act fwd", "act"), Baseline("copy_", "copy_")),
+        traffic=2, target_kind="act", target=1 / 1.1,
+    ),
+    Subject(
+        "stats", "lipkern fwd+stats",
+        _eager_and_compiled("fwd+stats")
+        + (Baseline("lipkern fwd", "fwd"), Baseline("act fwd", "act"), Baseline("copy_", "copy_")),
+        traffic=2, target_kind="fwd", target=1 / 1.2,
+    ),
+    Subject(
+        "bwd", "lipkern bwd",
+        _eager_and_compiled("bwd") + (Baseline("act bwd", "act"), Baseline("copy_", "copy_")),
+        traffic=3, target_kind="act", target=1 / 1.1,
+    ),
+    Subject(
+        "fwd+bwd", "lipkern fwd+bwd",
+        _eager_and_compiled("fwd+bwd") + (Baseline("act fwd+bwd", "act"),),
+        traffic=5, target_kind="compiled", target=1.5,
+    ),
+    Subject(
+        "inplace", "lipkern in-place",
+        (Baseline("hand in-place", "eager"), Baseline("ref in-place", "eager"),
+         Baseline("copy_", "copy_")),
+        traffic=2, target_kind="copy_", target=0.70,
+    ),
+)
+def _traffic_table() -> dict:
+    """Bytes an ideal kernel moves for each timed callable, in units of x's size."""
+    table = {"copy_": 2}
+    for subject in SUBJECTS:
+        table[subject.timing] = subject.traffic
+        for baseline in subject.baselines:
+            table.setdefault(baseline.timing, subject.traffic)
+    return table
+
+
+TRAFFIC = _traffic_table()
 
 
 @dataclass(frozen=True)
@@ -93,6 +132,14 @@ class Shape:
     sizes: tuple
     channel_dim: int
     channels_last: bool = False
+
+    def __post_init__(self):
+        # A 0-element tensor times nothing but call overhead, and its ratios mean nothing.
+        if any(size < 1 for size in self.sizes):
+            raise ValueError(
+                f"shape {self.label!r}: every size must be >= 1 (got {tuple(self.sizes)}, "
+                f"{self.numel} elements)"
+            )
 
     def make(self, dtype, seed=0) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
@@ -146,13 +193,33 @@ def default_shapes(batch: int) -> list[Shape]:
 # Timing
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median of a candidate's rounds and their interquartile range."""
+
+    median: float
+    iqr: float
+
+    @property
+    def spread(self) -> float:
+        return self.iqr / self.median if self.median > 0 else 0.0
+
+
+def summarise(samples: list[float]) -> Timing:
+    """Median and interquartile range of per-call seconds (one sample: no spread)."""
+    if len(samples) < 2:
+        return Timing(samples[0], 0.0)
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return Timing(statistics.median(samples), q3 - q1)
+
+
 def median_times(
     fns: dict[str, Callable[[], object]],
     min_time: float,
     max_rounds: int = 15,
     warmup: float = 0.02,
-) -> dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds.
+) -> dict[str, Timing]:
+    """Per-call time of each function, measured in interleaved rounds.
 
     Each function is warmed up twice (compiling where it is compiled), then called in blocks
     long enough to make timer overhead negligible (>= ~20 ms); blocks of all functions
@@ -189,7 +256,18 @@ def median_times(
             for _ in range(block[name]):
                 fn()
             samples[name].append((time.perf_counter() - start) / block[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: summarise(s) for name, s in samples.items()}
+
+
+def cuda_times(fns: dict[str, Callable[[], object]]) -> dict[str, Timing]:
+    """Per-call time of each function on CUDA, from ``triton.testing.do_bench``'s quartiles."""
+    from triton.testing import do_bench
+
+    times = {}
+    for name, fn in fns.items():
+        q1, median, q3 = do_bench(fn, quantiles=[0.25, 0.5, 0.75])
+        times[name] = Timing(median * 1e-3, (q3 - q1) * 1e-3)
+    return times
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +277,44 @@ def median_times(
 def _bare_activation(act: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """PyTorch's own activation in the storage dtype (what a model without lipkern runs)."""
     return torch.clone if act == "identity" else lookup(act).torch_fn
+
+
+def hand_written_remap(act: str, t: torch.Tensor, channel_dim: int, ndim: int):
+    """The remap a user writes without lipkern: ``a = act(x); torch.where(|a| < t, 0, a)``,
+    in x's dtype, with ``t`` broadcast along ``channel_dim``."""
+    bare = _bare_activation(act)
+    t_b = reference.broadcast_per_channel(t, ndim, channel_dim)
+
+    def remap(x):
+        a = bare(x)
+        return torch.where(a.abs() < t_b, 0, a)
+
+    return remap
+
+
+def hand_written_stats(act: str, t: torch.Tensor, channel_dim: int, ndim: int):
+    """The hand-written remap with the per-channel statistics lipkern returns (amax, remapped,
+    count, float64 sum and sum of squares of ``a``)."""
+    bare = _bare_activation(act)
+    t_b = reference.broadcast_per_channel(t, ndim, channel_dim)
+    reduce = [d for d in range(ndim) if d != channel_dim]
+
+    def remap_stats(x):
+        a = bare(x)
+        small = a.abs() < t_b
+        a64 = a.double()
+        per_channel = x.numel() // x.shape[channel_dim]
+        count = torch.full((x.shape[channel_dim],), per_channel, device=x.device)
+        return (
+            torch.where(small, 0, a),
+            a.abs().amax(reduce).float(),
+            small.sum(reduce),
+            count,
+            a64.sum(reduce),
+            (a64 * a64).sum(reduce),
+        )
+
+    return remap_stats
 
 
 def _fwd_bwd(fn, x, dy):
@@ -231,17 +347,22 @@ def candidates(
     compile_baselines: bool,
     backend: str = "auto",
     device: str = "cpu",
+    dynamic: bool = False,
 ) -> dict[str, Callable[[], object]]:
-    """The timed callables of one configuration, keyed by the names BASELINE_TIMING uses."""
+    """The timed callables of one configuration, keyed by the names SUBJECTS use.
+
+    ``dynamic`` compiles the baselines for any size (one compilation for a whole sweep)."""
     x = shape.make(dtype).to(device)
     dy = shape.make(dtype, seed=1).to(device)
     cd = shape.channel_dim % x.dim()
     channels = x.shape[cd]
     t = torch.full((channels,), THRESHOLD, dtype=torch.float32, device=device)
     out = torch.empty_like(x)
-    inplace_buf = x.clone()
-    ref_buf = x.clone()
+    buffers = {name: x.clone() for name in ("lipkern", "hand", "ref")}
     bare = _bare_activation(act)
+    hand = hand_written_remap(act, t, cd, x.dim())
+    hand_stats = hand_written_stats(act, t, cd, x.dim())
+    t_b = reference.broadcast_per_channel(t, x.dim(), cd)
 
     def ref_fwd(x_):
         return reference.remap_act_reference(x_, t, None, act, cd)
@@ -252,6 +373,12 @@ def candidates(
     def lipkern_fwd(x_):
         return lipkern.remap_act(x_, t, act, channel_dim=cd, backend=backend)
 
+    def hand_inplace():
+        # What a user writes in place: the activation's in-place form, then a masked fill.
+        buf = buffers["hand"]
+        a = buf.relu_() if act == "relu" else buf.copy_(bare(buf))
+        return a.masked_fill_(a.abs() < t_b, 0)
+
     no_grad = torch.no_grad()
     fns = {
         "lipkern fwd": no_grad(lambda: lipkern_fwd(x)),
@@ -260,17 +387,22 @@ def candidates(
         ),
         "lipkern bwd": _bwd_only(lipkern_fwd, x, dy),
         "lipkern fwd+bwd": _fwd_bwd(lipkern_fwd, x, dy),
-        "lipkern relu in-place": no_grad(
-            lambda: lipkern.remap_act_(inplace_buf, t, "relu", channel_dim=cd, backend=backend)
+        "lipkern in-place": no_grad(
+            lambda: lipkern.remap_act_(buffers["lipkern"], t, act, channel_dim=cd, backend=backend)
         ),
-        "ref": no_grad(lambda: ref_fwd(x)),
-        "ref+stats": no_grad(lambda: ref_stats(x)),
+        "hand fwd": no_grad(lambda: hand(x)),
+        "hand fwd+stats": no_grad(lambda: hand_stats(x)),
+        "hand bwd": _bwd_only(hand, x, dy),
+        "hand fwd+bwd": _fwd_bwd(hand, x, dy),
+        "hand in-place": no_grad(hand_inplace),
+        "ref fwd": no_grad(lambda: ref_fwd(x)),
+        "ref fwd+stats": no_grad(lambda: ref_stats(x)),
         "ref bwd": _bwd_only(ref_fwd, x, dy),
         "ref fwd+bwd": _fwd_bwd(ref_fwd, x, dy),
-        "ref relu in-place": no_grad(
-            lambda: reference.remap_act_inplace_reference(ref_buf, t, None, "relu", cd)
+        "ref in-place": no_grad(
+            lambda: reference.remap_act_inplace_reference(buffers["ref"], t, None, act, cd)
         ),
-        "act": no_grad(lambda: bare(x)),
+        "act fwd": no_grad(lambda: bare(x)),
         "act bwd": _bwd_only(bare, x, dy),
         "act fwd+bwd": _fwd_bwd(bare, x, dy),
         "copy_": lambda: out.copy_(x),
@@ -279,13 +411,15 @@ def candidates(
         # Every configuration compiles the same code objects anew: without a reset, dynamo's
         # recompile limit (8) is reached after a few shapes and it silently falls back to eager.
         torch._dynamo.reset()
-        compiled_fwd = torch.compile(ref_fwd, dynamic=False)
-        compiled_stats = torch.compile(ref_stats, dynamic=False)
-        fns["compile(ref)"] = no_grad(lambda: compiled_fwd(x))
-        fns["compile(ref+stats)"] = no_grad(lambda: compiled_stats(x))
-        # With x requiring grad the same compiled function traces a joint forward-backward graph.
-        fns["compile(ref bwd)"] = _bwd_only(compiled_fwd, x, dy)
-        fns["compile(ref) fwd+bwd"] = _fwd_bwd(compiled_fwd, x, dy)
+        for variant, fwd, stats in (("ref", ref_fwd, ref_stats), ("hand", hand, hand_stats)):
+            compiled_fwd = torch.compile(fwd, dynamic=dynamic)
+            compiled_stats = torch.compile(stats, dynamic=dynamic)
+            name = f"compile({variant})"
+            fns[f"{name} fwd"] = no_grad(lambda f=compiled_fwd: f(x))
+            fns[f"{name} fwd+stats"] = no_grad(lambda f=compiled_stats: f(x))
+            # With x requiring grad the same compiled function traces a joint graph.
+            fns[f"{name} bwd"] = _bwd_only(compiled_fwd, x, dy)
+            fns[f"{name} fwd+bwd"] = _fwd_bwd(compiled_fwd, x, dy)
     return fns
 
 
@@ -293,100 +427,123 @@ def candidates(
 # Ratios
 
 
-def compare(times: dict[str, float]) -> list[dict]:
-    """The ratio rows of one configuration (skipping baselines that were not timed)."""
+def speedup_text(speedup: float) -> str:
+    """One unit for every ratio: ``2.41x faster``, or ``1.25x slower`` below 1."""
+    if speedup >= 1:
+        return f"{speedup:.2f}x faster"
+    return f"{1 / speedup:.2f}x slower"
+
+
+def target_text(subject: Subject) -> Optional[str]:
+    if subject.target is None:
+        return None
+    return f">= {speedup_text(subject.target)}" if subject.target >= 1 else (
+        f"<= {speedup_text(subject.target)}"
+    )
+
+
+def compare(times: dict[str, Timing]) -> list[dict]:
+    """One row per (subject, baseline kind): the subject against the fastest timed baseline of
+    that kind (kinds none of whose baselines were timed are skipped)."""
     rows = []
-    for subject, baselines in COMPARISONS.items():
-        mine = times.get(SUBJECT_TIMING[subject])
+    for subject in SUBJECTS:
+        mine = times.get(subject.timing)
         if mine is None:
             continue
-        for baseline, kind in baselines.items():
-            theirs = times.get(BASELINE_TIMING[subject][baseline])
-            if theirs is None:
-                continue
-            ratio = mine / theirs if kind == "time" else theirs / mine
+        kinds = {}
+        for baseline in subject.baselines:
+            if baseline.timing in times:
+                kinds.setdefault(baseline.kind, []).append(baseline.timing)
+        for kind, names in kinds.items():
+            fastest = min(names, key=lambda n: times[n].median)
+            theirs = times[fastest]
+            speedup = theirs.median / mine.median
             row = {
-                "op": subject,
-                "baseline": BASELINE_TIMING[subject][baseline],
-                "lipkern_ms": mine * 1e3,
-                "baseline_ms": theirs * 1e3,
+                "op": subject.op,
                 "kind": kind,
-                "ratio": ratio,
+                "baseline": fastest,
+                "lipkern_ms": mine.median * 1e3,
+                "baseline_ms": theirs.median * 1e3,
+                "speedup": speedup,
+                "noisy": max(mine.spread, theirs.spread) > NOISY_SPREAD,
+                "spread": max(mine.spread, theirs.spread),
                 "target": None,
                 "met": None,
             }
-            target = TARGETS.get((subject, baseline))
-            if target is not None:
-                _, op, bound = target
-                row["target"] = f"{op}{bound:g}"
-                row["met"] = ratio >= bound if op == ">=" else ratio <= bound
+            if kind == subject.target_kind:
+                row["target"] = subject.target
+                row["met"] = speedup >= subject.target
             rows.append(row)
     return rows
 
 
-# Bytes an ideal kernel moves for each timed callable, in units of x's size: the forward
-# reads x and writes y; the backward reads dy and x and writes dx.
-TRAFFIC = {
-    "lipkern fwd": 2, "lipkern fwd+stats": 2, "lipkern bwd": 3, "lipkern fwd+bwd": 5,
-    "lipkern relu in-place": 2, "ref": 2, "compile(ref)": 2, "act": 2, "copy_": 2,
-}
-
-
-def effective_bandwidth(times: dict[str, float], x_bytes: int) -> dict[str, float]:
+def effective_bandwidth(times: dict[str, Timing], x_bytes: int) -> dict[str, float]:
     """GB/s of each timed callable, counting the bytes an ideal kernel would move."""
-    return {name: TRAFFIC[name] * x_bytes / times[name] / 1e9 for name in TRAFFIC if name in times}
+    return {
+        name: TRAFFIC[name] * x_bytes / times[name].median / 1e9
+        for name in TRAFFIC
+        if name in times
+    }
 
 
-def format_bandwidth(results: list[dict], peak_gbs: Optional[float] = None) -> str:
-    """One line per configuration: GB/s of each callable (and its fraction of ``peak_gbs``)."""
-    names = [n for n in TRAFFIC if any(n in c["GB/s"] for c in results)]
-    header = ["shape", "dtype"] + names
+def format_bandwidth(results: list[dict]) -> str:
+    """One line per configuration: GB/s of each lipkern op and its fraction of ``copy_``'s (the
+    baselines' figures are in the JSON)."""
+    names = [s.timing for s in SUBJECTS] + ["copy_"]
+    names = [n for n in names if any(n in c["GB/s"] for c in results)]
     body = []
     for c in results:
+        copy = c["GB/s"].get("copy_")
         cells = []
         for n in names:
             gbs = c["GB/s"].get(n)
-            text = "-" if gbs is None else f"{gbs:.3g}"
-            if gbs is not None and peak_gbs:
-                text += f" ({gbs / peak_gbs:.0%})"
+            text = None if gbs is None else f"{gbs:.3g}"
+            if gbs is not None and copy:
+                text += f" ({gbs / copy:.0%})"
             cells.append(text)
         body.append([c["shape"], c["dtype"]] + cells)
-    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)).rstrip() for b in body]
-    return "\n".join(lines)
+    return format_table(["shape", "dtype"] + names, body)
 
 
-_KIND_TEXT = {"speedup": "{:.2f}x faster", "time": "{:.2f} of time", "bandwidth": "{:.0%} of bw"}
+LEGEND = (
+    "ratio: baseline time / lipkern time against the fastest baseline of the kind "
+    "(eager: hand-written remap or lipkern's reference; compiled: torch.compile of either; act: "
+    "the bare activation; copy_: a copy of x; fwd: lipkern's own forward). target: the "
+    "project's goal for that ratio; met: whether this run reached it. "
+    f"noisy: a spread (interquartile range / median of the rounds) above {NOISY_SPREAD:.0%}."
+)
 
 
 def format_rows(results: list[dict]) -> str:
-    header = ("shape", "dtype", "op", "lipkern ms", "baseline", "base ms", "ratio", "target", "met")
+    header = ("shape", "dtype", "op", "vs", "lipkern ms", "fastest baseline", "base ms", "ratio",
+              "target", "met", "spread")
     body = []
+    noisy = []
     for config in results:
         for row in config["comparisons"]:
-            met = "" if row["met"] is None else ("yes" if row["met"] else "NO")
-            ratio = _KIND_TEXT[row["kind"]].format(row["ratio"])
-            target = ""
-            if row["target"]:
-                target = row["target"] + {"speedup": "x", "time": "", "bandwidth": ""}[row["kind"]]
-            body.append(
-                (
-                    config["shape"],
-                    config["dtype"],
-                    row["op"],
-                    f"{row['lipkern_ms']:.3f}",
-                    row["baseline"],
-                    f"{row['baseline_ms']:.3f}",
-                    ratio,
-                    target,
-                    met,
-                )
-            )
-    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)).rstrip() for b in body]
+            subject = next(s for s in SUBJECTS if s.op == row["op"])
+            if row["noisy"]:
+                noisy.append(f"{config['shape']} {config['dtype']} {row['op']} vs {row['kind']}")
+            body.append((
+                config["shape"],
+                config["dtype"],
+                row["op"],
+                row["kind"],
+                f"{row['lipkern_ms']:.3f}",
+                row["baseline"],
+                f"{row['baseline_ms']:.3f}",
+                speedup_text(row["speedup"]),
+                target_text(subject) if row["target"] is not None else "",
+                "" if row["met"] is None else ("yes" if row["met"] else "NO"),
+                f"{row['spread']:.0%}" + (" NOISY" if row["noisy"] else ""),
+            ))
+    lines = [format_table(header, body), LEGEND]
+    if noisy:
+        lines.append(
+            f"warning: {len(noisy)} ratios rest on timings whose spread exceeds "
+            f"{NOISY_SPREAD:.0%} ({'; '.join(noisy[:4])}{', ...' if len(noisy) > 4 else ''}): "
+            "the machine was busy, re-run before quoting"
+        )
     return "\n".join(lines)
 
 
@@ -394,49 +551,41 @@ def format_rows(results: list[dict]) -> str:
 # CUDA (Triton) and static traffic
 
 
-def cuda_peak_bandwidth(device=None) -> float:
-    """Peak DRAM bandwidth in bytes/s from the memory clock (kHz, double data rate) and bus."""
-    props = torch.cuda.get_device_properties(device)
-    return 2.0 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8
-
-
 def bench_cuda(shapes, dtypes, act, compile_baselines=True) -> list[dict]:
-    """The Triton backend on CUDA (``do_bench`` medians): ratios and GB/s."""
-    from triton.testing import do_bench
-
+    """The Triton backend on CUDA (``do_bench`` quartiles): ratios and GB/s."""
     results = []
     for shape in shapes:
         for dtype_name in dtypes:
             fns = candidates(
                 shape, DTYPES[dtype_name], act, compile_baselines, backend="triton", device="cuda"
             )
-            times = {name: do_bench(fn, return_mode="median") * 1e-3 for name, fn in fns.items()}
-            x_bytes = shape.numel * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
-            results.append(
-                {
-                    "shape": shape.label,
-                    "dtype": dtype_name,
-                    "elements": shape.numel,
-                    "times_ms": {k: v * 1e3 for k, v in times.items()},
-                    "GB/s": effective_bandwidth(times, x_bytes),
-                    "comparisons": compare(times),
-                }
-            )
+            results.append(_result(shape, dtype_name, cuda_times(fns)))
     return results
 
 
-def format_cuda(results: list[dict], peak: float) -> str:
-    return format_bandwidth(results, peak / 1e9) + "\n\n" + format_rows(results)
+def _result(shape: Shape, dtype_name: str, times: dict[str, Timing]) -> dict:
+    x_bytes = shape.numel * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+    return {
+        "shape": shape.label,
+        "sizes": list(shape.sizes),
+        "channel_dim": shape.channel_dim,
+        "channels_last": shape.channels_last,
+        "dtype": dtype_name,
+        "elements": shape.numel,
+        "times_ms": {k: v.median * 1e3 for k, v in times.items()},
+        "spread": {k: v.spread for k, v in times.items()},
+        "GB/s": effective_bandwidth(times, x_bytes),
+        "comparisons": compare(times),
+    }
 
 
-def static_traffic() -> Optional[str]:
-    """The Triton engineer's static traffic table (bytes per element, time at H100 bandwidth)."""
+def static_traffic() -> str:
+    """The static traffic table of the Triton kernels (bytes per element, time at H100 bandwidth)."""
     try:
-        from lipkern.ops import triton_backend
+        from lipkern.tools import traffic
     except ImportError as error:
-        return f"(Triton backend unavailable: {error})"
-    table = getattr(triton_backend, "static_traffic_table", None)
-    return None if table is None else str(table())
+        return f"(Triton unavailable: {error})"
+    return traffic.static_traffic_table()
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,7 +611,7 @@ def add_arguments(parser) -> None:
         help="AxB ([rows, C]), nlc:NxLxC, nchw:NxCxHxW or nchw_cl:NxCxHxW (repeatable)",
     )
     parser.add_argument("--dtype", action="append", choices=tuple(DTYPES), help="repeatable")
-    parser.add_argument("--act", default="gelu", choices=reference.ACTIVATIONS)
+    parser.add_argument("--act", default="gelu", choices=ACTIVATIONS)
     parser.add_argument(
         "--backend", default="auto", choices=("auto", "cpu", "triton", "reference"),
         help="lipkern backend timed on the CPU (auto: the C++ kernels)",
@@ -490,7 +639,9 @@ def add_arguments(parser) -> None:
     )
 
 
-PROFILED = ("lipkern fwd", "compile(ref)", "lipkern fwd+stats", "compile(ref+stats)", "lipkern bwd")
+PROFILED = (
+    "lipkern fwd", "compile(hand) fwd", "lipkern fwd+stats", "compile(hand) fwd+stats", "lipkern bwd"
+)
 
 
 def profile(fns: dict[str, Callable[[], object]], calls: int = 5) -> None:
@@ -530,7 +681,7 @@ def steady_allocator() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def _warn_if_busy(load: float) -> None:
+def warn_if_busy(load: float) -> None:
     # With every core given to torch, one competing process stalls OpenMP's barriers and a
     # 60 us kernel can take a scheduler time slice (~15 ms): such timings mean nothing.
     if load > torch.get_num_threads() - 0.5:
@@ -552,7 +703,7 @@ def run(args) -> dict:
         + ("" if steady else " (no glibc mallopt: timings may depend on candidate order)")
     )
     load_before = os.getloadavg()[0]
-    _warn_if_busy(load_before)
+    warn_if_busy(load_before)
     results = []
     for shape in shapes:
         for dtype_name in dtypes:
@@ -562,25 +713,13 @@ def run(args) -> dict:
             times = median_times(fns, args.min_time)
             if args.profile and not results:
                 profile(fns)
-            x_bytes = shape.numel * torch.empty((), dtype=DTYPES[dtype_name]).element_size()
-            results.append(
-                {
-                    "shape": shape.label,
-                    "sizes": list(shape.sizes),
-                    "channel_dim": shape.channel_dim,
-                    "channels_last": shape.channels_last,
-                    "dtype": dtype_name,
-                    "times_ms": {k: v * 1e3 for k, v in times.items()},
-                    "GB/s": effective_bandwidth(times, x_bytes),
-                    "comparisons": compare(times),
-                }
-            )
+            results.append(_result(shape, dtype_name, times))
             print(f"  timed {shape.label} {dtype_name}", flush=True)
     print(format_rows(results))
-    print("\neffective bandwidth, GB/s (bytes an ideal kernel moves / median time):")
+    print("\neffective bandwidth, GB/s (bytes an ideal kernel moves / median time; % of copy_'s):")
     print(format_bandwidth(results))
     load_after = os.getloadavg()[0]
-    _warn_if_busy(load_after)
+    warn_if_busy(load_after)
     report = {
         "load_average_1min": [load_before, load_after],
         "device": "cpu",
@@ -597,14 +736,13 @@ def run(args) -> dict:
     if torch.cuda.is_available():
         print(f"\nCUDA: {torch.cuda.get_device_name()}, Triton backend, do_bench medians")
         cuda = bench_cuda(shapes + cuda_extra_shapes(shapes), dtypes, args.act, not args.no_compile)
-        peak = cuda_peak_bandwidth()
-        print(f"effective bandwidth, GB/s (fraction of the {peak / 1e9:.0f} GB/s peak):")
-        print(format_cuda(cuda, peak))
-        report["cuda"] = {"peak_GB/s": peak / 1e9, "results": cuda}
+        print("effective bandwidth, GB/s (fraction of copy_'s on this device):")
+        print(format_bandwidth(cuda) + "\n\n" + format_rows(cuda))
+        report["cuda"] = cuda
     else:
         print("\nno CUDA device: Triton kernels not timed; static traffic figures instead:")
         table = static_traffic()
-        print(table if table is not None else "(lipkern.ops.triton_backend has no static_traffic_table)")
+        print(table)
         report["cuda"] = None
         report["static_traffic"] = table
     if args.json:
@@ -614,6 +752,3 @@ def run(args) -> dict:
     return report
 
 
-def run_from_args(args) -> int:
-    run(args)
-    return 0
