@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 
-def _prefer_triton_interpreter() -> None:
+def prefer_triton_interpreter() -> None:
     """Without a CUDA device, run Triton kernels in its interpreter on CPU tensors.
 
     Triton picks interpreter or compiler when a kernel is decorated, i.e. when the Triton
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lipkern`` console script and ``python -m lipkern``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _prefer_triton_interpreter()
+    prefer_triton_interpreter()
     _quiet_cuda_home_warning()
     if argv and argv[0] == "eval":
         return _run_eval(argv[1:])
