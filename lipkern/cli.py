@@ -1,8 +1,10 @@
 """The ``lipkern`` command: ``verify``, ``bench`` and ``eval``.
 
 ``lipkern verify`` checks every available backend against the reference; ``lipkern bench`` times
-the fused ops against eager PyTorch, ``torch.compile`` and memory copies; ``lipkern eval`` (from
-:mod:`lipkern.eval.cli_eval`) evaluates converted models. Heavy modules are imported by the
+the fused ops against what a user would run without lipkern (hand-written remap and reference,
+eager and compiled, the bare activation, ``copy_``), or sweeps sizes; both live in
+:mod:`lipkern.tools`. ``lipkern eval`` (from :mod:`lipkern.eval.cli_eval`) evaluates converted
+models. Heavy modules are imported by the
 subcommand that needs them, so ``lipkern verify`` never loads the evaluation stack.
 """
 

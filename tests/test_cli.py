@@ -1,5 +1,6 @@
 """The ``lipkern`` command line: verify, bench and the eval hook (smoke tests, kept fast)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -53,26 +54,37 @@ class _WrongMask(api.ReferenceBackend):
         return super().remap_act_stats(x, threshold * 2, center, act, channel_dim)
 
 
-def _verify_with(monkeypatch, capsys, backend, *args):
-    monkeypatch.setitem(api._REGISTRY, "reference", backend)
+@contextlib.contextmanager
+def _as_reference(backend):
+    """``backend`` registered under the name "reference" (its ``name``), the real one after."""
+    api.register_backend(backend)
+    try:
+        yield
+    finally:
+        api.register_backend(api.ReferenceBackend())
+
+
+def _verify(capsys, *args):
     status = cli.main(["verify", "--quick", "--backend", "reference", "--dtype", "fp32", *args])
     return status, capsys.readouterr().out
 
 
-def test_broken_values_fail(monkeypatch, capsys):
-    status, out = _verify_with(monkeypatch, capsys, _ShiftedForward(), "--op", "fwd", "--act", "relu")
+def test_broken_values_fail(capsys):
+    with _as_reference(_ShiftedForward()):
+        status, out = _verify(capsys, "--op", "fwd", "--act", "relu")
     assert status == 1
     row = [line for line in out.splitlines() if line.startswith("fwd")][0]
     assert "FAIL" in row and "bad elements" in row
 
 
-def test_wrong_mask_is_a_mask_mismatch(monkeypatch, capsys):
-    status, out = _verify_with(monkeypatch, capsys, _WrongMask(), "--op", "stats", "--act", "gelu")
+def test_wrong_mask_is_a_mask_mismatch(capsys):
+    with _as_reference(_WrongMask()):
+        status, out = _verify(capsys, "--op", "stats", "--act", "gelu")
+        report = verify.run_verify(
+            backends=[verify.BackendUnderTest("reference")], acts=["gelu"], dtypes=["fp32"],
+            ops=["stats"], devices=["cpu"], quick=True,
+        )
     assert status == 1
-    report = verify.run_verify(
-        backends=[verify.BackendUnderTest("reference")], acts=["gelu"], dtypes=["fp32"],
-        ops=["stats"], devices=["cpu"], quick=True,
-    )
     (row,) = report.rows
     assert row.verdict == "FAIL" and row.mask_mismatches > 0
 
