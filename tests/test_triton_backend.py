@@ -58,7 +58,7 @@ def test_tile_shapes_avoid_masked_lanes_and_tiny_programs():
     config = triton_kernels.GPU_CONFIG
 
     def tile(rows, cols):
-        return triton_kernels._tile_shape(rows, cols, config.tile, config.max_block_k)
+        return triton_kernels.tile_shape(rows, cols, config.tile, config.max_block_k)
 
     assert tile(12288, 3136) == (64, 64)  # NCHW 56x56: 3136 = 49 x 64, no masked lane
     assert tile(100000, 192) == (64, 64)  # 192 = 3 x 64
@@ -66,7 +66,7 @@ def test_tile_shapes_avoid_masked_lanes_and_tiny_programs():
     assert tile(10000, 3) == (1024, 4)
     assert tile(6, 33667) == (8, 256)  # few long rows: wide tiles, not 16-wide slivers
     interpreted = triton_kernels.INTERPRETER_CONFIG
-    assert triton_kernels._tile_shape(6, 33667, interpreted.tile, interpreted.max_block_k) == (
+    assert triton_kernels.tile_shape(6, 33667, interpreted.tile, interpreted.max_block_k) == (
         8, 8192)
 
 
