@@ -411,6 +411,9 @@ def candidates(
         # Every configuration compiles the same code objects anew: without a reset, dynamo's
         # recompile limit (8) is reached after a few shapes and it silently falls back to eager.
         torch._dynamo.reset()
+        # A compiled backward may free ("donate") its saved buffers, which the retained graph
+        # that _bwd_only runs again forbids.
+        torch._functorch.config.donated_buffer = False
         for variant, fwd, stats in (("ref", ref_fwd, ref_stats), ("hand", hand, hand_stats)):
             compiled_fwd = torch.compile(fwd, dynamic=dynamic)
             compiled_stats = torch.compile(stats, dynamic=dynamic)

@@ -144,8 +144,15 @@ def format_sweep(report: dict) -> str:
     return format_table(header, body) + "\nGB/s: bytes an ideal kernel moves / median time"
 
 
+def _colour(name: str) -> str:
+    """One colour per candidate family, the same in every panel."""
+    families = ("lipkern", "hand", "ref", "compile(hand)", "compile(ref)", "act", "copy_")
+    family = name.split(" ")[0]
+    return f"C{families.index(family)}" if family in families else "k"
+
+
 def plot(report: dict, path: str) -> None:
-    """One panel per op: GB/s against elements (log x), a line per candidate and device."""
+    """One panel per op: GB/s against elements (log-log), a line per candidate and device."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,10 +167,11 @@ def plot(report: dict, path: str) -> None:
             for name in names:
                 style = "-" if name.startswith("lipkern") else (":" if name == "copy_" else "--")
                 ax.plot([p["elements"] for p in pts], [p["GB/s"][name] for p in pts], style,
-                        marker="o", markersize=3,
+                        color=_colour(name), marker="o", markersize=3,
                         linewidth=2.5 if name.startswith("lipkern") else 1.2,
                         label=name if len(devices) == 1 else f"{name} ({device})")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("elements")
         ax.set_ylabel("GB/s (ideal bytes / median time)")
         ax.set_title(f"{panel}, {report['act']} {report['dtype']}")
