@@ -22,7 +22,7 @@ from lipkern.testing import (
     special_values,
     tie_thresholds,
 )
-from lipkern.ulp import same_bits, ulp_distance
+from lipkern.ulp import same_bits
 
 from conftest import kernel_backends
 

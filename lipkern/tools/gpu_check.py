@@ -24,16 +24,6 @@ import time
 
 import torch
 
-# (op, lipkern's timing, baselines) for the four ops; compiled baselines are dropped in a dry run.
-OPS = (
-    ("fwd", "lipkern fwd",
-     ("hand fwd", "ref fwd", "compile(hand) fwd", "compile(ref) fwd")),
-    ("fwd+stats", "lipkern fwd+stats",
-     ("hand fwd+stats", "ref fwd+stats", "compile(hand) fwd+stats", "compile(ref) fwd+stats")),
-    ("bwd", "lipkern bwd",
-     ("hand bwd", "ref bwd", "compile(hand) bwd", "compile(ref) bwd")),
-    ("in-place", "lipkern in-place", ("hand in-place", "ref in-place")),
-)
 DTYPES = ("bf16", "fp16", "fp32")
 # A tuned configuration must beat the shipped one by this fraction to be worth its complexity.
 TUNING_GAIN = 0.05
@@ -68,6 +58,18 @@ def parse_args(argv):
     return args
 
 
+def ops() -> list:
+    """(op, lipkern's timing, its eager and compiled baselines) of the four ops checked."""
+    from lipkern.tools import bench
+
+    return [
+        (subject.timing.removeprefix("lipkern "), subject.timing,
+         tuple(b.timing for b in subject.baselines if b.kind in ("eager", "compiled")))
+        for subject in bench.SUBJECTS
+        if subject.op in ("fwd", "stats", "bwd", "inplace")
+    ]
+
+
 def _timer(dry_run):
     from lipkern.tools import bench
 
@@ -82,12 +84,12 @@ def measure(shape, dtype_name, dry_run) -> dict:
 
     device = "cpu" if dry_run else "cuda"
     fns = bench.candidates(shape, bench.DTYPES[dtype_name], "gelu", not dry_run, "triton", device)
-    wanted = ["copy_"] + [name for _, mine, baselines in OPS for name in (mine, *baselines)]
+    wanted = ["copy_"] + [name for _, mine, baselines in ops() for name in (mine, *baselines)]
     times = _timer(dry_run)({name: fns[name] for name in wanted if name in fns})
     x_bytes = shape.numel * torch.empty((), dtype=bench.DTYPES[dtype_name]).element_size()
     gbs = bench.effective_bandwidth(times, x_bytes)
     ops = {}
-    for op, mine, baselines in OPS:
+    for op, mine, baselines in ops():
         timed = [b for b in baselines if b in times]
         ops[op] = {
             "lipkern_GB/s": gbs[mine],
@@ -108,7 +110,7 @@ def tune(shape, dtype_name, dry_run, deadline) -> dict:
     timer = _timer(dry_run)
     shipped = triton_kernels.CONFIG
     fns = bench.candidates(shape, bench.DTYPES[dtype_name], "gelu", False, "triton", device)
-    names = {"fwd": "lipkern fwd", "bwd": "lipkern bwd", "fwd+stats": "lipkern fwd+stats"}
+    names = {op: mine for op, mine, _ in ops()}
     results = {}
     for op, configs in TUNED.items():
         if time.monotonic() > deadline:

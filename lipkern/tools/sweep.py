@@ -19,14 +19,13 @@ import torch
 from lipkern.tools import bench
 from lipkern.tools.table import format_table
 
-# Per panel: lipkern's timing first, then the baselines, all timed at every size.
+# Per panel (the op's name in bench's timings): lipkern's timing first, then its baselines.
 PANELS = {
-    "fwd": ("lipkern fwd", "hand fwd", "ref fwd", "compile(hand) fwd", "compile(ref) fwd",
-            "act fwd", "copy_"),
-    "fwd+stats": ("lipkern fwd+stats", "hand fwd+stats", "ref fwd+stats",
-                  "compile(hand) fwd+stats", "compile(ref) fwd+stats", "copy_"),
-    "bwd": ("lipkern bwd", "hand bwd", "ref bwd", "compile(hand) bwd", "compile(ref) bwd",
-            "act bwd", "copy_"),
+    subject.timing.removeprefix("lipkern "): (
+        subject.timing, *(b.timing for b in subject.baselines if b.kind != "fwd")
+    )
+    for subject in bench.SUBJECTS
+    if subject.op in ("fwd", "stats", "bwd")
 }
 COLUMNS = 1024
 SMALLEST = 10  # 2^10 elements: one row of COLUMNS
