@@ -88,17 +88,17 @@ def measure(shape, dtype_name, dry_run) -> dict:
     times = _timer(dry_run)({name: fns[name] for name in wanted if name in fns})
     x_bytes = shape.numel * torch.empty((), dtype=bench.DTYPES[dtype_name]).element_size()
     gbs = bench.effective_bandwidth(times, x_bytes)
-    ops = {}
+    figures = {}
     for op, mine, baselines in ops():
         timed = [b for b in baselines if b in times]
-        ops[op] = {
+        figures[op] = {
             "lipkern_GB/s": gbs[mine],
             "fraction_of_copy": gbs[mine] / gbs["copy_"],
             "baselines_GB/s": {b: gbs[b] for b in timed},
             "speedup": {b: times[b].median / times[mine].median for b in timed},
             "spread": {n: times[n].spread for n in (mine, *timed)},
         }
-    return {"copy_GB/s": gbs["copy_"], "ops": ops}
+    return {"copy_GB/s": gbs["copy_"], "ops": figures}
 
 
 def tune(shape, dtype_name, dry_run, deadline) -> dict:
