@@ -28,6 +28,7 @@ import argparse
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import statistics
 import time
@@ -148,10 +149,7 @@ class Shape:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.sizes:
-            n *= s
-        return n
+        return math.prod(self.sizes)
 
 
 def parse_shape(text: str) -> Shape:
@@ -161,8 +159,6 @@ def parse_shape(text: str) -> Shape:
         sizes = tuple(int(d) for d in dims.lower().split("x"))
     except ValueError:
         raise ValueError(f"shape {text!r}: sizes must be integers joined by 'x'") from None
-    if any(size < 1 for size in sizes):
-        raise ValueError(f"shape {text!r}: every size must be >= 1")
     kind = kind.lower()
     if kind in ("", "nlc", "nc"):
         return Shape(text, sizes, -1)
