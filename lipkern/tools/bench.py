@@ -539,7 +539,7 @@ def format_rows(results: list[dict]) -> str:
     lines = [format_table(header, body), LEGEND]
     if noisy:
         lines.append(
-            f"warning: {len(noisy)} ratios rest on timings whose spread exceeds "
+            f"warning: NOISY in {len(noisy)} row(s), timings whose spread exceeds "
             f"{NOISY_SPREAD:.0%} ({'; '.join(noisy[:4])}{', ...' if len(noisy) > 4 else ''}): "
             "the machine was busy, re-run before quoting"
         )
