@@ -40,7 +40,7 @@ import time
 import pytest
 import torch
 
-from lipkern.bench import steady_allocator
+from lipkern.tools.bench import steady_allocator
 from lipkern.calibrate import calibrate
 from lipkern.convert import convert
 from lipkern.models import build
@@ -182,8 +182,8 @@ def test_calibration_scan(benchmark, model, variant):
 @pytest.mark.parametrize("variant", ["nn.GELU", "apply", "calibrate"])
 def test_layer_call(benchmark, variant):
     """One layer's call on a tiny input (8x192): what a model pays per converted layer besides
-    the kernel. Inside a model this Python costs several times what it costs here (1 us of it
-    between ViT's LayerNorm and FC1 measured about 6), so it is worth watching."""
+    the kernel. Inside a model this Python costs several times what it costs here (the README's
+    "Performance" section has the measured figures), so it is worth watching."""
     benchmark.group = "layer-call-8x192"
     x = torch.randn(8, 192)
     layer = torch.nn.Sequential(torch.nn.GELU())

@@ -2,9 +2,10 @@
 
 Run with ``pytest benchmarks/ --benchmark-only`` (not part of ``pytest tests``). Each group is
 one op on one shape and dtype, holding lipkern's callable and the baselines ``lipkern bench``
-compares it with (eager reference, ``torch.compile`` of the reference, the bare activation,
-``copy_``), so pytest-benchmark's table shows them together. The callables and the grouping come
-from :mod:`lipkern.bench`; set ``LIPKERN_BENCH_SHAPES`` (comma-separated ``lipkern bench --shape``
+compares it with (the hand-written remap ``torch.where(act(x).abs() < t, 0, act(x))`` and
+lipkern's reference, each eager and under ``torch.compile``, the bare activation, ``copy_``), so
+pytest-benchmark's table shows them together. The callables and the grouping come from
+:mod:`lipkern.tools.bench`; set ``LIPKERN_BENCH_SHAPES`` (comma-separated ``lipkern bench --shape``
 strings), ``LIPKERN_BENCH_DTYPES`` (e.g. ``fp32,bf16``), ``LIPKERN_BENCH_ACT``,
 ``LIPKERN_BENCH_BATCH`` and ``LIPKERN_BENCH_BACKEND`` (CPU backend, default the C++ kernels) to
 change the configurations; CUDA groups (the Triton backend) run when a GPU is present.
@@ -16,7 +17,7 @@ import os
 import pytest
 import torch
 
-from lipkern import bench
+from lipkern.tools import bench
 
 ACT = os.environ.get("LIPKERN_BENCH_ACT", "gelu")
 SHAPES = (
@@ -29,10 +30,9 @@ CPU_BACKEND = os.environ.get("LIPKERN_BENCH_BACKEND", "auto")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _members(op):
-    """lipkern's timing for ``op`` followed by the baselines it is compared with."""
-    baselines = [bench.BASELINE_TIMING[op][b] for b in bench.COMPARISONS[op]]
-    return [bench.SUBJECT_TIMING[op]] + baselines
+def _members(subject):
+    """lipkern's timing for ``subject`` followed by the baselines it is compared with."""
+    return [subject.timing] + [baseline.timing for baseline in subject.baselines]
 
 
 @functools.lru_cache(maxsize=2)
@@ -46,8 +46,9 @@ CASES = [
     for device in DEVICES
     for shape in SHAPES
     for dtype in DTYPES
-    for op in bench.COMPARISONS
-    for name in _members(op)
+    for subject in bench.SUBJECTS
+    for op in [subject.op]
+    for name in _members(subject)
 ]
 
 

@@ -16,7 +16,7 @@ def pytest_collect_file(file_path, parent):
 
 
 def pytest_sessionstart(session):
-    # Candidates alternate; see lipkern.bench.steady_allocator for why the allocator is pinned.
-    from lipkern.bench import steady_allocator
+    # Candidates alternate; see lipkern.tools.bench.steady_allocator for why the allocator is pinned.
+    from lipkern.tools.bench import steady_allocator
 
     steady_allocator()

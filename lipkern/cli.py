@@ -1,8 +1,10 @@
 """The ``lipkern`` command: ``verify``, ``bench`` and ``eval``.
 
 ``lipkern verify`` checks every available backend against the reference; ``lipkern bench`` times
-the fused ops against eager PyTorch, ``torch.compile`` and memory copies; ``lipkern eval`` (from
-:mod:`lipkern.eval.cli_eval`) evaluates converted models. Heavy modules are imported by the
+the fused ops against what a user would run without lipkern (hand-written remap and reference,
+eager and compiled, the bare activation, ``copy_``), or sweeps sizes; both live in
+:mod:`lipkern.tools`. ``lipkern eval`` (from :mod:`lipkern.eval.cli_eval`) evaluates converted
+models. Heavy modules are imported by the
 subcommand that needs them, so ``lipkern verify`` never loads the evaluation stack.
 """
 
@@ -16,7 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 
-def _prefer_triton_interpreter() -> None:
+def prefer_triton_interpreter() -> None:
     """Without a CUDA device, run Triton kernels in its interpreter on CPU tensors.
 
     Triton picks interpreter or compiler when a kernel is decorated, i.e. when the Triton
@@ -130,7 +132,7 @@ def _add_verify_parser(subparsers) -> None:
 
 
 def _run_verify(args) -> int:
-    from lipkern import verify
+    from lipkern.tools import verify
 
     report = verify.run_verify(
         backends=args.backend,
@@ -154,15 +156,23 @@ def _run_verify(args) -> int:
 
 
 def _add_bench_parser(subparsers) -> None:
-    from lipkern import bench
+    from lipkern.tools import bench, sweep
 
     p = subparsers.add_parser(
         "bench",
-        help="time the fused ops against eager, torch.compile, the bare activation and copy_",
+        help="time the fused ops against hand-written, eager, compiled and bare-activation baselines",
         description=bench.__doc__.split("\n\n")[0],
     )
     bench.add_arguments(p)
-    p.set_defaults(func=bench.run_from_args)
+    sweep.add_arguments(p)
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from lipkern.tools import bench, sweep
+
+    (sweep.run if args.sweep else bench.run)(args)
+    return 0
 
 
 def _add_eval_placeholder(subparsers) -> None:
@@ -209,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lipkern`` console script and ``python -m lipkern``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _prefer_triton_interpreter()
+    prefer_triton_interpreter()
     _quiet_cuda_home_warning()
     if argv and argv[0] == "eval":
         return _run_eval(argv[1:])

@@ -14,6 +14,14 @@ Exactness rules:
   backend's ``a`` and ``a - c`` can carry), a 1-ulp difference in ``a`` legitimately flips the
   comparison; there either outcome is accepted, as long as the value is the remapped ``c`` or
   the activation.
+- Statistics (:func:`compare_stats`): ``count`` exact; ``amax`` exact for ReLU / identity and by
+  the forward's rule otherwise; ``remapped`` exact outside the tie band; ``sum`` and ``sumsq``
+  within ``SUM_RTOL`` of a float64 sum (of ``|a|`` resp. ``a^2``), plus, for the smooth
+  activations, the per-element allowance the value rule grants each ``a``.
+
+The inputs that exercise these rules come from here too (:func:`special_values`,
+:func:`lay_out`, :func:`tie_thresholds`), so the op tests and ``lipkern verify`` probe the
+same cases.
 """
 
 from __future__ import annotations
@@ -27,7 +35,12 @@ from lipkern.ops.activations import EXACT_ACTIVATIONS, GELU_TANH_CUBIC, GELU_TAN
 from lipkern.ulp import same_bits, ulp_distance, ulp_size
 
 TIE_BAND_ULPS = 4
-
+# Relative bound on a float64 sum of n terms accumulated over a block partition in another
+# order than the reference's: far above n * 2^-53 for every size a test uses.
+SUM_RTOL = 1e-12
+# fp16's largest finite value: it overflows in intermediate fp16 arithmetic that a kernel must
+# avoid, and is a plain large number in bf16/fp32.
+FP16_MAX = 65504.0
 
 
 def activation_float64(x: torch.Tensor, act: str) -> torch.Tensor:
@@ -82,10 +95,6 @@ class Comparison:
         return self.failures == 0 and self.mask_mismatches == 0
 
 
-def _per_channel(p, ndim, channel_dim):
-    return reference.broadcast_per_channel(p, ndim, channel_dim)
-
-
 def _fp32_ulp(v: torch.Tensor) -> torch.Tensor:
     return ulp_size(v.float().nan_to_num(posinf=0.0, neginf=0.0), torch.float32)
 
@@ -98,11 +107,11 @@ def reference_mask_and_band(x, threshold, center, act, channel_dim):
     reference is no authority, and either decision is accepted.
     """
     a = reference.activation_reference(x.float(), act)
-    t = _per_channel(threshold, x.dim(), channel_dim).expand_as(a)
+    t = reference.broadcast_per_channel(threshold, x.dim(), channel_dim).expand_as(a)
     c = (
         torch.zeros_like(a)
         if center is None
-        else _per_channel(center, x.dim(), channel_dim).expand_as(a)
+        else reference.broadcast_per_channel(center, x.dim(), channel_dim).expand_as(a)
     )
     distance = (a - c).abs()
     mask = distance < t
@@ -217,3 +226,172 @@ def amax_within_tolerance(amax, x, act, channel_dim) -> torch.Tensor:
 
 def _max(distance: torch.Tensor) -> int:
     return int(distance.max()) if distance.numel() else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def special_values(dtype: torch.dtype) -> tuple[list[float], list[float]]:
+    """(non-finite values, finite special values) for inputs of ``dtype``: the values a kernel
+    gets wrong first (signed zeros, subnormals of ``dtype`` and of fp32, fp16's and ``dtype``'s
+    largest values, the GELU / SiLU tails where ``1 + erf`` cancels, values around 0.5)."""
+    info = torch.finfo(dtype)
+    smallest_subnormal = float(info.smallest_normal) * float(info.eps)
+    finite = [
+        -0.0,
+        0.0,
+        smallest_subnormal,
+        -smallest_subnormal,
+        float(info.smallest_normal),
+        -3.0 * smallest_subnormal,
+        1e-40,  # an fp32 subnormal (flushes to 0 in fp16, stays subnormal in bf16)
+        -1e-40,
+        3e-8,
+        -3e-8,
+        FP16_MAX,
+        -FP16_MAX,
+        float(info.max),
+        -float(info.max),
+        0.5,
+        -0.5,
+        0.4999,
+        0.5001,
+        1.0,
+        -1.0,
+        3.0,
+        -3.0,
+        -30.0,
+        -9.0,
+        9.0,
+        1e30,
+        -1e30,
+    ]
+    return [float("nan"), float("inf"), float("-inf")], finite
+
+
+LAYOUTS = ("contiguous", "channels_last", "strided", "transposed")
+
+
+def lay_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of ``x`` in the memory ``layout`` an op must read without a copy:
+    ``contiguous``; ``channels_last`` (4-D); ``strided`` (every other element of the last
+    axis of a wider buffer); ``transposed`` (2-D, column-major)."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "transposed":
+        return x.t().contiguous().t()
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def tie_thresholds(a: torch.Tensor, c: torch.Tensor, channels, generator=None) -> dict:
+    """For ``channels`` of the [rows, C] activation ``a``: ``|a - c|`` of one finite, non-zero
+    element, the threshold on which that element sits exactly (an fp32 tie)."""
+    distance = (a - c).abs()
+    ties = {}
+    for k in channels:
+        candidates = torch.nonzero(distance[:, k].isfinite() & (distance[:, k] > 0)).flatten()
+        if candidates.numel():
+            pick = candidates[torch.randint(candidates.numel(), (), generator=generator)]
+            ties[k] = float(distance[pick, k])
+    return ties
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def per_channel_rows(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """[C, everything else] view of an elementwise tensor (empty tensors included)."""
+    channels = t.shape[channel_dim]
+    return t.movedim(channel_dim, 0).reshape(channels, t.numel() // max(channels, 1))
+
+
+@dataclass
+class StatsComparison:
+    problems: list  # what breaks the rule, one message per statistic
+    mask_mismatches: int  # per-channel remapped counts beyond the channel's tie band
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.mask_mismatches == 0
+
+
+def _sum_close(got, want, values, allow, channel_dim, square) -> torch.Tensor:
+    """Per channel: ``got`` within ``SUM_RTOL`` of the float64 sum of ``values`` (or of their
+    squares), widened by the element-wise ``allow``ance; ``want`` (default: that sum) is the
+    target. Non-finite targets must be matched exactly (NaN by NaN)."""
+    v = per_channel_rows(values, channel_dim)
+    e = per_channel_rows(allow, channel_dim)
+    if square:
+        target = (v * v).sum(dim=1) if want is None else want
+        tol = SUM_RTOL * (v * v).sum(dim=1) + (2 * v.abs() * e + e * e).sum(dim=1)
+    else:
+        target = v.sum(dim=1) if want is None else want
+        tol = SUM_RTOL * v.abs().sum(dim=1) + e.sum(dim=1)
+    got, target = got.cpu(), target.cpu()
+    finite = target.isfinite()
+    same = (got == target) | (got.isnan() & target.isnan())
+    return (((got - target).abs() <= tol) & finite) | (same & ~finite)
+
+
+def compare_stats(stats, x, threshold, center, act, channel_dim) -> StatsComparison:
+    """Judge a backend's statistics (a ``ChannelStats`` or the op's ``(amax, remapped, count,
+    sum, sumsq)``) for the normalised arguments.
+
+    ``count`` exact; ``amax`` by :func:`amax_within_tolerance` (exact for ReLU / identity);
+    ``remapped`` may differ from the reference only by the channel's tie-band elements; ``sum``
+    and ``sumsq`` within ``SUM_RTOL`` (of ``sum |a|`` resp. ``sum a^2``) of the float64 sum of
+    the reference's ``a``, plus, for the smooth activations, the allowance ``ulp32(a) +
+    2 |a - a64|`` per element that the value rule grants each ``a`` (a backend whose ``erf``
+    differs from PyTorch's by an ulp is right, and its sum moves with it), or within
+    ``SUM_RTOL`` plus one fp32 ulp per element of the sum of the float64 activation, where the
+    reference's fp32 activation is the worse one (it overflows at bf16's largest value).
+    """
+    amax, remapped, count, total, total_sq = (
+        (stats.amax, stats.remapped, stats.count, stats.sum, stats.sumsq)
+        if hasattr(stats, "amax")
+        else stats
+    )
+    x, threshold = x.cpu(), threshold.cpu()
+    center = None if center is None else center.cpu()
+    _, _, remapped_ref, count_ref, sum_ref, sumsq_ref = reference.remap_act_stats_reference(
+        x, threshold, center, act, channel_dim
+    )
+    a, _, _, band = reference_mask_and_band(x, threshold, center, act, channel_dim)
+    problems = []
+    if not torch.equal(count.cpu(), count_ref):
+        problems.append("count differs")
+    if not bool(amax_within_tolerance(amax.cpu(), x, act, channel_dim).all()):
+        problems.append("amax outside tolerance")
+    slack = per_channel_rows(band, channel_dim).sum(dim=1).to(torch.int64)
+    excess = ((remapped.cpu() - remapped_ref).abs() - slack).clamp_min(0)
+
+    a64 = a.double()
+    truth = activation_float64(x, act)
+    if act in EXACT_ACTIVATIONS:
+        allow = torch.zeros_like(a64)
+    else:
+        allow = ulp_size(a, torch.float32) + 2 * (a64 - truth).abs()
+        allow = torch.where(a.isfinite() & truth.isfinite(), allow, 0.0)
+    truth_allow = torch.where(truth.isfinite(), ulp_size(truth, torch.float32), 0.0)
+    for name, got, want in (("sum", total, sum_ref), ("sumsq", total_sq, sumsq_ref)):
+        square = name == "sumsq"
+        ok = _sum_close(got, want, a64, allow, channel_dim, square)
+        ok |= _sum_close(got, None, truth, truth_allow, channel_dim, square)
+        if not bool(ok.all()):
+            finite = want.isfinite()
+            got = got.cpu()
+            if bool((~ok & finite & ~got.isfinite()).any()):
+                problems.append(f"{name} not finite where the reference is")
+            elif bool((~ok & finite).any()):
+                problems.append(f"{name} beyond tolerance")
+            else:
+                problems.append(f"{name} differs where the reference is not finite")
+    return StatsComparison(problems, int(excess.sum()))

@@ -1,5 +1,6 @@
 """The ``lipkern`` command line: verify, bench and the eval hook (smoke tests, kept fast)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 import lipkern
-from lipkern import bench, cli, testing, verify
+from lipkern import cli, testing
+from lipkern.tools import bench, sweep, verify
 from lipkern.ops import api
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,26 +54,37 @@ class _WrongMask(api.ReferenceBackend):
         return super().remap_act_stats(x, threshold * 2, center, act, channel_dim)
 
 
-def _verify_with(monkeypatch, capsys, backend, *args):
-    monkeypatch.setitem(api._REGISTRY, "reference", backend)
+@contextlib.contextmanager
+def _as_reference(backend):
+    """``backend`` registered under the name "reference" (its ``name``), the real one after."""
+    api.register_backend(backend)
+    try:
+        yield
+    finally:
+        api.register_backend(api.ReferenceBackend())
+
+
+def _verify(capsys, *args):
     status = cli.main(["verify", "--quick", "--backend", "reference", "--dtype", "fp32", *args])
     return status, capsys.readouterr().out
 
 
-def test_broken_values_fail(monkeypatch, capsys):
-    status, out = _verify_with(monkeypatch, capsys, _ShiftedForward(), "--op", "fwd", "--act", "relu")
+def test_broken_values_fail(capsys):
+    with _as_reference(_ShiftedForward()):
+        status, out = _verify(capsys, "--op", "fwd", "--act", "relu")
     assert status == 1
     row = [line for line in out.splitlines() if line.startswith("fwd")][0]
     assert "FAIL" in row and "bad elements" in row
 
 
-def test_wrong_mask_is_a_mask_mismatch(monkeypatch, capsys):
-    status, out = _verify_with(monkeypatch, capsys, _WrongMask(), "--op", "stats", "--act", "gelu")
+def test_wrong_mask_is_a_mask_mismatch(capsys):
+    with _as_reference(_WrongMask()):
+        status, out = _verify(capsys, "--op", "stats", "--act", "gelu")
+        report = verify.run_verify(
+            backends=[verify.BackendUnderTest("reference")], acts=["gelu"], dtypes=["fp32"],
+            ops=["stats"], devices=["cpu"], quick=True,
+        )
     assert status == 1
-    report = verify.run_verify(
-        backends=[verify.BackendUnderTest("reference")], acts=["gelu"], dtypes=["fp32"],
-        ops=["stats"], devices=["cpu"], quick=True,
-    )
     (row,) = report.rows
     assert row.verdict == "FAIL" and row.mask_mismatches > 0
 
@@ -120,10 +133,50 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     for config in report["cpu"]:
         ops = {row["op"] for row in config["comparisons"]}
         assert ops == {"fwd", "stats", "bwd", "fwd+bwd", "inplace"}
-        assert all(row["ratio"] > 0 for row in config["comparisons"])
+        assert all(row["speedup"] > 0 for row in config["comparisons"])
+        # One row per kind, against its fastest member: the hand-written remap is a candidate.
+        fwd_eager = [r for r in config["comparisons"] if (r["op"], r["kind"]) == ("fwd", "eager")]
+        assert len(fwd_eager) == 1 and fwd_eager[0]["baseline"] in ("hand fwd", "ref fwd")
+        times = config["times_ms"]
+        assert fwd_eager[0]["baseline_ms"] == min(times["hand fwd"], times["ref fwd"])
     targets = [r for c in report["cpu"] for r in c["comparisons"] if r["target"]]
-    assert {(r["op"], r["baseline"]) for r in targets} >= {("fwd", "act"), ("inplace", "copy_")}
-    assert "baseline" in out and ("no CUDA device" in out) != torch.cuda.is_available()
+    assert {(r["op"], r["kind"]) for r in targets} >= {("fwd", "act"), ("inplace", "copy_")}
+    assert "fastest baseline" in out and "target: the project's goal" in out
+    assert ("no CUDA device" in out) != torch.cuda.is_available()
+
+
+def test_bench_ratios_in_one_unit_and_noise_flagged():
+    assert bench.speedup_text(2.5) == "2.50x faster"
+    assert bench.speedup_text(0.8) == "1.25x slower"
+    steady = bench.summarise([1.0, 1.01, 0.99, 1.0])
+    noisy = bench.summarise([1.0, 2.0, 0.5, 1.5])
+    assert steady.spread < bench.NOISY_SPREAD < noisy.spread
+    times = {"lipkern fwd": steady, "hand fwd": noisy, "ref fwd": bench.Timing(9.0, 0.0)}
+    (row,) = bench.compare(times)
+    assert row["baseline"] == "hand fwd" and row["noisy"]
+    text = bench.format_rows([{"shape": "s", "dtype": "fp32", "comparisons": [row]}])
+    assert "warning: NOISY in 1 row(s)" in text
+
+
+def test_bench_refuses_empty_shapes():
+    with pytest.raises(ValueError, match="every size must be >= 1"):
+        bench.Shape("0x0", (0, 0), -1)
+
+
+def test_sweep_writes_png_and_json(tmp_path, capsys):
+    backend = "cpu" if "cpu" in lipkern.available_backends() else "reference"
+    out = tmp_path / "sweep"
+    status = cli.main(
+        ["bench", "--sweep", "--sweep-max", "2^12", "--no-compile", "--min-time", "0.005",
+         "--backend", backend, "--out", str(out)]
+    )
+    assert status == 0
+    report = json.loads((out / "sweep.json").read_text())
+    assert [p["elements"] for p in report["points"]] == [2**10, 2**12]
+    assert set(report["panels"]) == {"fwd", "fwd+stats", "bwd"}
+    assert all(p["GB/s"]["lipkern bwd"] > 0 for p in report["points"])
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "2^12" in capsys.readouterr().out
 
 
 def test_eval_subcommand_is_lazy_and_forwarded(monkeypatch):
@@ -180,7 +233,7 @@ def test_python_m_lipkern_sets_interpreter_and_skips_eval_imports():
     ("nchw_cl:2x3x4x5", (2, 3, 4, 5), 1, True),
 ])
 def test_parse_shape(text, sizes, channel_dim, cl):
-    from lipkern.bench import parse_shape
+    from lipkern.tools.bench import parse_shape
 
     shape = parse_shape(text)
     assert (shape.sizes, shape.channel_dim, shape.channels_last) == (sizes, channel_dim, cl)
@@ -191,7 +244,7 @@ def test_parse_shape(text, sizes, channel_dim, cl):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt is Linux-only")
 def test_bench_pins_the_allocator():
-    from lipkern import bench
+    from lipkern.tools import bench
 
     assert bench.steady_allocator() is True
 
@@ -202,6 +255,7 @@ def _refuse_work(monkeypatch):
 
     monkeypatch.setattr(verify, "run_verify", work)
     monkeypatch.setattr(bench, "run", work)
+    monkeypatch.setattr(sweep, "run", work)
 
 
 @pytest.mark.parametrize(
@@ -216,6 +270,10 @@ def _refuse_work(monkeypatch):
         (["bench", "--min-time", "nan"], "must be > 0"),
         (["bench", "--threads", "0"], "must be > 0"),
         (["bench", "--batch", "0"], "must be > 0"),
+        (["bench", "--shape", "0x0"], "every size must be >= 1"),
+        (["bench", "--sweep", "--sweep-max", "1000"], "must be a power of two >= 2^10"),
+        (["bench", "--sweep", "--sweep-max", "2^x"], "expected a number of elements"),
+        (["bench", "--sweep", "--out", "/missing/dir/out"], "does not exist"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(monkeypatch, capsys, argv, message):

@@ -55,7 +55,7 @@ def _variants():
                 out.append((f"fwd-{act}-flat", "remap_fwd_kernel", dtype, arch,
                             {**io, **params, **sizes}, flat))
             for layout, width in ((K.LAYOUT_COLS, COLS_C), (K.LAYOUT_ROWS, ROWS_INNER)):
-                block_r, block_k = K._tile_shape(4096, width, config.tile, config.max_block_k)
+                block_r, block_k = K.tile_shape(4096, width, config.tile, config.max_block_k)
                 per_channel = dict(base, ACT=K.ACT_CODES["gelu"], LAYOUT=layout, HAS_CENTER=True,
                                    PER_CHANNEL=True, BLOCK_R=block_r, BLOCK_K=block_k)
                 out.append((f"fwd-gelu-layout{layout}", "remap_fwd_kernel", dtype, arch,

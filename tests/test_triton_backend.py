@@ -21,7 +21,7 @@ triton_kernels = pytest.importorskip("lipkern.ops.triton_kernels")
 if not (triton_kernels.INTERPRETED or torch.cuda.is_available()):
     pytest.skip("needs the Triton interpreter or a GPU", allow_module_level=True)
 
-from lipkern.ops import triton_backend  # noqa: E402
+from lipkern.tools import traffic  # noqa: E402
 
 DEVICE = "cpu" if triton_kernels.INTERPRETED else "cuda"
 
@@ -58,7 +58,7 @@ def test_tile_shapes_avoid_masked_lanes_and_tiny_programs():
     config = triton_kernels.GPU_CONFIG
 
     def tile(rows, cols):
-        return triton_kernels._tile_shape(rows, cols, config.tile, config.max_block_k)
+        return triton_kernels.tile_shape(rows, cols, config.tile, config.max_block_k)
 
     assert tile(12288, 3136) == (64, 64)  # NCHW 56x56: 3136 = 49 x 64, no masked lane
     assert tile(100000, 192) == (64, 64)  # 192 = 3 x 64
@@ -66,7 +66,7 @@ def test_tile_shapes_avoid_masked_lanes_and_tiny_programs():
     assert tile(10000, 3) == (1024, 4)
     assert tile(6, 33667) == (8, 256)  # few long rows: wide tiles, not 16-wide slivers
     interpreted = triton_kernels.INTERPRETER_CONFIG
-    assert triton_kernels._tile_shape(6, 33667, interpreted.tile, interpreted.max_block_k) == (
+    assert triton_kernels.tile_shape(6, 33667, interpreted.tile, interpreted.max_block_k) == (
         8, 8192)
 
 
@@ -165,7 +165,7 @@ def test_missing_triton_is_a_clear_error():
 
 def test_static_traffic_figures():
     rows = {(r["kernel"], r["dtype"]): r
-            for r in triton_backend.static_traffic(shape=(4096, 256), compiled=False)}
+            for r in traffic.static_traffic(shape=(4096, 256), compiled=False)}
     for dtype, size in (("bfloat16", 2), ("float16", 2), ("float32", 4)):
         assert rows[("forward", dtype)]["triton_B_per_elem"] == pytest.approx(2 * size, rel=1e-3)
         assert rows[("backward", dtype)]["triton_B_per_elem"] == pytest.approx(3 * size, rel=1e-3)
@@ -174,7 +174,7 @@ def test_static_traffic_figures():
         for kernel in ("forward", "forward+stats", "backward", "in-place"):
             row = rows[(kernel, dtype)]
             assert row["eager_B_per_elem"] > row["triton_B_per_elem"]
-    table = triton_backend.static_traffic_table(shape=(4096, 256), compiled=False)
+    table = traffic.static_traffic_table(shape=(4096, 256), compiled=False)
     assert "3.35 TB/s" in table and "forward+stats" in table
 
 
@@ -182,6 +182,6 @@ def test_compiled_reference_byte_count():
     """inductor fuses the reference forward into one pass: 2 bytes per element in bf16 each way."""
     x = torch.randn(1024, 64).to(torch.bfloat16)
     t = torch.full((64,), 0.5)
-    counted = triton_backend._compiled_bytes(
+    counted = traffic.compiled_bytes(
         lambda x: lipkern.ops.reference.remap_act_reference(x, t, None, "gelu", 1), x)
     assert counted / x.numel() == pytest.approx(4.0, rel=0.01)

@@ -6,7 +6,8 @@ extension adds the CPU kernels (``TORCH_LIBRARY_IMPL(lipkern, CPU, ...)``) and
 this level gives every backend the same ``torch.compile`` / ``torch.export`` / autograd
 behaviour. For CPU tensors the extension overrides the autograd kernels with the same formulas in
 C++ (``csrc/autograd.cpp``, the ``AutogradCPU`` key): this Python one runs on every call, grad or
-not, which cost up to 25 us per call inside a model.
+not, which inside a model costs several times a small op's own time (the figures are in the
+README, "Backends").
 
 Higher-order gradients are supported, not refused: a gradient penalty (``create_graph=True``)
 through a remap is a normal use in robustness training, and a refusal would push users to the

@@ -421,7 +421,7 @@ def _geometry(x, channel_dim):
     return x, LAYOUT_COLS, x.numel() // C, C, C
 
 
-def _tile_shape(n_rows, n_cols, tile, max_block_k):
+def tile_shape(n_rows, n_cols, tile, max_block_k):
     """(block_r, block_k) of power-of-two tiles of at most ``tile`` elements over an
     ``[n_rows, n_cols]`` matrix, from row widths 16 ... max_block_k (narrower rows get their own
     power of two). The choice minimises a simple cost, programs x (fixed overhead + lanes),
@@ -473,7 +473,7 @@ def _elementwise_layout(x, threshold, center, channel_dim):
     threshold, center, per_channel = _parameters(threshold, center, C)
     if per_channel:
         x, layout, n_rows, n_cols, C = _geometry(x, channel_dim)
-        block_r, block_k = _tile_shape(n_rows, n_cols, CONFIG.tile, CONFIG.max_block_k)
+        block_r, block_k = tile_shape(n_rows, n_cols, CONFIG.tile, CONFIG.max_block_k)
     else:
         if not x.is_contiguous() and not x.movedim(channel_dim, -1).is_contiguous():
             x = x.contiguous()
@@ -537,7 +537,7 @@ def stats_partition(layout, n_rows, n_cols, C, config=None):
         extent, max_block_k, min_span = n_rows, config.stats_max_block_k, config.stats_min_rows
     else:
         extent, max_block_k, min_span = n_rows // C, config.max_block_k, 1
-    block_r, block_k = _tile_shape(extent, n_cols, config.stats_tile, max_block_k)
+    block_r, block_k = tile_shape(extent, n_cols, config.stats_tile, max_block_k)
     if layout == LAYOUT_COLS:
         per_step, column_blocks = block_k, triton.cdiv(n_cols, block_k)
     else:

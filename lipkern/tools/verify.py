@@ -10,17 +10,11 @@ with a scalar threshold and a per-channel centre, and (full run) contiguous NCHW
 view. Special values sit in a subset of the channels so that the other channels keep finite
 statistics.
 
-Values and masks are judged by :mod:`lipkern.testing` (the rules the test suite uses: ReLU and
-identity bit-exact, transcendental activations within 1 ulp or no less accurate than the
-reference against fp64, masks equal outside the tie band). Statistics: ``count`` exact;
-``remapped`` may differ from the reference only by the number of tie-band elements of the
-channel; ``amax`` by :func:`lipkern.testing.amax_within_tolerance` (the forward's rule);
-``sum`` and ``sumsq`` within ``1e-12 * sum|a|`` (resp. ``sum a^2``) of an fp64 sum of the
-reference's ``a``, plus, for transcendental activations, the per-element allowance
-``ulp32(a) + 2 |a - a64|`` that the value rule grants each ``a`` (a backend whose ``erf`` differs
-from PyTorch's by an ulp is right, and its sum moves with it) - or, where the reference's fp32
-activation is the worse one (it overflows at bf16's largest value), within ``1e-12`` plus one
-fp32 ulp per element of the sum of the fp64 activation.
+Values, masks and statistics are judged by :mod:`lipkern.testing`, with the rules the test
+suite uses (ReLU and identity bit-exact, smooth activations within 1 ulp or no less accurate than
+the reference against fp64, masks equal outside the tie band, statistics by
+:func:`lipkern.testing.compare_stats`); the special values, layouts and tie thresholds come
+from there too.
 """
 
 from __future__ import annotations
@@ -35,15 +29,12 @@ import torch
 
 import lipkern
 from lipkern import testing
-from lipkern.ops import api, reference
-from lipkern.ulp import NAN_MISMATCH, same_bits, ulp_size
+from lipkern.ops import reference
+from lipkern.tools.table import format_table as _table
+from lipkern.ulp import NAN_MISMATCH, same_bits
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 OPS = ("fwd", "stats", "inplace", "bwd")
-SUM_RTOL = 1e-12
-# fp16's largest finite value: it overflows in intermediate fp16 arithmetic that a kernel must
-# avoid, and is a plain large number in bf16/fp32.
-FP16_MAX = 65504.0
 
 
 @dataclass
@@ -115,33 +106,10 @@ class Row:
 # Inputs
 
 
-def _special_values(dtype: torch.dtype) -> tuple[list[float], list[float]]:
-    """(non-finite values, finite special values) for inputs of ``dtype``."""
-    info = torch.finfo(dtype)
-    smallest_subnormal = float(info.smallest_normal) * float(info.eps)
-    finite = [
-        -0.0,
-        0.0,
-        smallest_subnormal,
-        -smallest_subnormal,
-        float(info.smallest_normal),
-        -3.0 * smallest_subnormal,
-        1e-40,  # an fp32 subnormal (flushes to 0 in fp16, stays subnormal in bf16)
-        FP16_MAX,
-        -FP16_MAX,
-        float(info.max),
-        -float(info.max),
-        -30.0,  # GELU / SiLU tails, where 1 + erf(x) cancels
-        -9.0,
-        9.0,
-    ]
-    return [float("nan"), float("inf"), float("-inf")], finite
-
-
 def _logical_matrix(rows: int, channels: int, dtype, gen) -> torch.Tensor:
     """An fp32 [rows, C] matrix (C = channel axis), specials in the first half of the channels."""
     m = torch.randn(rows, channels, generator=gen) * 2.5
-    nonfinite, finite = _special_values(dtype)
+    nonfinite, finite = testing.special_values(dtype)
     nonfinite_channels = max(1, channels // 4)
     for k in range(nonfinite_channels):
         m[k % rows, k] = nonfinite[k % len(nonfinite)]
@@ -151,31 +119,13 @@ def _logical_matrix(rows: int, channels: int, dtype, gen) -> torch.Tensor:
     return m
 
 
-def _tie_thresholds(a: torch.Tensor, c: torch.Tensor, channels: Sequence[int], gen) -> dict:
-    """For channels of the [rows, C] activation ``a``: ``|a - c|`` of one finite, non-zero
-    element (the exact fp32 tie that element then sits on)."""
-    distance = (a - c).abs()
-    ties = {}
-    for k in channels:
-        candidates = torch.nonzero(distance[:, k].isfinite() & (distance[:, k] > 0)).flatten()
-        if candidates.numel():
-            pick = candidates[torch.randint(candidates.numel(), (), generator=gen)]
-            ties[k] = float(distance[pick, k])
-    return ties
-
-
 def _layout(m: torch.Tensor, layout: str, nhw: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
     """Lay the logical [rows, C] matrix out as the op input; returns (x, channel_dim)."""
-    if layout == "nc":
-        return m, 1
-    if layout == "strided":
-        wide = torch.zeros(m.shape[0], 2 * m.shape[1], dtype=m.dtype)
-        wide[:, ::2] = m
-        return wide[:, ::2], 1
+    if layout in ("nc", "strided"):
+        return testing.lay_out(m, "contiguous" if layout == "nc" else "strided"), 1
     n, h, w = nhw
-    nhwc = m.reshape(n, h, w, m.shape[1])
-    nchw = nhwc.permute(0, 3, 1, 2)  # channels_last strides, no copy
-    return (nchw if layout == "nchw_cl" else nchw.contiguous()), 1
+    nchw = m.reshape(n, h, w, m.shape[1]).permute(0, 3, 1, 2)
+    return testing.lay_out(nchw, "channels_last" if layout == "nchw_cl" else "contiguous"), 1
 
 
 # name, layout, rows or (N, H, W), channels, per-channel threshold, centre kind
@@ -217,10 +167,10 @@ def make_cases(dtype: torch.dtype, act: str, quick: bool = False, seed: int = 0)
             threshold[half] = 0.0
             threshold[half + 1] = float("inf")
             tie_channels = [k for k in range(channels) if k != half and k != half + 1]
-            for k, tie in _tie_thresholds(a, c_rows, tie_channels[::2], gen).items():
+            for k, tie in testing.tie_thresholds(a, c_rows, tie_channels[::2], gen).items():
                 threshold[k] = tie
         else:
-            ties = _tie_thresholds(a, c_rows, [channels - 1], gen)
+            ties = testing.tie_thresholds(a, c_rows, [channels - 1], gen)
             threshold = torch.tensor(ties.get(channels - 1, 0.5))
         x, channel_dim = _layout(m, layout, size if isinstance(size, tuple) else (0, 0, 0))
         grad_y = torch.randn(x.shape, generator=gen).to(dtype)
@@ -278,69 +228,14 @@ class BackendUnderTest:
 # Checks
 
 
-def _per_channel_rows(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """[C, everything else] view of an elementwise tensor."""
-    return t.movedim(channel_dim, 0).reshape(t.shape[channel_dim], -1)
-
-
-def _same_or_both_nan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a == b) | (a.isnan() & b.isnan())
-
-
 def check_stats(row: Row, case: Case, act: str, y, stats) -> None:
-    """Add the forward comparison of ``y`` and the statistics checks to ``row``."""
+    """Add the forward comparison of ``y`` and the statistics' verdict to ``row``."""
     x, t, c, cd = case.x, case.threshold, case.center, case.channel_dim
     row.add(testing.compare_forward(y, x, t, c, act, cd))
-    _, _, remapped_ref, count_ref, sum_ref, sumsq_ref = reference.remap_act_stats_reference(
-        x, t, c, act, cd
-    )
-    a, _, _, band = testing.reference_mask_and_band(x, t, c, act, cd)
-    if not torch.equal(stats.count.cpu(), count_ref.cpu()):
-        row.note(case, "count differs")
-    slack = _per_channel_rows(band, cd).sum(dim=1).to(torch.int64)
-    excess = ((stats.remapped - remapped_ref).abs() - slack).clamp_min(0)
-    row.mask_mismatches += int(excess.sum())
-
-    if not bool(testing.amax_within_tolerance(stats.amax, x, act, cd).all()):
-        row.note(case, "amax outside tolerance")
-    # Sums: within the tolerance of the reference's, or, where the reference's fp32 activation
-    # is worse (it overflows to inf at bf16's largest value, for instance), of the fp64 truth's.
-    a64 = a.double()
-    truth = testing.activation_float64(x, act)
-    if act in testing.EXACT_ACTIVATIONS:
-        allow = torch.zeros_like(a64)
-    else:
-        allow = ulp_size(a, torch.float32) + 2 * (a64 - truth).abs()
-        allow = torch.where(a.isfinite() & truth.isfinite(), allow, 0.0)
-    truth_allow = torch.where(truth.isfinite(), ulp_size(truth, torch.float32), 0.0)
-    for name, got, want in (("sum", stats.sum, sum_ref), ("sumsq", stats.sumsq, sumsq_ref)):
-        square = name == "sumsq"
-        ok = _sum_close(got, want, a64, allow, cd, square)
-        ok |= _sum_close(got, None, truth, truth_allow, cd, square)
-        if not bool(ok.all()):
-            finite = want.isfinite()
-            if bool((~ok & finite & ~got.isfinite()).any()):
-                row.note(case, f"{name} not finite where the reference is")
-            elif bool((~ok & finite).any()):
-                row.note(case, f"{name} beyond tolerance")
-            else:
-                row.note(case, f"{name} differs where the reference is not finite")
-
-
-def _sum_close(got, want, values, allow, channel_dim, square) -> torch.Tensor:
-    """Per channel: ``got`` within ``SUM_RTOL`` of the fp64 sum of ``values`` (or their squares),
-    widened by the element-wise ``allow``ance; ``want`` (default: that fp64 sum) is the target.
-    Non-finite targets must be matched exactly (NaN by NaN)."""
-    v = _per_channel_rows(values, channel_dim)
-    e = _per_channel_rows(allow, channel_dim)
-    if square:
-        target = (v * v).sum(dim=1) if want is None else want
-        tol = SUM_RTOL * (v * v).sum(dim=1) + (2 * v.abs() * e + e * e).sum(dim=1)
-    else:
-        target = v.sum(dim=1) if want is None else want
-        tol = SUM_RTOL * v.abs().sum(dim=1) + e.sum(dim=1)
-    finite = target.isfinite()
-    return (((got - target).abs() <= tol) & finite) | (_same_or_both_nan(got, target) & ~finite)
+    verdict = testing.compare_stats(stats, x, t, c, act, cd)
+    row.mask_mismatches += verdict.mask_mismatches
+    for problem in verdict.problems:
+        row.note(case, problem)
 
 
 def _note_signed_zeros(row: Row, case: Case, act: str, out, ref) -> None:
@@ -423,11 +318,13 @@ def backends_to_test(device: str, requested: Optional[Iterable[str]] = None):
 
 
 def _unavailable_reason(name: str, device: str) -> str:
+    """Why backend ``name`` cannot run on ``device``, in the public API's own words."""
+    # A call on one element raises the error a user would get, naming the cause.
     try:
-        reason = api.backend_object(name).supports(torch.device(device))
-    except (RuntimeError, KeyError) as error:
+        lipkern.remap_act(torch.zeros(1, device=device), 0.0, backend=name)
+    except (RuntimeError, AssertionError) as error:
         return str(error)
-    return reason or "not available"
+    return "not available"
 
 
 def run_verify(
@@ -481,28 +378,22 @@ def run_verify(
 
 def format_table(report: Report) -> str:
     header = ("op", "act", "dtype", "backend", "max ulp", "mask mism", "tie band", "verdict", "notes")
-    body = []
-    for r in report.rows:
-        backend = r.backend if r.device == "cpu" else f"{r.backend}@{r.device}"
-        body.append(
-            (
-                r.op,
-                r.act,
-                r.dtype,
-                backend,
-                _ulp_text(r.max_ulp),
-                str(r.mask_mismatches),
-                str(r.tie_band),
-                r.verdict,
-                r.describe(),
-            )
+    body = [
+        (
+            r.op,
+            r.act,
+            r.dtype,
+            r.backend if r.device == "cpu" else f"{r.backend}@{r.device}",
+            _ulp_text(r.max_ulp),
+            r.mask_mismatches,
+            r.tie_band,
+            r.verdict,
+            r.describe(),
         )
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)).rstrip() for b in body]
+        for r in report.rows
+    ]
+    lines = [_table(header, body), ""]
     failed = sum(not r.passed for r in report.rows)
-    lines.append("")
     lines.append(
         f"{len(report.rows)} checks, {failed} FAIL, backends {', '.join(report.backends) or 'none'}"
         f", {report.seconds:.1f} s" + (" (quick)" if report.quick else "")
