@@ -12,7 +12,7 @@ import torch
 
 import lipkern
 from lipkern.ops import reference
-from lipkern.ops.api import _normalise
+from lipkern.ops.api import normalise_arguments
 from lipkern.testing import (
     EXACT_ACTIVATIONS,
     compare_backward,
@@ -134,7 +134,7 @@ def test_forward_and_stats_match_reference(
     assert y.dtype == x.dtype and y.shape == x.shape
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
-    t, c, d = _normalise(x, threshold, act, center, channel_dim)
+    t, c, d = normalise_arguments(x, threshold, act, center, channel_dim)
     check(compare_forward(y, x, t, c, act, d), "forward")
 
     y_stats, stats = lipkern.remap_act_stats(x, threshold, act, center, channel_dim, backend=backend)
@@ -157,7 +157,7 @@ def test_backward_matches_reference(backend, act, dtype, center_kind, layout, st
     grad_y = torch.randn(x.shape).to(dtype)
     (dx,) = torch.autograd.grad(y, x, grad_y)
     assert dx.dtype == x.dtype
-    t, c, d = _normalise(x.detach(), threshold, act, center, channel_dim)
+    t, c, d = normalise_arguments(x.detach(), threshold, act, center, channel_dim)
     check(
         compare_backward(dx, grad_y, x.detach(), t, c, act, d, straight_through), "backward"
     )
@@ -203,7 +203,7 @@ def test_special_values(backend, act, dtype, center, threshold):
     nonfinite, finite = special_values(dtype)
     x = torch.tensor((nonfinite + finite) * 3, dtype=torch.float32).to(dtype).reshape(3, -1)
     y = lipkern.remap_act(x, threshold, act, center, -1, backend=backend)
-    t, c, d = _normalise(x, threshold, act, center, -1)
+    t, c, d = normalise_arguments(x, threshold, act, center, -1)
     check(compare_forward(y, x, t, c, act, d), "forward")
     a = reference.activation_reference(x.float(), act)
     assert y[a.isnan()].isnan().all(), "NaN must stay NaN"
@@ -229,7 +229,7 @@ def test_shapes(backend, act, shape, channel_dim):
     channels = shape[channel_dim]
     threshold = torch.rand(channels) * 0.6
     y, stats = lipkern.remap_act_stats(x, threshold, act, None, channel_dim, backend=backend)
-    t, c, d = _normalise(x, threshold, act, None, channel_dim)
+    t, c, d = normalise_arguments(x, threshold, act, None, channel_dim)
     check(compare_forward(y, x, t, c, act, d), "forward")
     check(compare_stats(stats, x, t, c, act, d), "statistics")
 

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lipkern
-from lipkern.ops.api import _normalise
+from lipkern.ops.api import normalise_arguments
 from lipkern.testing import compare_forward
 from lipkern.ulp import same_bits
 
@@ -216,6 +216,6 @@ def test_property_forward_matches_reference(
     t = torch.rand(channels, generator=generator) * threshold if per_channel else threshold
     c = torch.randn(channels, generator=generator) if with_center else None
     y, stats = lipkern.remap_act_stats(x, t, act, c, -1, backend=backend)
-    tn, cn, d = _normalise(x, t, act, c, -1)
+    tn, cn, d = normalise_arguments(x, t, act, c, -1)
     assert compare_forward(y, x, tn, cn, act, d).ok
     assert stats.count.tolist() == [rows] * channels

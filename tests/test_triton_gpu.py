@@ -8,7 +8,7 @@ import torch
 
 import lipkern
 from lipkern.ops import reference
-from lipkern.ops.api import _normalise
+from lipkern.ops.api import normalise_arguments
 from lipkern.testing import EXACT_ACTIVATIONS, compare_backward, compare_forward
 from lipkern.ulp import same_bits
 
@@ -41,7 +41,7 @@ def test_forward_stats_backward_match_reference(act, dtype, with_center, per_cha
     shape, channel_dim, channels_last = layout
     x = _x(shape, dtype, channels_last)
     threshold, center = _params(shape[channel_dim], per_channel, with_center)
-    t, c, d = _normalise(x, threshold, act, center, channel_dim)
+    t, c, d = normalise_arguments(x, threshold, act, center, channel_dim)
 
     y = lipkern.remap_act(x, threshold, act, center, channel_dim, backend="triton")
     assert y.stride() == x.stride()
@@ -81,7 +81,7 @@ def test_inplace_and_autograd(dtype):
     y = lipkern.remap_act(leaf, threshold, "gelu", None, 1, backend="triton")
     grad_y = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, leaf, grad_y)
-    t, c, d = _normalise(x, threshold, "gelu", None, 1)
+    t, c, d = normalise_arguments(x, threshold, "gelu", None, 1)
     assert compare_backward(dx, grad_y, x, t, c, "gelu", d, False).ok
 
 
@@ -167,6 +167,6 @@ def test_tensors_on_a_device_other_than_the_current_one():
     x = torch.randn(64, 32, device="cuda:1")
     with torch.cuda.device(0):
         y, stats = lipkern.remap_act_stats(x, 0.5, "relu", backend="triton")
-    t, c, d = _normalise(x, 0.5, "relu", None, 1)
+    t, c, d = normalise_arguments(x, 0.5, "relu", None, 1)
     assert same_bits(y, reference.remap_act_reference(x, t, c, "relu", d)).all()
     assert stats.count.device == x.device

@@ -243,7 +243,7 @@ def _normalise_parameter(
     return value
 
 
-def _normalise(x, threshold, act, center, channel_dim, check_values=True):
+def normalise_arguments(x, threshold, act, center, channel_dim, check_values=True):
     """``(threshold, center, channel_dim)`` in the form every backend receives (x checked)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
@@ -256,11 +256,11 @@ def _normalise(x, threshold, act, center, channel_dim, check_values=True):
 
 
 def _prepare(x, threshold, act, center, channel_dim, backend):
-    """The chosen backend and the arguments :func:`_normalise` makes for it."""
+    """The chosen backend and the arguments :func:`normalise_arguments` makes for it."""
     _check_x(x)
     chosen = _resolve_backend(backend, x)
     check_values = not chosen.checks_parameter_values
-    return (chosen, *_normalise(x, threshold, act, center, channel_dim, check_values))
+    return (chosen, *normalise_arguments(x, threshold, act, center, channel_dim, check_values))
 
 
 def remap_act(
