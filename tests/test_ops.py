@@ -163,6 +163,45 @@ def test_backward_matches_reference(backend, act, dtype, center_kind, layout, st
     )
 
 
+# Backends whose kernels are the lipkern::* ops of the device, which torch.compile traces as
+# opaque ops (the interpreted Triton path is a Python autograd.Function, for numerics only).
+COMPILED_BACKENDS = ["cpu"] + (["triton"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("layout", ["rows", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_ops_under_compile_fullgraph(backend, act, dtype, layout):
+    """The compile axis: forward, statistics and backward through torch.compile(fullgraph=True)
+    are the eager op's results bit for bit (the same kernels run), so they obey the same rules."""
+    device = "cuda" if backend == "triton" else "cpu"
+    x, threshold, center, channel_dim = run_case(backend, act, dtype, layout, "channel", "channel")
+    x, threshold, center = x.to(device), threshold.to(device), center.to(device)
+    grad_y = torch.randn(x.shape, device=device).to(dtype)
+
+    def forward(x, threshold, center):
+        y = lipkern.remap_act(x, threshold, act, center, channel_dim, backend=backend)
+        _, stats = lipkern.remap_act_stats(x, threshold, act, center, channel_dim, backend=backend)
+        return (y, *stats.as_tuple())
+
+    def run(fn):
+        leaf = x.detach().requires_grad_(True)
+        y, *stats = fn(leaf, threshold, center)
+        (dx,) = torch.autograd.grad(y, leaf, grad_y)  # through the compiled backward graph
+        return [y.detach(), dx, *stats]
+
+    torch._dynamo.reset()
+    compiled = run(torch.compile(forward, fullgraph=True, backend="aot_eager"))
+    for got, want in zip(compiled, run(forward)):
+        assert same_bits(got, want).all() if got.is_floating_point() else torch.equal(got, want)
+    t, c, d = normalise_arguments(x, threshold, act, center, channel_dim)
+    y, dx = compiled[0].cpu(), compiled[1].cpu()
+    t, c = t.cpu(), c.cpu()
+    check(compare_forward(y, x.cpu(), t, c, act, d), "forward")
+    check(compare_backward(dx, grad_y.cpu(), x.cpu(), t, c, act, d, False), "backward")
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_reference_straight_through_keeps_the_forward_value(act):
     """straight_through changes the gradient only: the reference's forward equals the plain
