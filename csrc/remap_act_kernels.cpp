@@ -261,19 +261,13 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
 
 // dx for one fp32 vector: dy * act'(x), with dy zeroed (+0, masked_fill) where remapped.
 // `a` is act(x) as the forward computes it, so both passes remap the same elements; for the
-// smooth activations, `dlo` and `dhi` are act'(x) of the lower and upper lanes, in double.
+// smooth activations, `d` is act'(x).
 template <Act A>
 C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, const fVec& a, fVec g, const fVec& t,
-                                    const fVec& c, bool straight_through, const dVec& dlo,
-                                    const dVec& dhi) {
-  if (!straight_through) g = select(remap_mask(a, t, c), fVec(0.f), g);
+                                    const fVec& c, bool unmasked, const fVec& d) {
+  if (!unmasked) g = select(remap_mask(a, t, c), fVec(0.f), g);
   if constexpr (is_smooth(A)) {
-    // dy * act'(x) is formed in double, so dx is rounded once.
-    dVec glo, ghi;
-    widen(g, glo, ghi);
-    fVec out;
-    narrow_parts(glo * dlo, ghi * dhi, out);
-    return out;
+    return g * d;
   } else {
     if constexpr (A == Act::Identity) return g;
     // A select, as PyTorch's threshold_backward: +0 (not dy * 0) where x <= 0 or x is NaN.
@@ -282,36 +276,33 @@ C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, const fVec& a, fVec g, const 
 }
 
 struct BackwardTables {
-  const float* activation;  // null with straight_through (no mask) or without a table
-  const double* derivative;
+  const float* activation;  // null when unmasked or without a table
+  const float* derivative;
 };
 
 template <typename T, typename G, Act A, bool kLanes>
 void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLanes>& rp,
-                  bool straight_through, const BackwardTables& tables) {
+                  bool unmasked, const BackwardTables& tables) {
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
-    // a: the mask's activation (unused with straight_through); d: act'(x).
-    F2 a = v;
-    D4 d;
+    // a: the mask's activation (unused when unmasked); d: act'(x).
+    F2 a = v, d = v;
     if constexpr (uses_table<T, A>()) {
       // One index load serves both tables.
       const Indices index = load_indices(x + i, m);
-      if (!straight_through) {
+      if (!unmasked) {
         a = {gather(tables.activation, index.lo), gather(tables.activation, index.hi)};
       }
-      gather(tables.derivative, index.lo, d.d[0], d.d[1]);
-      gather(tables.derivative, index.hi, d.d[2], d.d[3]);
+      d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
     } else {
-      if (!straight_through) a = {activate<A>(v.lo), activate<A>(v.hi)};
-      if constexpr (is_smooth(A)) d = derivatives<A>(v);
+      if (!unmasked) a = {activate<A>(v.lo), activate<A>(v.hi)};
+      if constexpr (is_smooth(A)) d = {derivative<A>(v.lo), derivative<A>(v.hi)};
     }
     const F2 g = load(dy + i, m);
     const StepParams p = rp.at(i, m);
-    store(dx + i, m,
-          backward_vec<A>(v.lo, a.lo, g.lo, p.t.lo, p.c.lo, straight_through, d.d[0], d.d[1]),
-          backward_vec<A>(v.hi, a.hi, g.hi, p.t.hi, p.c.hi, straight_through, d.d[2], d.d[3]));
+    store(dx + i, m, backward_vec<A>(v.lo, a.lo, g.lo, p.t.lo, p.c.lo, unmasked, d.lo),
+          backward_vec<A>(v.hi, a.hi, g.hi, p.t.hi, p.c.hi, unmasked, d.hi));
   }
 }
 
@@ -321,21 +312,25 @@ void backward_typed(const BackwardArgs& args) {
   const T* x = static_cast<const T*>(args.x);
   T* dx = static_cast<T*>(args.grad_x);
   const Geometry& g = args.geometry;
-  const BackwardTables tables{
-      args.straight_through ? nullptr : activation_table_for<T, A>(), derivative_table_for<T, A>()};
+  // |a - c| < 0 never holds, so with zero thresholds (a calibration scan's, or an unconverted
+  // model's) nothing is masked and act(x), half of the smooth activations' work, is not needed.
+  const float* th = args.params.threshold;
+  const bool unmasked =
+      args.straight_through || std::none_of(th, th + g.channels, [](float v) { return v > 0.f; });
+  const BackwardTables tables{unmasked ? nullptr : activation_table_for<T, A>(),
+                              derivative_table_for<T, A>()};
   at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
     for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
       if (g.inner == 1) {
         backward_run<T, G, A, true>(dy + p, x + p, dx + p, n, RunParams<true>(args.params, ch),
-                                    args.straight_through, tables);
+                                    unmasked, tables);
       } else {
         backward_run<T, G, A, false>(dy + p, x + p, dx + p, n, RunParams<false>(args.params, ch),
-                                     args.straight_through, tables);
+                                     unmasked, tables);
       }
     });
   });
 }
-
 
 void forward(const ForwardArgs& args) {
   dispatch_dtype(args.dtype, [&](auto t) {

@@ -1,4 +1,4 @@
-// Float64 evaluators of the smooth activations and their derivatives.
+// Float64 evaluators of the smooth activations and their derivatives (the fp32 grid's fallback).
 // Included by csrc/remap_act_kernels.cpp only (see there): it lands in lipkern::<CAP>.
 #pragma once
 
@@ -93,8 +93,8 @@ C10_ALWAYS_INLINE GaussTail gauss_tail(const dVec& xc) {
   return {t * gauss * r, gauss};
 }
 
-// Each smooth activation as one evaluator yielding the value and/or the derivative, so that the
-// backward pass (which needs both: the value for the mask) shares the transcendental work.
+// Each smooth activation as one evaluator yielding the value and/or the derivative, which share
+// the transcendental work.
 template <bool kValue, bool kGrad>
 C10_ALWAYS_INLINE void gelu_d(const dVec& x, dVec& value, dVec& grad) {
   const dVec xc = clamp_d(x, kGeluClamp);
@@ -149,21 +149,6 @@ C10_ALWAYS_INLINE void smooth_d(const dVec& x, dVec& value, dVec& grad) {
   if constexpr (A == Act::Gelu) gelu_d<kValue, kGrad>(x, value, grad);
   if constexpr (A == Act::GeluTanh) gelu_tanh_d<kValue, kGrad>(x, value, grad);
   if constexpr (A == Act::Silu) silu_d<kValue, kGrad>(x, value, grad);
-}
-
-// act'(x) of one step as four double vectors, lanes in order.
-struct D4 {
-  dVec d[4];
-};
-
-template <Act A>
-C10_ALWAYS_INLINE D4 derivatives(const F2& x) {
-  D4 out;
-  dVec w[4], unused;
-  widen(x.lo, w[0], w[1]);
-  widen(x.hi, w[2], w[3]);
-  for (int k = 0; k < 4; ++k) smooth_d<A, false, true>(w[k], unused, out.d[k]);
-  return out;
 }
 
 }  // namespace

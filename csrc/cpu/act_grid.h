@@ -1,4 +1,5 @@
-// Activations in fp32: the grid polynomials of the smooth ones, with the float64 fallback off the grid.
+// Activations and their derivatives in fp32: the grid polynomials of the smooth ones, with the
+// float64 evaluators off the grid.
 // Included by csrc/remap_act_kernels.cpp only (see there): it lands in lipkern::<CAP>.
 #pragma once
 
@@ -22,6 +23,15 @@ constexpr const ActTable& act_table() {
   if constexpr (A == Act::Gelu) return kGeluTable;
   if constexpr (A == Act::GeluTanh) return kGeluTanhTable;
   if constexpr (A == Act::Silu) return kSiluTable;
+}
+
+// act'(x) on the same grid, fitted to an absolute error of (1 + |x|) 2^-24 or so: the backward's
+// accuracy rule is absolute in those terms, since act' crosses zero.
+template <Act A>
+constexpr const ActTable& grad_table() {
+  if constexpr (A == Act::Gelu) return kGeluGradTable;
+  if constexpr (A == Act::GeluTanh) return kGeluTanhGradTable;
+  if constexpr (A == Act::Silu) return kSiluGradTable;
 }
 
 // Each lane's grid column q + kActGrid / 2, which `t` holds in its low mantissa bits (see
@@ -77,9 +87,7 @@ C10_ALWAYS_INLINE fVec fused_madd(const fVec& a, const fVec& b, const fVec& c) {
 #endif
 }
 
-template <Act A>
-C10_ALWAYS_INLINE fVec smooth_grid(const fVec& x) {
-  constexpr const ActTable& T = act_table<A>();
+C10_ALWAYS_INLINE fVec grid_eval(const ActTable& T, const fVec& x) {
   // x / w is exact (w is a power of two); adding 1.5 * 2^23 rounds it to an integer (to nearest
   // even, the magic number being even) that sits in t's low mantissa bits, offset by
   // kActGrid / 2 so that they hold the grid column. Valid for |x / w| < 2^22, far beyond the
@@ -96,12 +104,13 @@ C10_ALWAYS_INLINE fVec smooth_grid(const fVec& x) {
   return fused_madd(h, h * p, linear) + lookup(T.coef[0], col);
 }
 
-template <Act A>
+// The value (kGrad false) or the derivative of a smooth activation in float64, rounded to fp32.
+template <Act A, bool kGrad>
 C10_ALWAYS_INLINE fVec smooth_double(const fVec& x) {
-  dVec lo, hi, vlo, vhi, unused;
+  dVec lo, hi, vlo, vhi;
   widen(x, lo, hi);
-  smooth_d<A, true, false>(lo, vlo, unused);
-  smooth_d<A, true, false>(hi, vhi, unused);
+  smooth_d<A, !kGrad, kGrad>(lo, vlo, vlo);
+  smooth_d<A, !kGrad, kGrad>(hi, vhi, vhi);
   fVec out;
   narrow_parts(vlo, vhi, out);
   return out;
@@ -122,10 +131,18 @@ C10_ALWAYS_INLINE fVec activate(const fVec& x) {
   if constexpr (A == Act::Relu) return relu(x);
   if constexpr (is_smooth(A)) {
     // act(+-0) = +-0 as PyTorch's: the grid's h^2 term would turn -0 into +0.
-    const fVec a = select(equal(x, fVec(0.f)), x, smooth_grid<A>(x));
+    const fVec a = select(equal(x, fVec(0.f)), x, grid_eval(act_table<A>(), x));
     const Mask off_grid = at_least(x.abs(), fVec(act_table<A>().bound));  // NaN stays on
-    return any(off_grid) ? select(off_grid, smooth_double<A>(x), a) : a;
+    return any(off_grid) ? select(off_grid, smooth_double<A, false>(x), a) : a;
   }
+}
+
+// act'(x) of a smooth activation; NaN gives NaN (through h).
+template <Act A>
+C10_ALWAYS_INLINE fVec derivative(const fVec& x) {
+  const fVec d = grid_eval(grad_table<A>(), x);
+  const Mask off_grid = at_least(x.abs(), fVec(grad_table<A>().bound));
+  return any(off_grid) ? select(off_grid, smooth_double<A, true>(x), d) : d;
 }
 
 }  // namespace

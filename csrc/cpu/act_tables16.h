@@ -13,7 +13,7 @@ namespace {
 // A float16 or bfloat16 x has only 65536 values, so each smooth activation is tabulated once per
 // process (256 KB of fp32, built on first use by activate<A> itself, hence bit-identical to it),
 // and one gather replaces the grid polynomial: the 16-bit bits are the index. The backward's
-// act'(x) is tabulated the same way in float64 (512 KB), from the float64 evaluators it replaces.
+// act'(x) is tabulated the same way, by derivative<A>.
 
 constexpr int64_t k16BitValues = 65536;
 
@@ -46,12 +46,12 @@ const float* activation_table() {
 }
 
 template <typename T, Act A>
-const double* derivative_table() {
-  static const std::vector<double> table = [] {
-    std::vector<double> values(k16BitValues);
+const float* derivative_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> values(k16BitValues);
     for_each_16bit_step<T>([&](int64_t i, const F2& v) {
-      const D4 d = derivatives<A>(v);
-      for (int k = 0; k < 4; ++k) d.d[k].store(values.data() + i + k * dVec::size());
+      derivative<A>(v.lo).store(values.data() + i);
+      derivative<A>(v.hi).store(values.data() + i + kF);
     });
     return values;
   }();
@@ -67,7 +67,7 @@ const float* activation_table_for() {
 }
 
 template <typename T, Act A>
-const double* derivative_table_for() {
+const float* derivative_table_for() {
   if constexpr (uses_table<T, A>()) return derivative_table<T, A>();
   return nullptr;
 }
@@ -121,22 +121,6 @@ C10_ALWAYS_INLINE fVec gather(const float* table, const Index& index) {
   float values[kF];
   for (int64_t i = 0; i < kF; ++i) values[i] = table[index.lane[i]];
   return fVec::loadu(values);
-#endif
-}
-
-// The two double vectors of table values at one float vector's lanes.
-C10_ALWAYS_INLINE void gather(const double* table, const Index& index, dVec& lo, dVec& hi) {
-#if defined(CPU_CAPABILITY_AVX512)
-  lo = _mm512_i32gather_pd(_mm512_castsi512_si256(index), table, sizeof(double));
-  hi = _mm512_i32gather_pd(_mm512_extracti64x4_epi64(index, 1), table, sizeof(double));
-#elif defined(CPU_CAPABILITY_AVX2)
-  lo = _mm256_i32gather_pd(table, _mm256_castsi256_si128(index), sizeof(double));
-  hi = _mm256_i32gather_pd(table, _mm256_extracti128_si256(index, 1), sizeof(double));
-#else
-  double values[kF];
-  for (int64_t i = 0; i < kF; ++i) values[i] = table[index.lane[i]];
-  lo = dVec::loadu(values);
-  hi = dVec::loadu(values + dVec::size());
 #endif
 }
 
