@@ -119,10 +119,13 @@ void forward_typed(const ForwardArgs& args) {
 
 // Lanes mode: whole rows of C channels. A tile of rows is accumulated in registers per chunk of
 // channels before touching the block's slots, so the slots' loads and stores are amortised.
+// Measured on 4096 x 1024 and channels_last 16 x 256 x 28 x 28 (fwd+stats over fwd, one
+// thread): 64 rows against 16 took GELU fp32 from 2.7x to 2.3x and 2.4x to 1.9x, bf16 from
+// 1.2-1.3x to 1.0-1.2x; 2 or 4 rows were far slower, 128 to 1024 no faster than 64.
 template <typename T, Act A>
 void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelParams& params,
                       const BlockSlots& s, const float* table) {
-  constexpr int64_t kTile = 16;
+  constexpr int64_t kTile = 64;
   constexpr int64_t kD = dVec::size();
   for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
     const int64_t r1 = std::min(rows, r0 + kTile);
