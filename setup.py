@@ -134,7 +134,7 @@ setup(
             name="lipkern._C",
             sources=sources,
             include_dirs=[str(ROOT / CSRC)],
-            depends=[str(p) for p in sorted((ROOT / CSRC).glob("*.h"))]
+            depends=[str(p) for p in sorted((ROOT / CSRC).rglob("*.h"))]
             + [str(ROOT / CSRC / "remap_act_kernels.cpp")],
             extra_compile_args=CXX_FLAGS,
             extra_link_args=["-fopenmp"],

@@ -3,9 +3,9 @@
 //
 // lipkern/ops/library.py registers the same formulas in Python for every device (the Autograd
 // alias key); this AutogradCPU registration takes precedence for CPU tensors only. It exists for
-// speed: the Python autograd kernel runs on every call, with or without grad, and in a converted
-// ViT-tiny, where each op call is 10-100 us, that Python layer cost about 25 us per call between
-// a LayerNorm and the Linear that reads the remap (tiny tensors: about 4 us). The formulas are
+// speed: the Python autograd kernel runs on every call, with or without grad, and inside a
+// model Python between two multi-threaded ops costs several times its own time (the README's
+// Backends section has the measurement). The formulas are
 // those of library.py: dx from lipkern::remap_act_backward, its own gradients (double backward)
 // from lipkern::remap_act_double_backward, no gradient for thresholds, centres or the statistics.
 

@@ -39,7 +39,7 @@ def test_cpp_parses_every_table_name():
 
 
 def test_gelu_tanh_constants_agree_across_backends():
-    kernels = (CSRC / "remap_act_kernels.cpp").read_text()
+    kernels = (CSRC / "cpu" / "act_eval.h").read_text()
     cubic = float(re.search(r"kTanhKappa = ([0-9.e-]+);", kernels).group(1))
     assert cubic == activations.GELU_TANH_CUBIC
     # The scale is written as M_SQRT2 * M_2_SQRTPI * 0.5 = sqrt(2/pi) in C++.

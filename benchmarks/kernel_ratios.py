@@ -1,0 +1,108 @@
+"""The C++ kernels' own ratios, each timed side by side in one process: fwd+stats over the fused
+forward, and backward over PyTorch's activation backward (`torch.ops.aten.*_backward`).
+
+    python benchmarks/kernel_ratios.py [stats|bwd|all] [--threads N] [--rounds R]
+
+Each ratio takes the 10th percentile of single calls, alternated between the two subjects, so
+that calls another process slowed down drop out; ratios move by about 10 % between runs on a
+shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import lipkern  # noqa: F401  (registers torch.ops.lipkern)
+
+OPS = torch.ops.lipkern
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAYOUTS = {"rows": (4096, 1024), "nchw": (16, 256, 28, 28), "nchw_cl": (16, 256, 28, 28)}
+ATEN_BACKWARD = {
+    "gelu": lambda g, x: torch.ops.aten.gelu_backward(g, x),
+    "gelu_tanh": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
+    "silu": lambda g, x: torch.ops.aten.silu_backward(g, x),
+}
+
+
+def side_by_side(subjects: dict, rounds: int) -> dict:
+    times = {name: [] for name in subjects}
+    for f in subjects.values():
+        f()
+    for _ in range(rounds):
+        for name, f in subjects.items():
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 10] for name, t in times.items()}
+
+
+def thresholds(channels: int, kind: str) -> torch.Tensor:
+    # A per-tensor zero threshold is what a calibration scan runs.
+    return torch.rand(channels) * 0.5 if kind == "channel" else torch.tensor(0.0)
+
+
+def stats(rounds: int) -> None:
+    print(f"{'act':9}{'dtype':6}{'layout':8}{'thr':9}{'fwd ms':>8}{'stats ms':>9}{'ratio':>7}")
+    for act in ("gelu", "relu", "identity"):
+        for dtype in DTYPES:
+            for layout, shape in LAYOUTS.items():
+                for kind in ("channel", "tensor0"):
+                    x = torch.randn(shape, dtype=DTYPES[dtype])
+                    if layout == "nchw_cl":
+                        x = x.to(memory_format=torch.channels_last)
+                    t = thresholds(x.shape[1], kind)
+                    r = side_by_side(
+                        {
+                            "fwd": lambda: OPS.remap_act(x, t, None, act, 1, False),
+                            "stats": lambda: OPS.remap_act_stats(x, t, None, act, 1),
+                        },
+                        rounds,
+                    )
+                    print(
+                        f"{act:9}{dtype:6}{layout:8}{kind:9}{r['fwd'] * 1e3:8.3f}"
+                        f"{r['stats'] * 1e3:9.3f}{r['stats'] / r['fwd']:7.2f}",
+                        flush=True,
+                    )
+
+
+def backward(rounds: int) -> None:
+    print(f"{'act':10}{'dtype':6}{'thr':9}{'aten ms':>8}{'ours ms':>8}{'ratio':>7}")
+    for act, aten in ATEN_BACKWARD.items():
+        for dtype in DTYPES:
+            for kind in ("channel", "tensor0"):
+                x = torch.randn(4096, 1024, dtype=DTYPES[dtype])
+                g = torch.randn_like(x)
+                t = thresholds(1024, kind)
+                r = side_by_side(
+                    {
+                        "aten": lambda: aten(g, x),
+                        "ours": lambda: OPS.remap_act_backward(g, x, t, None, act, 1, False),
+                    },
+                    rounds,
+                )
+                print(
+                    f"{act:10}{dtype:6}{kind:9}{r['aten'] * 1e3:8.3f}{r['ours'] * 1e3:8.3f}"
+                    f"{r['ours'] / r['aten']:7.2f}",
+                    flush=True,
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="?", default="all", choices=("stats", "bwd", "all"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    if args.what in ("stats", "all"):
+        stats(args.rounds)
+    if args.what in ("bwd", "all"):
+        backward(args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+// Activations and their derivatives in fp32: the grid polynomials of the smooth ones, with the
+// float64 evaluators off the grid.
+// Included by csrc/remap_act_kernels.cpp only (see there): it lands in lipkern::<CAP>.
+#pragma once
+
+#include "activation_tables.h"
+#include "cpu/act_eval.h"
+
+namespace lipkern {
+namespace CPU_CAPABILITY {
+namespace {
+
+// The grid (csrc/activation_tables.h, fitted by scripts/fit_activation_tables.py).
+//
+// act(x) = hi[q] + (lo[q] + c1[q] h + h (h P_q(h))) with q = round(x / w) and h = x - q w exact:
+// the activation is approximated around each grid point, so no term cancels, and the result is
+// within 1.32 fp32 ulps of the truth (tests/test_cpu_kernels.py), for every dtype. Inputs off
+// the grid (|x| >= bound, rare for activations, and +-inf) take the float64 path (act_eval.h) for their
+// whole vector.
+
+template <Act A>
+constexpr const ActTable& act_table() {
+  if constexpr (A == Act::Gelu) return kGeluTable;
+  if constexpr (A == Act::GeluTanh) return kGeluTanhTable;
+  if constexpr (A == Act::Silu) return kSiluTable;
+}
+
+// act'(x) on the same grid, fitted to an absolute error of (1 + |x|) 2^-24 or so: the backward's
+// accuracy rule is absolute in those terms, since act' crosses zero.
+template <Act A>
+constexpr const ActTable& grad_table() {
+  if constexpr (A == Act::Gelu) return kGeluGradTable;
+  if constexpr (A == Act::GeluTanh) return kGeluTanhGradTable;
+  if constexpr (A == Act::Silu) return kSiluGradTable;
+}
+
+// Each lane's grid column q + kActGrid / 2, which `t` holds in its low mantissa bits (see
+// smooth_grid), and one table row read at those columns. Lanes off the grid (and NaN) read some
+// column: their value is replaced (or stays NaN through h).
+#if defined(CPU_CAPABILITY_AVX512)
+using GridCols = __m512i;
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t) {
+  // vpermt2ps reads the low 5 bits only.
+  static_assert(kActGrid == 2 * kF, "one two-register permute covers the grid");
+  return _mm512_castps_si512(t);
+}
+C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(row), col, _mm512_loadu_ps(row + kF));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+using GridCols = __m256i;
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t) {
+  return _mm256_and_si256(_mm256_castps_si256(t), _mm256_set1_epi32(kActGrid - 1));
+}
+C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
+  return _mm256_i32gather_ps(row, col, sizeof(float));
+}
+#else
+struct GridCols {
+  uint32_t col[kF];
+};
+C10_ALWAYS_INLINE GridCols grid_cols(const fVec& t) {
+  GridCols cols;
+  t.store(cols.col);  // the bits of t, as ints
+  for (int64_t i = 0; i < kF; ++i) cols.col[i] &= kActGrid - 1;
+  return cols;
+}
+C10_ALWAYS_INLINE fVec lookup(const float* row, const GridCols& col) {
+  float v[kF];
+  for (int64_t i = 0; i < kF; ++i) v[i] = row[col.col[i]];
+  return fVec::loadu(v);
+}
+#endif
+
+// a b + c rounded once: the grid's error bound counts on it, and the generic Vectorized fmadd
+// rounds the product first.
+C10_ALWAYS_INLINE fVec fused_madd(const fVec& a, const fVec& b, const fVec& c) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return at::vec::fmadd(a, b, c);
+#else
+  float fa[kF], fb[kF], fc[kF];
+  a.store(fa);
+  b.store(fb);
+  c.store(fc);
+  for (int64_t i = 0; i < kF; ++i) fa[i] = std::fma(fa[i], fb[i], fc[i]);
+  return fVec::loadu(fa);
+#endif
+}
+
+C10_ALWAYS_INLINE fVec grid_eval(const ActTable& T, const fVec& x) {
+  // x / w is exact (w is a power of two); adding 1.5 * 2^23 rounds it to an integer (to nearest
+  // even, the magic number being even) that sits in t's low mantissa bits, offset by
+  // kActGrid / 2 so that they hold the grid column. Valid for |x / w| < 2^22, far beyond the
+  // grid; it replaces a round, a conversion and an add.
+  constexpr float kMagic = 0x1.8p23f + kActGrid / 2;
+  const fVec t = at::vec::fmadd(x, fVec(T.inv_step), fVec(kMagic));
+  const fVec q = t - fVec(kMagic);
+  const GridCols col = grid_cols(t);
+  // q w is exact and so is x - q w (Sterbenz: |h| <= w / 2 <= |x| / 2).
+  const fVec h = at::vec::fnmadd(q, fVec(T.step), x);
+  fVec p = lookup(T.coef[kActTableRows - 1], col);
+  for (int k = kActTableRows - 2; k >= 3; --k) p = fused_madd(p, h, lookup(T.coef[k], col));
+  const fVec linear = fused_madd(lookup(T.coef[2], col), h, lookup(T.coef[1], col));
+  return fused_madd(h, h * p, linear) + lookup(T.coef[0], col);
+}
+
+// The value (kGrad false) or the derivative of a smooth activation in float64, rounded to fp32.
+template <Act A, bool kGrad>
+C10_ALWAYS_INLINE fVec smooth_double(const fVec& x) {
+  dVec lo, hi, vlo, vhi;
+  widen(x, lo, hi);
+  smooth_d<A, !kGrad, kGrad>(lo, vlo, vlo);
+  smooth_d<A, !kGrad, kGrad>(hi, vhi, vhi);
+  fVec out;
+  narrow_parts(vlo, vhi, out);
+  return out;
+}
+
+// ReLU as PyTorch's clamp_min(x, 0): -0 and NaN pass through unchanged.
+C10_ALWAYS_INLINE fVec relu(const fVec& x) {
+  return select(less(x, fVec(0.f)), fVec(0.f), x);
+}
+
+constexpr bool is_smooth(Act A) {
+  return A == Act::Gelu || A == Act::GeluTanh || A == Act::Silu;
+}
+
+template <Act A>
+C10_ALWAYS_INLINE fVec activate(const fVec& x) {
+  if constexpr (A == Act::Identity) return x;
+  if constexpr (A == Act::Relu) return relu(x);
+  if constexpr (is_smooth(A)) {
+    // act(+-0) = +-0 as PyTorch's: the grid's h^2 term would turn -0 into +0.
+    const fVec a = select(equal(x, fVec(0.f)), x, grid_eval(act_table<A>(), x));
+    const Mask off_grid = at_least(x.abs(), fVec(act_table<A>().bound));  // NaN stays on
+    return any(off_grid) ? select(off_grid, smooth_double<A, false>(x), a) : a;
+  }
+}
+
+// act'(x) of a smooth activation; NaN gives NaN (through h).
+template <Act A>
+C10_ALWAYS_INLINE fVec derivative(const fVec& x) {
+  const fVec d = grid_eval(grad_table<A>(), x);
+  const Mask off_grid = at_least(x.abs(), fVec(grad_table<A>().bound));
+  return any(off_grid) ? select(off_grid, smooth_double<A, true>(x), d) : d;
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace lipkern

@@ -1,0 +1,147 @@
+// Tables of every 16-bit input's activation and derivative, and the step load that uses them.
+// Included by csrc/remap_act_kernels.cpp only (see there): it lands in lipkern::<CAP>.
+#pragma once
+
+#include "cpu/act_grid.h"
+
+#include <vector>
+
+namespace lipkern {
+namespace CPU_CAPABILITY {
+namespace {
+
+// A float16 or bfloat16 x has only 65536 values, so each smooth activation is tabulated once per
+// process (256 KB of fp32, built on first use by activate<A> itself, hence bit-identical to it),
+// and one gather replaces the grid polynomial: the 16-bit bits are the index. The backward's
+// act'(x) is tabulated the same way, by derivative<A>.
+
+constexpr int64_t k16BitValues = 65536;
+
+template <typename T, Act A>
+constexpr bool uses_table() {
+  return !std::is_same_v<T, float> && is_smooth(A);
+}
+
+// Every 16-bit pattern of T, a step at a time, as floats: fill(first index, values).
+template <typename T, typename F>
+void for_each_16bit_step(F&& fill) {
+  uint16_t bits[kStep];
+  for (int64_t i = 0; i < k16BitValues; i += kStep) {
+    for (int64_t j = 0; j < kStep; ++j) bits[j] = static_cast<uint16_t>(i + j);
+    fill(i, load(reinterpret_cast<const T*>(bits), kStep));
+  }
+}
+
+template <typename T, Act A>
+const float* activation_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> values(k16BitValues);
+    for_each_16bit_step<T>([&](int64_t i, const F2& v) {
+      activate<A>(v.lo).store(values.data() + i);
+      activate<A>(v.hi).store(values.data() + i + kF);
+    });
+    return values;
+  }();
+  return table.data();
+}
+
+template <typename T, Act A>
+const float* derivative_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> values(k16BitValues);
+    for_each_16bit_step<T>([&](int64_t i, const F2& v) {
+      derivative<A>(v.lo).store(values.data() + i);
+      derivative<A>(v.hi).store(values.data() + i + kF);
+    });
+    return values;
+  }();
+  return table.data();
+}
+
+// The tables a kernel over T reads (null where none is used); fetched before the parallel
+// region, so that the one-time build happens on the calling thread.
+template <typename T, Act A>
+const float* activation_table_for() {
+  if constexpr (uses_table<T, A>()) return activation_table<T, A>();
+  return nullptr;
+}
+
+template <typename T, Act A>
+const float* derivative_table_for() {
+  if constexpr (uses_table<T, A>()) return derivative_table<T, A>();
+  return nullptr;
+}
+
+// The table indices (the 16-bit patterns, zero-extended) of one step: the first and second
+// float vector's lanes. Padding lanes read index 0 (x = +0).
+#if defined(CPU_CAPABILITY_AVX512)
+using Index = __m512i;
+#elif defined(CPU_CAPABILITY_AVX2)
+using Index = __m256i;
+#else
+struct Index {
+  uint32_t lane[kF];
+};
+#endif
+
+struct Indices {
+  Index lo, hi;
+};
+
+template <typename T>
+C10_ALWAYS_INLINE Indices load_indices(const T* p, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  const V raw = n >= kStep ? V::loadu(p) : V::loadu(p, n);
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i bits = raw;
+  return {_mm512_cvtepu16_epi32(_mm512_castsi512_si256(bits)),
+          _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(bits, 1))};
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i bits = raw;
+  return {_mm256_cvtepu16_epi32(_mm256_castsi256_si128(bits)),
+          _mm256_cvtepu16_epi32(_mm256_extracti128_si256(bits, 1))};
+#else
+  uint16_t bits[kStep];
+  raw.store(bits);
+  Indices out;
+  for (int64_t i = 0; i < kF; ++i) {
+    out.lo.lane[i] = bits[i];
+    out.hi.lane[i] = bits[kF + i];
+  }
+  return out;
+#endif
+}
+
+C10_ALWAYS_INLINE fVec gather(const float* table, const Index& index) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_i32gather_ps(index, table, sizeof(float));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_i32gather_ps(table, index, sizeof(float));
+#else
+  float values[kF];
+  for (int64_t i = 0; i < kF; ++i) values[i] = table[index.lane[i]];
+  return fVec::loadu(values);
+#endif
+}
+
+// act(x) for the first n elements of p, as the two float vectors of one step; padding lanes hold
+// act(0) = 0.
+template <typename T, Act A>
+C10_ALWAYS_INLINE F2 load_activated(const T* p, int64_t n, const float* table) {
+  if constexpr (uses_table<T, A>()) {
+    const Indices index = load_indices(p, n);
+    return {gather(table, index.lo), gather(table, index.hi)};
+  } else {
+    const F2 v = load(p, n);
+    return {activate<A>(v.lo), activate<A>(v.hi)};
+  }
+}
+
+// |a - c| < t in fp32; NaN compares false and t = 0 never holds.
+C10_ALWAYS_INLINE Mask remap_mask(const fVec& a, const fVec& t, const fVec& c) {
+  return less((a - c).abs(), t);
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace lipkern

@@ -1,0 +1,60 @@
+// Walking a flat range of a [outer, C, inner] tensor in runs that share a parameter layout.
+// Included by csrc/remap_act_kernels.cpp only (see there): it lands in lipkern::<CAP>.
+#pragma once
+
+#include "remap_act.h"
+#include "cpu/vec_io.h"
+
+namespace lipkern {
+namespace CPU_CAPABILITY {
+namespace {
+
+// Lanes mode (inner == 1): a run is a stretch of consecutive channels of one row; thresholds and
+// centres are loaded as vectors alongside the data. Row mode: a run is a stretch of one channel;
+// its threshold and centre are broadcast.
+
+template <typename F>
+inline void for_each_run(const Geometry& g, int64_t begin, int64_t end, F&& body) {
+  const bool lanes = g.inner == 1;
+  const int64_t period = lanes ? g.channels : g.inner;
+  int64_t p = begin;
+  while (p < end) {
+    const int64_t row = p / period;
+    const int64_t run_end = std::min(end, (row + 1) * period);
+    const int64_t ch = lanes ? p - row * period : row % g.channels;
+    body(p, run_end - p, ch);
+    p = run_end;
+  }
+}
+
+// Thresholds and centres for one step of a run.
+struct StepParams {
+  F2 t, c;
+};
+
+template <bool kLanes>
+struct RunParams {
+  const float* t;  // lanes: first channel of the run; row: the run's channel
+  const float* c;  // null without a centre
+  fVec t_b, c_b;
+
+  RunParams(const ChannelParams& p, int64_t ch) : t(p.threshold + ch), c(p.center ? p.center + ch : nullptr) {
+    if constexpr (!kLanes) {
+      t_b = fVec(*t);
+      c_b = c ? fVec(*c) : fVec(0.f);
+    }
+  }
+
+  inline StepParams at(int64_t i, int64_t n) const {
+    if constexpr (kLanes) {
+      // A remap without centre is the remap towards 0: |a - 0| = |a| and the fill is +0.
+      return {load(t + i, n), c ? load(c + i, n) : F2{fVec(0.f), fVec(0.f)}};
+    } else {
+      return {{t_b, t_b}, {c_b, c_b}};
+    }
+  }
+};
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace lipkern
