@@ -336,20 +336,21 @@ def remap_act_traceable(x, threshold, center, act: str, channel_dim: int) -> tor
     """The remap as plain pointwise torch ops, for ``torch.compile`` and ``torch.export``.
 
     Inductor fuses these into the producer's epilogue (a convolution's, a normalisation's), where
-    the opaque ``lipkern::*`` op would cost its own pass over memory. The comparison and the
-    selection are the op's (float32, rounded once to ``x.dtype``), so identity and ReLU are
-    bit-identical to it; smooth activations carry the compiler's numerics (those of the compiled
-    original model), and at +-inf the activation formulas' own values (the op takes the limits).
-    ``threshold`` / ``center``: float32 ``()`` / ``(C,)`` tensors; ``channel_dim`` non-negative.
+    the opaque ``lipkern::*`` op would cost its own pass over memory. The activation is computed
+    in ``x``'s dtype, as the original model computes it (an explicit float32 copy made inductor
+    keep a float32 buffer between two loops in bf16 ResNets); the comparison is in float32, as
+    the op's. Identity and ReLU are therefore bit-identical to the op; smooth activations carry
+    the compiler's numerics (those of the compiled original model, rounded to ``x``'s dtype
+    before the comparison), and at +-inf the activation formulas' own values (the op takes the
+    limits). ``threshold`` / ``center``: float32 ``()`` / ``(C,)`` tensors; ``channel_dim``
+    non-negative.
     """
-    a = lookup(act).torch_fn(x.float())
+    a = lookup(act).torch_fn(x)
     t = broadcast_per_channel(threshold, x.dim(), channel_dim)
     if center is None:
-        y = torch.where(a.abs() < t, 0.0, a)
-    else:
-        c = broadcast_per_channel(center, x.dim(), channel_dim)
-        y = torch.where((a - c).abs() < t, c, a)
-    return y.to(x.dtype)
+        return torch.where(a.float().abs() < t, 0.0, a)
+    c = broadcast_per_channel(center, x.dim(), channel_dim)
+    return torch.where((a.float() - c).abs() < t, c, a.float()).to(x.dtype)
 
 
 def remap_act_prechecked(
