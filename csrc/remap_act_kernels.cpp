@@ -146,13 +146,7 @@ void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelPa
         amax1 = max_of_finite(amax1, a1.abs());
         count0 = add_one_where(k0, count0);
         count1 = add_one_where(k1, count1);
-        dVec d[4];
-        widen(a0, d[0], d[1]);
-        widen(a1, d[2], d[3]);
-        for (int k = 0; k < 4; ++k) {
-          sum[k] = sum[k] + d[k];
-          sumsq[k] = at::vec::fmadd(d[k], d[k], sumsq[k]);
-        }
+        add_to_sums(a0, a1, sum, sumsq);
       }
       const F2 mx = load(s.amax + c0, m);
       store(s.amax + c0, m, at::vec::maximum(mx.lo, amax0), at::vec::maximum(mx.hi, amax1));
@@ -187,13 +181,7 @@ void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams&
     }
     amax = max_of_finite(amax, max_of_finite(a0.abs(), a1.abs()));
     count = add_one_where(k1, add_one_where(k0, count));
-    dVec d[4];
-    widen(a0, d[0], d[1]);
-    widen(a1, d[2], d[3]);
-    for (int k = 0; k < 4; ++k) {
-      sum[k] = sum[k] + d[k];
-      sumsq[k] = at::vec::fmadd(d[k], d[k], sumsq[k]);
-    }
+    add_to_sums(a0, a1, sum, sumsq);
   }
   // Fold the lanes in a fixed order, as trees: a run can be as short as one 7x7 plane, and a
   // sequential fold of the 32 sums (a chain of 32 dependent adds) then cost more than the run.

@@ -45,6 +45,19 @@ int64_t stats_block_units(const Geometry& g, int64_t unit) {
   return std::max<int64_t>(1, std::min({ceil_div(std::min(elements, kMaxStatsBlock), unit), units}));
 }
 
+// Adds the 32 activations of a step (two fp32 vectors) to four fp64 lane sums and sums of
+// squares, widened first: the square of an fp32 value is exact in fp64, and fp64 sums do not
+// stall the way fp32 ones do over a long scan.
+C10_ALWAYS_INLINE void add_to_sums(const fVec& a0, const fVec& a1, dVec sum[4], dVec sumsq[4]) {
+  dVec d[4];
+  widen(a0, d[0], d[1]);
+  widen(a1, d[2], d[3]);
+  for (int k = 0; k < 4; ++k) {
+    sum[k] = sum[k] + d[k];
+    sumsq[k] = at::vec::fmadd(d[k], d[k], sumsq[k]);
+  }
+}
+
 struct BlockSlots {
   double* sum;
   double* sumsq;
