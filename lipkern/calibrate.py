@@ -373,9 +373,13 @@ def _calibrate(
     tracker = lnn.ScanTracker()
     for _, module in modules:
         module.begin_calibration(granularity, statistic, center, tracker)
-    batches = _scan(
-        model, modules, data, max_batches, progress, "lipkern calibrate", True, group, tracker
-    )
+    try:
+        batches = _scan(
+            model, modules, data, max_batches, progress, "lipkern calibrate", True, group, tracker
+        )
+    finally:
+        for _, module in modules:
+            module.end_scan()
     if _distributed():
         _all_reduce_calibration(modules, group)
     unused, mixed = [], []

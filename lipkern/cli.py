@@ -99,7 +99,7 @@ def _quiet_cuda_home_warning() -> None:
 
 
 def _add_verify_parser(subparsers) -> None:
-    from lipkern.ops.reference import ACTIVATIONS
+    from lipkern.ops.activations import ACTIVATIONS
 
     ops = ("fwd", "stats", "inplace", "bwd")
     p = subparsers.add_parser(
@@ -132,11 +132,12 @@ def _add_verify_parser(subparsers) -> None:
 
 
 def _run_verify(args) -> int:
+    from lipkern.ops.activations import ACTIVATIONS
     from lipkern.tools import verify
 
     report = verify.run_verify(
         backends=args.backend,
-        acts=args.act or verify.reference.ACTIVATIONS,
+        acts=args.act or ACTIVATIONS,
         dtypes=args.dtype or tuple(verify.DTYPES),
         ops=args.op or verify.OPS,
         devices=args.device,

@@ -73,14 +73,23 @@ import torch
 from torch import nn
 
 from lipkern.ops import thresholds
-from lipkern.ops.activations import ACTIVATIONS, lookup
+from lipkern.ops.activations import lookup
 from lipkern.ops.api import (
     remap_act_prechecked,
     remap_act_stats_prechecked,
     remap_act_traceable,
 )
 from lipkern.ops.stats import STAT_DTYPES, ChannelStats
-from lipkern.ops.thresholds import MODES
+# Re-exported: these names were defined here before the thresholds' arithmetic moved.
+from lipkern.ops.thresholds import (  # noqa: F401
+    CENTERS,
+    GRANULARITIES,
+    HIST_BINS,
+    HIST_MANTISSA_BITS,
+    MODES,
+    check_ratio,
+    parse_statistic,
+)
 
 COMPILE_FORMS = ("decomposed", "opaque")
 _STAT_BUFFERS = tuple(STAT_DTYPES)
@@ -387,9 +396,12 @@ class RemapAct(nn.Module):
         """Whether the last calibration scan called this layer."""
         return self.has_stats
 
+    def end_scan(self) -> None:
+        """Let go of the scan's tracker (a scan over, whether or not it reached this layer)."""
+        self._scan_tracker = None
+
     def finish_calibration(self, ratio: float) -> None:
         """Set thresholds after a scan (input remaps: decide redundancy); mode becomes apply."""
-        self._scan_tracker = None
         self.set_ratio(ratio)
 
     # -- forward -----------------------------------------------------------------------------
@@ -553,7 +565,6 @@ class InputRemap(RemapAct):
         return x
 
     def finish_calibration(self, ratio: float) -> None:
-        self._scan_tracker = None
         self.redundant = self.sites_seen > 0 and self.sites_fed == self.sites_seen
         if not self.redundant:
             self.fed_by = None

@@ -30,6 +30,7 @@ def test_cpp_enum_follows_the_table_codes():
     cpp_names = [name.strip() for name in enum_body.split(",")]
     table_names = [entry.name.replace("_", " ").title().replace(" ", "") for entry in activations.TABLE]
     assert cpp_names == table_names  # enum values are positions: code i is the i-th name
+    assert [entry.code for entry in activations.TABLE] == list(range(len(activations.TABLE)))
 
 
 def test_cpp_parses_every_table_name():

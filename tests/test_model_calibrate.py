@@ -301,6 +301,8 @@ def test_unused_layer_warns_and_stays_uncalibrated():
         _calibrate(model, [torch.randn(3, 2)])
     with pytest.raises(RuntimeError, match="unused.1.*never calibrated"):
         model["unused"](torch.randn(3, 2))
+    # The scan's tracker is let go by every layer, the unreached one too.
+    assert all(m._scan_tracker is None for _, m in remap_modules(model))
     # The calibrated layers still re-threshold and measure.
     assert [layer.name for layer in set_ratio(model, 2**-3).layers] == ["used.1"]
     assert set(measure_remapped(model, [torch.randn(3, 2)])) == {"used.1"}

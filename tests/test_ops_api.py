@@ -219,3 +219,14 @@ def test_property_forward_matches_reference(
     tn, cn, d = normalise_arguments(x, t, act, c, -1)
     assert compare_forward(y, x, tn, cn, act, d).ok
     assert stats.count.tolist() == [rows] * channels
+
+
+def test_prechecked_inplace_refuses_a_tensor_that_requires_grad():
+    from lipkern.ops.api import remap_act_prechecked
+
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace=True.*requires grad"):
+        remap_act_prechecked(x, torch.tensor(0.1), None, "relu", -1, inplace=True)
+    with torch.no_grad():
+        y = x.detach().clone()
+        assert remap_act_prechecked(y, torch.tensor(0.1), None, "relu", -1, inplace=True) is y

@@ -5,6 +5,7 @@
 #include "remap_act.h"
 #include "cpu/vec_io.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace lipkern {

@@ -9,6 +9,11 @@ centre on ``x``'s device, non-negative ``channel_dim``) and must agree with
 - ``"triton"``: :mod:`lipkern.ops.triton_backend`; on CUDA through the ``lipkern::*`` ops, on CPU
   tensors only under ``TRITON_INTERPRET=1`` (the Triton interpreter).
 - ``"auto"``: ``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors.
+
+Besides the public ops: :func:`normalise_arguments` (the normalisation above),
+:func:`remap_act_prechecked` / :func:`remap_act_stats_prechecked` (the entry for callers that
+hold checked buffers, such as :mod:`lipkern.nn`) and :func:`remap_act_traceable` (the remap as
+pointwise ops, what a compiled or exported model sees).
 """
 
 from __future__ import annotations
@@ -373,6 +378,11 @@ def remap_act_prechecked(
     are about 3 us per call. Elsewhere, and for a ``channel_dim`` that ``x`` lacks (whose error
     the checked API raises), the checked API runs.
     """
+    if inplace and x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "remap_act_prechecked(inplace=True) overwrites x, which requires grad; "
+            "run under torch.no_grad() or pass inplace=False"
+        )
     dim = x.dim()
     if _runs_cpu_kernels(backend, x) and -dim <= channel_dim < dim:
         if inplace:

@@ -5,7 +5,7 @@ This module is the ground truth: the C++ and Triton kernels are tested against i
 
 All functions take *normalised* arguments (see :mod:`lipkern.ops.api`): ``threshold`` and
 ``center`` are float32 tensors of shape ``()`` or ``(C,)`` on ``x``'s device, ``channel_dim`` is
-non-negative, ``act`` is one of :data:`ACTIVATIONS`.
+non-negative, ``act`` is one of :data:`lipkern.ops.activations.ACTIVATIONS`.
 
 Per element, in float32::
 
@@ -25,7 +25,13 @@ import math
 
 import torch
 
-from lipkern.ops.activations import ACTIVATIONS, GELU_TANH_CUBIC, GELU_TANH_SCALE, lookup
+from lipkern.ops.activations import (
+    ACTIVATIONS,
+    EXACT_ACTIVATIONS,
+    GELU_TANH_CUBIC,
+    GELU_TANH_SCALE,
+    lookup,
+)
 
 
 def activation_reference(x: torch.Tensor, act: str) -> torch.Tensor:
@@ -72,7 +78,7 @@ def activation_second_derivative(x: torch.Tensor, act: str) -> torch.Tensor:
     0 for identity and ReLU (piecewise linear: PyTorch's ReLU double backward is 0 too) and at
     +-inf (the limits); NaN stays NaN.
     """
-    if act in ("identity", "relu"):
+    if act in EXACT_ACTIVATIONS:
         return torch.zeros_like(x, dtype=torch.float32)
     xd = x.double()
     if act == "gelu":

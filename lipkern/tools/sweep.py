@@ -5,7 +5,7 @@ Each size 2^k elements (k from ``--sweep-min`` to ``--sweep-max`` in steps of ``
 and the baselines of :mod:`lipkern.tools.bench` (hand-written remap and reference, eager and
 ``torch.compile``d for any size, the bare activation, ``copy_``) are timed as there. Results are
 GB/s (bytes an ideal kernel moves / median time), written as ``sweep.json`` and drawn in
-``sweep.png`` (log x): where lipkern wins, and below which size the call overhead dominates.
+``sweep.png`` (log-log): where lipkern wins, and below which size the call overhead dominates.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import torch
 import lipkern
 from lipkern import testing
 from lipkern.ops import reference
+from lipkern.ops.activations import ACTIVATIONS
 from lipkern.tools.table import format_table as _table
 from lipkern.ulp import NAN_MISMATCH, same_bits
 
@@ -329,7 +330,7 @@ def _unavailable_reason(name: str, device: str) -> str:
 
 def run_verify(
     backends: Optional[Sequence] = None,
-    acts: Sequence[str] = reference.ACTIVATIONS,
+    acts: Sequence[str] = ACTIVATIONS,
     dtypes: Sequence[str] = tuple(DTYPES),
     ops: Sequence[str] = OPS,
     devices: Optional[Sequence[str]] = None,
