@@ -166,12 +166,16 @@ def _add_bench_parser(subparsers) -> None:
     )
     bench.add_arguments(p)
     sweep.add_arguments(p)
-    p.set_defaults(func=_run_bench)
+    p.set_defaults(func=_run_bench, bench_parser=p)
 
 
 def _run_bench(args) -> int:
     from lipkern.tools import bench, sweep
 
+    if args.sweep:
+        error = sweep.argument_error(args)
+        if error:
+            args.bench_parser.error(error)
     (sweep.run if args.sweep else bench.run)(args)
     return 0
 

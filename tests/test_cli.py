@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -177,6 +178,22 @@ def test_sweep_writes_png_and_json(tmp_path, capsys):
     assert all(p["GB/s"]["lipkern bwd"] > 0 for p in report["points"])
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "2^12" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sweep-min", "2^14", "--sweep-max", "2^12"], "--sweep-min 2\\^14 is above"),
+        (["--shape", "64x64"], "cannot take --shape"),
+        (["--quick", "--dtype", "fp32", "--dtype", "bf16"], "cannot take --quick, a second"),
+    ],
+)
+def test_sweep_refuses_options_it_would_ignore(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--sweep", "--out", str(tmp_path / "sweep"), *extra])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_eval_subcommand_is_lazy_and_forwarded(monkeypatch):

@@ -347,7 +347,8 @@ def candidates(
 ) -> dict[str, Callable[[], object]]:
     """The timed callables of one configuration, keyed by the names SUBJECTS use.
 
-    ``dynamic`` compiles the baselines for any size (one compilation for a whole sweep)."""
+    ``dynamic`` compiles the baselines with dynamic shapes (a sweep still compiles them once per
+    size: each configuration resets dynamo, see below)."""
     x = shape.make(dtype).to(device)
     dy = shape.make(dtype, seed=1).to(device)
     cd = shape.channel_dim % x.dim()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Optional
 
 import torch
 
@@ -73,11 +74,25 @@ def _output_dir(text: str) -> str:
     return text
 
 
-def sizes(args) -> list[int]:
+def argument_error(args) -> Optional[str]:
+    """Why the bench arguments do not make a sweep, or None: a sweep chooses its own shapes and
+    output, so the options of a single run would be silently ignored."""
     if args.sweep_min > args.sweep_max:
-        raise ValueError(
-            f"--sweep-min 2^{args.sweep_min} is above --sweep-max 2^{args.sweep_max}"
+        return f"--sweep-min 2^{args.sweep_min} is above --sweep-max 2^{args.sweep_max}"
+    ignored = [
+        option
+        for option, given in (
+            ("--shape", args.shape), ("--quick", args.quick), ("--json", args.json),
+            ("--profile", args.profile), ("a second --dtype", len(args.dtype or ()) > 1),
         )
+        if given
+    ]
+    if ignored:
+        return f"--sweep times its own sizes of one dtype; it cannot take {', '.join(ignored)}"
+    return None
+
+
+def sizes(args) -> list[int]:
     return [1 << k for k in range(args.sweep_min, args.sweep_max + 1, args.sweep_step)]
 
 
