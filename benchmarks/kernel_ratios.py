@@ -16,6 +16,7 @@ import time
 import torch
 
 import lipkern  # noqa: F401  (registers torch.ops.lipkern)
+from lipkern.tools.table import format_table
 
 OPS = torch.ops.lipkern
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,7 +46,7 @@ def thresholds(channels: int, kind: str) -> torch.Tensor:
 
 
 def stats(rounds: int) -> None:
-    print(f"{'act':9}{'dtype':6}{'layout':8}{'thr':9}{'fwd ms':>8}{'stats ms':>9}{'ratio':>7}")
+    rows = []
     for act in ("gelu", "relu", "identity"):
         for dtype in DTYPES:
             for layout, shape in LAYOUTS.items():
@@ -61,15 +62,14 @@ def stats(rounds: int) -> None:
                         },
                         rounds,
                     )
-                    print(
-                        f"{act:9}{dtype:6}{layout:8}{kind:9}{r['fwd'] * 1e3:8.3f}"
-                        f"{r['stats'] * 1e3:9.3f}{r['stats'] / r['fwd']:7.2f}",
-                        flush=True,
-                    )
+                    rows.append((act, dtype, layout, kind, f"{r['fwd'] * 1e3:.3f}",
+                                 f"{r['stats'] * 1e3:.3f}", f"{r['stats'] / r['fwd']:.2f}"))
+    header = ("act", "dtype", "layout", "thr", "fwd ms", "stats ms", "stats / fwd")
+    print(format_table(header, rows), flush=True)
 
 
 def backward(rounds: int) -> None:
-    print(f"{'act':10}{'dtype':6}{'thr':9}{'aten ms':>8}{'ours ms':>8}{'ratio':>7}")
+    rows = []
     for act, aten in ATEN_BACKWARD.items():
         for dtype in DTYPES:
             for kind in ("channel", "tensor0"):
@@ -83,11 +83,10 @@ def backward(rounds: int) -> None:
                     },
                     rounds,
                 )
-                print(
-                    f"{act:10}{dtype:6}{kind:9}{r['aten'] * 1e3:8.3f}{r['ours'] * 1e3:8.3f}"
-                    f"{r['ours'] / r['aten']:7.2f}",
-                    flush=True,
-                )
+                rows.append((act, dtype, kind, f"{r['aten'] * 1e3:.3f}",
+                             f"{r['ours'] * 1e3:.3f}", f"{r['ours'] / r['aten']:.2f}"))
+    header = ("act", "dtype", "thr", "aten ms", "lipkern ms", "lipkern / aten")
+    print(format_table(header, rows), flush=True)
 
 
 def main() -> None:
