@@ -18,9 +18,9 @@ MeanSparse proper is ``center="mean", statistic="std"`` (``t = c_r * std``, the 
 rule with ``alpha = c_r``). With ``center="mean"`` and ``statistic="max"`` M is still max |a|: the
 mean is not known during the scan, so max |a - mean| would need a second pass.
 
-``statistic="quantile:q"`` keeps, per layer, a histogram of |a| with bins 2**-7 of their value wide
-(:data:`lipkern.ops.thresholds.HIST_MANTISSA_BITS`) and returns the upper edge of the bin holding the
-q-quantile, capped at max |a|: relative error below 2**-7 from one scan. It supports
+``statistic="quantile:q"`` keeps, per layer, a histogram of |a| with bins 2**-7 of their value
+wide (:data:`lipkern.ops.thresholds.HIST_MANTISSA_BITS`) and returns the upper edge of the bin
+holding the q-quantile, capped at max |a|: relative error below 2**-7 from one scan. It supports
 ``granularity="tensor"`` only (a histogram per channel would cost megabytes per layer).
 
 The statistics are kept, so :func:`set_ratio` re-thresholds without a new scan (a c^r sweep needs
@@ -326,9 +326,7 @@ def _report(modules, ratio, batches) -> CalibrationReport:
         center=first.center_mode,
         batches=batches,
     )
-    report.layers = [
-        _layer_report(name, m) for name, m in modules if m.ready
-    ]
+    report.layers = [_layer_report(name, m) for name, m in modules if m.ready]
     return report
 
 

@@ -24,19 +24,23 @@ def test_backend_accepts_every_table_entry_and_nothing_else(backend):
         lipkern.remap_act(x, 0.0, act="gelu_erf", backend=backend)
 
 
+def _cpp_enum_names() -> list[str]:
+    """The table's names as the C++ enum spells them (gelu_tanh -> GeluTanh)."""
+    return [entry.name.title().replace("_", "") for entry in activations.TABLE]
+
+
 def test_cpp_enum_follows_the_table_codes():
     header = (CSRC / "remap_act.h").read_text()
     enum_body = re.search(r"enum class Act : int \{([^}]*)\}", header).group(1)
     cpp_names = [name.strip() for name in enum_body.split(",")]
-    table_names = [entry.name.replace("_", " ").title().replace(" ", "") for entry in activations.TABLE]
-    assert cpp_names == table_names  # enum values are positions: code i is the i-th name
+    assert cpp_names == _cpp_enum_names()  # enum values are positions: code i is the i-th name
     assert [entry.code for entry in activations.TABLE] == list(range(len(activations.TABLE)))
 
 
 def test_cpp_parses_every_table_name():
     source = (CSRC / "ops.cpp").read_text()
     parsed = re.findall(r'if \(act == "(\w+)"\) return Act::(\w+);', source)
-    assert [name for name, _ in parsed] == list(activations.ACTIVATIONS)
+    assert parsed == list(zip(activations.ACTIVATIONS, _cpp_enum_names()))
 
 
 def test_gelu_tanh_constants_agree_across_backends():
@@ -45,6 +49,8 @@ def test_gelu_tanh_constants_agree_across_backends():
     assert cubic == activations.GELU_TANH_CUBIC
     # The scale is written as M_SQRT2 * M_2_SQRTPI * 0.5 = sqrt(2/pi) in C++.
     assert "kTanhBeta = M_SQRT2 * M_2_SQRTPI * 0.5" in kernels
-    assert torch.nn.functional.gelu(torch.tensor(1.0, dtype=torch.float64), approximate="tanh").item() == (
-        pytest.approx(0.5 * (1 + torch.tanh(torch.tensor(activations.GELU_TANH_SCALE * (1 + activations.GELU_TANH_CUBIC), dtype=torch.float64)).item()), rel=1e-15)
-    )
+    # The table's constants give PyTorch's tanh-GELU (checked in float64 at x = 1.5).
+    x = torch.tensor(1.5, dtype=torch.float64)
+    u = activations.GELU_TANH_SCALE * (x + activations.GELU_TANH_CUBIC * x**3)
+    expected = torch.nn.functional.gelu(x, approximate="tanh")
+    assert float(0.5 * x * (1 + torch.tanh(u))) == pytest.approx(float(expected), rel=1e-15)
