@@ -266,8 +266,9 @@ C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, const fVec& a, fVec g, const 
   }
 }
 
+// For 16-bit smooth activations: pairs when masked, else derivative (the other one null).
 struct BackwardTables {
-  const float* activation;  // null when unmasked or without a table
+  const float* pairs;
   const float* derivative;
 };
 
@@ -280,12 +281,15 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
     // a: the mask's activation (unused when unmasked); d: act'(x).
     F2 a = v, d = v;
     if constexpr (uses_table<T, A>()) {
-      // One index load serves both tables.
       const Indices index = load_indices(x + i, m);
-      if (!unmasked) {
-        a = {gather(tables.activation, index.lo), gather(tables.activation, index.hi)};
+      if (unmasked) {
+        d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
+      } else {
+        const ValueGrad lo = gather_pairs(tables.pairs, index.lo);
+        const ValueGrad hi = gather_pairs(tables.pairs, index.hi);
+        a = {lo.value, hi.value};
+        d = {lo.grad, hi.grad};
       }
-      d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
     } else {
       if (!unmasked) a = {activate<A>(v.lo), activate<A>(v.hi)};
       if constexpr (is_smooth(A)) d = {derivative<A>(v.lo), derivative<A>(v.hi)};
@@ -308,8 +312,8 @@ void backward_typed(const BackwardArgs& args) {
   const float* th = args.params.threshold;
   const bool unmasked =
       args.straight_through || std::none_of(th, th + g.channels, [](float v) { return v > 0.f; });
-  const BackwardTables tables{unmasked ? nullptr : activation_table_for<T, A>(),
-                              derivative_table_for<T, A>()};
+  const BackwardTables tables{unmasked ? nullptr : pair_table_for<T, A>(),
+                              unmasked ? derivative_table_for<T, A>() : nullptr};
   at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
     for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
       if (g.inner == 1) {

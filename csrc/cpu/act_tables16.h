@@ -58,6 +58,25 @@ const float* derivative_table() {
   return table.data();
 }
 
+// act(x) and act'(x) side by side (value at 2i, derivative at 2i + 1), for the masked backward,
+// which needs both: one 64-bit gather fetches the pair, and a gather's cost goes by the elements
+// it loads (on an AMD EPYC with AVX-512, two pair gathers of 8 and two permutes took 0.65x the
+// time of two float gathers of 16). The entries are those of the two tables above.
+template <typename T, Act A>
+const float* pair_table() {
+  static const std::vector<float> table = [] {
+    const float* value = activation_table<T, A>();
+    const float* grad = derivative_table<T, A>();
+    std::vector<float> pairs(2 * k16BitValues);
+    for (int64_t i = 0; i < k16BitValues; ++i) {
+      pairs[2 * i] = value[i];
+      pairs[2 * i + 1] = grad[i];
+    }
+    return pairs;
+  }();
+  return table.data();
+}
+
 // The tables a kernel over T reads (null where none is used); fetched before the parallel
 // region, so that the one-time build happens on the calling thread.
 template <typename T, Act A>
@@ -69,6 +88,12 @@ const float* activation_table_for() {
 template <typename T, Act A>
 const float* derivative_table_for() {
   if constexpr (uses_table<T, A>()) return derivative_table<T, A>();
+  return nullptr;
+}
+
+template <typename T, Act A>
+const float* pair_table_for() {
+  if constexpr (uses_table<T, A>()) return pair_table<T, A>();
   return nullptr;
 }
 
@@ -121,6 +146,39 @@ C10_ALWAYS_INLINE fVec gather(const float* table, const Index& index) {
   float values[kF];
   for (int64_t i = 0; i < kF; ++i) values[i] = table[index.lane[i]];
   return fVec::loadu(values);
+#endif
+}
+
+struct ValueGrad {
+  fVec value, grad;
+};
+
+// The act(x) and act'(x) of one float vector's lanes from pair_table.
+C10_ALWAYS_INLINE ValueGrad gather_pairs(const float* pairs, const Index& index) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const double* table = reinterpret_cast<const double*>(pairs);
+  const __m512 first = _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_castsi512_si256(index), table, 8));
+  const __m512 second = _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_extracti64x4_epi64(index, 1), table, 8));
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  return {_mm512_permutex2var_ps(first, even, second), _mm512_permutex2var_ps(first, odd, second)};
+#elif defined(CPU_CAPABILITY_AVX2)
+  const double* table = reinterpret_cast<const double*>(pairs);
+  const __m256 first = _mm256_castpd_ps(_mm256_i32gather_pd(table, _mm256_castsi256_si128(index), 8));
+  const __m256 second = _mm256_castpd_ps(_mm256_i32gather_pd(table, _mm256_extracti128_si256(index, 1), 8));
+  // shuffle_ps picks within 128-bit halves (lanes 0 1 4 5 | 2 3 6 7); the 64-bit permute restores
+  // the order.
+  const __m256d value = _mm256_castps_pd(_mm256_shuffle_ps(first, second, _MM_SHUFFLE(2, 0, 2, 0)));
+  const __m256d grad = _mm256_castps_pd(_mm256_shuffle_ps(first, second, _MM_SHUFFLE(3, 1, 3, 1)));
+  return {_mm256_castpd_ps(_mm256_permute4x64_pd(value, _MM_SHUFFLE(3, 1, 2, 0))),
+          _mm256_castpd_ps(_mm256_permute4x64_pd(grad, _MM_SHUFFLE(3, 1, 2, 0)))};
+#else
+  float value[kF], grad[kF];
+  for (int64_t i = 0; i < kF; ++i) {
+    value[i] = pairs[2 * index.lane[i]];
+    grad[i] = pairs[2 * index.lane[i] + 1];
+  }
+  return {fVec::loadu(value), fVec::loadu(grad)};
 #endif
 }
 
