@@ -253,10 +253,10 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
 // dx for one fp32 vector: dy * act'(x), with dy zeroed (+0, masked_fill) where remapped.
 // `a` is act(x) as the forward computes it, so both passes remap the same elements; for the
 // smooth activations, `d` is act'(x).
-template <Act A>
+template <Act A, bool kUnmasked>
 C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, const fVec& a, fVec g, const fVec& t,
-                                    const fVec& c, bool unmasked, const fVec& d) {
-  if (!unmasked) g = select(remap_mask(a, t, c), fVec(0.f), g);
+                                    const fVec& c, const fVec& d) {
+  if constexpr (!kUnmasked) g = select(remap_mask(a, t, c), fVec(0.f), g);
   if constexpr (is_smooth(A)) {
     return g * d;
   } else {
@@ -266,38 +266,43 @@ C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, const fVec& a, fVec g, const 
   }
 }
 
-// For 16-bit smooth activations: pairs when masked, else derivative (the other one null).
+// For 16-bit smooth activations: pairs when masked, else derivative where gathers_derivative.
 struct BackwardTables {
   const float* pairs;
   const float* derivative;
 };
 
-template <typename T, typename G, Act A, bool kLanes>
+// One loop per mode (kUnmasked: no mask), so that neither carries the other's work: a shared
+// loop converted fp16 x to fp32 for the unmasked branch on masked calls too.
+template <typename T, typename G, Act A, bool kLanes, bool kUnmasked>
 void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLanes>& rp,
-                  bool unmasked, const BackwardTables& tables) {
+                  const BackwardTables& tables) {
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
     // a: the mask's activation (unused when unmasked); d: act'(x).
     F2 a = v, d = v;
     if constexpr (uses_table<T, A>()) {
-      const Indices index = load_indices(x + i, m);
-      if (unmasked) {
-        d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
-      } else {
+      if constexpr (!kUnmasked) {
+        const Indices index = load_indices(x + i, m);
         const ValueGrad lo = gather_pairs(tables.pairs, index.lo);
         const ValueGrad hi = gather_pairs(tables.pairs, index.hi);
         a = {lo.value, hi.value};
         d = {lo.grad, hi.grad};
+      } else if constexpr (gathers_derivative<T, A>()) {
+        const Indices index = load_indices(x + i, m);
+        d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
+      } else {
+        d = {derivative<A>(v.lo), derivative<A>(v.hi)};
       }
     } else {
-      if (!unmasked) a = {activate<A>(v.lo), activate<A>(v.hi)};
+      if constexpr (!kUnmasked) a = {activate<A>(v.lo), activate<A>(v.hi)};
       if constexpr (is_smooth(A)) d = {derivative<A>(v.lo), derivative<A>(v.hi)};
     }
     const F2 g = load(dy + i, m);
     const StepParams p = rp.at(i, m);
-    store(dx + i, m, backward_vec<A>(v.lo, a.lo, g.lo, p.t.lo, p.c.lo, unmasked, d.lo),
-          backward_vec<A>(v.hi, a.hi, g.hi, p.t.hi, p.c.hi, unmasked, d.hi));
+    store(dx + i, m, backward_vec<A, kUnmasked>(v.lo, a.lo, g.lo, p.t.lo, p.c.lo, d.lo),
+          backward_vec<A, kUnmasked>(v.hi, a.hi, g.hi, p.t.hi, p.c.hi, d.hi));
   }
 }
 
@@ -314,17 +319,25 @@ void backward_typed(const BackwardArgs& args) {
       args.straight_through || std::none_of(th, th + g.channels, [](float v) { return v > 0.f; });
   const BackwardTables tables{unmasked ? nullptr : pair_table_for<T, A>(),
                               unmasked ? derivative_table_for<T, A>() : nullptr};
-  at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
-    for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
-      if (g.inner == 1) {
-        backward_run<T, G, A, true>(dy + p, x + p, dx + p, n, RunParams<true>(args.params, ch),
-                                    unmasked, tables);
-      } else {
-        backward_run<T, G, A, false>(dy + p, x + p, dx + p, n, RunParams<false>(args.params, ch),
-                                     unmasked, tables);
-      }
+  const auto walk = [&](auto unmasked_mode) {
+    constexpr bool kUnmasked = decltype(unmasked_mode)::value;
+    at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
+      for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
+        if (g.inner == 1) {
+          backward_run<T, G, A, true, kUnmasked>(dy + p, x + p, dx + p, n,
+                                                 RunParams<true>(args.params, ch), tables);
+        } else {
+          backward_run<T, G, A, false, kUnmasked>(dy + p, x + p, dx + p, n,
+                                                  RunParams<false>(args.params, ch), tables);
+        }
+      });
     });
-  });
+  };
+  if (unmasked) {
+    walk(std::true_type{});
+  } else {
+    walk(std::false_type{});
+  }
 }
 
 void forward(const ForwardArgs& args) {
