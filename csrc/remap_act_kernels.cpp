@@ -250,13 +250,12 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
 // ---------------------------------------------------------------------------------------------
 // Backward: dx = dy * act'(x) * (straight_through or not mask).
 
-// dx for one fp32 vector: dy * act'(x), with dy zeroed (+0, masked_fill) where remapped.
-// `a` is act(x) as the forward computes it, so both passes remap the same elements; for the
-// smooth activations, `d` is act'(x).
+// dx for one fp32 vector: dy * act'(x), with dy zeroed (+0, masked_fill) where remapped (as the
+// forward decides, on its own act(x), so both passes remap the same elements); for the smooth
+// activations, `d` is act'(x).
 template <Act A, bool kUnmasked>
-C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, const fVec& a, fVec g, const fVec& t,
-                                    const fVec& c, const fVec& d) {
-  if constexpr (!kUnmasked) g = select(remap_mask(a, t, c), fVec(0.f), g);
+C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, Mask remap, fVec g, const fVec& d) {
+  if constexpr (!kUnmasked) g = select(remap, fVec(0.f), g);
   if constexpr (is_smooth(A)) {
     return g * d;
   } else {
@@ -266,10 +265,12 @@ C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, const fVec& a, fVec g, const 
   }
 }
 
-// For 16-bit smooth activations: pairs when masked, else derivative where gathers_derivative.
+// The 16-bit smooth activations' tables where the kernel reads them (null otherwise): pairs for
+// the masked backward, derivative for the unmasked one, activation for SiLU's unsettled masks.
 struct BackwardTables {
   const float* pairs;
   const float* derivative;
+  const float* activation;
 };
 
 // One loop per mode (kUnmasked: no mask), so that neither carries the other's work: a shared
@@ -280,29 +281,47 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
-    // a: the mask's activation (unused when unmasked); d: act'(x).
+    // a: the mask's activation (SiLU: an estimate; unused when unmasked); d: act'(x).
     F2 a = v, d = v;
-    if constexpr (uses_table<T, A>()) {
+    if constexpr (A == Act::Silu) {
+      const ValueGrad lo = silu_from_sigmoid(v.lo), hi = silu_from_sigmoid(v.hi);
+      a = {lo.value, hi.value};
+      d = {lo.grad, hi.grad};
+    } else if constexpr (uses_table<T, A>()) {
+      const Indices index = load_indices(x + i, m);
       if constexpr (!kUnmasked) {
-        const Indices index = load_indices(x + i, m);
         const ValueGrad lo = gather_pairs(tables.pairs, index.lo);
         const ValueGrad hi = gather_pairs(tables.pairs, index.hi);
         a = {lo.value, hi.value};
         d = {lo.grad, hi.grad};
-      } else if constexpr (gathers_derivative<T, A>()) {
-        const Indices index = load_indices(x + i, m);
-        d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
       } else {
-        d = {derivative<A>(v.lo), derivative<A>(v.hi)};
+        d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
       }
     } else {
       if constexpr (!kUnmasked) a = {activate<A>(v.lo), activate<A>(v.hi)};
       if constexpr (is_smooth(A)) d = {derivative<A>(v.lo), derivative<A>(v.hi)};
     }
+    Mask remap_lo = no_lanes(), remap_hi = no_lanes();
+    if constexpr (!kUnmasked) {
+      const StepParams p = rp.at(i, m);
+      if constexpr (A == Act::Silu) {
+        // The sigmoid's x s settles nearly every lane; the forward's act(x) decides the rest.
+        const Settled lo = settle_mask(a.lo, p.t.lo, p.c.lo), hi = settle_mask(a.hi, p.t.hi, p.c.hi);
+        remap_lo = lo.remap;
+        remap_hi = hi.remap;
+        if (any(lo.unsettled | hi.unsettled)) {
+          const F2 exact = load_activated<T, A>(x + i, m, tables.activation);
+          remap_lo = remap_mask(exact.lo, p.t.lo, p.c.lo);
+          remap_hi = remap_mask(exact.hi, p.t.hi, p.c.hi);
+        }
+      } else {
+        remap_lo = remap_mask(a.lo, p.t.lo, p.c.lo);
+        remap_hi = remap_mask(a.hi, p.t.hi, p.c.hi);
+      }
+    }
     const F2 g = load(dy + i, m);
-    const StepParams p = rp.at(i, m);
-    store(dx + i, m, backward_vec<A, kUnmasked>(v.lo, a.lo, g.lo, p.t.lo, p.c.lo, d.lo),
-          backward_vec<A, kUnmasked>(v.hi, a.hi, g.hi, p.t.hi, p.c.hi, d.hi));
+    store(dx + i, m, backward_vec<A, kUnmasked>(v.lo, remap_lo, g.lo, d.lo),
+          backward_vec<A, kUnmasked>(v.hi, remap_hi, g.hi, d.hi));
   }
 }
 
@@ -318,7 +337,8 @@ void backward_typed(const BackwardArgs& args) {
   const bool unmasked =
       args.straight_through || std::none_of(th, th + g.channels, [](float v) { return v > 0.f; });
   const BackwardTables tables{unmasked ? nullptr : pair_table_for<T, A>(),
-                              unmasked ? derivative_table_for<T, A>() : nullptr};
+                              unmasked ? derivative_table_for<T, A>() : nullptr,
+                              unmasked ? nullptr : activation_table_for<T, A>()};
   const auto walk = [&](auto unmasked_mode) {
     constexpr bool kUnmasked = decltype(unmasked_mode)::value;
     at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {

@@ -335,3 +335,57 @@ def test_smooth_activations_keep_the_sign_of_zero(capability, act):
     y = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, act, 0, False)
     assert torch.equal(torch.signbit(y), torch.signbit(x))
     assert torch.equal(y, torch.zeros_like(y))
+
+
+def _points_where_the_mask_flips(act, threshold, center, per_crossing=2048):
+    """For each channel, fp32 x in runs of consecutive floats around every x where the kernel's
+    |act(x) - center| crosses the threshold (found on a grid over [-90, 90] and near 0)."""
+    grid = torch.cat([torch.linspace(-90, 90, 400_001), torch.linspace(-1e-3, 1e-3, 20_001)])
+    grid = grid.sort().values
+    act_grid = torch.ops.lipkern.remap_act(grid, torch.tensor(0.0), None, act, 0, False)
+    columns = []
+    for t, c in zip(threshold.tolist(), center.tolist()):
+        inside = (act_grid - c).abs() < t
+        flips = (inside[1:] != inside[:-1]).nonzero().flatten()
+        runs = [torch.randn(per_crossing) * 3]
+        for start in grid[flips].view(torch.int32).tolist():
+            offsets = torch.arange(-per_crossing, 3 * per_crossing, dtype=torch.int32)
+            # Bits step away from zero for negative floats too: cover both directions.
+            runs.append((torch.tensor(start, dtype=torch.int32) + offsets).view(torch.float32))
+            runs.append((torch.tensor(start, dtype=torch.int32) - offsets).view(torch.float32))
+        columns.append(torch.cat(runs))
+    rows = max(col.numel() for col in columns)
+    return torch.stack([col.repeat(rows // col.numel() + 1)[:rows] for col in columns], 1)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("with_center", [False, True], ids=["no-center", "center"])
+def test_silu_backward_masks_exactly_what_the_forward_remaps(capability, with_center):
+    """SiLU's backward settles its mask on the sigmoid's x s and evaluates the forward's act(x)
+    only where that is too close to call: over runs of consecutive floats around every flip of the
+    forward's decision, and specials, dx equals the unmasked dx with the forward's remapped
+    elements zeroed, bit for bit, in fp32 and (on every 16-bit pattern) in bf16 and fp16."""
+    gen = torch.Generator().manual_seed(0)
+    threshold = torch.tensor([0.05, 0.2784, 0.27846, 0.3, 3.0, 1e-30, 0.0, 0.01])
+    center = torch.randn(8, generator=gen) * 0.2 if with_center else torch.zeros(8)
+    x = _points_where_the_mask_flips("silu", threshold, center)
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -87.5, -88.8, -104.0, 1e-40])
+    x = torch.cat([x, specials.view(-1, 1).expand(-1, 8)])
+    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(-1, 8)
+    ops = torch.ops.lipkern
+    c = center if with_center else None
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xd = x if dtype == torch.float32 else patterns.view(dtype)
+        for layout in ("rows", "channels_first"):
+            # [rows, C] walks channels in vector lanes; [1, C, rows] one channel per run.
+            xl = xd if layout == "rows" else xd.t().contiguous().unsqueeze(0)
+            shape = [1, 8] + [1] * (xl.dim() - 2)
+            grad_y = torch.randn(xl.shape, generator=gen).to(dtype)
+            act = ops.remap_act(xl.float(), torch.tensor(0.0), None, "silu", 0, False)
+            remapped = (act - center.view(shape)).abs() < threshold.view(shape)
+            dx = ops.remap_act_backward(grad_y, xl, threshold, c, "silu", 1, False)
+            # dy zeroed where remapped, then times act'(x), as the kernel does (-0 included).
+            expected = ops.remap_act_backward(
+                grad_y.masked_fill(remapped, 0.0), xl, torch.zeros(8), c, "silu", 1, False
+            )
+            assert same_bits(dx, expected).all(), (dtype, layout)

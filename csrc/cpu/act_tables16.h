@@ -82,9 +82,8 @@ const float* pair_table() {
   return table.data();
 }
 
-// Whether a 16-bit backward that needs no mask gathers act'(x): SiLU's fp32 derivative
-// (act_grid.h) computes faster than a gather loads it (0.63-0.80x ATen's time against
-// 0.78-1.14x).
+// Whether a 16-bit backward gathers act'(x): SiLU's fp32 derivative (act_grid.h) computes
+// faster than a gather loads it (0.63-0.80x ATen's time against 0.78-1.14x without a mask).
 template <typename T, Act A>
 constexpr bool gathers_derivative() {
   return uses_table<T, A>() && A != Act::Silu;
@@ -106,7 +105,7 @@ const float* derivative_table_for() {
 
 template <typename T, Act A>
 const float* pair_table_for() {
-  if constexpr (uses_table<T, A>()) return pair_table<T, A>();
+  if constexpr (gathers_derivative<T, A>()) return pair_table<T, A>();
   return nullptr;
 }
 
@@ -162,10 +161,6 @@ C10_ALWAYS_INLINE fVec gather(const float* table, const Index& index) {
 #endif
 }
 
-struct ValueGrad {
-  fVec value, grad;
-};
-
 // The act(x) and act'(x) of one float vector's lanes from pair_table.
 C10_ALWAYS_INLINE ValueGrad gather_pairs(const float* pairs, const Index& index) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -211,6 +206,24 @@ C10_ALWAYS_INLINE F2 load_activated(const T* p, int64_t n, const float* table) {
 // |a - c| < t in fp32; NaN compares false and t = 0 never holds.
 C10_ALWAYS_INLINE Mask remap_mask(const fVec& a, const fVec& t, const fVec& c) {
   return less((a - c).abs(), t);
+}
+
+struct Settled {
+  Mask remap, unsettled;
+};
+
+// The remap mask from an estimate e of act(x) within relative 2^-20.8 of the kernel's own act(x)
+// (or absolute 2^-90, where e underflows): settled where | |e - c| - t | exceeds how far the
+// kernel's |act(x) - c| can lie from |e - c| (that and both roundings of the difference, with a
+// margin of 2 and more).
+C10_ALWAYS_INLINE Settled settle_mask(const fVec& e, const fVec& t, const fVec& c) {
+  const fVec distance = (e - c).abs();
+  const fVec r = at::vec::fmadd(e.abs(), fVec(0x1p-19f),
+                                at::vec::fmadd(distance, fVec(0x1p-22f), fVec(0x1p-90f)));
+  Settled out;
+  out.remap = less(distance, t);
+  out.unsettled = at_least(r, (distance - t).abs());
+  return out;
 }
 
 }  // namespace

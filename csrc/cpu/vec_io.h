@@ -144,6 +144,9 @@ C10_ALWAYS_INLINE Mask first_lanes(Mask m, int64_t n) {
 C10_ALWAYS_INLINE fVec add_one_where(Mask m, const fVec& count) {
   return _mm512_mask_add_ps(count, m, count, _mm512_set1_ps(1.f));
 }
+C10_ALWAYS_INLINE Mask no_lanes() {
+  return 0;
+}
 #else
 using Mask = fVec;
 C10_ALWAYS_INLINE Mask less(const fVec& a, const fVec& b) {
@@ -166,6 +169,9 @@ C10_ALWAYS_INLINE Mask first_lanes(const Mask& m, int64_t n) {
 }
 C10_ALWAYS_INLINE fVec add_one_where(const Mask& m, const fVec& count) {
   return count + (m & fVec(1.f));
+}
+C10_ALWAYS_INLINE Mask no_lanes() {
+  return fVec(0.f);
 }
 #endif
 
