@@ -297,6 +297,11 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
       } else {
         d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
       }
+    } else if constexpr (is_smooth(A) && !kUnmasked) {
+      const ValueGrad lo = activate_with_derivative<A>(v.lo);
+      const ValueGrad hi = activate_with_derivative<A>(v.hi);
+      a = {lo.value, hi.value};
+      d = {lo.grad, hi.grad};
     } else {
       if constexpr (!kUnmasked) a = {activate<A>(v.lo), activate<A>(v.hi)};
       if constexpr (is_smooth(A)) d = {derivative<A>(v.lo), derivative<A>(v.hi)};

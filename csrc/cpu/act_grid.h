@@ -86,7 +86,13 @@ C10_ALWAYS_INLINE fVec fused_madd(const fVec& a, const fVec& b, const fVec& c) {
 #endif
 }
 
-C10_ALWAYS_INLINE fVec grid_eval(const ActTable& T, const fVec& x) {
+// Where x lies on a grid of step w: its column and the offset h from the grid point.
+struct GridPoint {
+  GridCols col;
+  fVec h;
+};
+
+C10_ALWAYS_INLINE GridPoint grid_point(const ActTable& T, const fVec& x) {
   // x / w is exact (w is a power of two); adding 1.5 * 2^23 rounds it to an integer (to nearest
   // even, the magic number being even) that sits in t's low mantissa bits, offset by
   // kActGrid / 2 so that they hold the grid column. Valid for |x / w| < 2^22, far beyond the
@@ -94,13 +100,20 @@ C10_ALWAYS_INLINE fVec grid_eval(const ActTable& T, const fVec& x) {
   constexpr float kMagic = 0x1.8p23f + kActGrid / 2;
   const fVec t = at::vec::fmadd(x, fVec(T.inv_step), fVec(kMagic));
   const fVec q = t - fVec(kMagic);
-  const GridCols col = grid_cols(t);
   // q w is exact and so is x - q w (Sterbenz: |h| <= w / 2 <= |x| / 2).
-  const fVec h = at::vec::fnmadd(q, fVec(T.step), x);
-  fVec p = lookup(T.coef[kActTableRows - 1], col);
-  for (int k = kActTableRows - 2; k >= 3; --k) p = fused_madd(p, h, lookup(T.coef[k], col));
-  const fVec linear = fused_madd(lookup(T.coef[2], col), h, lookup(T.coef[1], col));
-  return fused_madd(h, h * p, linear) + lookup(T.coef[0], col);
+  return {grid_cols(t), at::vec::fnmadd(q, fVec(T.step), x)};
+}
+
+C10_ALWAYS_INLINE fVec grid_poly(const ActTable& T, const GridPoint& g) {
+  const fVec& h = g.h;
+  fVec p = lookup(T.coef[kActTableRows - 1], g.col);
+  for (int k = kActTableRows - 2; k >= 3; --k) p = fused_madd(p, h, lookup(T.coef[k], g.col));
+  const fVec linear = fused_madd(lookup(T.coef[2], g.col), h, lookup(T.coef[1], g.col));
+  return fused_madd(h, h * p, linear) + lookup(T.coef[0], g.col);
+}
+
+C10_ALWAYS_INLINE fVec grid_eval(const ActTable& T, const fVec& x) {
+  return grid_poly(T, grid_point(T, x));
 }
 
 // The value (kGrad false) or the derivative of a smooth activation in float64, rounded to fp32.
@@ -197,6 +210,23 @@ C10_ALWAYS_INLINE fVec derivative(const fVec& x) {
     const Mask off_grid = at_least(x.abs(), fVec(grad_table<A>().bound));
     return any(off_grid) ? select(off_grid, smooth_double<A, true>(x), d) : d;
   }
+}
+
+// act(x) and act'(x) of GELU or tanh-GELU, as activate and derivative give them, sharing the
+// grid point (both tables have one grid).
+template <Act A>
+C10_ALWAYS_INLINE ValueGrad activate_with_derivative(const fVec& x) {
+  static_assert(act_table<A>().step == grad_table<A>().step &&
+                act_table<A>().bound == grad_table<A>().bound);
+  const GridPoint g = grid_point(act_table<A>(), x);
+  ValueGrad out{select(equal(x, fVec(0.f)), x, grid_poly(act_table<A>(), g)),
+                grid_poly(grad_table<A>(), g)};
+  const Mask off_grid = at_least(x.abs(), fVec(act_table<A>().bound));
+  if (any(off_grid)) {
+    out.value = select(off_grid, smooth_double<A, false>(x), out.value);
+    out.grad = select(off_grid, smooth_double<A, true>(x), out.grad);
+  }
+  return out;
 }
 
 }  // namespace
