@@ -343,7 +343,7 @@ void backward_typed(const BackwardArgs& args) {
       args.straight_through || std::none_of(th, th + g.channels, [](float v) { return v > 0.f; });
   const BackwardTables tables{unmasked ? nullptr : pair_table_for<T, A>(),
                               unmasked ? derivative_table_for<T, A>() : nullptr,
-                              unmasked ? nullptr : activation_table_for<T, A>()};
+                              A == Act::Silu && !unmasked ? activation_table_for<T, A>() : nullptr};
   const auto walk = [&](auto unmasked_mode) {
     constexpr bool kUnmasked = decltype(unmasked_mode)::value;
     at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {

@@ -208,7 +208,7 @@ def test_derivatives_are_within_their_units_of_1_plus_abs_x(capability, act):
     """act'(x) within its bound of float64 over the whole useful range, on the fp32 grid and off
     it, densest near 0: the backward's rule (lipkern.testing.compare_backward) allows 8 of these
     units, absolute because act' crosses zero. With dy = 1 and no remap, dx is act'(x) itself."""
-    x = torch.cat([torch.linspace(-14, 8, 400_001), torch.linspace(-1, 1, 400_001)])
+    x = torch.cat([torch.linspace(-14, 20, 400_001), torch.linspace(-1, 1, 400_001)])
     dx = torch.ops.lipkern.remap_act_backward(
         torch.ones_like(x), x, torch.tensor(0.0), None, act, 0, False
     )
@@ -337,22 +337,40 @@ def test_smooth_activations_keep_the_sign_of_zero(capability, act):
     assert torch.equal(y, torch.zeros_like(y))
 
 
-def _points_where_the_mask_flips(act, threshold, center, per_crossing=2048):
-    """For each channel, fp32 x in runs of consecutive floats around every x where the kernel's
-    |act(x) - center| crosses the threshold (found on a grid over [-90, 90] and near 0)."""
+def _ordered_keys(x):
+    """fp32 values as integers in the order of the values (-0 just below +0)."""
+    bits = x.view(torch.int32).long()
+    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)
+
+
+def _from_ordered_keys(keys):
+    bits = torch.where(keys >= 0, keys, (-(keys + 1)) | (1 << 31))
+    return bits.to(torch.int64).remainder(1 << 32).to(torch.int32).view(torch.float32)
+
+
+def _points_where_the_mask_flips(act, threshold, center, around=512):
+    """Per channel: randn values and, around every fp32 x where the kernel's forward decision
+    |act(x) - center| < threshold flips (located on a grid over [-90, 90] and near 0, then
+    bisected to adjacent floats), the `around` floats on each side."""
     grid = torch.cat([torch.linspace(-90, 90, 400_001), torch.linspace(-1e-3, 1e-3, 20_001)])
     grid = grid.sort().values
-    act_grid = torch.ops.lipkern.remap_act(grid, torch.tensor(0.0), None, act, 0, False)
+
+    def remapped(x, t, c):
+        a = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, act, 0, False)
+        return (a - c).abs() < t
+
     columns = []
     for t, c in zip(threshold.tolist(), center.tolist()):
-        inside = (act_grid - c).abs() < t
-        flips = (inside[1:] != inside[:-1]).nonzero().flatten()
-        runs = [torch.randn(per_crossing) * 3]
-        for start in grid[flips].view(torch.int32).tolist():
-            offsets = torch.arange(-per_crossing, 3 * per_crossing, dtype=torch.int32)
-            # Bits step away from zero for negative floats too: cover both directions.
-            runs.append((torch.tensor(start, dtype=torch.int32) + offsets).view(torch.float32))
-            runs.append((torch.tensor(start, dtype=torch.int32) - offsets).view(torch.float32))
+        decision = remapped(grid, t, c)
+        flips = (decision[1:] != decision[:-1]).nonzero().flatten()
+        low, high = _ordered_keys(grid[flips]), _ordered_keys(grid[flips + 1])
+        low_decision = decision[flips]
+        for _ in range(40):
+            mid = (low + high) // 2
+            same = remapped(_from_ordered_keys(mid), t, c) == low_decision
+            low, high = torch.where(same, mid, low), torch.where(same, high, mid)
+        offsets = torch.arange(-around, around + 1)
+        runs = [torch.randn(4 * around)] + [_from_ordered_keys(k + offsets) for k in high.tolist()]
         columns.append(torch.cat(runs))
     rows = max(col.numel() for col in columns)
     return torch.stack([col.repeat(rows // col.numel() + 1)[:rows] for col in columns], 1)
@@ -362,16 +380,17 @@ def _points_where_the_mask_flips(act, threshold, center, per_crossing=2048):
 @pytest.mark.parametrize("with_center", [False, True], ids=["no-center", "center"])
 def test_silu_backward_masks_exactly_what_the_forward_remaps(capability, with_center):
     """SiLU's backward settles its mask on the sigmoid's x s and evaluates the forward's act(x)
-    only where that is too close to call: over runs of consecutive floats around every flip of the
+    only where that is too close to call: over 512 floats on each side of every flip of the
     forward's decision, and specials, dx equals the unmasked dx with the forward's remapped
-    elements zeroed, bit for bit, in fp32 and (on every 16-bit pattern) in bf16 and fp16."""
+    elements zeroed, bit for bit, in fp32; in bf16 and fp16 over every bit pattern in every
+    channel."""
     gen = torch.Generator().manual_seed(0)
     threshold = torch.tensor([0.05, 0.2784, 0.27846, 0.3, 3.0, 1e-30, 0.0, 0.01])
     center = torch.randn(8, generator=gen) * 0.2 if with_center else torch.zeros(8)
     x = _points_where_the_mask_flips("silu", threshold, center)
     specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -87.5, -88.8, -104.0, 1e-40])
     x = torch.cat([x, specials.view(-1, 1).expand(-1, 8)])
-    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(-1, 8)
+    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(-1, 1).repeat(1, 8)
     ops = torch.ops.lipkern
     c = center if with_center else None
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

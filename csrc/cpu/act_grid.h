@@ -172,9 +172,11 @@ C10_ALWAYS_INLINE fVec exp_f(const fVec& y) {
 #else
   // 2^n as 2^h 2^(n - h), each factor built from its exponent bits, so that every n that still
   // gives a nonzero finite result is reached; |n| is capped at 160, beyond which the result is
-  // 0 or inf either way (NaN stays in p).
+  // 0 or inf either way. A NaN n becomes 0 before the int conversion (undefined for NaN in
+  // scalar code); the NaN stays in p.
   using iVec = at::vec::Vectorized<int32_t>;
-  const fVec capped = at::vec::clamp(n, fVec(-160.f), fVec(160.f));
+  const fVec finite_n = select(equal(n, n), n, fVec(0.f));
+  const fVec capped = at::vec::clamp(finite_n, fVec(-160.f), fVec(160.f));
   const fVec h = (capped * fVec(0.5f)).floor();
   const auto pow2 = [](const fVec& e) {
     return at::vec::cast<float>((at::vec::convert_to_int_of_same_size(e) + iVec(127)) << iVec(23));
@@ -187,11 +189,12 @@ struct ValueGrad {
   fVec value, grad;
 };
 
-// SiLU from one sigmoid s = 1 / (1 + e^-x) in fp32, as ATen's silu and silu_backward compute it:
-// the derivative s (1 + x (1 - s)) within 2 (1 + |x|) 2^-24 (1.84 at worst seen,
+// SiLU from one sigmoid s = 1 / (1 + e^-x) in fp32: the derivative s (1 + x (1 - s)), as ATen's
+// silu_backward computes it, within 2 (1 + |x|) 2^-24 (1.84 at worst seen,
 // tests/test_cpu_kernels.py), inside the backward's rule of 8, at a third of the 8-row grid
-// polynomial's cost; and the value x s, within 3 ulp, which the backward uses to settle its
-// mask (the forward's value is the grid's). The clamp gives +-inf the limits (derivative 1 and
+// polynomial's cost; and the value x s, within about 5 2^-24 relative of the exact value (exp,
+// 1 + e, the division and the product), which the backward uses to settle its mask (the
+// forward's value is the grid's). The clamp gives +-inf the limits (derivative 1 and
 // -0, value inf and -0) instead of inf * 0.
 C10_ALWAYS_INLINE ValueGrad silu_from_sigmoid(const fVec& x) {
   const fVec xc = at::vec::clamp(x, fVec(-kSiluClamp), fVec(kSiluClamp));
@@ -200,7 +203,7 @@ C10_ALWAYS_INLINE ValueGrad silu_from_sigmoid(const fVec& x) {
           s * fused_madd(xc, fVec(1.f) - s, fVec(1.f))};
 }
 
-// act'(x) of a smooth activation; NaN gives NaN (through h).
+// act'(x) of a smooth activation; NaN gives NaN (through h, or SiLU's s).
 template <Act A>
 C10_ALWAYS_INLINE fVec derivative(const fVec& x) {
   if constexpr (A == Act::Silu) {

@@ -13,7 +13,7 @@ namespace {
 // A float16 or bfloat16 x has only 65536 values, so each smooth activation is tabulated once per
 // process (256 KB of fp32, built on first use by activate<A> itself, hence bit-identical to it),
 // and one gather replaces the grid polynomial: the 16-bit bits are the index. The backward's
-// act'(x) is tabulated the same way, by derivative<A>.
+// act'(x) of GELU and tanh-GELU is tabulated the same way, by derivative<A>.
 
 constexpr int64_t k16BitValues = 65536;
 
@@ -215,14 +215,15 @@ struct Settled {
 // The remap mask from an estimate e of act(x) within relative 2^-20.8 of the kernel's own act(x)
 // (or absolute 2^-90, where e underflows): settled where | |e - c| - t | exceeds how far the
 // kernel's |act(x) - c| can lie from |e - c| (that and both roundings of the difference, with a
-// margin of 2 and more).
+// margin of 2 and more). A threshold of 0 remaps nothing and settles every lane (ragged tails
+// pad with t = 0).
 C10_ALWAYS_INLINE Settled settle_mask(const fVec& e, const fVec& t, const fVec& c) {
   const fVec distance = (e - c).abs();
   const fVec r = at::vec::fmadd(e.abs(), fVec(0x1p-19f),
                                 at::vec::fmadd(distance, fVec(0x1p-22f), fVec(0x1p-90f)));
   Settled out;
   out.remap = less(distance, t);
-  out.unsettled = at_least(r, (distance - t).abs());
+  out.unsettled = at_least(r, (distance - t).abs()) & less(fVec(0.f), t);
   return out;
 }
 
