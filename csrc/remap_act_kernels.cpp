@@ -273,9 +273,13 @@ struct BackwardTables {
   const float* activation;
 };
 
-// One loop per mode (kUnmasked: no mask), so that neither carries the other's work: a shared
-// loop converted fp16 x to fp32 for the unmasked branch on masked calls too.
-template <typename T, typename G, Act A, bool kLanes, bool kUnmasked>
+// How a backward call masks: not at all (zero thresholds, or straight-through), or as the
+// forward remaps, with a centre or without one (where SiLU settles its mask in fewer
+// operations). One loop per mode, so that none carries another's work: a shared loop converted
+// fp16 x to fp32 for the unmasked branch on masked calls too.
+enum class MaskMode { None, Centred, Uncentred };
+
+template <typename T, typename G, Act A, bool kLanes, MaskMode M>
 void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLanes>& rp,
                   const BackwardTables& tables) {
   for (int64_t i = 0; i < n; i += kStep) {
@@ -289,7 +293,7 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
       d = {lo.grad, hi.grad};
     } else if constexpr (uses_table<T, A>()) {
       const Indices index = load_indices(x + i, m);
-      if constexpr (!kUnmasked) {
+      if constexpr (M != MaskMode::None) {
         const ValueGrad lo = gather_pairs(tables.pairs, index.lo);
         const ValueGrad hi = gather_pairs(tables.pairs, index.hi);
         a = {lo.value, hi.value};
@@ -297,21 +301,28 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
       } else {
         d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
       }
-    } else if constexpr (is_smooth(A) && !kUnmasked) {
+    } else if constexpr (is_smooth(A) && M != MaskMode::None) {
       const ValueGrad lo = activate_with_derivative<A>(v.lo);
       const ValueGrad hi = activate_with_derivative<A>(v.hi);
       a = {lo.value, hi.value};
       d = {lo.grad, hi.grad};
     } else {
-      if constexpr (!kUnmasked) a = {activate<A>(v.lo), activate<A>(v.hi)};
+      if constexpr (M != MaskMode::None) a = {activate<A>(v.lo), activate<A>(v.hi)};
       if constexpr (is_smooth(A)) d = {derivative<A>(v.lo), derivative<A>(v.hi)};
     }
     Mask remap_lo = no_lanes(), remap_hi = no_lanes();
-    if constexpr (!kUnmasked) {
+    if constexpr (M != MaskMode::None) {
       const StepParams p = rp.at(i, m);
       if constexpr (A == Act::Silu) {
         // The sigmoid's x s settles nearly every lane; the forward's act(x) decides the rest.
-        const Settled lo = settle_mask(a.lo, p.t.lo, p.c.lo), hi = settle_mask(a.hi, p.t.hi, p.c.hi);
+        Settled lo, hi;
+        if constexpr (M == MaskMode::Uncentred) {
+          lo = settle_mask_uncentred(a.lo, p.t.lo);
+          hi = settle_mask_uncentred(a.hi, p.t.hi);
+        } else {
+          lo = settle_mask(a.lo, p.t.lo, p.c.lo);
+          hi = settle_mask(a.hi, p.t.hi, p.c.hi);
+        }
         remap_lo = lo.remap;
         remap_hi = hi.remap;
         if (any(lo.unsettled | hi.unsettled)) {
@@ -325,8 +336,8 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
       }
     }
     const F2 g = load(dy + i, m);
-    store(dx + i, m, backward_vec<A, kUnmasked>(v.lo, remap_lo, g.lo, d.lo),
-          backward_vec<A, kUnmasked>(v.hi, remap_hi, g.hi, d.hi));
+    store(dx + i, m, backward_vec<A, M == MaskMode::None>(v.lo, remap_lo, g.lo, d.lo),
+          backward_vec<A, M == MaskMode::None>(v.hi, remap_hi, g.hi, d.hi));
   }
 }
 
@@ -344,24 +355,33 @@ void backward_typed(const BackwardArgs& args) {
   const BackwardTables tables{unmasked ? nullptr : pair_table_for<T, A>(),
                               unmasked ? derivative_table_for<T, A>() : nullptr,
                               A == Act::Silu && !unmasked ? activation_table_for<T, A>() : nullptr};
-  const auto walk = [&](auto unmasked_mode) {
-    constexpr bool kUnmasked = decltype(unmasked_mode)::value;
+  const auto walk = [&](auto mode) {
+    constexpr MaskMode M = decltype(mode)::value;
     at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
       for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
         if (g.inner == 1) {
-          backward_run<T, G, A, true, kUnmasked>(dy + p, x + p, dx + p, n,
-                                                 RunParams<true>(args.params, ch), tables);
+          backward_run<T, G, A, true, M>(dy + p, x + p, dx + p, n,
+                                         RunParams<true>(args.params, ch), tables);
         } else {
-          backward_run<T, G, A, false, kUnmasked>(dy + p, x + p, dx + p, n,
-                                                  RunParams<false>(args.params, ch), tables);
+          backward_run<T, G, A, false, M>(dy + p, x + p, dx + p, n,
+                                          RunParams<false>(args.params, ch), tables);
         }
       });
     });
   };
+  using None = std::integral_constant<MaskMode, MaskMode::None>;
+  using Centred = std::integral_constant<MaskMode, MaskMode::Centred>;
+  using Uncentred = std::integral_constant<MaskMode, MaskMode::Uncentred>;
   if (unmasked) {
-    walk(std::true_type{});
+    walk(None{});
+  } else if constexpr (A == Act::Silu) {
+    if (args.params.center) {
+      walk(Centred{});
+    } else {
+      walk(Uncentred{});
+    }
   } else {
-    walk(std::false_type{});
+    walk(Centred{});
   }
 }
 

@@ -227,6 +227,20 @@ C10_ALWAYS_INLINE Settled settle_mask(const fVec& e, const fVec& t, const fVec& 
   return out;
 }
 
+// settle_mask without a centre, in fewer operations: |e - 0| is |e|, the band's bound
+// r = |e| (2^-19 + 2^-22) + 2^-90 as there for c = 0, and two compares instead of three (the
+// compares bound this loop: 1.11x ATen's fp16 time against 1.18x). Without the t > 0 test a
+// lane with t = 0 and e = 0, such as a ragged tail's padding in the lanes walk, is unsettled:
+// one more evaluation per row end.
+C10_ALWAYS_INLINE Settled settle_mask_uncentred(const fVec& e, const fVec& t) {
+  const fVec magnitude = e.abs();
+  const fVec r = at::vec::fmadd(magnitude, fVec(0x1p-19f + 0x1p-22f), fVec(0x1p-90f));
+  Settled out;
+  out.remap = less(magnitude, t);
+  out.unsettled = at_least(r, (magnitude - t).abs());
+  return out;
+}
+
 }  // namespace
 }  // namespace CPU_CAPABILITY
 }  // namespace lipkern
