@@ -32,29 +32,27 @@ void for_each_16bit_step(F&& fill) {
   }
 }
 
+// f evaluated at every 16-bit pattern of T, in pattern order.
+template <typename T, typename F>
+std::vector<float> tabulate(F&& f) {
+  std::vector<float> values(k16BitValues);
+  for_each_16bit_step<T>([&](int64_t i, const F2& v) {
+    f(v.lo).store(values.data() + i);
+    f(v.hi).store(values.data() + i + kF);
+  });
+  return values;
+}
+
 template <typename T, Act A>
 const float* activation_table() {
-  static const std::vector<float> table = [] {
-    std::vector<float> values(k16BitValues);
-    for_each_16bit_step<T>([&](int64_t i, const F2& v) {
-      activate<A>(v.lo).store(values.data() + i);
-      activate<A>(v.hi).store(values.data() + i + kF);
-    });
-    return values;
-  }();
+  static const std::vector<float> table = tabulate<T>([](const fVec& x) { return activate<A>(x); });
   return table.data();
 }
 
 template <typename T, Act A>
 const float* derivative_table() {
-  static const std::vector<float> table = [] {
-    std::vector<float> values(k16BitValues);
-    for_each_16bit_step<T>([&](int64_t i, const F2& v) {
-      derivative<A>(v.lo).store(values.data() + i);
-      derivative<A>(v.hi).store(values.data() + i + kF);
-    });
-    return values;
-  }();
+  static const std::vector<float> table =
+      tabulate<T>([](const fVec& x) { return derivative<A>(x); });
   return table.data();
 }
 
@@ -65,18 +63,13 @@ const float* derivative_table() {
 template <typename T, Act A>
 const float* pair_table() {
   static const std::vector<float> table = [] {
+    const float* value = activation_table<T, A>();
+    const float* grad = derivative_table<T, A>();
     std::vector<float> pairs(2 * k16BitValues);
-    for_each_16bit_step<T>([&](int64_t i, const F2& v) {
-      float value[kStep], grad[kStep];
-      activate<A>(v.lo).store(value);
-      activate<A>(v.hi).store(value + kF);
-      derivative<A>(v.lo).store(grad);
-      derivative<A>(v.hi).store(grad + kF);
-      for (int64_t j = 0; j < kStep; ++j) {
-        pairs[2 * (i + j)] = value[j];
-        pairs[2 * (i + j) + 1] = grad[j];
-      }
-    });
+    for (int64_t i = 0; i < k16BitValues; ++i) {
+      pairs[2 * i] = value[i];
+      pairs[2 * i + 1] = grad[i];
+    }
     return pairs;
   }();
   return table.data();
