@@ -120,6 +120,24 @@ def test_stats_do_not_depend_on_thread_count(act, channel_dim):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("use_center", [False, True], ids=["no_center", "center"])
+@pytest.mark.parametrize("channel_dim", [1, 3])
+def test_forward_split_inside_rows_and_planes_equals_the_reference(channel_dim, use_center):
+    """With 3 threads the 940,320 elements split mid-row (53 channels) and mid-plane (37 x 53):
+    every run after the first of a task must still get its own channel's threshold."""
+    x, threshold, center = _case((12, 40, 37, 53), channel_dim, torch.float32, seed=2)
+    center = center if use_center else None
+    expected = reference.remap_act_reference(x, threshold, center, "relu", channel_dim)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y = torch.ops.lipkern.remap_act(x, threshold, center, "relu", channel_dim, False)
+            assert same_bits(y, expected).all(), f"{n} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_channels_last_is_walked_without_a_copy():
     """Output keeps channels_last and equals the contiguous computation."""
     x, threshold, center = _case((4, 24, 9, 11), 1, torch.float32)
