@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+import torch._functorch.config
 
 import lipkern
 from lipkern import cli, testing
@@ -157,6 +158,17 @@ def test_bench_ratios_in_one_unit_and_noise_flagged():
     assert row["baseline"] == "hand fwd" and row["noisy"]
     text = bench.format_rows([{"shape": "s", "dtype": "fp32", "comparisons": [row]}])
     assert "warning: NOISY in 1 row(s)" in text
+
+
+def test_compiled_baselines_leave_the_global_compile_settings_alone():
+    """The compiled backward baseline runs its retained graph again, which needs buffer donation
+    off; that must hold for those graphs only, not for the user's process afterwards."""
+    before = torch._functorch.config.donated_buffer
+    fns = bench.candidates(bench.parse_shape("16x8"), torch.float32, "relu", compile_baselines=True)
+    assert torch._functorch.config.donated_buffer == before
+    for _ in range(2):
+        (grad,) = fns["compile(hand) bwd"]()
+        assert grad.shape == (16, 8)
 
 
 def test_bench_refuses_empty_shapes():

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch._functorch.config
 
 import lipkern
 from lipkern.ops import reference
@@ -408,18 +409,23 @@ def candidates(
         # Every configuration compiles the same code objects anew: without a reset, dynamo's
         # recompile limit (8) is reached after a few shapes and it silently falls back to eager.
         torch._dynamo.reset()
-        # A compiled backward may free ("donate") its saved buffers, which the retained graph
-        # that _bwd_only runs again forbids.
-        torch._functorch.config.donated_buffer = False
+        compiled = {}
         for variant, fwd, stats in (("ref", ref_fwd, ref_stats), ("hand", hand, hand_stats)):
             compiled_fwd = torch.compile(fwd, dynamic=dynamic)
             compiled_stats = torch.compile(stats, dynamic=dynamic)
             name = f"compile({variant})"
-            fns[f"{name} fwd"] = no_grad(lambda f=compiled_fwd: f(x))
-            fns[f"{name} fwd+stats"] = no_grad(lambda f=compiled_stats: f(x))
+            compiled[f"{name} fwd"] = no_grad(lambda f=compiled_fwd: f(x))
+            compiled[f"{name} fwd+stats"] = no_grad(lambda f=compiled_stats: f(x))
             # With x requiring grad the same compiled function traces a joint graph.
-            fns[f"{name} bwd"] = _bwd_only(compiled_fwd, x, dy)
-            fns[f"{name} fwd+bwd"] = _fwd_bwd(compiled_fwd, x, dy)
+            compiled[f"{name} bwd"] = _bwd_only(compiled_fwd, x, dy)
+            compiled[f"{name} fwd+bwd"] = _fwd_bwd(compiled_fwd, x, dy)
+        # Compiled here, once: a compiled backward may free ("donate") its saved buffers, which
+        # the retained graph that _bwd_only runs again forbids, and the setting that stops it is
+        # read at compile time, so it need not outlive this block.
+        with torch._functorch.config.patch(donated_buffer=False):
+            for fn in compiled.values():
+                fn()
+        fns.update(compiled)
     return fns
 
 
