@@ -90,6 +90,38 @@ def test_capabilities_agree_bit_for_bit_on_exact_activations(capability):
         assert torch.equal(stats[1], ref_stats[0])
 
 
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_a_lane_does_not_depend_on_its_neighbours(capability, act):
+    """Lanes off the fp32 grid are packed together for their float64 evaluation. Vectors with
+    every count of such lanes (0 to 16), in shuffled places: each element must get the same
+    bits wherever it sits, forward and backward, masked and not."""
+    gen = torch.Generator().manual_seed(3)
+    vectors = 17 * 8
+    # |x| < 3 is on every activation's grid; 8 <= |x| < 20 is off all of them.
+    on = torch.rand(vectors, 16, generator=gen) * 6 - 3
+    sign = torch.randint(0, 2, (vectors, 16), generator=gen) * 2 - 1
+    off = sign * (8 + torch.rand(vectors, 16, generator=gen) * 12)
+    order = torch.rand(vectors, 16, generator=gen).argsort(dim=1)
+    is_off = order < (torch.arange(vectors) % 17)[:, None]
+    x = torch.where(is_off, off, on).reshape(1, 1, -1)
+    g = torch.randn(x.shape, generator=gen)
+    perm = torch.randperm(x.numel(), generator=gen)
+
+    def shuffled(v):
+        return v.reshape(-1)[perm].reshape(x.shape)
+
+    for threshold in (torch.tensor([0.3]), torch.tensor([0.0])):
+        y = torch.ops.lipkern.remap_act(x, threshold, None, act, 1, False)
+        dx = torch.ops.lipkern.remap_act_backward(g, x, threshold, None, act, 1, False)
+        y_perm = torch.ops.lipkern.remap_act(shuffled(x), threshold, None, act, 1, False)
+        dx_perm = torch.ops.lipkern.remap_act_backward(
+            shuffled(g), shuffled(x), threshold, None, act, 1, False
+        )
+        assert same_bits(y_perm, shuffled(y)).all()
+        assert same_bits(dx_perm, shuffled(dx)).all()
+
+
 def test_unknown_capability_is_a_clear_error():
     with pytest.raises(ValueError, match="capability"):
         _C.set_cpu_capability("SSE9")
