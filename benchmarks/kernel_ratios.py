@@ -1,7 +1,12 @@
 """The C++ kernels' own ratios, each timed side by side in one process: fwd+stats over the fused
-forward, and backward over PyTorch's activation backward (`torch.ops.aten.*_backward`).
+forward, the forward over PyTorch's activation, and the backward over PyTorch's activation
+backward (`torch.ops.aten.*_backward`).
 
-    python benchmarks/kernel_ratios.py [stats|bwd|all] [--threads N] [--rounds R]
+    python benchmarks/kernel_ratios.py [stats|fwd|bwd|all] [--threads N] [--rounds R] [--scale S]
+
+Inputs are standard normal times --scale (default 1). The smooth activations' fp32 grid ends at
+|x| = 3.875 (GELU, tanh-GELU) and 7.75 (SiLU); lanes beyond it are evaluated in float64, so
+their speed depends on how far the inputs spread.
 
 Each ratio takes the 10th percentile of single calls, alternated between the two subjects, so
 that calls another process slowed down drop out; ratios move by about 10 % between runs on a
@@ -22,6 +27,11 @@ from lipkern.tools.table import format_table
 OPS = torch.ops.lipkern
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = {"rows": (4096, 1024), "nchw": (16, 256, 28, 28), "nchw_cl": (16, 256, 28, 28)}
+ATEN_FORWARD = {
+    "gelu": lambda x: torch.ops.aten.gelu(x),
+    "gelu_tanh": lambda x: torch.ops.aten.gelu(x, approximate="tanh"),
+    "silu": lambda x: torch.ops.aten.silu(x),
+}
 ATEN_BACKWARD = {
     "gelu": lambda g, x: torch.ops.aten.gelu_backward(g, x),
     "gelu_tanh": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
@@ -46,13 +56,13 @@ def thresholds(channels: int, kind: str) -> torch.Tensor:
     return torch.rand(channels) * 0.5 if kind == "channel" else torch.tensor(0.0)
 
 
-def stats(rounds: int) -> None:
+def stats(rounds: int, scale: float) -> None:
     rows = []
     for act in ("gelu", "relu", "identity"):
         for dtype in DTYPES:
             for layout, shape in LAYOUTS.items():
                 for kind in ("channel", "tensor0"):
-                    x = torch.randn(shape, dtype=DTYPES[dtype])
+                    x = (torch.randn(shape) * scale).to(DTYPES[dtype])
                     if layout == "nchw_cl":
                         x = x.to(memory_format=torch.channels_last)
                     t = thresholds(x.shape[1], kind)
@@ -69,21 +79,25 @@ def stats(rounds: int) -> None:
     print(format_table(header, rows), flush=True)
 
 
-def backward(rounds: int) -> None:
+def against_aten(rounds: int, scale: float, backward: bool) -> None:
     rows = []
-    for act, aten in ATEN_BACKWARD.items():
+    for act in ATEN_BACKWARD:
         for dtype in DTYPES:
             for kind in ("channel", "tensor0"):
-                x = torch.randn(4096, 1024, dtype=DTYPES[dtype])
+                x = (torch.randn(4096, 1024) * scale).to(DTYPES[dtype])
                 g = torch.randn_like(x)
                 t = thresholds(1024, kind)
-                r = side_by_side(
-                    {
-                        "aten": lambda: aten(g, x),
+                if backward:
+                    subjects = {
+                        "aten": lambda: ATEN_BACKWARD[act](g, x),
                         "ours": lambda: OPS.remap_act_backward(g, x, t, None, act, 1, False),
-                    },
-                    rounds,
-                )
+                    }
+                else:
+                    subjects = {
+                        "aten": lambda: ATEN_FORWARD[act](x),
+                        "ours": lambda: OPS.remap_act(x, t, None, act, 1, False),
+                    }
+                r = side_by_side(subjects, rounds)
                 rows.append((act, dtype, kind, f"{r['aten'] * 1e3:.3f}",
                              f"{r['ours'] * 1e3:.3f}", f"{r['ours'] / r['aten']:.2f}"))
     header = ("act", "dtype", "thr", "aten ms", "lipkern ms", "lipkern / aten")
@@ -92,20 +106,26 @@ def backward(rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", default="all", choices=("stats", "bwd", "all"))
+    parser.add_argument("what", nargs="?", default="all", choices=("stats", "fwd", "bwd", "all"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--scale", type=float, default=1.0, help="input standard deviation")
     args = parser.parse_args()
+    if not args.scale > 0:
+        parser.error(f"--scale must be a positive number, got {args.scale}")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     # With glibc's defaults an output of 16 MB was at times page-faulted in anew on every call
     # (fp32 4096 x 1024 fwd+stats with a zero threshold: 4.5-5.2 ms, 1.0-1.6 ms otherwise).
     if not steady_allocator():
         print("no glibc mallopt: timings may include page faults of fresh outputs")
+    print(f"inputs: standard normal x {args.scale:g}, {args.threads} threads")
     if args.what in ("stats", "all"):
-        stats(args.rounds)
+        stats(args.rounds, args.scale)
+    if args.what in ("fwd", "all"):
+        against_aten(args.rounds, args.scale, backward=False)
     if args.what in ("bwd", "all"):
-        backward(args.rounds)
+        against_aten(args.rounds, args.scale, backward=True)
 
 
 if __name__ == "__main__":
