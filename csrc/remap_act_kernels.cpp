@@ -340,13 +340,10 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
         d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
       }
     } else if constexpr (is_smooth(A) && M != MaskMode::None) {
-      const ValueGrad lo = activate_with_derivative<A>(v.lo);
-      const ValueGrad hi = activate_with_derivative<A>(v.hi);
-      a = {lo.value, hi.value};
-      d = {lo.grad, hi.grad};
+      activate_with_derivative<A>(v, a, d);
     } else {
-      if constexpr (M != MaskMode::None) a = {activate<A>(v.lo), activate<A>(v.hi)};
-      if constexpr (is_smooth(A)) d = {derivative<A>(v.lo), derivative<A>(v.hi)};
+      if constexpr (M != MaskMode::None) a = activate<A>(v);
+      if constexpr (is_smooth(A)) d = derivative<A>(v);
     }
     Mask remap_lo = no_lanes(), remap_hi = no_lanes();
     if constexpr (M != MaskMode::None) {

@@ -93,9 +93,10 @@ def test_capabilities_agree_bit_for_bit_on_exact_activations(capability):
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
 def test_a_lane_does_not_depend_on_its_neighbours(capability, act):
-    """Lanes off the fp32 grid are packed together for their float64 evaluation. Vectors with
-    every count of such lanes (0 to 16), in shuffled places: each element must get the same
-    bits wherever it sits, forward and backward, masked and not."""
+    """Lanes off the fp32 grid are packed together, across the two vectors of a step, for their
+    float64 evaluation. Vectors with every count of such lanes (0 to 16, so steps with 0 to 32),
+    in shuffled places: each element must get the same bits wherever it sits, forward and
+    backward, masked and not."""
     gen = torch.Generator().manual_seed(3)
     vectors = 17 * 8
     # |x| < 3 is on every activation's grid; 8 <= |x| < 20 is off all of them.

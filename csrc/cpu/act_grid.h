@@ -120,39 +120,68 @@ struct ValueGrad {
   fVec value, grad;
 };
 
-// The lanes of x off the fp32 grid evaluated in float64 and rounded to fp32, into value (kValue)
-// and grad (kGrad); the other lanes keep theirs. On AVX-512 those lanes are packed together
-// first, so a vector with at most 8 of them pays one float64 evaluation of 8 lanes instead of
-// two: inputs of standard deviation 3 put a fifth of the lanes off GELU's grid, nearly every
-// vector had one, and the fp32 forward took 2.6x F.gelu's time.
+// The first n lanes of packed (1 <= n <= 16) evaluated in float64 and rounded to fp32, into
+// value (kValue) and grad (kGrad); lanes from n on are left unspecified.
 template <Act A, bool kValue, bool kGrad>
-C10_ALWAYS_INLINE void patch_off_grid(const fVec& x, Mask off_grid, fVec& value, fVec& grad) {
+C10_ALWAYS_INLINE void evaluate_packed(const fVec& packed, int n, fVec& value, fVec& grad) {
   dVec lo, hi, value_lo, value_hi, grad_lo, grad_hi;
-#if defined(CPU_CAPABILITY_AVX512)
-  widen(_mm512_maskz_compress_ps(off_grid, x), lo, hi);
+  widen(packed, lo, hi);
   smooth_d<A, kValue, kGrad>(lo, value_lo, grad_lo);
-  if (__builtin_popcount(off_grid) > dVec::size()) {
+  if (n > dVec::size()) {
     smooth_d<A, kValue, kGrad>(hi, value_hi, grad_hi);
   } else {
     value_hi = grad_hi = dVec(0.0);
   }
-  const auto put = [&](const dVec& d_lo, const dVec& d_hi, fVec& out) {
-    fVec packed;
-    narrow_parts(d_lo, d_hi, packed);
-    out = _mm512_mask_expand_ps(out, off_grid, packed);
+  if constexpr (kValue) narrow_parts(value_lo, value_hi, value);
+  if constexpr (kGrad) narrow_parts(grad_lo, grad_hi, grad);
+}
+
+// The lanes of a step off the fp32 grid (off.lo, off.hi) evaluated in float64 and rounded to
+// fp32, into value (kValue) and grad (kGrad); the other lanes keep theirs. On AVX-512 the step's
+// off-grid lanes are packed together first, so a step of 32 values with at most 8 of them pays
+// one float64 evaluation of 8 lanes instead of four: inputs of standard deviation 3 put a fifth
+// of the lanes off GELU's grid, nearly every vector had one, and the fp32 forward took 2.6x
+// F.gelu's time.
+template <Act A, bool kValue, bool kGrad>
+C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2& value,
+                                      F2& grad) {
+  fVec packed_value, packed_grad;
+#if defined(CPU_CAPABILITY_AVX512)
+  const int n_lo = __builtin_popcount(off_lo), n = n_lo + __builtin_popcount(off_hi);
+  const auto put = [&](Mask off, const fVec& packed, fVec& out) {
+    out = _mm512_mask_expand_ps(out, off, packed);
+  };
+  if (n <= kF) {
+    // x.lo's off-grid lanes first, then x.hi's, in lanes [n_lo, n).
+    const Mask upper = static_cast<Mask>(((1u << (n - n_lo)) - 1) << n_lo);
+    const fVec packed = _mm512_mask_expand_ps(_mm512_maskz_compress_ps(off_lo, x.lo), upper,
+                                              _mm512_maskz_compress_ps(off_hi, x.hi));
+    evaluate_packed<A, kValue, kGrad>(packed, n, packed_value, packed_grad);
+    if constexpr (kValue) {
+      put(off_lo, packed_value, value.lo);
+      put(off_hi, _mm512_maskz_compress_ps(upper, packed_value), value.hi);
+    }
+    if constexpr (kGrad) {
+      put(off_lo, packed_grad, grad.lo);
+      put(off_hi, _mm512_maskz_compress_ps(upper, packed_grad), grad.hi);
+    }
+    return;
+  }
+  const auto patch = [&](const fVec& xv, Mask off, fVec& v, fVec& g) {
+    evaluate_packed<A, kValue, kGrad>(_mm512_maskz_compress_ps(off, xv),
+                                      __builtin_popcount(off), packed_value, packed_grad);
+    if constexpr (kValue) put(off, packed_value, v);
+    if constexpr (kGrad) put(off, packed_grad, g);
   };
 #else
-  widen(x, lo, hi);
-  smooth_d<A, kValue, kGrad>(lo, value_lo, grad_lo);
-  smooth_d<A, kValue, kGrad>(hi, value_hi, grad_hi);
-  const auto put = [&](const dVec& d_lo, const dVec& d_hi, fVec& out) {
-    fVec lanes;
-    narrow_parts(d_lo, d_hi, lanes);
-    out = select(off_grid, lanes, out);
+  const auto patch = [&](const fVec& xv, Mask off, fVec& v, fVec& g) {
+    evaluate_packed<A, kValue, kGrad>(xv, kF, packed_value, packed_grad);
+    if constexpr (kValue) v = select(off, packed_value, v);
+    if constexpr (kGrad) g = select(off, packed_grad, g);
   };
 #endif
-  if constexpr (kValue) put(value_lo, value_hi, value);
-  if constexpr (kGrad) put(grad_lo, grad_hi, grad);
+  patch(x.lo, off_lo, value.lo, grad.lo);
+  patch(x.hi, off_hi, value.hi, grad.hi);
 }
 
 // ReLU as PyTorch's clamp_min(x, 0): -0 and NaN pass through unchanged.
@@ -164,15 +193,27 @@ constexpr bool is_smooth(Act A) {
   return A == Act::Gelu || A == Act::GeluTanh || A == Act::Silu;
 }
 
+// Where a step leaves the grid: |x| >= its bound (NaN stays on, and gives NaN there).
 template <Act A>
-C10_ALWAYS_INLINE fVec activate(const fVec& x) {
+C10_ALWAYS_INLINE Mask off_grid(const fVec& x) {
+  return at_least(x.abs(), fVec(act_table<A>().bound));
+}
+
+// act(+-0) = +-0 as PyTorch's: the grid's h^2 term would turn -0 into +0.
+C10_ALWAYS_INLINE fVec grid_value(const fVec& x, const fVec& on_grid) {
+  return select(equal(x, fVec(0.f)), x, on_grid);
+}
+
+// act(x) for a step of two vectors.
+template <Act A>
+C10_ALWAYS_INLINE F2 activate(const F2& x) {
   if constexpr (A == Act::Identity) return x;
-  if constexpr (A == Act::Relu) return relu(x);
+  if constexpr (A == Act::Relu) return {relu(x.lo), relu(x.hi)};
   if constexpr (is_smooth(A)) {
-    // act(+-0) = +-0 as PyTorch's: the grid's h^2 term would turn -0 into +0.
-    fVec a = select(equal(x, fVec(0.f)), x, grid_eval(act_table<A>(), x));
-    const Mask off_grid = at_least(x.abs(), fVec(act_table<A>().bound));  // NaN stays on
-    if (any(off_grid)) patch_off_grid<A, true, false>(x, off_grid, a, a);
+    F2 a{grid_value(x.lo, grid_eval(act_table<A>(), x.lo)),
+         grid_value(x.hi, grid_eval(act_table<A>(), x.hi))};
+    const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
+    if (any(off_lo | off_hi)) patch_off_grid<A, true, false>(x, off_lo, off_hi, a, a);
     return a;
   }
 }
@@ -227,31 +268,32 @@ C10_ALWAYS_INLINE ValueGrad silu_from_sigmoid(const fVec& x) {
           s * fused_madd(xc, fVec(1.f) - s, fVec(1.f))};
 }
 
-// act'(x) of a smooth activation; NaN gives NaN (through h, or SiLU's s).
+// act'(x) of a smooth activation for a step; NaN gives NaN (through h, or SiLU's s).
 template <Act A>
-C10_ALWAYS_INLINE fVec derivative(const fVec& x) {
+C10_ALWAYS_INLINE F2 derivative(const F2& x) {
   if constexpr (A == Act::Silu) {
-    return silu_from_sigmoid(x).grad;
+    return {silu_from_sigmoid(x.lo).grad, silu_from_sigmoid(x.hi).grad};
   } else {
-    fVec d = grid_eval(grad_table<A>(), x);
-    const Mask off_grid = at_least(x.abs(), fVec(grad_table<A>().bound));
-    if (any(off_grid)) patch_off_grid<A, false, true>(x, off_grid, d, d);
+    static_assert(act_table<A>().bound == grad_table<A>().bound);
+    F2 d{grid_eval(grad_table<A>(), x.lo), grid_eval(grad_table<A>(), x.hi)};
+    const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
+    if (any(off_lo | off_hi)) patch_off_grid<A, false, true>(x, off_lo, off_hi, d, d);
     return d;
   }
 }
 
-// act(x) and act'(x) of GELU or tanh-GELU, as activate and derivative give them, sharing the
-// grid point (both tables have one grid).
+// act(x) and act'(x) of GELU or tanh-GELU for a step, as activate and derivative give them,
+// sharing the grid point (both tables have one grid).
 template <Act A>
-C10_ALWAYS_INLINE ValueGrad activate_with_derivative(const fVec& x) {
+C10_ALWAYS_INLINE void activate_with_derivative(const F2& x, F2& value, F2& grad) {
   static_assert(act_table<A>().step == grad_table<A>().step &&
                 act_table<A>().bound == grad_table<A>().bound);
-  const GridPoint g = grid_point(act_table<A>(), x);
-  ValueGrad out{select(equal(x, fVec(0.f)), x, grid_poly(act_table<A>(), g)),
-                grid_poly(grad_table<A>(), g)};
-  const Mask off_grid = at_least(x.abs(), fVec(act_table<A>().bound));
-  if (any(off_grid)) patch_off_grid<A, true, true>(x, off_grid, out.value, out.grad);
-  return out;
+  const GridPoint g_lo = grid_point(act_table<A>(), x.lo), g_hi = grid_point(act_table<A>(), x.hi);
+  value = {grid_value(x.lo, grid_poly(act_table<A>(), g_lo)),
+           grid_value(x.hi, grid_poly(act_table<A>(), g_hi))};
+  grad = {grid_poly(grad_table<A>(), g_lo), grid_poly(grad_table<A>(), g_hi)};
+  const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
+  if (any(off_lo | off_hi)) patch_off_grid<A, true, true>(x, off_lo, off_hi, value, grad);
 }
 
 }  // namespace

@@ -37,22 +37,23 @@ template <typename T, typename F>
 std::vector<float> tabulate(F&& f) {
   std::vector<float> values(k16BitValues);
   for_each_16bit_step<T>([&](int64_t i, const F2& v) {
-    f(v.lo).store(values.data() + i);
-    f(v.hi).store(values.data() + i + kF);
+    const F2 out = f(v);
+    out.lo.store(values.data() + i);
+    out.hi.store(values.data() + i + kF);
   });
   return values;
 }
 
 template <typename T, Act A>
 const float* activation_table() {
-  static const std::vector<float> table = tabulate<T>([](const fVec& x) { return activate<A>(x); });
+  static const std::vector<float> table = tabulate<T>([](const F2& x) { return activate<A>(x); });
   return table.data();
 }
 
 template <typename T, Act A>
 const float* derivative_table() {
   static const std::vector<float> table =
-      tabulate<T>([](const fVec& x) { return derivative<A>(x); });
+      tabulate<T>([](const F2& x) { return derivative<A>(x); });
   return table.data();
 }
 
@@ -191,8 +192,7 @@ C10_ALWAYS_INLINE F2 load_activated(const T* p, int64_t n, const float* table) {
     const Indices index = load_indices(p, n);
     return {gather(table, index.lo), gather(table, index.hi)};
   } else {
-    const F2 v = load(p, n);
-    return {activate<A>(v.lo), activate<A>(v.hi)};
+    return activate<A>(load(p, n));
   }
 }
 
