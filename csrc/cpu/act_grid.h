@@ -169,7 +169,7 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
   const auto put = [&](const fVec (&results)[2], F2& out) {
     out.lo = _mm512_mask_expand_ps(out.lo, off_lo, results[0]);
     const fVec for_hi = _mm512_mask_expand_ps(_mm512_maskz_compress_ps(first_of_hi, results[0]),
-                                              lanes_from(hi_in_first, n_hi), results[1]);
+                                              rest_of_hi, results[1]);
     out.hi = _mm512_mask_expand_ps(out.hi, off_hi, for_hi);
   };
 #else
