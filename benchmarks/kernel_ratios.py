@@ -5,8 +5,8 @@ backward (`torch.ops.aten.*_backward`).
     python benchmarks/kernel_ratios.py [stats|fwd|bwd|all] [--threads N] [--rounds R] [--scale S]
 
 Inputs are standard normal times --scale (default 1). The smooth activations' fp32 grid ends at
-|x| = 3.875 (GELU, tanh-GELU) and 7.75 (SiLU); lanes beyond it are evaluated in float64, so
-their speed depends on how far the inputs spread.
+|x| = 3.875 (GELU, tanh-GELU) and 7.75 (SiLU); lanes beyond it are evaluated in float64 (in
+GELU's backward by an fp32 tail), so their speed depends on how far the inputs spread.
 
 Each ratio takes the 10th percentile of single calls, alternated between the two subjects, so
 that calls another process slowed down drop out; ratios move by about 10 % between runs on a

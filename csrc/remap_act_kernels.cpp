@@ -312,8 +312,8 @@ struct BackwardTables {
 };
 
 // How a backward call masks: not at all (zero thresholds, or straight-through), or as the
-// forward remaps, with a centre or without one (where SiLU settles its mask in fewer
-// operations). One loop per mode, so that none carries another's work: a shared loop converted
+// forward remaps, with a centre or without one (where the estimates of SiLU and GELU settle the
+// mask in fewer operations). One loop per mode, so that none carries another's work: a shared loop converted
 // fp16 x to fp32 for the unmasked branch on masked calls too.
 enum class MaskMode { None, Centred, Uncentred };
 
@@ -323,8 +323,10 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
   for (int64_t i = 0; i < n; i += kStep) {
     const int64_t m = std::min(kStep, n - i);
     const F2 v = load(x + i, m);
-    // a: the mask's activation (SiLU: an estimate; unused when unmasked); d: act'(x).
+    // a: the mask's activation (unused when unmasked); d: act'(x). `estimated`: the lanes whose
+    // a is an estimate that settles the mask (SiLU's are all).
     F2 a = v, d = v;
+    LanePair estimated{no_lanes(), no_lanes()};
     if constexpr (A == Act::Silu) {
       const ValueGrad lo = silu_from_sigmoid(v.lo), hi = silu_from_sigmoid(v.hi);
       a = {lo.value, hi.value};
@@ -340,7 +342,7 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
         d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
       }
     } else if constexpr (is_smooth(A) && M != MaskMode::None) {
-      activate_with_derivative<A>(v, a, d);
+      estimated = activate_with_derivative<A>(v, a, d);
     } else {
       if constexpr (M != MaskMode::None) a = activate<A>(v);
       if constexpr (is_smooth(A)) d = derivative<A>(v);
@@ -348,8 +350,10 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
     Mask remap_lo = no_lanes(), remap_hi = no_lanes();
     if constexpr (M != MaskMode::None) {
       const StepParams p = rp.at(i, m);
-      if constexpr (A == Act::Silu) {
-        // The sigmoid's x s settles nearly every lane; the forward's act(x) decides the rest.
+      constexpr bool kEstimates = A == Act::Silu || (has_fp32_tail(A) && !uses_table<T, A>());
+      // GELU's value is estimated only off its grid: most steps have exact values throughout.
+      if (kEstimates && (A == Act::Silu || any(estimated.lo | estimated.hi))) {
+        // The estimates settle nearly every lane; the forward's act(x) decides the rest.
         Settled lo, hi;
         if constexpr (M == MaskMode::Uncentred) {
           lo = settle_mask_uncentred(a.lo, p.t.lo);
@@ -360,6 +364,11 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
         }
         remap_lo = lo.remap;
         remap_hi = hi.remap;
+        if constexpr (A != Act::Silu) {
+          // The other lanes' a is the forward's own, whose mask needs no settling.
+          lo.unsettled = lo.unsettled & estimated.lo;
+          hi.unsettled = hi.unsettled & estimated.hi;
+        }
         if (any(lo.unsettled | hi.unsettled)) {
           const F2 exact = load_activated<T, A>(x + i, m, tables.activation);
           remap_lo = remap_mask(exact.lo, p.t.lo, p.c.lo);
@@ -409,7 +418,7 @@ void backward_typed(const BackwardArgs& args) {
   using Uncentred = std::integral_constant<MaskMode, MaskMode::Uncentred>;
   if (unmasked) {
     walk(None{});
-  } else if constexpr (A == Act::Silu) {
+  } else if constexpr (A == Act::Silu || has_fp32_tail(A)) {
     if (args.params.center) {
       walk(Centred{});
     } else {

@@ -94,7 +94,7 @@ def test_capabilities_agree_bit_for_bit_on_exact_activations(capability):
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
 def test_a_lane_does_not_depend_on_its_neighbours(capability, act):
     """Lanes off the fp32 grid are packed together, across the two vectors of a step, for their
-    float64 evaluation. Vectors with every count of such lanes (0 to 16, so steps with 0 to 32),
+    float64 evaluation (GELU's backward: its fp32 tail). Vectors with every count of such lanes (0 to 16, so steps with 0 to 32),
     in shuffled places: each element must get the same bits wherever it sits, forward and
     backward, masked and not."""
     gen = torch.Generator().manual_seed(3)
@@ -266,6 +266,61 @@ def test_derivatives_are_within_their_units_of_1_plus_abs_x(capability, act):
     truth = activation_grad_float64(x, act)
     err = ((dx.double() - truth).abs() / ((1 + x.double().abs()) * 2.0**-24)).max()
     assert err < DERIVATIVE_UNITS[act], f"{act}: {float(err):.3f}"
+
+
+def _fp32_between(low: float, high: float, stride: int) -> torch.Tensor:
+    """Every stride-th fp32 in [low, high) (0 < low < high), both signs."""
+    bounds = torch.tensor([low, high]).view(torch.int32)
+    magnitudes = torch.arange(int(bounds[0]), int(bounds[1]), stride, dtype=torch.int32)
+    x = magnitudes.view(torch.float32)
+    return torch.cat([x, -x])
+
+
+# GELU's grid ends at |x| = 3.875; by |x| = 15.5 its tails have reached x and 1, or underflowed.
+GELU_TAIL = (3.875, 15.5)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+def test_gelu_derivative_off_the_grid_in_fp32(capability):
+    """Off the grid GELU's backward evaluates act'(x) in fp32 (csrc/cpu/act_grid.h, gelu_tail):
+    over every fp32 of the tails, within 0.21 (1 + |x|) 2^-24 of float64, a fortieth of the
+    backward's rule; inf gives the limits."""
+    x = _fp32_between(*GELU_TAIL, stride=1 if capability == _C.cpu_capability() else 7)
+    dx = torch.ops.lipkern.remap_act_backward(
+        torch.ones_like(x), x, torch.tensor(0.0), None, "gelu", 0, False
+    )
+    truth = activation_grad_float64(x, "gelu")
+    err = ((dx.double() - truth).abs() / ((1 + x.double().abs()) * 2.0**-24)).max()
+    assert err < 0.21, float(err)
+    ends = torch.tensor([float("inf"), -float("inf")])
+    limits = torch.ops.lipkern.remap_act_backward(
+        torch.ones(2), ends, torch.tensor(0.0), None, "gelu", 0, False
+    )
+    assert same_bits(limits, torch.tensor([1.0, 0.0])).all()
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("centred", [False, True], ids=["uncentred", "centred"])
+def test_gelu_backward_off_the_grid_masks_as_the_forward(capability, centred):
+    """The backward settles GELU's mask off the grid with an fp32 estimate of act(x) and asks the
+    forward's own value where the estimate is too close to call. One channel per element, with
+    thresholds at |a - c| exactly (not remapped), one ulp above it, and 2^-22 and 2^-18.5
+    relative either side (the estimate's band is about 2^-19): the backward zeroes exactly the
+    elements the forward remaps, and passes dy act'(x) through elsewhere."""
+    x = _fp32_between(*GELU_TAIL, stride=97)
+    a = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False)
+    c = a * 0.5 if centred else torch.zeros_like(a)
+    distance = (a - c).abs()
+    factors = torch.tensor([1.0, 1 - 2**-22, 1 + 2**-22, 1 - 2**-18.5, 1 + 2**-18.5])
+    t = torch.cat([distance[:, None] * factors, torch.nextafter(distance, distance + 1)[:, None]], 1)
+    x, c, t = x.repeat_interleave(6), c.repeat_interleave(6), t.reshape(-1)
+    remapped = (torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False) - c).abs() < t
+    assert remapped.any() and not remapped.all()
+    dy = torch.ones_like(x)
+    dx = torch.ops.lipkern.remap_act_backward(dy, x, t, c if centred else None, "gelu", 0, False)
+    unmasked = torch.ops.lipkern.remap_act_backward(dy, x, torch.tensor(0.0), None, "gelu", 0, False)
+    # dy is zeroed before the product, as the reference's masked_fill: -0 where act'(x) < 0.
+    assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all()
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)

@@ -120,6 +120,84 @@ struct ValueGrad {
   fVec value, grad;
 };
 
+// e^y for y in [-kSiluClamp, kSiluClamp] (or NaN), within about 1 ulp: y = n ln2 + r with
+// |r| <= ln2 / 2 (Cody-Waite), a degree-7 Taylor polynomial (remainder below 2^-27), times 2^n,
+// which overflows to inf and underflows to 0 as exp does.
+C10_ALWAYS_INLINE fVec exp_f(const fVec& y) {
+  constexpr float kLn2Hi = 0x1.62e4p-1f;  // few enough bits that n kLn2Hi is exact
+  constexpr float kLn2Lo = 0x1.7f7d1cp-20f;
+#if defined(CPU_CAPABILITY_AVX512)
+  const fVec n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(M_LOG2E)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  const fVec n = (y * fVec(M_LOG2E)).round();
+#endif
+  fVec r = fused_madd(n, fVec(-kLn2Hi), y);
+  r = fused_madd(n, fVec(-kLn2Lo), r);
+  fVec p(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) {
+    p = fused_madd(p, r, fVec(c));
+  }
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(p, n);
+#else
+  // 2^n as 2^h 2^(n - h), each factor built from its exponent bits, so that every n that still
+  // gives a nonzero finite result is reached; |n| is capped at 160, beyond which the result is
+  // 0 or inf either way. A NaN n becomes 0 before the int conversion (undefined for NaN in
+  // scalar code); the NaN stays in p.
+  using iVec = at::vec::Vectorized<int32_t>;
+  const fVec finite_n = select(equal(n, n), n, fVec(0.f));
+  const fVec capped = at::vec::clamp(finite_n, fVec(-160.f), fVec(160.f));
+  const fVec h = (capped * fVec(0.5f)).floor();
+  const auto pow2 = [](const fVec& e) {
+    return at::vec::cast<float>((at::vec::convert_to_int_of_same_size(e) + iVec(127)) << iVec(23));
+  };
+  return p * pow2(h) * pow2(capped - h);
+#endif
+}
+
+// GELU off its grid (|x| >= 3.875) in fp32, from the Gaussian tail. With a = |x| and
+// Q(a) = 1 - Phi(a) = phi(a) M(a) (M: Mills' ratio),
+//   GELU(x)  = max(x, 0) - a Q(a)                = max(x, 0) - E F,
+//   GELU'(x) = [x > 0] + sign(x) phi(a) (a - M(a)) = [x > 0] +- E (a / sqrt(2 pi) - F / a),
+// where E = exp(-a^2 / 2) and F = a M(a) / sqrt(2 pi), a degree-6 polynomial in 1 / a^2 (a
+// least-squares fit, relative error 1.2e-8 over 3.875 <= a <= 15; by 15 both tails have
+// underflowed fp32 or reached x and 1, so a is clamped there). No term cancels. a^2 = hi + lo
+// exactly (an fma), and E = exp(-hi / 2) (1 - lo / 2): a rounded a^2 would move E by up to
+// a^2 2^-25 relative, 2^-18 at a = 15.
+// Over every fp32 with 3.875 <= |x| < 15.5 the derivative is within 0.21 (1 + |x|) 2^-24 of the
+// truth, well inside the backward's rule. The value is within 2^-22.2 relative (2e-45 where it
+// is subnormal): not the forward's, which rounds the float64 value, but an estimate with which
+// the backward settles its mask, as SiLU's (act_tables16.h, settle_mask).
+C10_ALWAYS_INLINE ValueGrad gelu_tail(const fVec& x) {
+  static constexpr float kPoly[] = {0x1.c23516p-22f, -0x1.1affbep-19f, 0x1.825ee4p-17f,
+                                    -0x1.553c9ap-14f, 0x1.8505c2p-11f, -0x1.513222p-7f,
+                                    0x1.8b548p-2f};
+  // The polynomial's argument: 1 / a^2 mapped onto [-1, 1].
+  constexpr float kScale = 0x1.016e0cp+5f, kOffset = -0x1.249cbcp+0f;
+  constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+  const fVec a = at::vec::minimum(x.abs(), fVec(15.f));
+  const fVec a2 = a * a;
+  const fVec a2_lo = fused_madd(a, a, a2.neg());
+  const fVec e_hi = exp_f(a2 * fVec(-0.5f));
+  const fVec e = fused_madd(e_hi, a2_lo * fVec(-0.5f), e_hi);
+  const fVec inv_a = fVec(1.f) / a;
+  const fVec s = fused_madd(inv_a * inv_a, fVec(kScale), fVec(kOffset));
+  fVec f(kPoly[0]);
+  for (int k = 1; k < 7; ++k) f = fused_madd(f, s, fVec(kPoly[k]));
+  const fVec correction = e * f;
+  const fVec slope = e * fused_madd(f.neg(), inv_a, a * fVec(kInvSqrt2Pi));
+  const Mask positive = less(fVec(0.f), x);
+  return {select(positive, x - correction, correction.neg()),
+          select(positive, fVec(1.f) + slope, fVec(0.f) - slope)};
+}
+
+// Whether the backward evaluates act's off-grid lanes with an fp32 tail (gelu_tail) instead of
+// float64: its derivative directly, and its value as an estimate to settle the mask with.
+constexpr bool has_fp32_tail(Act A) {
+  return A == Act::Gelu;
+}
+
 // The first n lanes of packed (1 <= n <= 16) evaluated in float64 and rounded to fp32, into
 // value (kValue) and grad (kGrad); lanes from n on are left unspecified.
 template <Act A, bool kValue, bool kGrad>
@@ -144,12 +222,38 @@ C10_ALWAYS_INLINE void evaluate_packed(const fVec& packed, int n, fVec& value, f
 // F.gelu's time (0.7x the time with this packing). Where most lanes are off the grid (standard
 // deviation 10) the kernels measured 1.2-1.3x slower than with the unpacked evaluation, also
 // when such steps took the unpacked path; the cause is not found.
-template <Act A, bool kValue, bool kGrad>
+// The first n lanes of packed off the grid, into value (kValue) and grad (kGrad): by gelu_tail
+// where kFp32Tail, in float64 otherwise.
+template <Act A, bool kValue, bool kGrad, bool kFp32Tail>
+C10_ALWAYS_INLINE void evaluate_off_grid(const fVec& packed, int n, fVec& value, fVec& grad) {
+  if constexpr (kFp32Tail) {
+    static_assert(has_fp32_tail(A));
+    const ValueGrad tail = gelu_tail(packed);
+    value = tail.value;
+    grad = tail.grad;
+  } else {
+    evaluate_packed<A, kValue, kGrad>(packed, n, value, grad);
+  }
+}
+
+template <Act A, bool kValue, bool kGrad, bool kFp32Tail = false>
 C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2& value,
                                       F2& grad) {
 #if defined(CPU_CAPABILITY_AVX512)
   const int n_lo = __builtin_popcount(off_lo), n_hi = __builtin_popcount(off_hi);
   const int n = n_lo + n_hi;
+  if constexpr (kFp32Tail) {
+    // The tail evaluates 16 lanes at a time: with more than 16 off the grid, packing saves no
+    // evaluation, and the unpacked form took 0.7x the time of the packed one (std 10).
+    if (n > kF) {
+      const ValueGrad lo = gelu_tail(x.lo), hi = gelu_tail(x.hi);
+      if constexpr (kValue) {
+        value = {select(off_lo, lo.value, value.lo), select(off_hi, hi.value, value.hi)};
+      }
+      if constexpr (kGrad) grad = {select(off_lo, lo.grad, grad.lo), select(off_hi, hi.grad, grad.hi)};
+      return;
+    }
+  }
   const fVec packed_lo = _mm512_maskz_compress_ps(off_lo, x.lo);
   const fVec packed_hi = _mm512_maskz_compress_ps(off_hi, x.hi);
   // packed[0]: x.lo's lanes, then x.hi's first ones up to 16 lanes; packed[1]: x.hi's others.
@@ -163,7 +267,8 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
                           _mm512_maskz_compress_ps(rest_of_hi, packed_hi)};
   fVec values[2], grads[2];
   for (int k = 0; k * kF < n; ++k) {
-    evaluate_packed<A, kValue, kGrad>(packed[k], std::min<int>(n - k * kF, kF), values[k], grads[k]);
+    evaluate_off_grid<A, kValue, kGrad, kFp32Tail>(packed[k], std::min<int>(n - k * kF, kF),
+                                                   values[k], grads[k]);
   }
   if (n <= kF) values[1] = grads[1] = fVec(0.f);
   const auto put = [&](const fVec (&results)[2], F2& out) {
@@ -175,7 +280,9 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
 #else
   const fVec xs[2] = {x.lo, x.hi};
   fVec values[2], grads[2];
-  for (int k = 0; k < 2; ++k) evaluate_packed<A, kValue, kGrad>(xs[k], kF, values[k], grads[k]);
+  for (int k = 0; k < 2; ++k) {
+    evaluate_off_grid<A, kValue, kGrad, kFp32Tail>(xs[k], kF, values[k], grads[k]);
+  }
   const auto put = [&](const fVec (&results)[2], F2& out) {
     out = {select(off_lo, results[0], out.lo), select(off_hi, results[1], out.hi)};
   };
@@ -218,42 +325,6 @@ C10_ALWAYS_INLINE F2 activate(const F2& x) {
   }
 }
 
-// e^y for y in [-kSiluClamp, kSiluClamp] (or NaN), within about 1 ulp: y = n ln2 + r with
-// |r| <= ln2 / 2 (Cody-Waite), a degree-7 Taylor polynomial (remainder below 2^-27), times 2^n,
-// which overflows to inf and underflows to 0 as exp does.
-C10_ALWAYS_INLINE fVec exp_f(const fVec& y) {
-  constexpr float kLn2Hi = 0x1.62e4p-1f;  // few enough bits that n kLn2Hi is exact
-  constexpr float kLn2Lo = 0x1.7f7d1cp-20f;
-#if defined(CPU_CAPABILITY_AVX512)
-  const fVec n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(M_LOG2E)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#else
-  const fVec n = (y * fVec(M_LOG2E)).round();
-#endif
-  fVec r = fused_madd(n, fVec(-kLn2Hi), y);
-  r = fused_madd(n, fVec(-kLn2Lo), r);
-  fVec p(1.f / 5040.f);
-  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) {
-    p = fused_madd(p, r, fVec(c));
-  }
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_scalef_ps(p, n);
-#else
-  // 2^n as 2^h 2^(n - h), each factor built from its exponent bits, so that every n that still
-  // gives a nonzero finite result is reached; |n| is capped at 160, beyond which the result is
-  // 0 or inf either way. A NaN n becomes 0 before the int conversion (undefined for NaN in
-  // scalar code); the NaN stays in p.
-  using iVec = at::vec::Vectorized<int32_t>;
-  const fVec finite_n = select(equal(n, n), n, fVec(0.f));
-  const fVec capped = at::vec::clamp(finite_n, fVec(-160.f), fVec(160.f));
-  const fVec h = (capped * fVec(0.5f)).floor();
-  const auto pow2 = [](const fVec& e) {
-    return at::vec::cast<float>((at::vec::convert_to_int_of_same_size(e) + iVec(127)) << iVec(23));
-  };
-  return p * pow2(h) * pow2(capped - h);
-#endif
-}
-
 // SiLU from one sigmoid s = 1 / (1 + e^-x) in fp32: the derivative s (1 + x (1 - s)), as ATen's
 // silu_backward computes it, within 2 (1 + |x|) 2^-24 (1.84 at worst seen,
 // tests/test_cpu_kernels.py), inside the backward's rule of 8, at a third of the 8-row grid
@@ -277,15 +348,23 @@ C10_ALWAYS_INLINE F2 derivative(const F2& x) {
     static_assert(act_table<A>().bound == grad_table<A>().bound);
     F2 d{grid_eval(grad_table<A>(), x.lo), grid_eval(grad_table<A>(), x.hi)};
     const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
-    if (any(off_lo | off_hi)) patch_off_grid<A, false, true>(x, off_lo, off_hi, d, d);
+    if (any(off_lo | off_hi)) {
+      patch_off_grid<A, false, true, has_fp32_tail(A)>(x, off_lo, off_hi, d, d);
+    }
     return d;
   }
 }
 
+// Lanes of a step, as two masks.
+struct LanePair {
+  Mask lo, hi;
+};
+
 // act(x) and act'(x) of GELU or tanh-GELU for a step, as activate and derivative give them,
-// sharing the grid point (both tables have one grid).
+// sharing the grid point (both tables have one grid), except that where act has an fp32 tail
+// the off-grid lanes' value is its estimate; returned: the lanes whose value is an estimate.
 template <Act A>
-C10_ALWAYS_INLINE void activate_with_derivative(const F2& x, F2& value, F2& grad) {
+C10_ALWAYS_INLINE LanePair activate_with_derivative(const F2& x, F2& value, F2& grad) {
   static_assert(act_table<A>().step == grad_table<A>().step &&
                 act_table<A>().bound == grad_table<A>().bound);
   const GridPoint g_lo = grid_point(act_table<A>(), x.lo), g_hi = grid_point(act_table<A>(), x.hi);
@@ -293,7 +372,10 @@ C10_ALWAYS_INLINE void activate_with_derivative(const F2& x, F2& value, F2& grad
            grid_value(x.hi, grid_poly(act_table<A>(), g_hi))};
   grad = {grid_poly(grad_table<A>(), g_lo), grid_poly(grad_table<A>(), g_hi)};
   const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
-  if (any(off_lo | off_hi)) patch_off_grid<A, true, true>(x, off_lo, off_hi, value, grad);
+  if (!any(off_lo | off_hi)) return {no_lanes(), no_lanes()};
+  patch_off_grid<A, true, true, has_fp32_tail(A)>(x, off_lo, off_hi, value, grad);
+  if constexpr (has_fp32_tail(A)) return {off_lo, off_hi};
+  return {no_lanes(), no_lanes()};
 }
 
 }  // namespace
