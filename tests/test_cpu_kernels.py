@@ -94,9 +94,9 @@ def test_capabilities_agree_bit_for_bit_on_exact_activations(capability):
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
 def test_a_lane_does_not_depend_on_its_neighbours(capability, act):
     """Lanes off the fp32 grid are packed together, across the two vectors of a step, for their
-    float64 evaluation (GELU's backward: its fp32 tail). Vectors with every count of such lanes (0 to 16, so steps with 0 to 32),
-    in shuffled places: each element must get the same bits wherever it sits, forward and
-    backward, masked and not."""
+    float64 evaluation (GELU's backward: its fp32 tail). Vectors with every count of such lanes
+    (0 to 16, so steps with 0 to 32), in shuffled places: each element must get the same bits
+    wherever it sits, forward and backward, masked and not."""
     gen = torch.Generator().manual_seed(3)
     vectors = 17 * 8
     # |x| < 3 is on every activation's grid; 8 <= |x| < 20 is off all of them.
@@ -312,13 +312,16 @@ def test_gelu_backward_off_the_grid_masks_as_the_forward(capability, centred):
     c = a * 0.5 if centred else torch.zeros_like(a)
     distance = (a - c).abs()
     factors = torch.tensor([1.0, 1 - 2**-22, 1 + 2**-22, 1 - 2**-18.5, 1 + 2**-18.5])
-    t = torch.cat([distance[:, None] * factors, torch.nextafter(distance, distance + 1)[:, None]], 1)
-    x, c, t = x.repeat_interleave(6), c.repeat_interleave(6), t.reshape(-1)
-    remapped = (torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False) - c).abs() < t
+    above = torch.nextafter(distance, distance + 1)
+    t = torch.cat([distance[:, None] * factors, above[:, None]], 1).reshape(-1)
+    x, a, c = x.repeat_interleave(6), a.repeat_interleave(6), c.repeat_interleave(6)
+    remapped = (a - c).abs() < t
     assert remapped.any() and not remapped.all()
     dy = torch.ones_like(x)
     dx = torch.ops.lipkern.remap_act_backward(dy, x, t, c if centred else None, "gelu", 0, False)
-    unmasked = torch.ops.lipkern.remap_act_backward(dy, x, torch.tensor(0.0), None, "gelu", 0, False)
+    unmasked = torch.ops.lipkern.remap_act_backward(
+        dy, x, torch.tensor(0.0), None, "gelu", 0, False
+    )
     # dy is zeroed before the product, as the reference's masked_fill: -0 where act'(x) < 0.
     assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all()
 

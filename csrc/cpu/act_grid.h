@@ -250,7 +250,9 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
       if constexpr (kValue) {
         value = {select(off_lo, lo.value, value.lo), select(off_hi, hi.value, value.hi)};
       }
-      if constexpr (kGrad) grad = {select(off_lo, lo.grad, grad.lo), select(off_hi, hi.grad, grad.hi)};
+      if constexpr (kGrad) {
+        grad = {select(off_lo, lo.grad, grad.lo), select(off_hi, hi.grad, grad.hi)};
+      }
       return;
     }
   }
