@@ -312,9 +312,10 @@ struct BackwardTables {
 };
 
 // How a backward call masks: not at all (zero thresholds, or straight-through), or as the
-// forward remaps, with a centre or without one (where the estimates of SiLU and GELU settle the
-// mask in fewer operations). One loop per mode, so that none carries another's work: a shared
-// loop converted fp16 x to fp32 for the unmasked branch on masked calls too.
+// forward remaps, with a centre or without one (SiLU's and GELU's loops, which settle their
+// masks on estimates, do that in fewer operations without one). One loop per mode, so that none
+// carries another's work: a shared loop converted fp16 x to fp32 for the unmasked branch on
+// masked calls too.
 enum class MaskMode { None, Centred, Uncentred };
 
 template <typename T, typename G, Act A, bool kLanes, MaskMode M>

@@ -94,9 +94,10 @@ def test_capabilities_agree_bit_for_bit_on_exact_activations(capability):
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
 def test_a_lane_does_not_depend_on_its_neighbours(capability, act):
     """Lanes off the fp32 grid are packed together, across the two vectors of a step, for their
-    float64 evaluation (GELU's backward: its fp32 tail). Vectors with every count of such lanes
-    (0 to 16, so steps with 0 to 32), in shuffled places: each element must get the same bits
-    wherever it sits, forward and backward, masked and not."""
+    float64 evaluation (GELU's backward: its fp32 tail, packed only where at most 16 lanes of a
+    step are off). Vectors with every count of such lanes (0 to 16, so steps with 0 to 32), in
+    shuffled places: each element must get the same bits wherever it sits, forward and backward,
+    masked and not."""
     gen = torch.Generator().manual_seed(3)
     vectors = 17 * 8
     # |x| < 3 is on every activation's grid; 8 <= |x| < 20 is off all of them.
@@ -278,52 +279,96 @@ def _fp32_between(low: float, high: float, stride: int) -> torch.Tensor:
 
 # GELU's grid ends at |x| = 3.875; by |x| = 15.5 its tails have reached x and 1, or underflowed.
 GELU_TAIL = (3.875, 15.5)
+NATIVE_CAPABILITY = _C.cpu_capability()
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
-def test_gelu_derivative_off_the_grid_in_fp32(capability):
+def test_gelu_derivative_off_the_grid(capability):
     """Off the grid GELU's backward evaluates act'(x) in fp32 (csrc/cpu/act_grid.h, gelu_tail):
-    over every fp32 of the tails, within 0.21 (1 + |x|) 2^-24 of float64, a fortieth of the
-    backward's rule; inf gives the limits."""
-    x = _fp32_between(*GELU_TAIL, stride=1 if capability == _C.cpu_capability() else 7)
+    over every fp32 of the tails (every 7th on the other builds), within 0.21 (1 + |x|) 2^-24 of
+    float64, which the rounding of act'(x) to fp32 alone reaches near x = 3.875, and a fortieth
+    of the backward's rule; the sign of a zero result is the truth's, and inf gives the limits."""
+    stride = 1 if capability == NATIVE_CAPABILITY else 7
+    x = _fp32_between(*GELU_TAIL, stride=stride)
     dx = torch.ops.lipkern.remap_act_backward(
         torch.ones_like(x), x, torch.tensor(0.0), None, "gelu", 0, False
     )
     truth = activation_grad_float64(x, "gelu")
     err = ((dx.double() - truth).abs() / ((1 + x.double().abs()) * 2.0**-24)).max()
     assert err < 0.21, float(err)
+    zero = dx == 0
+    assert zero.any() and (dx[zero].signbit() == truth[zero].signbit()).all()
     ends = torch.tensor([float("inf"), -float("inf")])
     limits = torch.ops.lipkern.remap_act_backward(
         torch.ones(2), ends, torch.tensor(0.0), None, "gelu", 0, False
     )
-    assert same_bits(limits, torch.tensor([1.0, 0.0])).all()
+    assert same_bits(limits, torch.tensor([1.0, -0.0])).all()
+
+
+def _steps_with_every_count_off_the_grid(off: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Steps of 32 values with 0 to 32 of them taken from `off`, in shuffled places, the others
+    on GELU's grid."""
+    steps = off.numel() // 16
+    count = torch.arange(steps) % 33
+    is_off = torch.rand(steps, 32, generator=gen).argsort(dim=1) < count[:, None]
+    x = torch.rand(steps, 32, generator=gen) * 7 - 3.5
+    x[is_off] = off[torch.randperm(off.numel(), generator=gen)][: int(is_off.sum())]
+    return x.reshape(-1)
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
-@pytest.mark.parametrize("centred", [False, True], ids=["uncentred", "centred"])
-def test_gelu_backward_off_the_grid_masks_as_the_forward(capability, centred):
+@pytest.mark.parametrize("centre", ["none", "half", "near"])
+def test_gelu_backward_off_the_grid_masks_as_the_forward(capability, centre):
     """The backward settles GELU's mask off the grid with an fp32 estimate of act(x) and asks the
-    forward's own value where the estimate is too close to call. One channel per element, with
-    thresholds at |a - c| exactly (not remapped), one ulp above it, and 2^-22 and 2^-18.5
-    relative either side (the estimate's band is about 2^-19): the backward zeroes exactly the
-    elements the forward remaps, and passes dy act'(x) through elsewhere."""
-    x = _fp32_between(*GELU_TAIL, stride=97)
+    forward's own value where the estimate is too close to call. One channel per element, steps
+    with 0 to 32 off-grid lanes among on-grid ones, centres none, a/2 and a (1 - 2^-8), and per
+    call one kind of threshold: at |a - c| exactly (not remapped), one ulp above it, 2^-22
+    relative either side (too close for the estimate), and 2^-9 either side (settled by it).
+    The backward zeroes exactly the elements the forward remaps, and passes dy act'(x) through
+    elsewhere."""
+    gen = torch.Generator().manual_seed(5)
+    x = _steps_with_every_count_off_the_grid(_fp32_between(*GELU_TAIL, stride=331), gen)
     a = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False)
-    c = a * 0.5 if centred else torch.zeros_like(a)
+    c = {"none": torch.zeros_like(a), "half": a * 0.5, "near": a * (1 - 2**-8)}[centre]
     distance = (a - c).abs()
-    factors = torch.tensor([1.0, 1 - 2**-22, 1 + 2**-22, 1 - 2**-18.5, 1 + 2**-18.5])
-    above = torch.nextafter(distance, distance + 1)
-    t = torch.cat([distance[:, None] * factors, above[:, None]], 1).reshape(-1)
-    x, a, c = x.repeat_interleave(6), a.repeat_interleave(6), c.repeat_interleave(6)
-    remapped = (a - c).abs() < t
-    assert remapped.any() and not remapped.all()
     dy = torch.ones_like(x)
-    dx = torch.ops.lipkern.remap_act_backward(dy, x, t, c if centred else None, "gelu", 0, False)
     unmasked = torch.ops.lipkern.remap_act_backward(
         dy, x, torch.tensor(0.0), None, "gelu", 0, False
     )
-    # dy is zeroed before the product, as the reference's masked_fill: -0 where act'(x) < 0.
-    assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all()
+    thresholds = [distance, torch.nextafter(distance, distance + 1)]
+    thresholds += [distance * (1 + f) for f in (-(2**-22), 2**-22, -(2**-9), 2**-9)]
+    for t in thresholds:
+        remapped = distance < t
+        dx = torch.ops.lipkern.remap_act_backward(
+            dy, x, t, None if centre == "none" else c, "gelu", 0, False
+        )
+        # dy is zeroed before the product, as the reference's masked_fill: -0 where act'(x) < 0.
+        assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all()
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+def test_gelu_forward_at_the_ends_of_its_tails(capability):
+    """From x = 5.375 up GELU's fp32 value is x, from -14.375 down it is -0 (taken without the
+    float64 evaluation): every fp32 from there to 8 and -16 (every 97th beyond, to 2^30) is the
+    float64 value correctly rounded, as are those just inside, where the evaluation still runs."""
+    x = torch.cat(
+        [
+            _fp32_between(5.375, 8.0, 1)[:1_000_000],
+            _fp32_between(14.375, 16.0, 1),
+            _fp32_between(8.0, 2.0**30, 97),
+            _fp32_between(5.25, 5.375, 1),
+            _fp32_between(14.25, 14.375, 1),
+        ]
+    )
+    x = x[(x >= 5.25) | (x <= -14.25)]
+    y = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False)
+    truth = (0.5 * x.double() * torch.special.erfc(-x.double() / 2**0.5)).float()
+    assert same_bits(y, truth).all()
+    ends = x[(x >= 5.375) | (x <= -14.375)]
+    assert same_bits(
+        torch.ops.lipkern.remap_act(ends, torch.tensor(0.0), None, "gelu", 0, False),
+        torch.where(ends > 0, ends, torch.tensor(-0.0)),
+    ).all()
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)

@@ -1,4 +1,5 @@
-// Float64 evaluators of the smooth activations and their derivatives (the fp32 grid's fallback).
+// Float64 evaluators of the smooth activations, and of tanh-GELU's derivative (the fp32 grid's
+// fallback).
 // Included by csrc/remap_act_kernels.cpp only (see there): it lands in lipkern::<CAP>.
 #pragma once
 
@@ -11,8 +12,8 @@ namespace lipkern {
 namespace CPU_CAPABILITY {
 namespace {
 
-// The float64 evaluators give the derivatives (backward) and the values off the fp32 grid (act_grid.h).
-// They work on widened lanes and round once to fp32, so they are correctly rounded up to a few
+// The float64 evaluators give the values off the fp32 grid and tanh-GELU's derivative there
+// (act_grid.h; GELU's and SiLU's derivatives are fp32 throughout). They work on widened lanes and round once to fp32, so they are correctly rounded up to a few
 // 1e-10 relative (the double-rounding cases). In double, x^2 of an fp32 x is exact, so the
 // Gaussian's argument carries no rounding (erfc's relative sensitivity to z is 2 z^2).
 
@@ -72,15 +73,11 @@ C10_ALWAYS_INLINE dVec clamp_d(const dVec& x, double bound) {
 // 0 * inf products.
 constexpr double kGeluClamp = 40.0;
 
-// erfc(|x| / sqrt 2) and exp(-x^2 / 2) for clamped x.
+// erfc(|x| / sqrt 2) for clamped x.
 //
 // erfc(z) = t exp(-z^2) R(t) with t = 1 / (1 + 0.35 z); R is a degree-10 least-squares fit of
 // erfcx(z) / t over z in [0, 10.5] (max relative error 3.8e-9; beyond, fp32 GELU underflows).
-struct GaussTail {
-  dVec erfc, gauss;
-};
-
-C10_ALWAYS_INLINE GaussTail gauss_tail(const dVec& xc) {
+C10_ALWAYS_INLINE dVec erfc_of_abs(const dVec& xc) {
   static constexpr double kR[] = {
       -0.02032525112510545, 0.16062136297309768, -0.4820011077430214, 0.6750640518003334,
       -0.5096608178417334,  0.40077415087012197, 0.008323309888157115, 0.19137990980835312,
@@ -89,27 +86,15 @@ C10_ALWAYS_INLINE GaussTail gauss_tail(const dVec& xc) {
   const dVec t = recip_d(at::vec::fmadd(z, dVec(0.35), dVec(1.0)));
   dVec r(kR[0]);
   for (int i = 1; i < 11; ++i) r = at::vec::fmadd(r, t, dVec(kR[i]));
-  const dVec gauss = exp_d(xc * xc * dVec(-0.5));
-  return {t * gauss * r, gauss};
+  return t * exp_d(xc * xc * dVec(-0.5)) * r;
 }
 
-// Each smooth activation as one evaluator yielding the value and/or the derivative, which share
-// the transcendental work.
-template <bool kValue, bool kGrad>
-C10_ALWAYS_INLINE void gelu_d(const dVec& x, dVec& value, dVec& grad) {
+// GELU x Phi(x): for x > 0, x - (x/2) erfc(z); for x <= 0, (x/2) erfc(z); no cancellation either
+// way (and -0 keeps its sign).
+C10_ALWAYS_INLINE dVec gelu_d(const dVec& x) {
   const dVec xc = clamp_d(x, kGeluClamp);
-  const GaussTail g = gauss_tail(xc);
-  if constexpr (kValue) {
-    // x > 0: x Phi(x) = x - (x/2) erfc(z); x <= 0: (x/2) erfc(z), no cancellation either way
-    // (and -0 keeps its sign).
-    const dVec he = xc * dVec(0.5) * g.erfc;
-    value = dVec::blendv(he, x - he, x > dVec(0.0));
-  }
-  if constexpr (kGrad) {
-    const dVec half_e = g.erfc * dVec(0.5);
-    const dVec cdf = dVec::blendv(half_e, dVec(1.0) - half_e, xc >= dVec(0.0));
-    grad = at::vec::fmadd(xc * dVec(0.5 * M_2_SQRTPI * M_SQRT1_2), g.gauss, cdf);
-  }
+  const dVec he = xc * dVec(0.5) * erfc_of_abs(xc);
+  return dVec::blendv(he, x - he, x > dVec(0.0));
 }
 
 // tanh-GELU as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the 1 + tanh(u) form cancels
@@ -136,19 +121,19 @@ C10_ALWAYS_INLINE void gelu_tanh_d(const dVec& x, dVec& value, dVec& grad) {
 // SiLU x sigmoid(x); beyond |x| = 200 the sigmoid is 0 or 1 in double.
 constexpr double kSiluClamp = 200.0;
 
-template <bool kValue, bool kGrad>
-C10_ALWAYS_INLINE void silu_d(const dVec& x, dVec& value, dVec& grad) {
+C10_ALWAYS_INLINE dVec silu_d(const dVec& x) {
   const dVec xc = clamp_d(x, kSiluClamp);
-  const dVec s = recip_d(dVec(1.0) + exp_d(xc.neg()));
-  if constexpr (kValue) value = at::vec::clamp_min(x, dVec(-kSiluClamp)) * s;
-  if constexpr (kGrad) grad = s * at::vec::fmadd(xc, dVec(1.0) - s, dVec(1.0));
+  return at::vec::clamp_min(x, dVec(-kSiluClamp)) * recip_d(dVec(1.0) + exp_d(xc.neg()));
 }
 
+// The value (kValue) and/or the derivative (kGrad, tanh-GELU only) of a smooth activation, which
+// share the transcendental work.
 template <Act A, bool kValue, bool kGrad>
 C10_ALWAYS_INLINE void smooth_d(const dVec& x, dVec& value, dVec& grad) {
-  if constexpr (A == Act::Gelu) gelu_d<kValue, kGrad>(x, value, grad);
+  static_assert(A == Act::GeluTanh || !kGrad, "GELU's and SiLU's derivatives are fp32");
+  if constexpr (A == Act::Gelu) value = gelu_d(x);
   if constexpr (A == Act::GeluTanh) gelu_tanh_d<kValue, kGrad>(x, value, grad);
-  if constexpr (A == Act::Silu) silu_d<kValue, kGrad>(x, value, grad);
+  if constexpr (A == Act::Silu) value = silu_d(x);
 }
 
 }  // namespace

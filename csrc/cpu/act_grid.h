@@ -1,5 +1,5 @@
 // Activations and their derivatives in fp32: the grid polynomials of the smooth ones, with the
-// float64 evaluators off the grid.
+// float64 evaluators off the grid (and GELU's fp32 tail for the backward).
 // Included by csrc/remap_act_kernels.cpp only (see there): it lands in lipkern::<CAP>.
 #pragma once
 
@@ -15,8 +15,8 @@ namespace {
 // act(x) = hi[q] + (lo[q] + c1[q] h + h (h P_q(h))) with q = round(x / w) and h = x - q w exact:
 // the activation is approximated around each grid point, so no term cancels, and the result is
 // within 1.32 fp32 ulps of the truth (tests/test_cpu_kernels.py), for every dtype. Inputs off
-// the grid (|x| >= bound, rare for activations, and +-inf) take the float64 path (act_eval.h) for their
-// whole vector.
+// the grid (|x| >= bound, rare for activations, and +-inf) take the float64 path (act_eval.h),
+// except in GELU's backward (gelu_tail) and where GELU's value is known (gelu_value_at_the_ends).
 
 template <Act A>
 constexpr const ActTable& act_table() {
@@ -189,7 +189,7 @@ C10_ALWAYS_INLINE ValueGrad gelu_tail(const fVec& x) {
   const fVec slope = e * fused_madd(f.neg(), inv_a, a * fVec(kInvSqrt2Pi));
   const Mask positive = less(fVec(0.f), x);
   return {select(positive, x - correction, correction.neg()),
-          select(positive, fVec(1.f) + slope, fVec(0.f) - slope)};
+          select(positive, fVec(1.f) + slope, slope.neg())};
 }
 
 // Whether the backward evaluates act's off-grid lanes with an fp32 tail (gelu_tail) instead of
@@ -214,14 +214,6 @@ C10_ALWAYS_INLINE void evaluate_packed(const fVec& packed, int n, fVec& value, f
   if constexpr (kGrad) narrow_parts(grad_lo, grad_hi, grad);
 }
 
-// The lanes of a step off the fp32 grid (off_lo, off_hi) evaluated in float64 and rounded to
-// fp32, into value (kValue) and grad (kGrad); the other lanes keep theirs. On AVX-512 the step's
-// off-grid lanes are packed together first, so a step of 32 values with at most 8 of them pays
-// one float64 evaluation of 8 lanes instead of four: inputs of standard deviation 3 put a fifth
-// of the lanes off GELU's grid, nearly every vector had one, and the fp32 forward took 2.6x
-// F.gelu's time (0.7x the time with this packing). Where most lanes are off the grid (standard
-// deviation 10) the kernels measured 1.2-1.3x slower than with the unpacked evaluation, also
-// when such steps took the unpacked path; the cause is not found.
 // The first n lanes of packed off the grid, into value (kValue) and grad (kGrad): by gelu_tail
 // where kFp32Tail, in float64 otherwise.
 template <Act A, bool kValue, bool kGrad, bool kFp32Tail>
@@ -236,10 +228,43 @@ C10_ALWAYS_INLINE void evaluate_off_grid(const fVec& packed, int n, fVec& value,
   }
 }
 
+// GELU's value where its fp32 rounding is known without evaluating it: x from 5.375 up (x Q(x)
+// is below half an ulp of x there) and -0 from -14.375 down (|GELU(x)| < 2^-150), what the
+// float64 evaluation rounds to over every fp32 of those ranges (its last other results are at
+// 5.3475 and -14.356). The lanes are taken out of `off`. At standard deviation 10 these are half
+// of the lanes off the grid.
+C10_ALWAYS_INLINE void gelu_value_at_the_ends(const fVec& x, Mask& off, fVec& value) {
+  const Mask is_x = at_least(x, fVec(5.375f)), is_zero = less(x, fVec(-14.375f));
+  value = select(is_zero, fVec(-0.f), select(is_x, x, value));
+  off = lanes_except(off, is_x | is_zero);
+}
+
+// The lanes of a step off the fp32 grid (off_lo, off_hi) evaluated and rounded to fp32, into
+// value (kValue) and grad (kGrad); the other lanes keep theirs. On AVX-512 the step's off-grid
+// lanes are packed together first, so a step of 32 values with at most 8 of them pays one
+// float64 evaluation of 8 lanes instead of four: inputs of standard deviation 3 put a fifth of
+// the lanes off GELU's grid, nearly every vector had one, and the fp32 forward took 2.6x
+// F.gelu's time (0.7x the time with this packing). Where more than 16 lanes are off (standard
+// deviation 10) the unpacked evaluation is faster: GELU's fp32 tail takes it; for float64 it
+// measured 0.77x the time there but 1.1-1.6x at standard deviations 1 and 3, the extra code
+// slowing the inlined loop around it.
 template <Act A, bool kValue, bool kGrad, bool kFp32Tail = false>
 C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2& value,
                                       F2& grad) {
+  constexpr bool kEnds = A == Act::Gelu && kValue && !kGrad;
+  const auto take_the_ends = [&] {
+    gelu_value_at_the_ends(x.lo, off_lo, value.lo);
+    gelu_value_at_the_ends(x.hi, off_hi, value.hi);
+    return !any(off_lo | off_hi);
+  };
 #if defined(CPU_CAPABILITY_AVX512)
+  // Only where that saves a float64 evaluation: at standard deviation 3 (at most 8 lanes off in
+  // most steps) taking them everywhere cost 1.12x the time.
+  if constexpr (kEnds) {
+    if (__builtin_popcount(off_lo) + __builtin_popcount(off_hi) > dVec::size() && take_the_ends()) {
+      return;
+    }
+  }
   const int n_lo = __builtin_popcount(off_lo), n_hi = __builtin_popcount(off_hi);
   const int n = n_lo + n_hi;
   if constexpr (kFp32Tail) {
@@ -280,6 +305,9 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
     out.hi = _mm512_mask_expand_ps(out.hi, off_hi, for_hi);
   };
 #else
+  if constexpr (kEnds) {
+    if (take_the_ends()) return;
+  }
   const fVec xs[2] = {x.lo, x.hi};
   fVec values[2], grads[2];
   for (int k = 0; k < 2; ++k) {

@@ -147,6 +147,9 @@ C10_ALWAYS_INLINE fVec add_one_where(Mask m, const fVec& count) {
 C10_ALWAYS_INLINE Mask no_lanes() {
   return 0;
 }
+C10_ALWAYS_INLINE Mask lanes_except(Mask m, Mask drop) {
+  return m & static_cast<Mask>(~drop);
+}
 #else
 using Mask = fVec;
 C10_ALWAYS_INLINE Mask less(const fVec& a, const fVec& b) {
@@ -172,6 +175,9 @@ C10_ALWAYS_INLINE fVec add_one_where(const Mask& m, const fVec& count) {
 }
 C10_ALWAYS_INLINE Mask no_lanes() {
   return fVec(0.f);
+}
+C10_ALWAYS_INLINE Mask lanes_except(const Mask& m, const Mask& drop) {
+  return select(drop, fVec(0.f), m);
 }
 #endif
 
