@@ -39,15 +39,35 @@ constexpr int64_t kGrain = 32768;
 // ---------------------------------------------------------------------------------------------
 // Forward (also in place: y may equal x).
 
-template <typename T, Act A, bool kLanes>
-void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp, const float* table) {
-  for (int64_t i = 0; i < n; i += kStep) {
-    const int64_t m = std::min(kStep, n - i);
-    const F2 a = load_activated<T, A>(x + i, m, table);
+template <typename T, Act A, bool kLanes, bool kComputed>
+C10_NOINLINE void forward_steps(const T* x, T* y, int64_t begin, int64_t end,
+                                const RunParams<kLanes>& rp, const float* table) {
+  for (int64_t i = begin; i < end; i += kStep) {
+    const int64_t m = std::min(kStep, end - i);
+    const F2 a = kComputed ? activate<A>(load(x + i, m)) : load_activated<T, A>(x + i, m, table);
     const StepParams p = rp.at(i, m);
     store(y + i, m, select(remap_mask(a.lo, p.t.lo, p.c.lo), p.c.lo, a.lo),
           select(remap_mask(a.hi, p.t.hi, p.c.hi), p.c.hi, a.hi));
   }
+}
+
+template <typename T, Act A, bool kLanes>
+void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp, const float* table) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (uses_table<T, A>()) {
+    constexpr int64_t kChunk = 32 * kStep;
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+      const int64_t c1 = std::min(n, c0 + kChunk);
+      if (all_on_grid<T, A>(x + c0, c1 - c0)) {
+        forward_steps<T, A, kLanes, true>(x, y, c0, c1, rp, table);
+      } else {
+        forward_steps<T, A, kLanes, false>(x, y, c0, c1, rp, table);
+      }
+    }
+    return;
+  }
+#endif
+  forward_steps<T, A, kLanes, !uses_table<T, A>()>(x, y, 0, n, rp, table);
 }
 
 template <typename T, Act A, bool kLanes>

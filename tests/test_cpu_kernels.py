@@ -438,6 +438,31 @@ def test_16bit_activation_tables_equal_the_fp32_kernels(capability, dtype, act):
         assert same_bits(dx, wide_dx.to(dtype)).all()
 
 
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_16bit_forward_computes_on_the_grid_what_the_table_holds(capability, dtype, act):
+    """On AVX-512 a 16-bit forward computes the chunks whose inputs all lie on the fp32 grid and
+    reads the table elsewhere: over every finite 16-bit value in order (long runs on the grid,
+    then off it), a 1-D run and rows of 64 channels, no threshold or per-channel ones and a centre, equal to the fp32 kernel on
+    the upcast input, bit for bit; the same with one far value in every 100."""
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype)
+    x = x[x.isfinite()].sort().values
+    far = x.clone()
+    far[::100] = 100.0
+    ops = torch.ops.lipkern
+    for values in (x, far):
+        for shape, channel_dim in (((values.numel(),), 0), ((values.numel() // 64, 64), 1)):
+            v = values[: math.prod(shape)].reshape(shape)
+            channels = shape[channel_dim]
+            for threshold, centre in ((torch.tensor(0.0), None),
+                                      (torch.linspace(0, 0.3, channels), torch.full((channels,), 0.05))):
+                y = ops.remap_act(v, threshold, centre, act, channel_dim, False)
+                wide = ops.remap_act(v.float(), threshold, centre, act, channel_dim, False)
+                assert same_bits(y, wide.to(dtype)).all()
+
+
 def _bit_pattern_inputs(dtype, thresholds):
     """Every 16-bit pattern; for fp32 every bf16 value widened (each exponent, both signs, NaNs
     with payloads), 65536 random patterns, and each threshold with its neighbours."""

@@ -4,6 +4,7 @@
 
 #include "cpu/act_grid.h"
 
+#include <bit>
 #include <vector>
 
 namespace lipkern {
@@ -183,6 +184,35 @@ C10_ALWAYS_INLINE ValueGrad gather_pairs(const float* pairs, const Index& index)
   return {fVec::loadu(value), fVec::loadu(grad)};
 #endif
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The 16-bit pattern of v in T, which must represent it exactly (as it does the grids' bounds).
+template <typename T>
+constexpr uint16_t exact_bits(float v) {
+  const uint32_t f = std::bit_cast<uint32_t>(v);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (f & 0xffffu) throw "not a bfloat16";
+    return static_cast<uint16_t>(f >> 16);
+  } else {
+    if (f & 0x1fffu) throw "not a float16";
+    return static_cast<uint16_t>(((((f >> 23) & 0xffu) - 112u) << 10) | ((f >> 13) & 0x3ffu));
+  }
+}
+
+// Whether the n elements of p all lie on act's fp32 grid, tested on their bits (NaN is off).
+template <typename T, Act A>
+bool all_on_grid(const T* p, int64_t n) {
+  constexpr uint16_t kBound = exact_bits<T>(act_table<A>().bound);
+  using V = at::vec::Vectorized<T>;
+  __mmask32 off = 0;
+  for (int64_t i = 0; i < n; i += kStep) {
+    const __m512i raw = n - i >= kStep ? V::loadu(p + i) : V::loadu(p + i, n - i);
+    const __m512i magnitude = _mm512_and_si512(raw, _mm512_set1_epi16(0x7fff));
+    off |= _mm512_cmpge_epu16_mask(magnitude, _mm512_set1_epi16(kBound));
+  }
+  return off == 0;
+}
+#endif
 
 // act(x) for the first n elements of p, as the two float vectors of one step; padding lanes hold
 // act(0) = 0.
