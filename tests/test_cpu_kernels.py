@@ -444,8 +444,9 @@ def test_16bit_activation_tables_equal_the_fp32_kernels(capability, dtype, act):
 def test_16bit_forward_computes_on_the_grid_what_the_table_holds(capability, dtype, act):
     """On AVX-512 a 16-bit forward computes the chunks whose inputs all lie on the fp32 grid and
     reads the table elsewhere: over every finite 16-bit value in order (long runs on the grid,
-    then off it), a 1-D run and rows of 64 channels, no threshold or per-channel ones and a centre, equal to the fp32 kernel on
-    the upcast input, bit for bit; the same with one far value in every 100."""
+    then off it), as one 1-D run and as rows of 64 channels, without thresholds and with
+    per-channel ones and a centre, equal to the fp32 kernel on the upcast input, bit for bit; the
+    same with one far value in every 100."""
     bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
     x = bits.view(dtype)
     x = x[x.isfinite()].sort().values
@@ -456,8 +457,8 @@ def test_16bit_forward_computes_on_the_grid_what_the_table_holds(capability, dty
         for shape, channel_dim in (((values.numel(),), 0), ((values.numel() // 64, 64), 1)):
             v = values[: math.prod(shape)].reshape(shape)
             channels = shape[channel_dim]
-            for threshold, centre in ((torch.tensor(0.0), None),
-                                      (torch.linspace(0, 0.3, channels), torch.full((channels,), 0.05))):
+            per_channel = (torch.linspace(0, 0.3, channels), torch.full((channels,), 0.05))
+            for threshold, centre in ((torch.tensor(0.0), None), per_channel):
                 y = ops.remap_act(v, threshold, centre, act, channel_dim, False)
                 wide = ops.remap_act(v.float(), threshold, centre, act, channel_dim, False)
                 assert same_bits(y, wide.to(dtype)).all()
