@@ -43,7 +43,7 @@ constexpr int64_t kGrain = 32768;
 // activations: from the table).
 template <typename T, Act A, bool kLanes, bool kComputed>
 C10_ALWAYS_INLINE void forward_steps(const T* x, T* y, int64_t begin, int64_t end,
-                                const RunParams<kLanes>& rp, const float* table) {
+                                     const RunParams<kLanes>& rp, const float* table) {
   for (int64_t i = begin; i < end; i += kStep) {
     const int64_t m = std::min(kStep, end - i);
     const F2 a = kComputed ? activate<A>(load(x + i, m)) : load_activated<T, A>(x + i, m, table);

@@ -13,9 +13,10 @@ namespace CPU_CAPABILITY {
 namespace {
 
 // The float64 evaluators give the values off the fp32 grid and tanh-GELU's derivative there
-// (act_grid.h; GELU's and SiLU's derivatives are fp32 throughout). They work on widened lanes and round once to fp32, so they are correctly rounded up to a few
-// 1e-10 relative (the double-rounding cases). In double, x^2 of an fp32 x is exact, so the
-// Gaussian's argument carries no rounding (erfc's relative sensitivity to z is 2 z^2).
+// (act_grid.h; GELU's and SiLU's derivatives are fp32 throughout). They work on widened lanes
+// and round once to fp32, so they are correctly rounded up to a few 1e-10 relative (the
+// double-rounding cases). In double, x^2 of an fp32 x is exact, so the Gaussian's argument
+// carries no rounding (erfc's relative sensitivity to z is 2 z^2).
 
 // exp(a) for finite (or NaN) double lanes, relative error below 3e-10 (fp32 needs ~1e-8), for
 // results above ~1e-304 (smaller ones are flushed there; every caller's fp32 result has

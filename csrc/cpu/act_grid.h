@@ -257,6 +257,20 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
     gelu_value_at_the_ends(x.hi, off_hi, value.hi);
     return !any(off_lo | off_hi);
   };
+  // Both vectors evaluated whole, their off-grid lanes taken.
+  const auto evaluate_unpacked = [&] {
+    const fVec xs[2] = {x.lo, x.hi};
+    fVec values[2], grads[2];
+    for (int k = 0; k < 2; ++k) {
+      evaluate_off_grid<A, kValue, kGrad, kFp32Tail>(xs[k], kF, values[k], grads[k]);
+    }
+    if constexpr (kValue) {
+      value = {select(off_lo, values[0], value.lo), select(off_hi, values[1], value.hi)};
+    }
+    if constexpr (kGrad) {
+      grad = {select(off_lo, grads[0], grad.lo), select(off_hi, grads[1], grad.hi)};
+    }
+  };
 #if defined(CPU_CAPABILITY_AVX512)
   // Only where that saves a float64 evaluation: at standard deviation 3 (at most 8 lanes off in
   // most steps) taking them everywhere cost 1.12x the time.
@@ -270,16 +284,7 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
   if constexpr (kFp32Tail) {
     // The tail evaluates 16 lanes at a time: with more than 16 off the grid, packing saves no
     // evaluation, and the unpacked form took 0.7x the time of the packed one (std 10).
-    if (n > kF) {
-      const ValueGrad lo = gelu_tail(x.lo), hi = gelu_tail(x.hi);
-      if constexpr (kValue) {
-        value = {select(off_lo, lo.value, value.lo), select(off_hi, hi.value, value.hi)};
-      }
-      if constexpr (kGrad) {
-        grad = {select(off_lo, lo.grad, grad.lo), select(off_hi, hi.grad, grad.hi)};
-      }
-      return;
-    }
+    if (n > kF) return evaluate_unpacked();
   }
   const fVec packed_lo = _mm512_maskz_compress_ps(off_lo, x.lo);
   const fVec packed_hi = _mm512_maskz_compress_ps(off_hi, x.hi);
@@ -304,21 +309,14 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
                                               rest_of_hi, results[1]);
     out.hi = _mm512_mask_expand_ps(out.hi, off_hi, for_hi);
   };
+  if constexpr (kValue) put(values, value);
+  if constexpr (kGrad) put(grads, grad);
 #else
   if constexpr (kEnds) {
     if (take_the_ends()) return;
   }
-  const fVec xs[2] = {x.lo, x.hi};
-  fVec values[2], grads[2];
-  for (int k = 0; k < 2; ++k) {
-    evaluate_off_grid<A, kValue, kGrad, kFp32Tail>(xs[k], kF, values[k], grads[k]);
-  }
-  const auto put = [&](const fVec (&results)[2], F2& out) {
-    out = {select(off_lo, results[0], out.lo), select(off_hi, results[1], out.hi)};
-  };
+  evaluate_unpacked();
 #endif
-  if constexpr (kValue) put(values, value);
-  if constexpr (kGrad) put(grads, grad);
 }
 
 // ReLU as PyTorch's clamp_min(x, 0): -0 and NaN pass through unchanged.
