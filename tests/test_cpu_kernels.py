@@ -464,6 +464,36 @@ def test_16bit_forward_computes_on_the_grid_what_the_table_holds(capability, dty
                 assert same_bits(y, wide.to(dtype)).all()
 
 
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_16bit_backward_computes_on_the_grid_what_the_tables_hold(capability, dtype, act):
+    """The 16-bit backward of GELU and tanh-GELU computes act(x) and act'(x) on the chunks whose
+    inputs all lie on the fp32 grid (AVX-512) and reads the tables elsewhere: over every finite
+    16-bit value in order, and with one far value in every 100, as one 1-D run and as rows of 64
+    channels, unmasked and masked with per-channel thresholds and a centre, dx equals the fp32
+    kernel's on the upcast inputs, rounded, bit for bit."""
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype)
+    x = x[x.isfinite()].sort().values
+    far = x.clone()
+    far[::100] = 100.0
+    gen = torch.Generator().manual_seed(0)
+    ops = torch.ops.lipkern
+    for values in (x, far):
+        for shape, channel_dim in (((values.numel(),), 0), ((values.numel() // 64, 64), 1)):
+            v = values[: math.prod(shape)].reshape(shape)
+            grad_y = torch.randn(shape, generator=gen).to(dtype)
+            channels = shape[channel_dim]
+            per_channel = (torch.linspace(0, 0.3, channels), torch.full((channels,), 0.05))
+            for threshold, centre in ((torch.tensor(0.0), None), per_channel):
+                dx = ops.remap_act_backward(grad_y, v, threshold, centre, act, channel_dim, False)
+                wide = ops.remap_act_backward(
+                    grad_y.float(), v.float(), threshold, centre, act, channel_dim, False
+                )
+                assert same_bits(dx, wide.to(dtype)).all()
+
+
 def _bit_pattern_inputs(dtype, thresholds):
     """Every 16-bit pattern; for fp32 every bf16 value widened (each exponent, both signs, NaNs
     with payloads), 65536 random patterns, and each threshold with its neighbours."""

@@ -204,13 +204,27 @@ template <typename T, Act A>
 bool all_on_grid(const T* p, int64_t n) {
   constexpr uint16_t kBound = exact_bits<T>(act_table<A>().bound);
   using V = at::vec::Vectorized<T>;
-  __mmask32 off = 0;
   for (int64_t i = 0; i < n; i += kStep) {
     const __m512i raw = n - i >= kStep ? V::loadu(p + i) : V::loadu(p + i, n - i);
     const __m512i magnitude = _mm512_and_si512(raw, _mm512_set1_epi16(0x7fff));
-    off |= _mm512_cmpge_epu16_mask(magnitude, _mm512_set1_epi16(kBound));
+    // Stopping at the first step off the grid: where the inputs spread (standard deviation 3 and
+    // 10) nearly every chunk has one in its first steps, and testing the whole chunk cost the
+    // forward 1.03-1.16x the time there (one thread).
+    if (_mm512_cmpge_epu16_mask(magnitude, _mm512_set1_epi16(kBound))) return false;
   }
-  return off == 0;
+  return true;
+}
+
+// [0, n) of x in chunks of 1024 elements, each handed to chunk(begin, end, on_grid): on the grid
+// the fp32 polynomials cost less than the gathers, off it far more, so the kernels compile one
+// loop for each and pick per chunk.
+template <typename T, Act A, typename F>
+C10_ALWAYS_INLINE void for_each_grid_chunk(const T* x, int64_t n, F&& chunk) {
+  constexpr int64_t kChunk = 32 * kStep;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    chunk(c0, c1, all_on_grid<T, A>(x + c0, c1 - c0));
+  }
 }
 #endif
 
