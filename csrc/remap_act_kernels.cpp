@@ -161,6 +161,24 @@ C10_ALWAYS_INLINE Mask stats_remap_mask(const fVec& a, const fVec& t, const fVec
   }
 }
 
+// y's step in the statistics pass: a, or the fill (the centre, or +0) where remapped. Identity
+// and ReLU without a centre on 16-bit data store x's own bits (their outputs are x or +0), as
+// forward_bits does, without rounding back from fp32; one thread, 4096 x 1024 and channels_last:
+// 0.91-0.99x the time of fwd+stats (two threads: 0.91-0.97x).
+template <typename T, Act A, bool kCentred>
+C10_ALWAYS_INLINE void store_step(const T* x, T* y, int64_t m, const F2& a, Mask k0, Mask k1,
+                                  const fVec& fill0, const fVec& fill1) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (!std::is_same_v<T, float> && remaps_on_bits<A>() && !kCentred) {
+    __mmask32 keep = ~_mm512_kunpackw(k1, k0);
+    if constexpr (A == Act::Relu) keep &= ~negative_bits(x, m);
+    store_kept_bits(x, y, m, keep);
+    return;
+  }
+#endif
+  store(y, m, select(k0, fill0, a.lo), select(k1, fill1, a.hi));
+}
+
 // Lanes mode: whole rows of C channels. A tile of rows is accumulated in registers per chunk of
 // channels before touching the block's slots, so the slots' loads and stores are amortised.
 // Measured before the prefetch below, on 4096 x 1024 and channels_last 16 x 256 x 28 x 28
@@ -200,7 +218,7 @@ void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelPa
         const fVec &a0 = a.lo, &a1 = a.hi;
         const Mask k0 = stats_remap_mask<kCentred>(a0, p.t.lo, p.c.lo),
                    k1 = stats_remap_mask<kCentred>(a1, p.t.hi, p.c.hi);
-        store(y + off, m, select(k0, fill0, a0), select(k1, fill1, a1));
+        store_step<T, A, kCentred>(x + off, y + off, m, a, k0, k1, fill0, fill1);
         amax0 = max_of_finite(amax0, a0.abs());
         amax1 = max_of_finite(amax1, a1.abs());
         count0 = add_one_where(k0, count0);
@@ -234,7 +252,7 @@ void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams&
     const fVec &a0 = a.lo, &a1 = a.hi;
     Mask k0 = stats_remap_mask<kCentred>(a0, p.t.lo, p.c.lo),
          k1 = stats_remap_mask<kCentred>(a1, p.t.hi, p.c.hi);
-    store(y + i, m, select(k0, fill, a0), select(k1, fill, a1));
+    store_step<T, A, kCentred>(x + i, y + i, m, a, k0, k1, fill, fill);
     if (m < kStep) {
       // Padding lanes hold act(0) = 0, harmless for sums and max but not for the count.
       k0 = first_lanes(k0, std::min(m, kF));

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "remap_act.h"
+#include "cpu/vec_io.h"
 
 #include <c10/util/bit_cast.h>
 
@@ -48,6 +49,32 @@ typename Bits<T>::type remap_bound(float t) {
     return static_cast<int16_t>(nearest.x + (static_cast<float>(nearest) < t ? 1 : 0));
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The lanes of a step's 32 16-bit values that are below zero (-0 and NaN are not).
+template <typename T>
+C10_ALWAYS_INLINE __mmask32 negative_bits(const T* x, int64_t n) {
+  const __mmask32 lanes = static_cast<__mmask32>((uint64_t(1) << std::min(n, kStep)) - 1);
+  const __m512i raw = _mm512_maskz_loadu_epi16(lanes, x);
+  const __m512i magnitude = _mm512_and_si512(raw, _mm512_set1_epi16(0x7fff));
+  const __mmask32 signed_nonzero =
+      _mm512_mask_cmpneq_epi16_mask(_mm512_movepi16_mask(raw), magnitude, _mm512_setzero_si512());
+  return _mm512_mask_cmple_epu16_mask(signed_nonzero, magnitude, _mm512_set1_epi16(Bits<T>::kInf));
+}
+
+// The first n of a step's 32 16-bit values of x stored to y where keep holds, +0 elsewhere:
+// identity's and ReLU's outputs are x or +0, so no rounding back from fp32 is needed.
+template <typename T>
+C10_ALWAYS_INLINE void store_kept_bits(const T* x, T* y, int64_t n, __mmask32 keep) {
+  static_assert(sizeof(T) == 2 && kStep == 32, "a step of 32 16-bit lanes");
+  if (n >= kStep) {
+    _mm512_storeu_si512(y, _mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(x)));
+  } else {
+    const __mmask32 lanes = static_cast<__mmask32>((uint64_t(1) << n) - 1);
+    _mm512_mask_storeu_epi16(y, lanes, _mm512_maskz_loadu_epi16(lanes & keep, x));
+  }
+}
+#endif
 
 }  // namespace
 }  // namespace CPU_CAPABILITY
