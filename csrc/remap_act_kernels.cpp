@@ -68,12 +68,8 @@ void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp, const
   if constexpr (uses_table<T, A>()) {
     // The table holds what the fp32 code computes. On the grid the polynomial costs less than a
     // gather (one thread: 0.70-0.86x the time at standard deviation 1), off it far more.
-    for_each_grid_chunk<T, A>(x, n, [&](int64_t begin, int64_t end, bool on_grid) {
-      if (on_grid) {
-        forward_chunk<T, A, kLanes, true>(x, y, begin, end, rp, table);
-      } else {
-        forward_chunk<T, A, kLanes, false>(x, y, begin, end, rp, table);
-      }
+    for_each_grid_chunk<T, A>(x, n, [&](int64_t begin, int64_t end, auto on_grid) {
+      forward_chunk<T, A, kLanes, decltype(on_grid)::value>(x, y, begin, end, rp, table);
     });
     return;
   }
@@ -367,6 +363,8 @@ struct BackwardTables {
 // the unmasked branch on masked calls too.
 enum class MaskMode { None, Centred, Uncentred };
 
+// kOnGrid: every input lies on the grid (a chunk that for_each_grid_chunk tested), and the 16-bit
+// GELU and tanh-GELU evaluate act(x) and act'(x) there instead of gathering them.
 template <typename T, typename G, Act A, bool kLanes, MaskMode M, bool kOnGrid = false>
 C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t begin, int64_t end,
                                       const RunParams<kLanes>& rp, const BackwardTables& tables) {
@@ -382,7 +380,10 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
       a = {lo.value, hi.value};
       d = {lo.grad, hi.grad};
     } else if constexpr (kOnGrid) {
-      // What the tables hold there, bit for bit (they were built by activate and derivative).
+      // What the tables hold there, bit for bit (they were built by activate and derivative,
+      // which on the grid evaluate these polynomials; both tables share one grid).
+      static_assert(gathers_derivative<T, A>() && act_table<A>().step == grad_table<A>().step &&
+                    act_table<A>().bound == grad_table<A>().bound);
       const GridPoint g_lo = grid_point(act_table<A>(), v.lo), g_hi = grid_point(act_table<A>(), v.hi);
       if constexpr (M != MaskMode::None) {
         a = {grid_value(v.lo, grid_poly(act_table<A>(), g_lo)),
@@ -458,12 +459,8 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
     // As the 16-bit forward: chunks on the grid compute what the gathers would load (one
     // thread, standard deviation 1: bf16 GELU 0.83x the time with per-channel thresholds, 0.78x
     // without; at 3 and 10, where nearly every chunk gathers, the same time within noise).
-    for_each_grid_chunk<T, A>(x, n, [&](int64_t begin, int64_t end, bool on_grid) {
-      if (on_grid) {
-        backward_chunk<T, G, A, kLanes, M, true>(dy, x, dx, begin, end, rp, tables);
-      } else {
-        backward_chunk<T, G, A, kLanes, M, false>(dy, x, dx, begin, end, rp, tables);
-      }
+    for_each_grid_chunk<T, A>(x, n, [&](int64_t begin, int64_t end, auto on_grid) {
+      backward_chunk<T, G, A, kLanes, M, decltype(on_grid)::value>(dy, x, dx, begin, end, rp, tables);
     });
     return;
   }

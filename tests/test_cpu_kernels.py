@@ -469,10 +469,12 @@ def test_16bit_forward_computes_on_the_grid_what_the_table_holds(capability, dty
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
 def test_16bit_backward_computes_on_the_grid_what_the_tables_hold(capability, dtype, act):
     """The 16-bit backward of GELU and tanh-GELU computes act(x) and act'(x) on the chunks whose
-    inputs all lie on the fp32 grid (AVX-512) and reads the tables elsewhere: over every finite
-    16-bit value in order, and with one far value in every 100, as one 1-D run and as rows of 64
-    channels, unmasked and masked with per-channel thresholds and a centre, dx equals the fp32
-    kernel's on the upcast inputs, rounded, bit for bit."""
+    inputs all lie on the fp32 grid (AVX-512) and reads the tables elsewhere. Over every finite
+    16-bit value in order (so that most chunks lie wholly on the grid), and with one far value in
+    every 100: as one ragged run, as rows of 64 channels and as planes of 37 per channel (row
+    mode, a partial step each), unmasked and masked with per-channel thresholds and a centre,
+    with 16-bit and fp32 dy, dx equals the fp32 kernel's on the upcast inputs, rounded, bit for
+    bit."""
     bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
     x = bits.view(dtype)
     x = x[x.isfinite()].sort().values
@@ -481,17 +483,23 @@ def test_16bit_backward_computes_on_the_grid_what_the_tables_hold(capability, dt
     gen = torch.Generator().manual_seed(0)
     ops = torch.ops.lipkern
     for values in (x, far):
-        for shape, channel_dim in (((values.numel(),), 0), ((values.numel() // 64, 64), 1)):
-            v = values[: math.prod(shape)].reshape(shape)
-            grad_y = torch.randn(shape, generator=gen).to(dtype)
-            channels = shape[channel_dim]
+        ragged = values[:-7]
+        cases = (
+            (ragged, 0),
+            (values[: values.numel() // 64 * 64].reshape(-1, 64), 1),
+            (ragged[: ragged.numel() // 37 * 37].reshape(-1, 37), 0),
+        )
+        for v, channel_dim in cases:
+            grad_y = torch.randn(v.shape, generator=gen).to(dtype)
+            channels = v.shape[channel_dim]
             per_channel = (torch.linspace(0, 0.3, channels), torch.full((channels,), 0.05))
             for threshold, centre in ((torch.tensor(0.0), None), per_channel):
-                dx = ops.remap_act_backward(grad_y, v, threshold, centre, act, channel_dim, False)
                 wide = ops.remap_act_backward(
                     grad_y.float(), v.float(), threshold, centre, act, channel_dim, False
-                )
-                assert same_bits(dx, wide.to(dtype)).all()
+                ).to(dtype)
+                for g in (grad_y, grad_y.float()):
+                    dx = ops.remap_act_backward(g, v, threshold, centre, act, channel_dim, False)
+                    assert same_bits(dx, wide).all()
 
 
 def _bit_pattern_inputs(dtype, thresholds):

@@ -14,7 +14,8 @@ namespace {
 // A float16 or bfloat16 x has only 65536 values, so each smooth activation is tabulated once per
 // process (256 KB of fp32, built on first use by activate<A> itself, hence bit-identical to it),
 // and one gather replaces the grid polynomial: the 16-bit bits are the index. The backward's
-// act'(x) of GELU and tanh-GELU is tabulated the same way, by derivative<A>.
+// act'(x) of GELU and tanh-GELU is tabulated the same way, by derivative<A>. On AVX-512 the
+// kernels gather only for chunks with a lane off the grid (for_each_grid_chunk below).
 
 constexpr int64_t k16BitValues = 65536;
 
@@ -77,8 +78,9 @@ const float* pair_table() {
   return table.data();
 }
 
-// Whether a 16-bit backward gathers act'(x): SiLU's fp32 derivative (act_grid.h) computes
-// faster than a gather loads it (0.63-0.80x ATen's time against 0.78-1.14x without a mask).
+// Whether a 16-bit backward reads act'(x) from a table (on AVX-512, off the grid only): SiLU's
+// fp32 derivative (act_grid.h) computes faster than a gather loads it (0.63-0.80x ATen's time
+// against 0.78-1.14x without a mask).
 template <typename T, Act A>
 constexpr bool gathers_derivative() {
   return uses_table<T, A>() && A != Act::Silu;
@@ -209,21 +211,26 @@ bool all_on_grid(const T* p, int64_t n) {
     const __m512i magnitude = _mm512_and_si512(raw, _mm512_set1_epi16(0x7fff));
     // Stopping at the first step off the grid: where the inputs spread (standard deviation 3 and
     // 10) nearly every chunk has one in its first steps, and testing the whole chunk cost the
-    // forward 1.03-1.16x the time there (one thread).
+    // forward 1.03-1.16x the time there (one thread); stopping brought it to the gathering
+    // loop's time within noise.
     if (_mm512_cmpge_epu16_mask(magnitude, _mm512_set1_epi16(kBound))) return false;
   }
   return true;
 }
 
-// [0, n) of x in chunks of 1024 elements, each handed to chunk(begin, end, on_grid): on the grid
-// the fp32 polynomials cost less than the gathers, off it far more, so the kernels compile one
-// loop for each and pick per chunk.
+// [0, n) of x in chunks of 1024 elements, each handed to chunk(begin, end, on_grid) with
+// on_grid a std::bool_constant: on the grid the fp32 polynomials cost less than the gathers, off
+// it far more, so the kernels compile one loop for each and pick per chunk.
 template <typename T, Act A, typename F>
 C10_ALWAYS_INLINE void for_each_grid_chunk(const T* x, int64_t n, F&& chunk) {
   constexpr int64_t kChunk = 32 * kStep;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
-    chunk(c0, c1, all_on_grid<T, A>(x + c0, c1 - c0));
+    if (all_on_grid<T, A>(x + c0, c1 - c0)) {
+      chunk(c0, c1, std::true_type{});
+    } else {
+      chunk(c0, c1, std::false_type{});
+    }
   }
 }
 #endif

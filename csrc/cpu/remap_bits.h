@@ -51,7 +51,8 @@ typename Bits<T>::type remap_bound(float t) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The lanes of a step's 32 16-bit values that are below zero (-0 and NaN are not).
+// The lanes of a step's 32 16-bit values that are below zero (-0 and NaN are not): those ReLU
+// maps to +0, the rule forward_run_bits applies on at::vec integers.
 template <typename T>
 C10_ALWAYS_INLINE __mmask32 negative_bits(const T* x, int64_t n) {
   const __mmask32 lanes = static_cast<__mmask32>((uint64_t(1) << std::min(n, kStep)) - 1);
