@@ -380,16 +380,9 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
       a = {lo.value, hi.value};
       d = {lo.grad, hi.grad};
     } else if constexpr (kOnGrid) {
-      // What the tables hold there, bit for bit (they were built by activate and derivative,
-      // which on the grid evaluate these polynomials; both tables share one grid).
-      static_assert(gathers_derivative<T, A>() && act_table<A>().step == grad_table<A>().step &&
-                    act_table<A>().bound == grad_table<A>().bound);
-      const GridPoint g_lo = grid_point(act_table<A>(), v.lo), g_hi = grid_point(act_table<A>(), v.hi);
-      if constexpr (M != MaskMode::None) {
-        a = {grid_value(v.lo, grid_poly(act_table<A>(), g_lo)),
-             grid_value(v.hi, grid_poly(act_table<A>(), g_hi))};
-      }
-      d = {grid_poly(grad_table<A>(), g_lo), grid_poly(grad_table<A>(), g_hi)};
+      // What the tables hold there, bit for bit (they were built by activate and derivative).
+      static_assert(gathers_derivative<T, A>());
+      grid_value_and_derivative<A, M != MaskMode::None>(v, a, d);
     } else if constexpr (uses_table<T, A>()) {
       const Indices index = load_indices(x + i, m);
       if constexpr (M != MaskMode::None) {
@@ -460,7 +453,8 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
     // thread, standard deviation 1: bf16 GELU 0.83x the time with per-channel thresholds, 0.78x
     // without; at 3 and 10, where nearly every chunk gathers, the same time within noise).
     for_each_grid_chunk<T, A>(x, n, [&](int64_t begin, int64_t end, auto on_grid) {
-      backward_chunk<T, G, A, kLanes, M, decltype(on_grid)::value>(dy, x, dx, begin, end, rp, tables);
+      constexpr bool kOnGrid = decltype(on_grid)::value;
+      backward_chunk<T, G, A, kLanes, M, kOnGrid>(dy, x, dx, begin, end, rp, tables);
     });
     return;
   }

@@ -388,17 +388,27 @@ struct LanePair {
   Mask lo, hi;
 };
 
+// The grid's act(x) (when kValue) and act'(x) of GELU or tanh-GELU for a step, sharing the grid
+// point (both tables have one grid): what activate and derivative give on the grid, bit for bit;
+// lanes off it are left for the caller to replace.
+template <Act A, bool kValue>
+C10_ALWAYS_INLINE void grid_value_and_derivative(const F2& x, F2& value, F2& grad) {
+  static_assert(act_table<A>().step == grad_table<A>().step &&
+                act_table<A>().bound == grad_table<A>().bound);
+  const GridPoint g_lo = grid_point(act_table<A>(), x.lo), g_hi = grid_point(act_table<A>(), x.hi);
+  if constexpr (kValue) {
+    value = {grid_value(x.lo, grid_poly(act_table<A>(), g_lo)),
+             grid_value(x.hi, grid_poly(act_table<A>(), g_hi))};
+  }
+  grad = {grid_poly(grad_table<A>(), g_lo), grid_poly(grad_table<A>(), g_hi)};
+}
+
 // act(x) and act'(x) of GELU or tanh-GELU for a step, as activate and derivative give them,
 // sharing the grid point (both tables have one grid), except that where act has an fp32 tail
 // the off-grid lanes' value is its estimate; returned: the lanes whose value is an estimate.
 template <Act A>
 C10_ALWAYS_INLINE LanePair activate_with_derivative(const F2& x, F2& value, F2& grad) {
-  static_assert(act_table<A>().step == grad_table<A>().step &&
-                act_table<A>().bound == grad_table<A>().bound);
-  const GridPoint g_lo = grid_point(act_table<A>(), x.lo), g_hi = grid_point(act_table<A>(), x.hi);
-  value = {grid_value(x.lo, grid_poly(act_table<A>(), g_lo)),
-           grid_value(x.hi, grid_poly(act_table<A>(), g_hi))};
-  grad = {grid_poly(grad_table<A>(), g_lo), grid_poly(grad_table<A>(), g_hi)};
+  grid_value_and_derivative<A, true>(x, value, grad);
   const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
   if (!any(off_lo | off_hi)) return {no_lanes(), no_lanes()};
   patch_off_grid<A, true, true, has_fp32_tail(A)>(x, off_lo, off_hi, value, grad);
