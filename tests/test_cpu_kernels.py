@@ -438,6 +438,16 @@ def test_16bit_activation_tables_equal_the_fp32_kernels(capability, dtype, act):
         assert same_bits(dx, wide_dx.to(dtype)).all()
 
 
+def _finite_16bit_in_order(dtype):
+    """Every finite value of a 16-bit dtype in sorted order (long runs on the fp32 grid, then off
+    it), and the same with one far value (100) in every 100."""
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[x.isfinite()].sort().values
+    far = x.clone()
+    far[::100] = 100.0
+    return x, far
+
+
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
@@ -447,11 +457,7 @@ def test_16bit_forward_computes_on_the_grid_what_the_table_holds(capability, dty
     then off it), as one 1-D run and as rows of 64 channels, without thresholds and with
     per-channel ones and a centre, equal to the fp32 kernel on the upcast input, bit for bit; the
     same with one far value in every 100."""
-    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
-    x = bits.view(dtype)
-    x = x[x.isfinite()].sort().values
-    far = x.clone()
-    far[::100] = 100.0
+    x, far = _finite_16bit_in_order(dtype)
     ops = torch.ops.lipkern
     for values in (x, far):
         for shape, channel_dim in (((values.numel(),), 0), ((values.numel() // 64, 64), 1)):
@@ -475,11 +481,7 @@ def test_16bit_backward_computes_on_the_grid_what_the_tables_hold(capability, dt
     mode, a partial step each), unmasked and masked with per-channel thresholds and a centre,
     with 16-bit and fp32 dy, dx equals the fp32 kernel's on the upcast inputs, rounded, bit for
     bit."""
-    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
-    x = bits.view(dtype)
-    x = x[x.isfinite()].sort().values
-    far = x.clone()
-    far[::100] = 100.0
+    x, far = _finite_16bit_in_order(dtype)
     gen = torch.Generator().manual_seed(0)
     ops = torch.ops.lipkern
     for values in (x, far):
