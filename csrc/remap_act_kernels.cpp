@@ -144,6 +144,12 @@ void forward_typed(const ForwardArgs& args) {
 
 // ---------------------------------------------------------------------------------------------
 // Forward + per-channel statistics, over the block partition of cpu/stats_blocks.h.
+//
+// A chunk's accumulator takes one step (up to kStep elements) at a time, stores its y and folds
+// into a block's slots: per channel in lanes mode (fold_lanes, a chunk being up to kStep
+// channels of a tile of rows), into the run's one channel in row mode (fold_run). FloatStats
+// computes in fp32 and serves every activation and dtype; BitsStats decides 16-bit identity and
+// ReLU without a centre on their bit patterns, as forward_bits does.
 
 // The statistics are bound by vector operations, not memory: without a centre the remap test is
 // |a| < t (|a - 0| is |a|, NaN and -0 included), and |a| is the one the magnitude max takes.
@@ -157,23 +163,111 @@ C10_ALWAYS_INLINE Mask stats_remap_mask(const fVec& a, const fVec& t, const fVec
   }
 }
 
-// y's step in the statistics pass: a, or the fill (the centre, or +0) where remapped. Identity
-// and ReLU without a centre on 16-bit data store x's own bits (their outputs are x or +0), as
-// forward_bits does, without rounding back from fp32; one thread, 4096 x 1024 and channels_last:
-// 0.91-0.99x the time of fwd+stats (two threads: 0.91-0.97x).
-template <typename T, Act A, bool kCentred>
-C10_ALWAYS_INLINE void store_step(const T* x, T* y, int64_t m, const F2& a, Mask k0, Mask k1,
-                                  const fVec& fill0, const fVec& fill1) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (!std::is_same_v<T, float> && remaps_on_bits<A>() && !kCentred) {
-    __mmask32 keep = ~_mm512_kunpackw(k1, k0);
-    if constexpr (A == Act::Relu) keep &= ~negative_bits(x, m);
-    store_kept_bits(x, y, m, keep);
-    return;
+// What an accumulator is built from: the thresholds and centres, the 16-bit activation table,
+// and the 16-bit remap bounds (remap_bound, one per channel; BitsStats only).
+struct StatsInputs {
+  const ChannelParams& params;
+  const float* table;
+  const int16_t* bounds;
+};
+
+// In fp32: a = act(x) as the forward computes it, compared, counted, maxed and summed.
+template <typename T, Act A, bool kLanes, bool kCentred>
+struct FloatStats {
+  const StepParams p;
+  const float* table;
+  fVec amax0{0.f}, amax1{0.f}, count0{0.f}, count1{0.f};
+  LaneSums sums;
+
+  // Lanes mode: channels first .. first + m - 1; padding lanes load t = c = 0, so act(0) = 0 is
+  // never remapped. Row mode: the run's channel, broadcast.
+  FloatStats(const StatsInputs& in, int64_t first, int64_t m)
+      : p(RunParams<kLanes>(in.params, first).at(0, m)), table(in.table) {}
+
+  C10_ALWAYS_INLINE void step(const T* x, T* y, int64_t m) {
+    const F2 a = load_activated<T, A>(x, m, table);
+    Mask k0 = stats_remap_mask<kCentred>(a.lo, p.t.lo, p.c.lo),
+         k1 = stats_remap_mask<kCentred>(a.hi, p.t.hi, p.c.hi);
+    store(y, m, select(k0, kCentred ? p.c.lo : fVec(0.f), a.lo),
+          select(k1, kCentred ? p.c.hi : fVec(0.f), a.hi));
+    if (!kLanes && m < kStep) {
+      // Padding lanes hold act(0) = 0, harmless for sums and max but not for the count.
+      k0 = first_lanes(k0, std::min(m, kF));
+      k1 = first_lanes(k1, std::max<int64_t>(m - kF, 0));
+    }
+    amax0 = max_of_finite(amax0, a.lo.abs());
+    amax1 = max_of_finite(amax1, a.hi.abs());
+    count0 = add_one_where(k0, count0);
+    count1 = add_one_where(k1, count1);
+    sums.add(a);
   }
+
+  C10_ALWAYS_INLINE void fold_lanes(const BlockSlots& s, int64_t c0, int64_t m) const {
+    const F2 mx = load(s.amax + c0, m);
+    store(s.amax + c0, m, at::vec::maximum(mx.lo, amax0), at::vec::maximum(mx.hi, amax1));
+    const F2 cnt = load(s.remapped + c0, m);
+    store(s.remapped + c0, m, cnt.lo + count0, cnt.hi + count1);
+    sums.fold_lanes(s.sum + c0, s.sumsq + c0, m);
+  }
+
+  C10_ALWAYS_INLINE void fold_run(const BlockSlots& s, int64_t ch) const {
+    s.amax[ch] = nan_max(s.amax[ch], lane_max(at::vec::maximum(amax0, amax1)));
+    s.remapped[ch] += lane_total(count0 + count1);
+    sums.fold_run(s.sum[ch], s.sumsq[ch]);
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// 16-bit identity and ReLU without a centre: the remap test, the magnitude max and the counts on
+// x's bits (see remaps_on_bits), 32 lanes an instruction, and y stored from them. Only the sums
+// widen, to fp32 and on to fp64. 4096 x 1024, channels_last and NCHW 16 x 256 x 28 x 28: 0.76-0.95x
+// the time of FloatStats on one thread, 0.66-0.95x on two (the two switched in one process).
+template <typename T, Act A, bool kLanes>
+struct BitsStats {
+  static_assert(sizeof(T) == 2 && remaps_on_bits<A>(), "16-bit identity or ReLU");
+  const __m512i bound;
+  __m512i amax = _mm512_setzero_si512();  // |a|'s bits: ordered like |a|, NaN above +inf
+  // Remap counts: per lane in lanes mode (a tile's at most 64 rows fit in 16 bits), the run's in
+  // row mode (a run may be a whole block, up to kMaxStatsBlock elements).
+  __m512i lane_count = _mm512_setzero_si512();
+  int64_t run_count = 0;
+  LaneSums sums;
+
+  BitsStats(const StatsInputs& in, int64_t first, int64_t m)
+      : bound(kLanes ? _mm512_maskz_loadu_epi16(first_lanes32(m), in.bounds + first)
+                     : _mm512_set1_epi16(in.bounds[first])) {}
+
+  C10_ALWAYS_INLINE void step(const T* x, T* y, int64_t m) {
+    const ActBits b = act_bits<T, A>(x, m);
+    const __mmask32 remap = _mm512_mask_cmplt_epu16_mask(b.lanes, b.magnitude, bound);
+    store_bits(y, m, _mm512_maskz_mov_epi16(~remap, b.a));  // a remapped lane becomes +0
+    amax = _mm512_max_epu16(amax, b.magnitude);
+    if constexpr (kLanes) {
+      lane_count = _mm512_mask_sub_epi16(lane_count, remap, lane_count, _mm512_set1_epi16(-1));
+    } else {
+      run_count += _mm_popcnt_u32(remap);
+    }
+    sums.add(widen_bits<T>(b.a));
+  }
+
+  C10_ALWAYS_INLINE void fold_lanes(const BlockSlots& s, int64_t c0, int64_t m) const {
+    const F2 am = widen_bits<T>(amax);
+    const F2 mx = load(s.amax + c0, m);
+    store(s.amax + c0, m, at::vec::maximum(mx.lo, am.lo), at::vec::maximum(mx.hi, am.hi));
+    const F2 cnt = load(s.remapped + c0, m);
+    const F2 counted = widen_counts(lane_count);
+    store(s.remapped + c0, m, cnt.lo + counted.lo, cnt.hi + counted.hi);
+    sums.fold_lanes(s.sum + c0, s.sumsq + c0, m);
+  }
+
+  C10_ALWAYS_INLINE void fold_run(const BlockSlots& s, int64_t ch) const {
+    const F2 am = widen_bits<T>(amax);
+    s.amax[ch] = nan_max(s.amax[ch], lane_max(at::vec::maximum(am.lo, am.hi)));
+    s.remapped[ch] += static_cast<float>(run_count);
+    sums.fold_run(s.sum[ch], s.sumsq[ch]);
+  }
+};
 #endif
-  store(y, m, select(k0, fill0, a.lo), select(k1, fill1, a.hi));
-}
 
 // Lanes mode: whole rows of C channels. A tile of rows is accumulated in registers per chunk of
 // channels before touching the block's slots, so the slots' loads and stores are amortised.
@@ -181,21 +275,15 @@ C10_ALWAYS_INLINE void store_step(const T* x, T* y, int64_t m, const F2& a, Mask
 // (fwd+stats over fwd, one thread): 64 rows against 16 took GELU fp32 from 2.7x to 2.3x and
 // 2.4x to 1.9x, bf16 from 1.2-1.3x to 1.0-1.2x; 2 or 4 rows were far slower, 128 to 1024 no
 // faster than 64. With the prefetch, 32, 64 and 128 rows measured alike.
-template <typename T, Act A, bool kCentred>
-void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelParams& params,
-                      const BlockSlots& s, const float* table) {
+template <typename Acc, typename T>
+void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const StatsInputs& in,
+                      const BlockSlots& s) {
   constexpr int64_t kTile = 64;
-  constexpr int64_t kD = dVec::size();
   for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
     const int64_t r1 = std::min(rows, r0 + kTile);
     for (int64_t c0 = 0; c0 < C; c0 += kStep) {
       const int64_t m = std::min(kStep, C - c0);
-      // Padding lanes (m < kStep) load x = 0 and t = c = 0: act(0) = 0 is never remapped and
-      // adds nothing, and they are not stored back.
-      const StepParams p = RunParams<true>(params, c0).at(0, m);
-      const fVec fill0 = kCentred ? p.c.lo : fVec(0.f), fill1 = kCentred ? p.c.hi : fVec(0.f);
-      dVec sum[4], sumsq[4];
-      fVec amax0(0.f), amax1(0.f), count0(0.f), count1(0.f);
+      Acc acc(in, c0, m);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t off = r * C + c0;
         // The tile walks down 64 rows C apart, one page each for C = 1024 fp32: the hardware
@@ -210,65 +298,19 @@ void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const ChannelPa
           __builtin_prefetch(x + off + kStep + kF);
           __builtin_prefetch(y + off + kStep + kF, 1);
         }
-        const F2 a = load_activated<T, A>(x + off, m, table);
-        const fVec &a0 = a.lo, &a1 = a.hi;
-        const Mask k0 = stats_remap_mask<kCentred>(a0, p.t.lo, p.c.lo),
-                   k1 = stats_remap_mask<kCentred>(a1, p.t.hi, p.c.hi);
-        store_step<T, A, kCentred>(x + off, y + off, m, a, k0, k1, fill0, fill1);
-        amax0 = max_of_finite(amax0, a0.abs());
-        amax1 = max_of_finite(amax1, a1.abs());
-        count0 = add_one_where(k0, count0);
-        count1 = add_one_where(k1, count1);
-        add_to_sums(a0, a1, sum, sumsq);
+        acc.step(x + off, y + off, m);
       }
-      const F2 mx = load(s.amax + c0, m);
-      store(s.amax + c0, m, at::vec::maximum(mx.lo, amax0), at::vec::maximum(mx.hi, amax1));
-      const F2 cnt = load(s.remapped + c0, m);
-      store(s.remapped + c0, m, cnt.lo + count0, cnt.hi + count1);
-      for (int64_t k = 0; k < 4 && k * kD < m; ++k) {
-        const int64_t mk = std::min(kD, m - k * kD);
-        (dVec::loadu(s.sum + c0 + k * kD, mk) + sum[k]).store(s.sum + c0 + k * kD, mk);
-        (dVec::loadu(s.sumsq + c0 + k * kD, mk) + sumsq[k]).store(s.sumsq + c0 + k * kD, mk);
-      }
+      acc.fold_lanes(s, c0, m);
     }
   }
 }
 
-template <typename T, Act A, bool kCentred>
-void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const ChannelParams& params,
-                   const BlockSlots& s, const float* table) {
-  const RunParams<false> rp(params, ch);
-  const StepParams p = rp.at(0, kStep);
-  const fVec fill = kCentred ? p.c.lo : fVec(0.f);
-  dVec sum[4], sumsq[4];
-  fVec amax(0.f), count(0.f);
-  for (int64_t i = 0; i < n; i += kStep) {
-    const int64_t m = std::min(kStep, n - i);
-    const F2 a = load_activated<T, A>(x + i, m, table);
-    const fVec &a0 = a.lo, &a1 = a.hi;
-    Mask k0 = stats_remap_mask<kCentred>(a0, p.t.lo, p.c.lo),
-         k1 = stats_remap_mask<kCentred>(a1, p.t.hi, p.c.hi);
-    store_step<T, A, kCentred>(x + i, y + i, m, a, k0, k1, fill, fill);
-    if (m < kStep) {
-      // Padding lanes hold act(0) = 0, harmless for sums and max but not for the count.
-      k0 = first_lanes(k0, std::min(m, kF));
-      k1 = first_lanes(k1, std::max<int64_t>(m - kF, 0));
-    }
-    amax = max_of_finite(amax, max_of_finite(a0.abs(), a1.abs()));
-    count = add_one_where(k1, add_one_where(k0, count));
-    add_to_sums(a0, a1, sum, sumsq);
-  }
-  // Fold the lanes in a fixed order, as trees: a run can be as short as one 7x7 plane, and a
-  // sequential fold of the 32 sums (a chain of 32 dependent adds) then cost more than the run.
-  s.sum[ch] += lane_sum((sum[0] + sum[1]) + (sum[2] + sum[3]));
-  s.sumsq[ch] += lane_sum((sumsq[0] + sumsq[1]) + (sumsq[2] + sumsq[3]));
-  s.amax[ch] = nan_max(s.amax[ch], at::vec::vec_reduce_all<float>(
-                                       [](const fVec& a, const fVec& b) {
-                                         return at::vec::maximum(a, b);
-                                       },
-                                       amax));
-  s.remapped[ch] += at::vec::vec_reduce_all<float>(
-      [](const fVec& a, const fVec& b) { return a + b; }, count);
+template <typename Acc, typename T>
+void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const StatsInputs& in,
+                   const BlockSlots& s) {
+  Acc acc(in, ch, kStep);
+  for (int64_t i = 0; i < n; i += kStep) acc.step(x + i, y + i, std::min(kStep, n - i));
+  acc.fold_run(s, ch);
 }
 
 template <typename T, Act A>
@@ -285,30 +327,50 @@ void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
   const int64_t nblocks = (units + block - 1) / block;
   std::vector<double> sum(nblocks * C, 0.0), sumsq(nblocks * C, 0.0);
   std::vector<float> amax(nblocks * C, 0.f), remapped(nblocks * C, 0.f);
-  const float* table = activation_table_for<T, A>();
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr bool kOnBits = sizeof(T) == 2 && remaps_on_bits<A>();
+#else
+  constexpr bool kOnBits = false;
+#endif
+  std::vector<int16_t> bounds;
+  if (kOnBits && !args.params.center) {
+    bounds.resize(C);
+    for (int64_t c = 0; c < C; ++c) bounds[c] = remap_bound<T>(args.params.threshold[c]);
+  }
+  const StatsInputs in{args.params, activation_table_for<T, A>(), bounds.data()};
 
-  auto blocks = [&](auto centred) {
-    constexpr bool kCentred = decltype(centred)::value;
+  auto blocks = [&](auto lanes_acc, auto row_acc) {
+    using LanesAcc = typename decltype(lanes_acc)::type;
+    using RowAcc = typename decltype(row_acc)::type;
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const BlockSlots slots{sum.data() + b * C, sumsq.data() + b * C, amax.data() + b * C,
                                remapped.data() + b * C};
         const int64_t begin = b * block, end = std::min(units, begin + block);
         if (lanes) {
-          stats_rows_lanes<T, A, kCentred>(x + begin * C, y + begin * C, end - begin, C,
-                                           args.params, slots, table);
+          stats_rows_lanes<LanesAcc>(x + begin * C, y + begin * C, end - begin, C, in, slots);
         } else {
           for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
-            stats_run_row<T, A, kCentred>(x + p, y + p, n, ch, args.params, slots, table);
+            stats_run_row<RowAcc>(x + p, y + p, n, ch, in, slots);
           });
         }
       }
     });
   };
+  auto float_stats = [&](auto centred) {
+    constexpr bool kCentred = decltype(centred)::value;
+    blocks(std::type_identity<FloatStats<T, A, true, kCentred>>{},
+           std::type_identity<FloatStats<T, A, false, kCentred>>{});
+  };
   if (args.params.center) {
-    blocks(std::true_type{});
+    float_stats(std::true_type{});
+  } else if constexpr (kOnBits) {
+#if defined(CPU_CAPABILITY_AVX512)
+    blocks(std::type_identity<BitsStats<T, A, true>>{},
+           std::type_identity<BitsStats<T, A, false>>{});
+#endif
   } else {
-    blocks(std::false_type{});
+    float_stats(std::false_type{});
   }
 
   at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {

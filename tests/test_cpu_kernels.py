@@ -527,7 +527,9 @@ def test_remap_on_bit_patterns_equals_the_reference(capability, dtype, act):
     stays NaN), per tensor (row runs), per channel (37 lanes, ragged) and in place; the
     statistics pass stores the same bits, in lanes and in rows of 8, and on AVX-512, where it
     stores x's own bits as the forward does, NaN payloads too (elsewhere the round trip through
-    fp32 quiets a signalling NaN)."""
+    fp32 quiets a signalling NaN). Its statistics, which AVX-512 also takes on the 16-bit bits,
+    equal the reference's: the magnitude max and the remap counts exactly (NaN, -0, subnormals
+    and values at the bounds included), the sums within the float64 rule."""
     finfo = torch.finfo(dtype)
     tie = torch.tensor(0.1, dtype=dtype)
     between = (float(tie) + float(tie.nextafter(torch.tensor(1.0, dtype=dtype)))) / 2
@@ -548,14 +550,31 @@ def test_remap_on_bit_patterns_equals_the_reference(capability, dtype, act):
     y = ops.remap_act(lanes, per_channel, None, act, 1, False)
     expected = reference.remap_act_reference(lanes, per_channel, None, act, 1, False)
     assert same_bits(y, expected).all()
-    for v, channel_dim in ((lanes, 1), (x[: (x.numel() // 296) * 296].reshape(-1, 37, 8), 1)):
-        forward = ops.remap_act(v, per_channel, None, act, channel_dim, False)
-        y_stats = ops.remap_act_stats(v, per_channel, None, act, channel_dim)[0]
-        if capability.startswith("AVX512"):
-            bits = torch.int32 if dtype == torch.float32 else torch.int16
-            assert torch.equal(y_stats.view(bits), forward.view(bits))
-        else:
-            assert same_bits(y_stats, forward).all()
+    # Every pattern (NaN in every channel), then the finite ones, whose max and sums say more;
+    # in lanes, and in runs of 8 and of 300 elements (row mode: partial and ragged steps).
+    for source in (x, x[x.isfinite()]):
+        for run in (None, 8, 300):
+            unit = 37 * (run or 1)
+            shape = (-1, 37, run) if run else (-1, 37)
+            v = source[: (source.numel() // unit) * unit].reshape(shape)
+            _check_stats_on_bit_patterns(v, per_channel, act, capability)
+
+
+def _check_stats_on_bit_patterns(v, per_channel, act, capability):
+    """remap_act_stats on v (channels on dim 1) against the forward and the reference."""
+    ops = torch.ops.lipkern
+    forward = ops.remap_act(v, per_channel, None, act, 1, False)
+    y_stats, *stats = ops.remap_act_stats(v, per_channel, None, act, 1)
+    if capability.startswith("AVX512"):
+        bits = torch.int32 if v.dtype == torch.float32 else torch.int16
+        assert torch.equal(y_stats.view(bits), forward.view(bits))
+    else:
+        assert same_bits(y_stats, forward).all()
+    _, amax, remapped, *_ = reference.remap_act_stats_reference(v, per_channel, None, act, 1)
+    assert same_bits(stats[0], amax).all()
+    assert torch.equal(stats[1], remapped)
+    verdict = compare_stats(stats, v, per_channel, None, act, 1)
+    assert verdict.ok, verdict
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)

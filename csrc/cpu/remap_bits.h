@@ -1,4 +1,5 @@
-// The remap of identity and ReLU decided on bit patterns, in x's own format.
+// The remap of identity and ReLU decided on bit patterns, in x's own format, and on AVX-512
+// the 16-bit step the statistics pass takes on them.
 // Included by csrc/remap_act_kernels.cpp only (see there): it lands in lipkern::<CAP>.
 #pragma once
 
@@ -51,29 +52,53 @@ typename Bits<T>::type remap_bound(float t) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The lanes of a step's 32 16-bit values that are below zero (-0 and NaN are not): those ReLU
-// maps to +0, the rule forward_run_bits applies on at::vec integers.
-template <typename T>
-C10_ALWAYS_INLINE __mmask32 negative_bits(const T* x, int64_t n) {
-  const __mmask32 lanes = static_cast<__mmask32>((uint64_t(1) << std::min(n, kStep)) - 1);
-  const __m512i raw = _mm512_maskz_loadu_epi16(lanes, x);
-  const __m512i magnitude = _mm512_and_si512(raw, _mm512_set1_epi16(0x7fff));
-  const __mmask32 signed_nonzero =
-      _mm512_mask_cmpneq_epi16_mask(_mm512_movepi16_mask(raw), magnitude, _mm512_setzero_si512());
-  return _mm512_mask_cmple_epu16_mask(signed_nonzero, magnitude, _mm512_set1_epi16(Bits<T>::kInf));
+// The first n (<= kStep) of a step's 32 16-bit lanes.
+C10_ALWAYS_INLINE __mmask32 first_lanes32(int64_t n) {
+  return n >= kStep ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << n) - 1);
 }
 
-// The first n of a step's 32 16-bit values of x stored to y where keep holds, +0 elsewhere:
-// identity's and ReLU's outputs are x or +0, so no rounding back from fp32 is needed.
-template <typename T>
-C10_ALWAYS_INLINE void store_kept_bits(const T* x, T* y, int64_t n, __mmask32 keep) {
+// One step of a 16-bit identity or ReLU on bits: a = act(x) and |a| (padding lanes hold +0).
+struct ActBits {
+  __m512i a, magnitude;
+  __mmask32 lanes;  // the step's first n lanes
+};
+
+template <typename T, Act A>
+C10_ALWAYS_INLINE ActBits act_bits(const T* x, int64_t n) {
   static_assert(sizeof(T) == 2 && kStep == 32, "a step of 32 16-bit lanes");
-  if (n >= kStep) {
-    _mm512_storeu_si512(y, _mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(x)));
-  } else {
-    const __mmask32 lanes = static_cast<__mmask32>((uint64_t(1) << n) - 1);
-    _mm512_mask_storeu_epi16(y, lanes, _mm512_maskz_loadu_epi16(lanes & keep, x));
+  const __mmask32 lanes = first_lanes32(n);
+  __m512i a = n >= kStep ? _mm512_loadu_si512(x) : _mm512_maskz_loadu_epi16(lanes, x);
+  if constexpr (A == Act::Relu) {
+    // relu(x) = +0 below zero, the bits from -0's successor to -inf, one unsigned range once
+    // shifted; -0 and NaN of either sign pass, as forward_run_bits has it.
+    const __m512i from_below_zero = _mm512_sub_epi16(a, _mm512_set1_epi16(int16_t(0x8001)));
+    a = _mm512_maskz_mov_epi16(
+        ~_mm512_cmple_epu16_mask(from_below_zero, _mm512_set1_epi16(Bits<T>::kInf - 1)), a);
   }
+  return {a, _mm512_and_si512(a, _mm512_set1_epi16(0x7fff)), lanes};
+}
+
+// The first n of a step's 32 16-bit values stored to y.
+template <typename T>
+C10_ALWAYS_INLINE void store_bits(T* y, int64_t n, __m512i v) {
+  if (n >= kStep) {
+    _mm512_storeu_si512(y, v);
+  } else {
+    _mm512_mask_storeu_epi16(y, first_lanes32(n), v);
+  }
+}
+
+// 32 unsigned 16-bit counts as fp32.
+C10_ALWAYS_INLINE F2 widen_counts(__m512i v) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v))),
+          _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)))};
+}
+
+// 32 16-bit values as fp32 (exact).
+template <typename T>
+C10_ALWAYS_INLINE F2 widen_bits(__m512i v) {
+  auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>(v));
+  return {lo, hi};
 }
 #endif
 

@@ -46,18 +46,50 @@ int64_t stats_block_units(const Geometry& g, int64_t unit) {
   return std::max<int64_t>(1, std::min({ceil_div(std::min(elements, kMaxStatsBlock), unit), units}));
 }
 
-// Adds the 32 activations of a step (two fp32 vectors) to four fp64 lane sums and sums of
-// squares, widened first: the square of an fp32 value is exact in fp64, and fp64 sums do not
-// stall the way fp32 ones do over a long scan.
-C10_ALWAYS_INLINE void add_to_sums(const fVec& a0, const fVec& a1, dVec sum[4], dVec sumsq[4]) {
-  dVec d[4];
-  widen(a0, d[0], d[1]);
-  widen(a1, d[2], d[3]);
-  for (int k = 0; k < 4; ++k) {
-    sum[k] = sum[k] + d[k];
-    sumsq[k] = at::vec::fmadd(d[k], d[k], sumsq[k]);
+// The lanes of v added as a pairwise tree (a fixed order, with a short dependency chain).
+C10_ALWAYS_INLINE double lane_sum(const dVec& v) {
+  double d[dVec::size()];
+  v.store(d);
+  for (int64_t width = dVec::size() / 2; width >= 1; width /= 2) {
+    for (int64_t i = 0; i < width; ++i) d[i] += d[i + width];
   }
+  return d[0];
 }
+
+// A chunk's fp64 lane sums and sums of squares of the activations, 32 lanes (a step's two fp32
+// vectors), widened first: the square of an fp32 value is exact in fp64, and fp64 sums do not
+// stall the way fp32 ones do over a long scan.
+struct LaneSums {
+  dVec sum[4], sumsq[4];
+
+  C10_ALWAYS_INLINE void add(const F2& a) {
+    dVec d[4];
+    widen(a.lo, d[0], d[1]);
+    widen(a.hi, d[2], d[3]);
+    for (int k = 0; k < 4; ++k) {
+      sum[k] = sum[k] + d[k];
+      sumsq[k] = at::vec::fmadd(d[k], d[k], sumsq[k]);
+    }
+  }
+
+  // Lane i into slot i of m consecutive channels' slots.
+  C10_ALWAYS_INLINE void fold_lanes(double* sum_slots, double* sumsq_slots, int64_t m) const {
+    constexpr int64_t kD = dVec::size();
+    for (int64_t k = 0; k < 4 && k * kD < m; ++k) {
+      const int64_t mk = std::min(kD, m - k * kD);
+      (dVec::loadu(sum_slots + k * kD, mk) + sum[k]).store(sum_slots + k * kD, mk);
+      (dVec::loadu(sumsq_slots + k * kD, mk) + sumsq[k]).store(sumsq_slots + k * kD, mk);
+    }
+  }
+
+  // All lanes into one channel's slots, in a fixed order, as trees: a run can be as short as
+  // one 7x7 plane, and a sequential fold of the 32 sums (a chain of 32 dependent adds) then cost
+  // more than the run.
+  C10_ALWAYS_INLINE void fold_run(double& sum_slot, double& sumsq_slot) const {
+    sum_slot += lane_sum((sum[0] + sum[1]) + (sum[2] + sum[3]));
+    sumsq_slot += lane_sum((sumsq[0] + sumsq[1]) + (sumsq[2] + sumsq[3]));
+  }
+};
 
 struct BlockSlots {
   double* sum;
@@ -78,18 +110,17 @@ C10_ALWAYS_INLINE fVec max_of_finite(const fVec& a, const fVec& b) {
 #endif
 }
 
-// The lanes of v added as a pairwise tree (a fixed order, with a short dependency chain).
-C10_ALWAYS_INLINE double lane_sum(const dVec& v) {
-  double d[dVec::size()];
-  v.store(d);
-  for (int64_t width = dVec::size() / 2; width >= 1; width /= 2) {
-    for (int64_t i = 0; i < width; ++i) d[i] += d[i + width];
-  }
-  return d[0];
-}
-
 inline float nan_max(float m, float v) {
   return (std::isnan(v) || v > m) ? v : m;
+}
+
+// A vector's lanes reduced: their max (NaN propagating) and their total (exact for counts).
+C10_ALWAYS_INLINE float lane_max(const fVec& v) {
+  return at::vec::vec_reduce_all<float>(
+      [](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+C10_ALWAYS_INLINE float lane_total(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, v);
 }
 
 }  // namespace
