@@ -416,6 +416,7 @@ struct BackwardTables {
   const float* pairs;
   const float* derivative;
   const float* activation;
+  RemapKeyTable keys;  // MaskMode::Keys only
 };
 
 // How a backward call masks: not at all (zero thresholds, or straight-through), or as the
@@ -423,7 +424,22 @@ struct BackwardTables {
 // operations; GELU's loop measured 1.08x the time at standard deviation 1 in that mode). One
 // loop per mode, so that none carries another's work: a shared loop converted fp16 x to fp32 for
 // the unmasked branch on masked calls too.
-enum class MaskMode { None, Centred, Uncentred };
+// Keys: the 16-bit smooth activations on AVX-512, whose mask is decided on x's bits
+// (remapped_by_keys), so that only act'(x) is evaluated, as unmasked.
+enum class MaskMode { None, Centred, Uncentred, Keys };
+
+constexpr bool needs_activation(MaskMode m) {
+  return m == MaskMode::Centred || m == MaskMode::Uncentred;
+}
+
+template <typename T, Act A>
+constexpr bool masks_by_keys() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return uses_table<T, A>();
+#else
+  return false;
+#endif
+}
 
 // kOnGrid: every input lies on the grid (a chunk that for_each_grid_chunk tested), and the 16-bit
 // GELU and tanh-GELU evaluate act(x) and act'(x) there instead of gathering them.
@@ -444,10 +460,10 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
     } else if constexpr (kOnGrid) {
       // What the tables hold there, bit for bit (they were built by activate and derivative).
       static_assert(gathers_derivative<T, A>());
-      grid_value_and_derivative<A, M != MaskMode::None>(v, a, d);
+      grid_value_and_derivative<A, needs_activation(M)>(v, a, d);
     } else if constexpr (uses_table<T, A>()) {
       const Indices index = load_indices(x + i, m);
-      if constexpr (M != MaskMode::None) {
+      if constexpr (needs_activation(M)) {
         const ValueGrad lo = gather_pairs(tables.pairs, index.lo);
         const ValueGrad hi = gather_pairs(tables.pairs, index.hi);
         a = {lo.value, hi.value};
@@ -455,14 +471,22 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
       } else {
         d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
       }
-    } else if constexpr (is_smooth(A) && M != MaskMode::None) {
+    } else if constexpr (is_smooth(A) && needs_activation(M)) {
       estimated = activate_with_derivative<A>(v, a, d);
     } else {
-      if constexpr (M != MaskMode::None) a = activate<A>(v);
+      if constexpr (needs_activation(M)) a = activate<A>(v);
       if constexpr (is_smooth(A)) d = derivative<A>(v);
     }
     Mask remap_lo = no_lanes(), remap_hi = no_lanes();
-    if constexpr (M != MaskMode::None) {
+    if constexpr (M == MaskMode::Keys) {
+      static_assert(masks_by_keys<T, A>());
+#if defined(CPU_CAPABILITY_AVX512)
+      const __mmask32 remap =
+          remapped_by_keys<kLanes>(tables.keys, rp.channel + (kLanes ? i : 0), x + i, m);
+      remap_lo = static_cast<Mask>(remap);
+      remap_hi = static_cast<Mask>(remap >> 16);
+#endif
+    } else if constexpr (M != MaskMode::None) {
       const StepParams p = rp.at(i, m);
       constexpr bool kEstimates = A == Act::Silu || (has_fp32_tail(A) && !uses_table<T, A>());
       // GELU's value is estimated only off its grid: most steps have exact values throughout.
@@ -535,9 +559,31 @@ void backward_typed(const BackwardArgs& args) {
   const float* th = args.params.threshold;
   const bool unmasked =
       args.straight_through || std::none_of(th, th + g.channels, [](float v) { return v > 0.f; });
-  const BackwardTables tables{unmasked ? nullptr : pair_table_for<T, A>(),
-                              unmasked ? derivative_table_for<T, A>() : nullptr,
-                              A == Act::Silu && !unmasked ? activation_table_for<T, A>() : nullptr};
+  const int64_t C = g.channels;
+  std::vector<int16_t> keys;
+  if constexpr (masks_by_keys<T, A>()) {
+    const Valley& shape = valley<T, A>();
+    if (!unmasked && shape.shaped) {
+      keys.resize(4 * C);
+      const float* a = activation_table<T, A>();
+      for (int64_t c = 0; c < C; ++c) {
+        const RemapKeys r =
+            remap_keys(a, shape, th[c], args.params.center ? args.params.center[c] : 0.f);
+        keys[c] = r.lo[0];
+        keys[C + c] = r.hi[0];
+        keys[2 * C + c] = r.lo[1];
+        keys[3 * C + c] = r.hi[1];
+      }
+    }
+  }
+  const bool by_keys = !keys.empty();
+  const bool with_activation = !unmasked && !by_keys;
+  RemapKeyTable key_table{};
+  if (by_keys) key_table = {{&keys[0], &keys[C], &keys[2 * C], &keys[3 * C]}};
+  const BackwardTables tables{
+      with_activation ? pair_table_for<T, A>() : nullptr,
+      with_activation ? nullptr : derivative_table_for<T, A>(),
+      A == Act::Silu && with_activation ? activation_table_for<T, A>() : nullptr, key_table};
   const auto walk = [&](auto mode) {
     constexpr MaskMode M = decltype(mode)::value;
     at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
@@ -555,8 +601,11 @@ void backward_typed(const BackwardArgs& args) {
   using None = std::integral_constant<MaskMode, MaskMode::None>;
   using Centred = std::integral_constant<MaskMode, MaskMode::Centred>;
   using Uncentred = std::integral_constant<MaskMode, MaskMode::Uncentred>;
+  using Keys = std::integral_constant<MaskMode, MaskMode::Keys>;
   if (unmasked) {
     walk(None{});
+  } else if (by_keys) {
+    if constexpr (masks_by_keys<T, A>()) walk(Keys{});
   } else if constexpr (A == Act::Silu) {
     if (args.params.center) {
       walk(Centred{});

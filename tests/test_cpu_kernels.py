@@ -504,6 +504,66 @@ def test_16bit_backward_computes_on_the_grid_what_the_tables_hold(capability, dt
                     assert same_bits(dx, wide).all()
 
 
+def _thresholds_at_the_tables_values(a, x, centre):
+    """Thresholds where the remap of |fl(act(x) - c)| < t flips for some 16-bit x: |act - c| at
+    chosen x (on both sides of the valley's minimum, near it, far out) and its fp32 neighbours;
+    the valley's depth below c and its neighbours; one deeper; 1e-30 and 0."""
+    finite = x.isfinite()
+    picks = [0.5, -0.3, -1.0, -3.0, -8.0, 2.0, 1e-3]
+    lowest = a[finite].min()
+    points = [a[finite][(x[finite].float() - p).abs().argmin()] for p in picks] + [lowest]
+    up, zero = torch.tensor(math.inf), torch.tensor(0.0)
+    out = [0.0, 1e-30, float((lowest - centre).abs() * 1.5 + 0.01)]
+    for point in points:
+        t = (point - centre).abs()
+        out += [float(t), float(t.nextafter(up)), float(t.nextafter(zero))]
+    return torch.tensor(out, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_16bit_backward_masks_exactly_where_the_forward_remaps(capability, dtype, act):
+    """The 16-bit backward decides its mask on x's bits on AVX-512 (per channel, two intervals of
+    x found on the table's act(x), one each side of its minimum) and from act(x) elsewhere. Over
+    every 16-bit pattern in every channel, for thresholds that put the interval ends at the
+    table's own values (and next to them), around the minimum and deeper than it, without and
+    with centres (at the minimum, negative, positive), dx is dy * act'(x) where the forward keeps
+    act(x) and zero where it remaps (|fl(act(x) - c)| < t), in lanes (ragged) and row mode."""
+    ops = torch.ops.lipkern
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    # The tables hold the fp32 code's act(x), which the fp32 kernel computes on the upcast x.
+    a = ops.remap_act(x.float(), torch.tensor(0.0), None, act, 0, False)
+    lowest = a[x.isfinite()].min()
+    gen = torch.Generator().manual_seed(0)
+    for centres in (None, torch.tensor([float(lowest), -0.1, 0.05, 1.0])):
+        pairs = [
+            (t, float(c))
+            for c in (torch.zeros(1) if centres is None else centres)
+            for t in _thresholds_at_the_tables_values(a, x, c)
+        ]
+        threshold = torch.tensor([t for t, _ in pairs])
+        centre = None if centres is None else torch.tensor([c for _, c in pairs])
+        channels = len(pairs)
+        ragged = torch.cat([x, x[:5]])
+        for v, channel_dim in (
+            (ragged[:, None].expand(-1, channels).contiguous(), 1),
+            (ragged[None, None, :].expand(1, channels, -1).contiguous(), 1),
+        ):
+            shape = [1] * v.dim()
+            shape[channel_dim] = channels
+            c = torch.zeros(shape) if centre is None else centre.reshape(shape)
+            a_v = ops.remap_act(v.float(), torch.tensor(0.0), None, act, channel_dim, False)
+            remapped = (a_v - c).abs() < threshold.reshape(shape)
+            grad_y = torch.randn(v.shape, generator=gen).to(dtype)
+            kept = ops.remap_act_backward(
+                grad_y, v, torch.tensor(0.0), None, act, channel_dim, False
+            )
+            dx = ops.remap_act_backward(grad_y, v, threshold, centre, act, channel_dim, False)
+            expected = torch.where(remapped, torch.zeros_like(kept), kept)
+            assert (same_bits(dx, expected) | ((dx == 0) & (expected == 0))).all()
+
+
 def _bit_pattern_inputs(dtype, thresholds):
     """Every 16-bit pattern; for fp32 every bf16 value widened (each exponent, both signs, NaNs
     with payloads), 65536 random patterns, and each threshold with its neighbours."""

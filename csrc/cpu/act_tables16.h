@@ -5,6 +5,8 @@
 #include "cpu/act_grid.h"
 
 #include <bit>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 namespace lipkern {
@@ -232,6 +234,117 @@ C10_ALWAYS_INLINE void for_each_grid_chunk(const T* x, int64_t n, F&& chunk) {
       chunk(c0, c1, std::false_type{});
     }
   }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// The remap decided on x's bits for the 16-bit smooth activations.
+//
+// A 16-bit x's order key is its bits from +0 up and its bits with the magnitude flipped below
+// (as int16): -inf < ... < -0 < +0 < ... < +inf, NaNs outside [key(-inf), key(+inf)]. Every
+// GELU, tanh-GELU and SiLU table is a valley in key order: act(x) does not increase from -inf to
+// its minimum and does not decrease from there to +inf (valley() checks it when first used).
+// fl(act(x) - c) then moves monotonically along each side, so the x that the forward remaps,
+// |fl(act(x) - c)| < t, form one interval of keys on each side of the minimum, found by binary
+// search with the forward's own test on the table's act(x). The backward then masks with four
+// integer compares on 32 lanes instead of evaluating act(x).
+
+inline int16_t order_key(uint16_t bits) {
+  return static_cast<int16_t>(bits & 0x8000 ? bits ^ 0x7fff : bits);
+}
+
+// order_key's inverse (the map is its own inverse on the bits).
+inline uint16_t bits_of_key(int key) {
+  const auto bits = static_cast<uint16_t>(key);
+  return bits & 0x8000 ? bits ^ 0x7fff : bits;
+}
+
+struct Valley {
+  bool shaped;
+  int first, bottom, last;  // the keys of -inf, of the minimum and of +inf
+};
+
+template <typename T, Act A>
+const Valley& valley() {
+  static const Valley shape = [] {
+    const float* a = activation_table<T, A>();
+    const uint16_t inf = std::is_same_v<T, c10::Half> ? 0x7c00 : 0x7f80;
+    Valley v{true, order_key(0x8000 | inf), 0, order_key(inf)};
+    float lowest = std::numeric_limits<float>::infinity();
+    for (int k = v.first; k <= v.last; ++k) {
+      const float value = a[bits_of_key(k)];
+      v.shaped = v.shaped && !std::isnan(value);
+      if (value < lowest) {
+        lowest = value;
+        v.bottom = k;
+      }
+    }
+    for (int k = v.first + 1; k <= v.last; ++k) {
+      const float before = a[bits_of_key(k - 1)], value = a[bits_of_key(k)];
+      v.shaped = v.shaped && (k <= v.bottom ? value <= before : value >= before);
+    }
+    return v;
+  }();
+  return shape;
+}
+
+// The smallest k in [lo, hi] where pred holds, pred being false then true; hi + 1 if none.
+template <typename P>
+int first_key_where(int lo, int hi, P&& pred) {
+  while (lo <= hi) {
+    const int mid = lo + (hi - lo) / 2;
+    if (pred(mid)) {
+      hi = mid - 1;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+// The keys remapped for threshold t and centre c: [lo[i], hi[i]] left and right of the minimum
+// (empty where lo > hi).
+struct RemapKeys {
+  int16_t lo[2], hi[2];
+};
+
+inline RemapKeys remap_keys(const float* a, const Valley& v, float t, float c) {
+  // |d| < t is d < t and d > -t, for d = fl(act(x) - c) as the forward's remap_mask has it.
+  const auto below = [&](int k) { return a[bits_of_key(k)] - c < t; };
+  const auto above = [&](int k) { return a[bits_of_key(k)] - c > -t; };
+  const auto not_above = [&](int k) { return !above(k); };
+  const auto not_below = [&](int k) { return !below(k); };
+  // Left of the minimum d does not increase, right of it d does not decrease.
+  const int lo_left = first_key_where(v.first, v.bottom, below);
+  const int hi_left = first_key_where(v.first, v.bottom, not_above) - 1;
+  const int lo_right = first_key_where(v.bottom, v.last, above);
+  const int hi_right = first_key_where(v.bottom, v.last, not_below) - 1;
+  return {{static_cast<int16_t>(lo_left), static_cast<int16_t>(lo_right)},
+          {static_cast<int16_t>(hi_left), static_cast<int16_t>(hi_right)}};
+}
+
+// Per channel, structure of arrays (lo[0], hi[0], lo[1], hi[1]), for lanes-mode vector loads.
+struct RemapKeyTable {
+  const int16_t* bound[4];
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The lanes of a step the forward remaps: channel ch (row mode) or ch + lane (lanes mode).
+template <bool kLanes, typename T>
+C10_ALWAYS_INLINE __mmask32 remapped_by_keys(const RemapKeyTable& keys, int64_t ch, const T* x,
+                                            int64_t n) {
+  const __mmask32 lanes =
+      n >= kStep ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << n) - 1);
+  const __m512i bits = n >= kStep ? _mm512_loadu_si512(x) : _mm512_maskz_loadu_epi16(lanes, x);
+  const __m512i key = _mm512_xor_si512(
+      bits, _mm512_and_si512(_mm512_srai_epi16(bits, 15), _mm512_set1_epi16(0x7fff)));
+  __m512i b[4];
+  for (int j = 0; j < 4; ++j) {
+    b[j] = kLanes ? _mm512_maskz_loadu_epi16(lanes, keys.bound[j] + ch)
+                  : _mm512_set1_epi16(keys.bound[j][ch]);
+  }
+  return _mm512_mask_cmple_epi16_mask(_mm512_cmpge_epi16_mask(key, b[0]), key, b[1]) |
+         _mm512_mask_cmple_epi16_mask(_mm512_cmpge_epi16_mask(key, b[2]), key, b[3]);
 }
 #endif
 

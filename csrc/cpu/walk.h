@@ -35,11 +35,13 @@ struct StepParams {
 
 template <bool kLanes>
 struct RunParams {
-  const float* t;  // lanes: first channel of the run; row: the run's channel
-  const float* c;  // null without a centre
+  int64_t channel;  // lanes: first channel of the run; row: the run's channel
+  const float* t;   // at that channel
+  const float* c;   // null without a centre
   fVec t_b, c_b;
 
-  RunParams(const ChannelParams& p, int64_t ch) : t(p.threshold + ch), c(p.center ? p.center + ch : nullptr) {
+  RunParams(const ChannelParams& p, int64_t ch)
+      : channel(ch), t(p.threshold + ch), c(p.center ? p.center + ch : nullptr) {
     if constexpr (!kLanes) {
       t_b = fVec(*t);
       c_b = c ? fVec(*c) : fVec(0.f);
