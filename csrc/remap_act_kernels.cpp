@@ -563,17 +563,24 @@ void backward_typed(const BackwardArgs& args) {
   std::vector<int16_t> keys;
   if constexpr (masks_by_keys<T, A>()) {
     const Valley& shape = valley<T, A>();
-    if (!unmasked && shape.shaped) {
+    // A channel's four binary searches cost what masking on the keys saves on 700 (GELU) to
+    // 1000 (SiLU) of its elements; smaller calls decide from act(x). Against that, one thread,
+    // 768 channels, rows 256 / 1024 / 4096: GELU and tanh-GELU 1.4x / 0.85-0.91x / 0.73-0.81x
+    // the time, SiLU 1.5x / 0.98-1.02x / 0.86-0.88x.
+    constexpr int64_t kMinElementsPerChannel = 1024;
+    if (!unmasked && shape.shaped && g.numel >= kMinElementsPerChannel * C) {
       keys.resize(4 * C);
       const float* a = activation_table<T, A>();
-      for (int64_t c = 0; c < C; ++c) {
-        const RemapKeys r =
-            remap_keys(a, shape, th[c], args.params.center ? args.params.center[c] : 0.f);
-        keys[c] = r.lo[0];
-        keys[C + c] = r.hi[0];
-        keys[2 * C + c] = r.lo[1];
-        keys[3 * C + c] = r.hi[1];
-      }
+      at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const RemapKeys r =
+              remap_keys(a, shape, th[c], args.params.center ? args.params.center[c] : 0.f);
+          keys[c] = r.lo[0];
+          keys[C + c] = r.hi[0];
+          keys[2 * C + c] = r.lo[1];
+          keys[3 * C + c] = r.hi[1];
+        }
+      });
     }
   }
   const bool by_keys = !keys.empty();

@@ -529,7 +529,8 @@ def test_16bit_backward_masks_exactly_where_the_forward_remaps(capability, dtype
     every 16-bit pattern in every channel, for thresholds that put the interval ends at the
     table's own values (and next to them), around the minimum and deeper than it, without and
     with centres (at the minimum, negative, positive), dx is dy * act'(x) where the forward keeps
-    act(x) and zero where it remaps (|fl(act(x) - c)| < t), in lanes (ragged) and row mode."""
+    act(x) and zero where it remaps (|fl(act(x) - c)| < t), in lanes (ragged) and row mode; and
+    on every 67th pattern, under the 1024 elements per channel from which the keys are used."""
     ops = torch.ops.lipkern
     x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
     # The tables hold the fp32 code's act(x), which the fp32 kernel computes on the upcast x.
@@ -549,6 +550,7 @@ def test_16bit_backward_masks_exactly_where_the_forward_remaps(capability, dtype
         for v, channel_dim in (
             (ragged[:, None].expand(-1, channels).contiguous(), 1),
             (ragged[None, None, :].expand(1, channels, -1).contiguous(), 1),
+            (ragged[::67, None].expand(-1, channels).contiguous(), 1),
         ):
             shape = [1] * v.dim()
             shape[channel_dim] = channels
