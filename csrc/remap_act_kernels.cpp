@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -148,8 +149,8 @@ void forward_typed(const ForwardArgs& args) {
 // A chunk's accumulator takes one step (up to kStep elements) at a time, stores its y and folds
 // into a block's slots: per channel in lanes mode (fold_lanes, a chunk being up to kStep
 // channels of a tile of rows), into the run's one channel in row mode (fold_run). FloatStats
-// computes in fp32 and serves every activation and dtype; BitsStats decides 16-bit identity and
-// ReLU without a centre on their bit patterns, as forward_bits does.
+// computes in fp32 and serves every activation and dtype; on AVX-512 BitsStats decides 16-bit
+// identity and ReLU without a centre on their bit patterns, as forward_bits does.
 
 // The statistics are bound by vector operations, not memory: without a centre the remap test is
 // |a| < t (|a - 0| is |a|, NaN and -0 included), and |a| is the one the magnitude max takes.
@@ -162,6 +163,9 @@ C10_ALWAYS_INLINE Mask stats_remap_mask(const fVec& a, const fVec& t, const fVec
     return less(a.abs(), t);
   }
 }
+
+// Rows of a lanes-mode tile (see stats_rows_lanes).
+constexpr int64_t kStatsTileRows = 64;
 
 // What an accumulator is built from: the thresholds and centres, the 16-bit activation table,
 // and the 16-bit remap bounds (remap_bound, one per channel; BitsStats only).
@@ -203,16 +207,13 @@ struct FloatStats {
   }
 
   C10_ALWAYS_INLINE void fold_lanes(const BlockSlots& s, int64_t c0, int64_t m) const {
-    const F2 mx = load(s.amax + c0, m);
-    store(s.amax + c0, m, at::vec::maximum(mx.lo, amax0), at::vec::maximum(mx.hi, amax1));
-    const F2 cnt = load(s.remapped + c0, m);
-    store(s.remapped + c0, m, cnt.lo + count0, cnt.hi + count1);
+    fold_max_and_counts(s, c0, m, {amax0, amax1}, {count0, count1});
     sums.fold_lanes(s.sum + c0, s.sumsq + c0, m);
   }
 
   C10_ALWAYS_INLINE void fold_run(const BlockSlots& s, int64_t ch) const {
-    s.amax[ch] = nan_max(s.amax[ch], lane_max(at::vec::maximum(amax0, amax1)));
-    s.remapped[ch] += lane_total(count0 + count1);
+    fold_max_and_count(s, ch, lane_max(at::vec::maximum(amax0, amax1)),
+                       lane_total(count0 + count1));
     sums.fold_run(s.sum[ch], s.sumsq[ch]);
   }
 };
@@ -227,8 +228,9 @@ struct BitsStats {
   static_assert(sizeof(T) == 2 && remaps_on_bits<A>(), "16-bit identity or ReLU");
   const __m512i bound;
   __m512i amax = _mm512_setzero_si512();  // |a|'s bits: ordered like |a|, NaN above +inf
-  // Remap counts: per lane in lanes mode (a tile's at most 64 rows fit in 16 bits), the run's in
-  // row mode (a run may be a whole block, up to kMaxStatsBlock elements).
+  // Remap counts: per lane in lanes mode (a tile's rows fit in 16 bits), the run's in row mode
+  // (a run may be a whole block, up to kMaxStatsBlock elements).
+  static_assert(kStatsTileRows < 65536);
   __m512i lane_count = _mm512_setzero_si512();
   int64_t run_count = 0;
   LaneSums sums;
@@ -245,25 +247,20 @@ struct BitsStats {
     if constexpr (kLanes) {
       lane_count = _mm512_mask_sub_epi16(lane_count, remap, lane_count, _mm512_set1_epi16(-1));
     } else {
-      run_count += _mm_popcnt_u32(remap);
+      run_count += std::popcount(static_cast<uint32_t>(remap));
     }
     sums.add(widen_bits<T>(b.a));
   }
 
   C10_ALWAYS_INLINE void fold_lanes(const BlockSlots& s, int64_t c0, int64_t m) const {
-    const F2 am = widen_bits<T>(amax);
-    const F2 mx = load(s.amax + c0, m);
-    store(s.amax + c0, m, at::vec::maximum(mx.lo, am.lo), at::vec::maximum(mx.hi, am.hi));
-    const F2 cnt = load(s.remapped + c0, m);
-    const F2 counted = widen_counts(lane_count);
-    store(s.remapped + c0, m, cnt.lo + counted.lo, cnt.hi + counted.hi);
+    fold_max_and_counts(s, c0, m, widen_bits<T>(amax), widen_counts(lane_count));
     sums.fold_lanes(s.sum + c0, s.sumsq + c0, m);
   }
 
   C10_ALWAYS_INLINE void fold_run(const BlockSlots& s, int64_t ch) const {
     const F2 am = widen_bits<T>(amax);
-    s.amax[ch] = nan_max(s.amax[ch], lane_max(at::vec::maximum(am.lo, am.hi)));
-    s.remapped[ch] += static_cast<float>(run_count);
+    fold_max_and_count(s, ch, lane_max(at::vec::maximum(am.lo, am.hi)),
+                       static_cast<float>(run_count));
     sums.fold_run(s.sum[ch], s.sumsq[ch]);
   }
 };
@@ -278,9 +275,8 @@ struct BitsStats {
 template <typename Acc, typename T>
 void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, const StatsInputs& in,
                       const BlockSlots& s) {
-  constexpr int64_t kTile = 64;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    const int64_t r1 = std::min(rows, r0 + kTile);
+  for (int64_t r0 = 0; r0 < rows; r0 += kStatsTileRows) {
+    const int64_t r1 = std::min(rows, r0 + kStatsTileRows);
     for (int64_t c0 = 0; c0 < C; c0 += kStep) {
       const int64_t m = std::min(kStep, C - c0);
       Acc acc(in, c0, m);
@@ -411,7 +407,8 @@ C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, Mask remap, fVec g, const fVe
 }
 
 // The 16-bit smooth activations' tables where the kernel reads them (null otherwise): pairs for
-// the masked backward, derivative for the unmasked one, activation for SiLU's unsettled masks.
+// the backward that masks on act(x), derivative for the unmasked one and the one masking on keys,
+// activation for SiLU's unsettled masks; and the keys' per-channel intervals.
 struct BackwardTables {
   const float* pairs;
   const float* derivative;
@@ -562,13 +559,13 @@ void backward_typed(const BackwardArgs& args) {
   const int64_t C = g.channels;
   std::vector<int16_t> keys;
   if constexpr (masks_by_keys<T, A>()) {
-    const Valley& shape = valley<T, A>();
     // A channel's four binary searches cost what masking on the keys saves on 700 (GELU) to
     // 1000 (SiLU) of its elements; smaller calls decide from act(x). Against that, one thread,
     // 768 channels, rows 256 / 1024 / 4096: GELU and tanh-GELU 1.4x / 0.85-0.91x / 0.73-0.81x
     // the time, SiLU 1.5x / 0.98-1.02x / 0.86-0.88x.
     constexpr int64_t kMinElementsPerChannel = 1024;
-    if (!unmasked && shape.shaped && g.numel >= kMinElementsPerChannel * C) {
+    if (!unmasked && g.numel >= kMinElementsPerChannel * C && valley<T, A>().shaped) {
+      const Valley& shape = valley<T, A>();
       keys.resize(4 * C);
       const float* a = activation_table<T, A>();
       at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {

@@ -563,7 +563,25 @@ def test_16bit_backward_masks_exactly_where_the_forward_remaps(capability, dtype
             )
             dx = ops.remap_act_backward(grad_y, v, threshold, centre, act, channel_dim, False)
             expected = torch.where(remapped, torch.zeros_like(kept), kept)
+            # A remapped lane is 0 * act'(x): -0 where act'(x) < 0.
             assert (same_bits(dx, expected) | ((dx == 0) & (expected == 0))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_16bit_tables_are_valleys(dtype, act):
+    """The backward masks on x's bits only where a table is a valley in the order of x's values
+    (act(x) not increasing up to its minimum, not decreasing after it); otherwise it would
+    silently fall back to deciding from act(x). Every table is one, on the fp32 code's act(x)."""
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype)
+    a = torch.ops.lipkern.remap_act(x.float(), torch.tensor(0.0), None, act, 0, False)
+    in_value_order = x.float()[~x.isnan()].sort(stable=True)
+    values = a[~x.isnan()][in_value_order.indices]
+    assert not values.isnan().any()
+    bottom = int(values.argmin())
+    assert (values[1 : bottom + 1] <= values[:bottom]).all()
+    assert (values[bottom + 1 :] >= values[bottom:-1]).all()
 
 
 def _bit_pattern_inputs(dtype, thresholds):

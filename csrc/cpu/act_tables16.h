@@ -259,16 +259,18 @@ inline uint16_t bits_of_key(int key) {
   return bits & 0x8000 ? bits ^ 0x7fff : bits;
 }
 
+// A table that is not a valley (none is; a change of the fp32 code could make one) keeps
+// deciding from act(x): its remapped x need not form two intervals.
 struct Valley {
   bool shaped;
-  int first, bottom, last;  // the keys of -inf, of the minimum and of +inf
+  int first, bottom, last;  // the keys of -inf, of the (first) minimum and of +inf
 };
 
 template <typename T, Act A>
 const Valley& valley() {
   static const Valley shape = [] {
     const float* a = activation_table<T, A>();
-    const uint16_t inf = std::is_same_v<T, c10::Half> ? 0x7c00 : 0x7f80;
+    const uint16_t inf = Bits<T>::kInf;
     Valley v{true, order_key(0x8000 | inf), 0, order_key(inf)};
     float lowest = std::numeric_limits<float>::infinity();
     for (int k = v.first; k <= v.last; ++k) {
@@ -303,7 +305,7 @@ int first_key_where(int lo, int hi, P&& pred) {
 }
 
 // The keys remapped for threshold t and centre c: [lo[i], hi[i]] left and right of the minimum
-// (empty where lo > hi).
+// (empty where lo > hi). The ends lie within [key(-inf) - 1, key(+inf) + 1], inside int16.
 struct RemapKeys {
   int16_t lo[2], hi[2];
 };
@@ -329,13 +331,13 @@ struct RemapKeyTable {
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The lanes of a step the forward remaps: channel ch (row mode) or ch + lane (lanes mode).
+// The lanes of a step's first n that the forward remaps: channel ch (row mode) or ch + lane
+// (lanes mode).
 template <bool kLanes, typename T>
 C10_ALWAYS_INLINE __mmask32 remapped_by_keys(const RemapKeyTable& keys, int64_t ch, const T* x,
                                             int64_t n) {
-  const __mmask32 lanes =
-      n >= kStep ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << n) - 1);
-  const __m512i bits = n >= kStep ? _mm512_loadu_si512(x) : _mm512_maskz_loadu_epi16(lanes, x);
+  const __mmask32 lanes = first_lanes32(n);
+  const __m512i bits = load_bits16(x, n);
   const __m512i key = _mm512_xor_si512(
       bits, _mm512_and_si512(_mm512_srai_epi16(bits, 15), _mm512_set1_epi16(0x7fff)));
   __m512i b[4];
@@ -343,8 +345,10 @@ C10_ALWAYS_INLINE __mmask32 remapped_by_keys(const RemapKeyTable& keys, int64_t 
     b[j] = kLanes ? _mm512_maskz_loadu_epi16(lanes, keys.bound[j] + ch)
                   : _mm512_set1_epi16(keys.bound[j][ch]);
   }
-  return _mm512_mask_cmple_epi16_mask(_mm512_cmpge_epi16_mask(key, b[0]), key, b[1]) |
-         _mm512_mask_cmple_epi16_mask(_mm512_cmpge_epi16_mask(key, b[2]), key, b[3]);
+  const __mmask32 in_either =
+      _mm512_mask_cmple_epi16_mask(_mm512_cmpge_epi16_mask(key, b[0]), key, b[1]) |
+      _mm512_mask_cmple_epi16_mask(_mm512_cmpge_epi16_mask(key, b[2]), key, b[3]);
+  return in_either & lanes;
 }
 #endif
 

@@ -26,18 +26,6 @@ constexpr bool remaps_on_bits() {
   return A == Act::Identity || A == Act::Relu;
 }
 
-// The integer lanes holding a T's bits, and the bits of +inf.
-template <typename T>
-struct Bits {
-  using type = int16_t;
-  static constexpr int16_t kInf = std::is_same_v<T, c10::Half> ? 0x7c00 : 0x7f80;
-};
-template <>
-struct Bits<float> {
-  using type = int32_t;
-  static constexpr int32_t kInf = 0x7f800000;
-};
-
 // The bits of the smallest non-negative T that is >= t (t >= 0 and not NaN; +-0 gives 0, so
 // nothing is remapped).
 template <typename T>
@@ -52,11 +40,6 @@ typename Bits<T>::type remap_bound(float t) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The first n (<= kStep) of a step's 32 16-bit lanes.
-C10_ALWAYS_INLINE __mmask32 first_lanes32(int64_t n) {
-  return n >= kStep ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << n) - 1);
-}
-
 // One step of a 16-bit identity or ReLU on bits: a = act(x) and |a| (padding lanes hold +0).
 struct ActBits {
   __m512i a, magnitude;
@@ -65,9 +48,7 @@ struct ActBits {
 
 template <typename T, Act A>
 C10_ALWAYS_INLINE ActBits act_bits(const T* x, int64_t n) {
-  static_assert(sizeof(T) == 2 && kStep == 32, "a step of 32 16-bit lanes");
-  const __mmask32 lanes = first_lanes32(n);
-  __m512i a = n >= kStep ? _mm512_loadu_si512(x) : _mm512_maskz_loadu_epi16(lanes, x);
+  __m512i a = load_bits16(x, n);
   if constexpr (A == Act::Relu) {
     // relu(x) = +0 below zero, the bits from -0's successor to -inf, one unsigned range once
     // shifted; -0 and NaN of either sign pass, as forward_run_bits has it.
@@ -75,7 +56,7 @@ C10_ALWAYS_INLINE ActBits act_bits(const T* x, int64_t n) {
     a = _mm512_maskz_mov_epi16(
         ~_mm512_cmple_epu16_mask(from_below_zero, _mm512_set1_epi16(Bits<T>::kInf - 1)), a);
   }
-  return {a, _mm512_and_si512(a, _mm512_set1_epi16(0x7fff)), lanes};
+  return {a, _mm512_and_si512(a, _mm512_set1_epi16(0x7fff)), first_lanes32(n)};
 }
 
 // The first n of a step's 32 16-bit values stored to y.

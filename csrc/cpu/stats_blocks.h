@@ -114,6 +114,22 @@ inline float nan_max(float m, float v) {
   return (std::isnan(v) || v > m) ? v : m;
 }
 
+// A tile chunk's magnitude max and remap counts, one lane per channel from c0, into a block's
+// slots; and a run's, reduced, into its channel's.
+C10_ALWAYS_INLINE void fold_max_and_counts(const BlockSlots& s, int64_t c0, int64_t m,
+                                           const F2& amax, const F2& counts) {
+  const F2 mx = load(s.amax + c0, m);
+  store(s.amax + c0, m, at::vec::maximum(mx.lo, amax.lo), at::vec::maximum(mx.hi, amax.hi));
+  const F2 cnt = load(s.remapped + c0, m);
+  store(s.remapped + c0, m, cnt.lo + counts.lo, cnt.hi + counts.hi);
+}
+
+C10_ALWAYS_INLINE void fold_max_and_count(const BlockSlots& s, int64_t ch, float amax,
+                                          float count) {
+  s.amax[ch] = nan_max(s.amax[ch], amax);
+  s.remapped[ch] += count;
+}
+
 // A vector's lanes reduced: their max (NaN propagating) and their total (exact for counts).
 C10_ALWAYS_INLINE float lane_max(const fVec& v) {
   return at::vec::vec_reduce_all<float>(

@@ -1,4 +1,5 @@
-// Vector I/O of one kernel step: loads and stores in every dtype, fp32 <-> fp64 lanes, lane masks.
+// Vector I/O of one kernel step: loads and stores in every dtype, fp32 <-> fp64 lanes, lane masks,
+// 16-bit bit patterns.
 // Included by csrc/remap_act_kernels.cpp only (see there): it lands in lipkern::<CAP>.
 #pragma once
 
@@ -117,6 +118,32 @@ C10_ALWAYS_INLINE void narrow_parts(const dVec& lo, const dVec& hi, fVec& out) {
   out = fVec::loadu(f);
 #endif
 }
+
+// The integer lanes holding a T's bits, and the bits of +inf.
+template <typename T>
+struct Bits {
+  using type = int16_t;
+  static constexpr int16_t kInf = std::is_same_v<T, c10::Half> ? 0x7c00 : 0x7f80;
+};
+template <>
+struct Bits<float> {
+  using type = int32_t;
+  static constexpr int32_t kInf = 0x7f800000;
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The first n (<= kStep) of a step's 32 16-bit lanes.
+C10_ALWAYS_INLINE __mmask32 first_lanes32(int64_t n) {
+  return n >= kStep ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << n) - 1);
+}
+
+// The bits of a step's first n 16-bit values; padding lanes hold +0.
+template <typename T>
+C10_ALWAYS_INLINE __m512i load_bits16(const T* x, int64_t n) {
+  static_assert(sizeof(T) == 2 && kStep == 32, "a step of 32 16-bit lanes");
+  return n >= kStep ? _mm512_loadu_si512(x) : _mm512_maskz_loadu_epi16(first_lanes32(n), x);
+}
+#endif
 
 // Lane masks. AVX-512 compares write k-registers, which at::vec turns into vector masks and back
 // (two conversions per compare, a third of the forward's time); elsewhere masks are vectors.
