@@ -111,7 +111,7 @@ def _add_verify_parser(subparsers) -> None:
             "inputs, for each op, activation and dtype. Exit status 1 if any check fails."
         ),
     )
-    p.add_argument("--quick", action="store_true", help="two small layouts instead of four")
+    p.add_argument("--quick", action="store_true", help="two small layouts instead of five")
     p.add_argument(
         "--backend",
         action="append",
