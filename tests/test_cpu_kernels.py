@@ -504,6 +504,13 @@ def test_16bit_backward_computes_on_the_grid_what_the_tables_hold(capability, dt
                     assert same_bits(dx, wide).all()
 
 
+def _every_16bit_value_and_table(dtype, act):
+    """Every 16-bit pattern in bit order, and the table's act(x) for it: the tables hold the fp32
+    code's act(x), which the fp32 kernel computes on the upcast x."""
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    return x, torch.ops.lipkern.remap_act(x.float(), torch.tensor(0.0), None, act, 0, False)
+
+
 def _thresholds_at_the_tables_values(a, x, centre):
     """Thresholds where the remap of |fl(act(x) - c)| < t flips for some 16-bit x: |act - c| at
     chosen x (on both sides of the valley's minimum, near it, far out) and its fp32 neighbours;
@@ -532,9 +539,7 @@ def test_16bit_backward_masks_exactly_where_the_forward_remaps(capability, dtype
     act(x) and zero where it remaps (|fl(act(x) - c)| < t), in lanes (ragged) and row mode; and
     on every 67th pattern, under the 1024 elements per channel from which the keys are used."""
     ops = torch.ops.lipkern
-    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
-    # The tables hold the fp32 code's act(x), which the fp32 kernel computes on the upcast x.
-    a = ops.remap_act(x.float(), torch.tensor(0.0), None, act, 0, False)
+    x, a = _every_16bit_value_and_table(dtype, act)
     lowest = a[x.isfinite()].min()
     gen = torch.Generator().manual_seed(0)
     for centres in (None, torch.tensor([float(lowest), -0.1, 0.05, 1.0])):
@@ -573,9 +578,7 @@ def test_16bit_tables_are_valleys(dtype, act):
     """The backward masks on x's bits only where a table is a valley in the order of x's values
     (act(x) not increasing up to its minimum, not decreasing after it); otherwise it would
     silently fall back to deciding from act(x). Every table is one, on the fp32 code's act(x)."""
-    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
-    x = bits.view(dtype)
-    a = torch.ops.lipkern.remap_act(x.float(), torch.tensor(0.0), None, act, 0, False)
+    x, a = _every_16bit_value_and_table(dtype, act)
     in_value_order = x.float()[~x.isnan()].sort(stable=True)
     values = a[~x.isnan()][in_value_order.indices]
     assert not values.isnan().any()

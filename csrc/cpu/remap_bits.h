@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace lipkern {
 namespace CPU_CAPABILITY {
@@ -37,6 +38,14 @@ typename Bits<T>::type remap_bound(float t) {
     const T nearest(t);  // t's floor or ceiling in T
     return static_cast<int16_t>(nearest.x + (static_cast<float>(nearest) < t ? 1 : 0));
   }
+}
+
+// remap_bound of every channel's threshold.
+template <typename T>
+std::vector<typename Bits<T>::type> remap_bounds(const ChannelParams& params, int64_t channels) {
+  std::vector<typename Bits<T>::type> bounds(channels);
+  for (int64_t c = 0; c < channels; ++c) bounds[c] = remap_bound<T>(params.threshold[c]);
+  return bounds;
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
