@@ -346,6 +346,51 @@ def test_gelu_backward_off_the_grid_masks_as_the_forward(capability, centre):
         assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all()
 
 
+def _with_neighbours(values: list[float]) -> torch.Tensor:
+    """Each fp32 value and its two neighbours."""
+    v = torch.tensor(values)
+    return torch.cat([torch.nextafter(v, v - 1), v, torch.nextafter(v, v + 1)])
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("shape", [(-1, 64), (-1, 64, 4, 4)], ids=["rows", "planes"])
+def test_gelu_backward_masks_the_tails_by_side(capability, shape):
+    """Where every channel's threshold and centre remap all or none of GELU's left tail and none
+    of its right one, the fp32 backward masks off-grid lanes by their side, without their value
+    (csrc/cpu/act_grid.h, gelu_tails_uniform). Thresholds at and beside where the tails' values
+    end (|GELU(-3.875)|, GELU(3.875)) and where their bounds do (2.1e-4, 3.875 - 2.1e-4), and
+    between; centres 0, +-2^-13, 0.2, -0.1 and 3.7; one pair for every channel per call, then
+    all pairs mixed over the channels (which takes the estimate). Inputs: steps with 0 to 32 off-grid lanes, the grid's
+    ends and the infinities. The backward zeroes exactly the elements the forward remaps."""
+    gen = torch.Generator().manual_seed(7)
+    ends = torch.tensor([3.875, -3.875, 3.875000476837158, -3.875000476837158])
+    ends = torch.cat([ends, torch.tensor([float("inf"), -float("inf")])])
+    x = torch.cat([ends, _steps_with_every_count_off_the_grid(
+        _fp32_between(*GELU_TAIL, stride=331), gen)])
+    x = x[: x.numel() // 1024 * 1024].reshape(shape)
+    a = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False)
+    left_end = -float(torch.ops.lipkern.remap_act(
+        torch.tensor([-3.875]), torch.tensor(0.0), None, "gelu", 0, False))
+    right_end = float(a.flatten()[0])
+    thresholds = _with_neighbours([left_end, 2.1e-4, right_end, 3.875 - 2.1e-4])
+    thresholds = torch.cat([thresholds, torch.tensor([1e-4, 0.05, 0.3, 3.875, 10.0])])
+    centres = torch.tensor([0.0, 2**-13, -(2**-13), 0.2, -0.1, 3.7])
+    pairs = torch.cartesian_prod(thresholds, centres)
+    channels = x.shape[1]
+    per_call = [pair.expand(channels, 2) for pair in pairs]
+    mixed = pairs[torch.randperm(pairs.shape[0], generator=gen)[:channels]]
+    dy = torch.ones_like(x)
+    unmasked = torch.ops.lipkern.remap_act_backward(
+        dy, x, torch.tensor(0.0), None, "gelu", 0, False
+    )
+    along_channels = (1, -1) + (1,) * (x.dim() - 2)
+    for pair in per_call + [mixed]:
+        t, c = (v.contiguous() for v in pair.unbind(1))
+        remapped = (a - c.view(along_channels)).abs() < t.view(along_channels)
+        dx = torch.ops.lipkern.remap_act_backward(dy, x, t, c, "gelu", 1, False)
+        assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all(), pair[0]
+
+
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 def test_gelu_forward_at_the_ends_of_its_tails(capability):
     """From x = 5.375 up GELU's fp32 value is x, from -14.375 down it is -0 (taken without the

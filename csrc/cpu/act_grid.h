@@ -416,6 +416,36 @@ C10_ALWAYS_INLINE LanePair activate_with_derivative(const F2& x, F2& value, F2& 
   return {no_lanes(), no_lanes()};
 }
 
+// Off its grid GELU(x) = max(x, 0) - |x| Q(|x|) lies within 2.1e-4 of max(x, 0): |x| Q(|x|) falls
+// from 2.0667e-4 at the grid's end. A channel whose threshold and centre remap all or none of
+// the left tail's values, [-2.1e-4, -0], and none of the right's, [3.875 - 2.1e-4, inf], masks
+// an off-grid lane as it masks any value of the lane's side: its backward needs no value there.
+constexpr float kGeluTailGap = 2.1e-4f;
+
+// Whether |fl(a - c)| < t holds for all or none of the left tail's a, and for none of the right
+// tail's, in the fp32 the kernel compares in: fl(a - c) is monotone in a, so each side's ends
+// decide. A NaN threshold or centre answers false.
+inline bool gelu_tails_uniform(float t, float c) {
+  static_assert(act_table<Act::Gelu>().bound == 3.875f, "the gap is bounded from 3.875 on");
+  const float left_low = -kGeluTailGap - c, left_high = -0.f - c;
+  const bool left_all = std::abs(left_low) < t && std::abs(left_high) < t;
+  const bool left_none = left_low >= t || left_high <= -t;
+  return (left_all || left_none) && (3.875f - kGeluTailGap) - c >= t;
+}
+
+// GELU's act'(x) for a step, and act(x) on the grid; off it, a value of the lane's tail side (x
+// on the right, -0 on the left), which decides the mask of a channel whose tails are uniform.
+C10_ALWAYS_INLINE void gelu_sided_value_and_derivative(const F2& x, F2& value, F2& grad) {
+  grid_value_and_derivative<Act::Gelu, true>(x, value, grad);
+  const Mask off_lo = off_grid<Act::Gelu>(x.lo), off_hi = off_grid<Act::Gelu>(x.hi);
+  if (!any(off_lo | off_hi)) return;
+  patch_off_grid<Act::Gelu, false, true, true>(x, off_lo, off_hi, grad, grad);
+  const auto sided = [](const fVec& v, Mask off, const fVec& on_grid) {
+    return select(off, select(less(fVec(0.f), v), v, fVec(-0.f)), on_grid);
+  };
+  value = {sided(x.lo, off_lo, value.lo), sided(x.hi, off_hi, value.hi)};
+}
+
 }  // namespace
 }  // namespace CPU_CAPABILITY
 }  // namespace lipkern
