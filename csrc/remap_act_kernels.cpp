@@ -451,8 +451,9 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
   for (int64_t i = begin; i < end; i += kStep) {
     const int64_t m = std::min(kStep, end - i);
     const F2 v = load(x + i, m);
-    // a: the mask's activation (unused when unmasked); d: act'(x). `estimated`: the lanes whose
-    // a is an estimate that settles the mask (SiLU's are all).
+    // a: the mask's activation (unused when unmasked; off GELU's grid in SidedTails, a value of
+    // the lane's side); d: act'(x). `estimated`: the lanes whose a is an estimate that settles
+    // the mask (SiLU's are all).
     F2 a = v, d = v;
     LanePair estimated{no_lanes(), no_lanes()};
     if constexpr (A == Act::Silu) {
@@ -493,8 +494,9 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
 #endif
     } else if constexpr (M != MaskMode::None) {
       const StepParams p = rp.at(i, m);
+      // fp32 GELU estimates its off-grid values in the Centred mode only.
       constexpr bool kEstimates =
-          A == Act::Silu || (has_sided_tails<T, A>() && M != MaskMode::SidedTails);
+          A == Act::Silu || (has_sided_tails<T, A>() && M == MaskMode::Centred);
       // GELU's value is estimated only off its grid: most steps have exact values throughout.
       if (kEstimates && (A == Act::Silu || any(estimated.lo | estimated.hi))) {
         // The estimates settle nearly every lane; the forward's act(x) decides the rest.

@@ -352,43 +352,67 @@ def _with_neighbours(values: list[float]) -> torch.Tensor:
     return torch.cat([torch.nextafter(v, v - 1), v, torch.nextafter(v, v + 1)])
 
 
+# Threshold and centre pairs whose tails are uniform by construction: t = 0; the left tail within
+# the threshold of the centre (0, +-2^-13, -0); the left tail and right tail beyond it (0.2, -0.1,
+# 3, -1e30).
+UNIFORM_TAIL_PAIRS = [(0.0, 0.0), (0.0, 0.2), (3e-4, 0.0), (0.3, -0.0), (0.05, 2**-13),
+                      (0.05, -(2**-13)), (3.0, 0.0), (0.1, 0.2), (0.05, -0.1), (0.5, 3.0),
+                      (1.0, -1e30)]
+
+
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("shape", [(-1, 64), (-1, 64, 4, 4)], ids=["rows", "planes"])
 def test_gelu_backward_masks_the_tails_by_side(capability, shape):
     """Where every channel's threshold and centre remap all or none of GELU's left tail and none
     of its right one, the fp32 backward masks off-grid lanes by their side, without their value
-    (csrc/cpu/act_grid.h, gelu_tails_uniform). Thresholds at and beside where the tails' values
-    end (|GELU(-3.875)|, GELU(3.875)) and where their bounds do (2.1e-4, 3.875 - 2.1e-4), and
-    between; centres 0, +-2^-13, 0.2, -0.1 and 3.7; one pair for every channel per call, then
-    all pairs mixed over the channels (which takes the estimate). Inputs: steps with 0 to 32 off-grid lanes, the grid's
-    ends and the infinities. The backward zeroes exactly the elements the forward remaps."""
+    (csrc/cpu/act_grid.h, gelu_tails_uniform); a call with any other channel takes the tail's
+    estimate. Per call, one pair for every channel: thresholds at and beside where the tails'
+    values end (|GELU(-3.875)|, GELU(3.875)) and where their bounds do (2.1e-4,
+    3.875 - 2.1e-4), between and beyond (0 to inf); centres 0, -0, +-2^-13, 0.2, -0.1, 3.7,
+    +-1e30 and none; per-tensor values. Then mixed over the channels: pairs drawn from all, pairs
+    uniform by construction, and those with one channel that is not, first or last. Inputs: steps
+    with 0 to 32 off-grid lanes, the grid's ends and their neighbours, the infinities, and -3.875
+    in every channel. The backward zeroes exactly the elements the forward remaps."""
     gen = torch.Generator().manual_seed(7)
-    ends = torch.tensor([3.875, -3.875, 3.875000476837158, -3.875000476837158])
-    ends = torch.cat([ends, torch.tensor([float("inf"), -float("inf")])])
-    x = torch.cat([ends, _steps_with_every_count_off_the_grid(
-        _fp32_between(*GELU_TAIL, stride=331), gen)])
+    ends = torch.tensor([3.875, -3.875])
+    ends = torch.cat([ends, torch.nextafter(ends, 2 * ends), ends * float("inf")])
+    stride = 331 if capability == NATIVE_CAPABILITY else 997
+    steps = _steps_with_every_count_off_the_grid(_fp32_between(*GELU_TAIL, stride=stride), gen)
+    x = torch.cat([ends, steps])
     x = x[: x.numel() // 1024 * 1024].reshape(shape)
+    # The left tail's value farthest from 0 in every channel, where a channel masked by side
+    # that should not be shows.
+    x[(-1, slice(None)) + (0,) * (x.dim() - 2)] = -3.875
     a = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False)
     left_end = -float(torch.ops.lipkern.remap_act(
         torch.tensor([-3.875]), torch.tensor(0.0), None, "gelu", 0, False))
     right_end = float(a.flatten()[0])
     thresholds = _with_neighbours([left_end, 2.1e-4, right_end, 3.875 - 2.1e-4])
-    thresholds = torch.cat([thresholds, torch.tensor([1e-4, 0.05, 0.3, 3.875, 10.0])])
-    centres = torch.tensor([0.0, 2**-13, -(2**-13), 0.2, -0.1, 3.7])
+    thresholds = torch.cat(
+        [thresholds, torch.tensor([0.0, 1e-4, 0.05, 0.3, 3.875, 10.0, float("inf")])]
+    )
+    centres = torch.tensor([0.0, -0.0, 2**-13, -(2**-13), 0.2, -0.1, 3.7, 1e30, -1e30])
     pairs = torch.cartesian_prod(thresholds, centres)
     channels = x.shape[1]
-    per_call = [pair.expand(channels, 2) for pair in pairs]
-    mixed = pairs[torch.randperm(pairs.shape[0], generator=gen)[:channels]]
+    uniform = torch.tensor(UNIFORM_TAIL_PAIRS)
+    uniform = uniform[torch.randint(len(uniform), (channels,), generator=gen)]
+    not_uniform = torch.tensor([left_end, 0.0])
+    calls = [(pair[0].expand(channels), pair[1].expand(channels)) for pair in pairs]
+    calls += [(torch.full((channels,), t), None) for t in (2.1e-4, 0.3, 3.875 - 2.1e-4)]
+    calls += [(torch.tensor(0.3), torch.tensor(0.2)), (torch.tensor(0.3), None)]
+    mixed = [pairs[torch.randperm(len(pairs), generator=gen)[:channels]], uniform]
+    mixed += [torch.cat([not_uniform[None], uniform[1:]]), torch.cat([uniform[1:], not_uniform[None]])]
+    calls += [tuple(v.contiguous() for v in pair.unbind(1)) for pair in mixed]
     dy = torch.ones_like(x)
     unmasked = torch.ops.lipkern.remap_act_backward(
         dy, x, torch.tensor(0.0), None, "gelu", 0, False
     )
     along_channels = (1, -1) + (1,) * (x.dim() - 2)
-    for pair in per_call + [mixed]:
-        t, c = (v.contiguous() for v in pair.unbind(1))
-        remapped = (a - c.view(along_channels)).abs() < t.view(along_channels)
+    for t, c in calls:
+        centre = torch.tensor(0.0) if c is None else c
+        remapped = (a - centre.view(along_channels)).abs() < t.view(along_channels)
         dx = torch.ops.lipkern.remap_act_backward(dy, x, t, c, "gelu", 1, False)
-        assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all(), pair[0]
+        assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all(), (t, c)
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)

@@ -417,20 +417,22 @@ C10_ALWAYS_INLINE LanePair activate_with_derivative(const F2& x, F2& value, F2& 
 }
 
 // Off its grid GELU(x) = max(x, 0) - |x| Q(|x|) lies within 2.1e-4 of max(x, 0): |x| Q(|x|) falls
-// from 2.0667e-4 at the grid's end. A channel whose threshold and centre remap all or none of
+// from 2.0659e-4 at the grid's end. A channel whose threshold and centre remap all or none of
 // the left tail's values, [-2.1e-4, -0], and none of the right's, [3.875 - 2.1e-4, inf], masks
 // an off-grid lane as it masks any value of the lane's side: its backward needs no value there.
 constexpr float kGeluTailGap = 2.1e-4f;
 
 // Whether |fl(a - c)| < t holds for all or none of the left tail's a, and for none of the right
 // tail's, in the fp32 the kernel compares in: fl(a - c) is monotone in a, so each side's ends
-// decide. A NaN threshold or centre answers false.
+// decide. A channel with t = 0 remaps nothing.
 inline bool gelu_tails_uniform(float t, float c) {
-  static_assert(act_table<Act::Gelu>().bound == 3.875f, "the gap is bounded from 3.875 on");
+  constexpr float kBound = act_table<Act::Gelu>().bound;
+  static_assert(kBound == 3.875f, "the gap is bounded from 3.875 on");
+  if (!(t > 0.f)) return true;
   const float left_low = -kGeluTailGap - c, left_high = -0.f - c;
   const bool left_all = std::abs(left_low) < t && std::abs(left_high) < t;
   const bool left_none = left_low >= t || left_high <= -t;
-  return (left_all || left_none) && (3.875f - kGeluTailGap) - c >= t;
+  return (left_all || left_none) && (kBound - kGeluTailGap) - c >= t;
 }
 
 // GELU's act'(x) for a step, and act(x) on the grid; off it, a value of the lane's tail side (x
