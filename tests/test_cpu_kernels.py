@@ -401,7 +401,9 @@ def test_gelu_backward_masks_the_tails_by_side(capability, shape):
     calls += [(torch.full((channels,), t), None) for t in (2.1e-4, 0.3, 3.875 - 2.1e-4)]
     calls += [(torch.tensor(0.3), torch.tensor(0.2)), (torch.tensor(0.3), None)]
     mixed = [pairs[torch.randperm(len(pairs), generator=gen)[:channels]], uniform]
-    mixed += [torch.cat([not_uniform[None], uniform[1:]]), torch.cat([uniform[1:], not_uniform[None]])]
+    one_apart = [torch.cat([not_uniform[None], uniform[1:]]),
+                 torch.cat([uniform[1:], not_uniform[None]])]
+    mixed += one_apart
     calls += [tuple(v.contiguous() for v in pair.unbind(1)) for pair in mixed]
     dy = torch.ones_like(x)
     unmasked = torch.ops.lipkern.remap_act_backward(
