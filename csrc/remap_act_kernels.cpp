@@ -599,11 +599,7 @@ void backward_typed(const BackwardArgs& args) {
   // the estimate's code in the loop cost the uniform calls most of that gain.
   bool sided_tails = false;
   if constexpr (has_sided_tails<T, A>()) {
-    const float* centre = args.params.center;
-    sided_tails = !unmasked;
-    for (int64_t c = 0; c < C && sided_tails; ++c) {
-      sided_tails = gelu_tails_uniform(th[c], centre ? centre[c] : 0.f);
-    }
+    sided_tails = !unmasked && gelu_tails_uniform(args.params, C);
   }
   const bool by_keys = !keys.empty();
   const bool with_activation = !unmasked && !by_keys;

@@ -435,6 +435,14 @@ inline bool gelu_tails_uniform(float t, float c) {
   return (left_all || left_none) && (kBound - kGeluTailGap) - c >= t;
 }
 
+// Whether every channel's tails are uniform.
+inline bool gelu_tails_uniform(const ChannelParams& p, int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c) {
+    if (!gelu_tails_uniform(p.threshold[c], p.center ? p.center[c] : 0.f)) return false;
+  }
+  return true;
+}
+
 // GELU's act'(x) for a step, and act(x) on the grid; off it, a value of the lane's tail side (x
 // on the right, -0 on the left), which decides the mask of a channel whose tails are uniform.
 C10_ALWAYS_INLINE void gelu_sided_value_and_derivative(const F2& x, F2& value, F2& grad) {
