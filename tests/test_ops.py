@@ -256,6 +256,33 @@ def test_special_values(backend, act, dtype, center, threshold):
     check(compare_stats(stats, x, t, c, act, d), "statistics")
 
 
+@pytest.mark.parametrize("straight_through", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_reference_backend_differentiates_by_the_written_rule(act, dtype, straight_through):
+    """Autograd through the reference (what backend="reference" runs) gives the rule the kernels
+    implement, remap_act_backward_reference, at NaN and +-inf too, where autograd through
+    PyTorch's own activations gives NaN for GELU and SiLU and dy for ReLU at NaN; through
+    remap_act and through the y of remap_act_stats. Equal as values: autograd sums the two
+    branches' zeros to +0 where the rule's product is -0."""
+    nonfinite, finite = special_values(dtype)
+    x = torch.tensor((nonfinite + finite) * 2, dtype=torch.float32).to(dtype).reshape(2, -1)
+    threshold, center = torch.rand(x.shape[1]), torch.randn(x.shape[1]) * 0.1
+    grad_y = torch.randn(x.shape).to(dtype)
+    want = reference.remap_act_backward_reference(
+        grad_y, x, threshold, center, act, 1, straight_through
+    )
+    leaf = x.clone().requires_grad_(True)
+    y = lipkern.remap_act(leaf, threshold, act, center, 1, backend="reference",
+                          straight_through=straight_through)
+    (dx,) = torch.autograd.grad(y, leaf, grad_y)
+    assert ((dx == want) | (dx.isnan() & want.isnan())).all()
+    if not straight_through:
+        y, _ = lipkern.remap_act_stats(leaf, threshold, act, center, 1, backend="reference")
+        (dx,) = torch.autograd.grad(y, leaf, grad_y)
+        assert ((dx == want) | (dx.isnan() & want.isnan())).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "shape, channel_dim",

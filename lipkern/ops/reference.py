@@ -39,14 +39,20 @@ def activation_reference(x: torch.Tensor, act: str) -> torch.Tensor:
 
     GELU and SiLU take their limits at infinity (``+inf -> +inf``, ``-inf -> -0``): PyTorch's
     formulas give NaN there (``inf * 0``), which would turn an infinite input into a NaN.
+
+    Autograd through it gives :func:`activation_backward_reference`'s rule at every input: the
+    smooth formula never sees an infinity (its gradient there would be NaN, and NaN times the
+    unselected branch's zero stays NaN), and ReLU's NaN passes no gradient, where
+    ``torch.relu``'s backward would pass ``dy``.
     """
     if act == "identity":
         return x
     if act == "relu":
-        return torch.relu(x)
-    a = lookup(act).torch_fn(x)
+        return torch.where(x.isnan(), x.detach(), torch.relu(x))
+    infinite = x.isinf()
+    a = lookup(act).torch_fn(torch.where(infinite, 0.0, x))
     limit = torch.where(x > 0, x, -0.0)
-    return torch.where(x.isinf(), limit, a)
+    return torch.where(infinite, limit, a)
 
 
 def activation_backward_reference(grad_a: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
