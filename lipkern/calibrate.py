@@ -487,9 +487,10 @@ def save_calibration(model: nn.Module, path) -> None:
                 tensors[f"{name}/{buffer}"] = value.detach().cpu().contiguous()
     layers = [_layer_metadata(name, m) for name, m in modules]
     path = os.fspath(path)
-    handle, temporary = tempfile.mkstemp(
-        prefix=".lipkern-calibration-", dir=os.path.dirname(os.path.abspath(path))
-    )
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist")
+    handle, temporary = tempfile.mkstemp(prefix=".lipkern-calibration-", dir=directory)
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata={"format": FORMAT, "layers": json.dumps(layers)})
@@ -507,9 +508,13 @@ def _mismatch(name: str, what: str) -> ValueError:
 
 def _read_calibration(path) -> tuple[dict, dict]:
     """``(layers by name, tensors by key)`` of a :func:`save_calibration` file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(os.fspath(path), framework="pt") as handle:
+    try:
+        opened = safe_open(os.fspath(path), framework="pt")
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a lipkern calibration file (not safetensors: {error})") from None
+    with opened as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a lipkern calibration file (format {FORMAT})")

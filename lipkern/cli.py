@@ -58,6 +58,26 @@ def output_file(text: str) -> str:
     return text
 
 
+def verify_device(text: str) -> str:
+    """An argparse type for a device ``lipkern verify`` can run on, present on this machine."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return text
+
+
 def positive(kind):
     """An argparse type for a number of ``kind`` (int or float) that must be > 0."""
 
@@ -100,6 +120,7 @@ def _quiet_cuda_home_warning() -> None:
 
 def _add_verify_parser(subparsers) -> None:
     from lipkern.ops.activations import ACTIVATIONS
+    from lipkern.ops.api import BACKENDS
 
     ops = ("fwd", "stats", "inplace", "bwd")
     p = subparsers.add_parser(
@@ -115,12 +136,16 @@ def _add_verify_parser(subparsers) -> None:
     p.add_argument(
         "--backend",
         action="append",
+        choices=[b for b in BACKENDS if b != "auto"],
         help="backend to check (repeatable; default: every available one but the reference)",
     )
     p.add_argument("--act", action="append", choices=ACTIVATIONS, help="repeatable; default all")
     p.add_argument("--dtype", action="append", choices=("fp16", "bf16", "fp32"), help="repeatable")
     p.add_argument("--op", action="append", choices=ops, help="repeatable; default all")
-    p.add_argument("--device", action="append", help="cpu and/or cuda (default: all present)")
+    p.add_argument(
+        "--device", action="append", type=verify_device,
+        help="cpu, cuda or cuda:N (repeatable; default: all present)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--json",

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 import sys
 import warnings
 from dataclasses import dataclass
@@ -224,7 +225,8 @@ def _infer_channel_dim(parent: nn.Module, siblings: list[nn.Module], position: i
     return -1
 
 
-def _check_acts(acts) -> tuple[str, ...]:
+def check_acts(acts) -> tuple[str, ...]:
+    """``acts`` as a tuple of activation families, or a ValueError naming the accepted ones."""
     if isinstance(acts, str):
         acts = (acts,)
     acts = tuple(acts)
@@ -232,6 +234,32 @@ def _check_acts(acts) -> tuple[str, ...]:
         if act not in ACT_FAMILIES:
             raise ValueError(f"acts entries must be among {ACT_FAMILIES}, got {act!r}")
     return acts
+
+
+def _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form):
+    if compile_form not in COMPILE_FORMS:
+        raise ValueError(f"compile_form must be one of {COMPILE_FORMS}, got {compile_form!r}")
+    if preset not in (None,) + PRESETS:
+        raise ValueError(f"preset must be None or one of {PRESETS}, got {preset!r}")
+    acts = check_acts(acts)
+    if isinstance(inputs_of, str):
+        inputs_of = (inputs_of,)
+    inputs_of = tuple(inputs_of)
+    if channel_dim is not None and (
+        isinstance(channel_dim, bool) or not isinstance(channel_dim, int)
+    ):
+        raise TypeError(f"channel_dim must be None or an int, got {type(channel_dim).__name__}")
+    return acts, inputs_of
+
+
+def check_convert_arguments(**kwargs) -> None:
+    """Raises what :func:`convert` would raise for these keyword arguments, without a model:
+    for callers that convert only after long work."""
+    bound = inspect.signature(convert).bind(None, **kwargs)
+    bound.apply_defaults()
+    arguments = bound.arguments
+    _checked_arguments(arguments["acts"], arguments["inputs_of"], arguments["channel_dim"],
+                       arguments["preset"], arguments["compile_form"])
 
 
 def _mlp_linears(model: nn.Module, acts: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
@@ -265,18 +293,7 @@ def convert(
     """Replace activations by RemapAct and add input remaps; returns ``model`` (see module doc)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if compile_form not in COMPILE_FORMS:
-        raise ValueError(f"compile_form must be one of {COMPILE_FORMS}, got {compile_form!r}")
-    if preset not in (None,) + PRESETS:
-        raise ValueError(f"preset must be None or one of {PRESETS}, got {preset!r}")
-    acts = _check_acts(acts)
-    if isinstance(inputs_of, str):
-        inputs_of = (inputs_of,)
-    inputs_of = tuple(inputs_of)
-    if channel_dim is not None and (
-        isinstance(channel_dim, bool) or not isinstance(channel_dim, int)
-    ):
-        raise TypeError(f"channel_dim must be None or an int, got {type(channel_dim).__name__}")
+    acts, inputs_of = _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form)
 
     unsupported: dict[int, tuple[str, str]] = {}  # id -> (class name, first qualified name)
 

@@ -513,8 +513,8 @@ class RemapAct(nn.Module):
             y = self._traceable(x, threshold, center)
             if y is not None:
                 return y
-        # The kernels reject a per-channel threshold of the wrong size; the handler only runs
-        # then, to name the layer (a try block costs nothing until it raises).
+        # The kernels reject a per-channel threshold of the wrong size and an unsupported dtype;
+        # the handlers only run then, to name the layer (a try block costs nothing until it raises).
         try:
             if mode == "monitor":
                 return self._monitor(x, threshold, center)
@@ -531,6 +531,9 @@ class RemapAct(nn.Module):
         except ValueError as error:
             self._check_channels(x, error)
             raise
+        except TypeError as error:
+            # A model moved to float64 reaches the kernels' dtype check first: name the layer.
+            raise TypeError(f"{self.layer_name} ({type(self).__name__}): {error}") from None
 
 
 class InputRemap(RemapAct):

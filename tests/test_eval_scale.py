@@ -203,6 +203,7 @@ def _fail_if_evaluated(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--eps", "8"], "did you mean 8/255"),
+    (["--eps", "300/255"], "got 300/255\n"),
     (["--sigma", "-1"], "--sigma"),
     (["--n-test", "0"], "--n-test"),
     (["--batch-size", "x"], "--batch-size"),
@@ -234,6 +235,67 @@ def test_out_problems_fail_before_any_work(tmp_path, monkeypatch, capsys):
     # A directory under a file cannot be made, whoever runs the test (root ignores permission bits).
     assert cli_eval.main(["--no-progress", "--out", str(a_file / "sub")]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def _earlier_run(path):
+    """A directory as an earlier run of preact_wrn leaves it: the store, the report, its figures."""
+    path.mkdir()
+    store = OutcomeStore(path)
+    store.bind_settings("preact_wrn", {"eps": 0.1})
+    store.close()
+    for name in ("report.md", "results.json", "robust_accuracy_preact_wrn.png", "sweep_preact_wrn.png"):
+        (path / name).write_text("earlier")
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_overwrite_replaces_only_lipkern_files_once_the_arguments_are_checked(tmp_path, monkeypatch, capsys):
+    used = tmp_path / "used"
+    earlier = _earlier_run(used)
+    (used / "notes.txt").write_text("mine")
+    (used / "plots").mkdir()
+    assert cli_eval.main(["--no-progress", "--out", str(used), "--overwrite"]) == 2
+    assert "did not write (notes.txt, plots/)" in capsys.readouterr().err
+    assert sorted(p.name for p in used.iterdir()) == sorted([*earlier, "notes.txt", "plots"])
+    (used / "notes.txt").unlink()
+    (used / "plots").rmdir()
+    # Arguments the data refuses leave the earlier run as it was.
+    for argv in (["--n-test", "100000"], ["--n-calib", "100000"]):
+        assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--overwrite",
+                              *argv]) == 2
+        assert f"{argv[0]} 100000: preact_wrn's" in capsys.readouterr().err
+        assert sorted(p.name for p in used.iterdir()) == earlier
+    with pytest.raises(SystemExit) as e:
+        cli_eval.main(["--acts", "tanh", "--out", str(used), "--overwrite"])
+    assert e.value.code == 2 and "--acts: each must be among" in capsys.readouterr().err
+    # Valid arguments: the earlier run's files are gone when the evaluation starts.
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.extend(sorted(p.name for p in used.iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "evaluate", record)
+    assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--overwrite"]) == 130
+    assert seen == []
+
+
+def test_resume_needs_the_same_run(tmp_path, monkeypatch, capsys):
+    _fail_if_evaluated(monkeypatch)
+    missing = tmp_path / "typo"
+    assert cli_eval.main(["--no-progress", "--out", str(missing), "--resume"]) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.exists()
+    used = tmp_path / "used"
+    earlier = _earlier_run(used)
+    assert cli_eval.main(["--no-progress", "--embedded", "tiny_vit", "--out", str(used), "--resume"]) == 2
+    assert "holds a run of preact_wrn, and this one leaves out preact_wrn" in capsys.readouterr().err
+    assert sorted(p.name for p in used.iterdir()) == earlier
+
+
+def test_the_report_replaces_only_its_own_figures(tmp_path):
+    from lipkern.eval.report import is_report_file
+
+    assert is_report_file("robust_accuracy_m.png") and is_report_file("report.md.tmp")
+    assert not is_report_file("diagram.png") and not is_report_file("report.txt")
 
 
 def test_bad_data_files_are_clear_errors(tmp_path, capsys):

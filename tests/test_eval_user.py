@@ -152,3 +152,25 @@ def test_api_rejects_bad_arguments():
         evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), (x, y), (x, y))
     with pytest.raises(EvalInputError, match="labels out of range"):
         evaluate(model, (x, y), (x, y + 5))
+    # Test data needs its labels: a tensor alone, or labels of another length, is refused.
+    with pytest.raises(EvalInputError, match=r"test_data must be .* \(x, y\) pair"):
+        evaluate(model, x, x)
+    with pytest.raises(EvalInputError, match=r"test_data: y must have shape \(N,\)"):
+        evaluate(model, x, (x, y[:3]))
+    with pytest.raises(EvalInputError, match=r"calib_data: y must have shape \(N,\)"):
+        evaluate(model, (x, y[:, None]), (x, y))
+
+
+@pytest.mark.filterwarnings("ignore:lipkern.convert. nothing was converted")
+def test_api_refuses_a_conversion_before_any_work(tmp_path):
+    """Bad conversion arguments, and a model the conversion finds nothing in, are refused before
+    an outcome store is written (a rerun would otherwise find a run it never made)."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 5))
+    x, y = torch.rand(8, 1, 2, 2), torch.arange(8) % 5
+    for kwargs, message in [({"acts": ("tanh",)}, "acts entries must be among"),
+                            ({"act": "relu"}, "unexpected keyword argument 'act'"),
+                            ({"preset": "fast"}, "preset must be"),
+                            ({"acts": ("gelu",)}, "placed no remap in the model")]:
+        with pytest.raises(EvalInputError, match=message):
+            evaluate(model, (x, y), (x, y), convert_kwargs=kwargs, out_dir=tmp_path, progress=False)
+        assert not any(tmp_path.iterdir())

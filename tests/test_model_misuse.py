@@ -217,6 +217,25 @@ def test_save_calibration_never_leaves_a_truncated_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_an_unsupported_dtype_names_the_layer():
+    model = _calibrated().double()
+    with pytest.raises(TypeError, match=r"^1 \(RemapAct\): lipkern: x must be float16, bfloat16 or float32"):
+        model(torch.randn(2, 6, dtype=torch.float64))
+
+
+def test_calibration_files_errors_name_the_path_given(tmp_path):
+    model = _calibrated()
+    missing = tmp_path / "no" / "such" / "calibration.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"cannot write {missing}: directory"):
+        lipkern.save_calibration(model, missing)
+    not_safetensors = tmp_path / "notes.bin"
+    not_safetensors.write_bytes(b"not a safetensors header" * 8)
+    before = _state(model)
+    with pytest.raises(ValueError, match=f"{not_safetensors} is not a lipkern calibration file"):
+        lipkern.load_calibration(model, not_safetensors)
+    _assert_same_state(model, before)
+
+
 def test_load_state_dict_of_another_conversion_changes_nothing():
     source = _calibrated()
     target = _model(channel_dim=1)

@@ -7,10 +7,15 @@ import copy
 import torch.nn as nn
 
 from lipkern.calibrate import calibrate, set_ratio
-from lipkern.convert import convert, straight_through
-from lipkern.nn import has_input_remap
+from lipkern.convert import check_convert_arguments, convert, straight_through
+from lipkern.nn import has_input_remap, remap_modules
 
-__all__ = ["has_input_remap", "remapped_copy", "set_ratio", "straight_through"]
+__all__ = ["NothingToRemapError", "check_convert_arguments", "has_input_remap", "remapped_copy", "set_ratio",
+           "straight_through"]
+
+
+class NothingToRemapError(ValueError):
+    """The conversion placed no remap: the model has no selected activation and no input layer matched."""
 
 
 def remapped_copy(model: nn.Module, calib_batches, c_r: float, convert_kwargs: dict, progress: bool = True):
@@ -19,5 +24,8 @@ def remapped_copy(model: nn.Module, calib_batches, c_r: float, convert_kwargs: d
     Returns ``(converted_model, calibration_report)``; other ratios then need only :func:`set_ratio`.
     """
     m = convert(copy.deepcopy(model), **convert_kwargs)
+    if not remap_modules(m):
+        raise NothingToRemapError(f"lipkern.convert with {convert_kwargs or 'its defaults'} placed no remap in the "
+                                  "model: it has none of the selected activations and no layer matched inputs_of")
     report = calibrate(m, calib_batches, c_r=c_r, progress=progress)
     return m.eval(), report

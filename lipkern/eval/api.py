@@ -138,15 +138,22 @@ class EvalResult:
         return write_report(self.to_dict(), out_dir)
 
 
-def _as_split(data, what: str) -> Split:
+def _as_split(data, what: str, *, labelled: bool) -> Split:
+    """``data`` as a Split; a tensor x alone only where the labels go unused (calibration)."""
     if isinstance(data, Split):
-        return data
-    if isinstance(data, torch.Tensor):
-        return Split(data, torch.zeros(len(data), dtype=torch.long))
-    if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(data[0], torch.Tensor):
-        return Split(data[0], torch.as_tensor(data[1]))
-    raise EvalInputError(f"{what} must be a lipkern.eval.data.Split, a tensor x, or an (x, y) pair of tensors; "
-                         f"got {type(data).__name__}")
+        split = data
+    elif isinstance(data, torch.Tensor) and not labelled:
+        split = Split(data, torch.zeros(len(data) if data.dim() else 0, dtype=torch.long))
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        split = Split(data[0], torch.as_tensor(data[1]))
+    else:
+        alone = "" if labelled else ", a tensor x,"
+        raise EvalInputError(f"{what} must be a lipkern.eval.data.Split{alone} or an (x, y) pair of tensors; "
+                             f"got {type(data).__name__}")
+    if split.x.dim() == 0 or split.y.shape != split.x.shape[:1]:
+        raise EvalInputError(f"{what}: y must have shape (N,) for x of shape (N, C, H, W); got x "
+                             f"{tuple(split.x.shape)}, y {tuple(split.y.shape)}")
+    return split
 
 
 def _check_number(name: str, value, low=None, high=None, *, integer=False, low_open=False):
@@ -245,9 +252,15 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     ``log``: where the one-line work summary and time estimate go (default stderr, main rank only).
     """
     budget = budget or (QUICK if quick else FULL)
-    calib, test = _as_split(calib_data, "calib_data"), _as_split(test_data, "test_data")
+    calib = _as_split(calib_data, "calib_data", labelled=False)
+    test = _as_split(test_data, "test_data", labelled=True)
     if not isinstance(model, nn.Module):
         raise EvalInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    convert_kwargs = dict(convert_kwargs or {})
+    try:
+        _remap.check_convert_arguments(**convert_kwargs)
+    except (TypeError, ValueError) as e:
+        raise EvalInputError(f"convert_kwargs: {e}") from None
     check_name(name)
     _check_number("seed", seed, 0, integer=True)
     check_eps(eps)
@@ -273,8 +286,7 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     for p in original.parameters():
         p.requires_grad_(False)
     n_cls = _check_data(original, calib, test, num_classes, dev)
-    ablation = calib if ablation_data is None else _as_split(ablation_data, "ablation_data")
-    convert_kwargs = dict(convert_kwargs or {})
+    ablation = calib if ablation_data is None else _as_split(ablation_data, "ablation_data", labelled=False)
     for what, size in [("calibration", len(calib)), *(("ablation calibration", k) for k in
                                                        _ablation_sizes(len(calib), len(ablation),
                                                                        budget.n_ablation_sizes))]:
@@ -292,15 +304,19 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
                 "convert_kwargs": _jsonable(convert_kwargs), "test_sha": _digest(test.x.numpy(), test.y.numpy()),
                 "calib_sha": _digest(calib.x.numpy())}
 
+    with _in_stage("calibrate"):
+        try:
+            converted, _ = _remap.remapped_copy(original, _my_batches(calib, processes, dev), ratios[0],
+                                                convert_kwargs, progress=False)
+        except _remap.NothingToRemapError as e:
+            raise EvalInputError(f"{name}: {e}") from None
     with contextlib.ExitStack() as cleanup:
         if out_dir is None:
             out_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="lipkern-eval-"))
+        # Opened once the model has converted: a model that cannot be remapped leaves no store behind.
         store = OutcomeStore(out_dir)
         cleanup.callback(store.close)
         store.bind_settings(name, settings)
-        with _in_stage("calibrate"):
-            converted, _ = _remap.remapped_copy(original, _my_batches(calib, processes, dev), ratios[0],
-                                                convert_kwargs, progress=False)
         for p in converted.parameters():
             p.requires_grad_(False)
         names = layers.check_matching(original, converted)

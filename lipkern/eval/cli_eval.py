@@ -13,7 +13,6 @@ import argparse
 import importlib
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,8 @@ def parse_eps(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (an L-inf radius in [0, 1] input units), got {text}")
     if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be < 1 (an L-inf radius in [0, 1] input units), got {text}; "
-                                         f"did you mean {text}/255?")
+        hint = f"; did you mean {text}/255?" if "/" not in text else ""
+        raise argparse.ArgumentTypeError(f"must be < 1 (an L-inf radius in [0, 1] input units), got {text}{hint}")
     return value
 
 
@@ -85,6 +84,19 @@ def parse_ratios(text: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def parse_acts(text: str) -> tuple[str, ...]:
+    """Comma-separated activation families, each one lipkern.convert accepts."""
+    from lipkern.convert import ACT_FAMILIES, check_acts
+
+    acts = tuple(a.strip() for a in text.split(",") if a.strip())
+    if not acts:
+        raise argparse.ArgumentTypeError(f"give at least one of {', '.join(ACT_FAMILIES)}")
+    try:
+        return check_acts(acts)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("acts entries", "each")) from None
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     from .api import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_SIGMA
     from .embedded import EMBEDDED
@@ -123,7 +135,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="L-inf radius, e.g. 8/255 (default 32/255 for digits, 8/255 otherwise)")
     p.add_argument("--ratios", type=parse_ratios, default=None, help="c^r list (default 2^-8,2^-7,2^-6)")
     p.add_argument("--sigma", type=positive_float, default=DEFAULT_SIGMA, help="randomized-smoothing noise level")
-    p.add_argument("--acts", default=None,
+    p.add_argument("--acts", type=parse_acts, default=None,
                    help="activations to convert, comma-separated (default: lipkern.convert's own)")
     p.add_argument("--inputs-of", default=None,
                    help="glob patterns of layers whose input gets a remap, comma-separated (e.g. '*.mlp.fc1')")
@@ -257,7 +269,7 @@ def _user_jobs(args) -> list[Job]:
 def _convert_kwargs(args, default):
     kw = dict(default or {})
     if args.acts is not None:
-        kw["acts"] = tuple(a.strip() for a in args.acts.split(",") if a.strip())
+        kw["acts"] = args.acts
     if args.inputs_of is not None:
         kw["inputs_of"] = tuple(a.strip() for a in args.inputs_of.split(",") if a.strip())
     return kw
@@ -323,35 +335,91 @@ def _evaluate_in_workers(jobs, options, threads, n_workers):
     return parts
 
 
-LIPKERN_MARKERS = ("outcomes.sqlite", "report.md", "results.json")
+def _written_by_eval(entry: Path) -> bool:
+    from .report import is_report_file
+    from .store import is_store_file
+
+    return entry.is_file() and (is_store_file(entry.name) or is_report_file(entry.name))
 
 
-def prepare_out_dir(path: str, resume: bool, overwrite: bool) -> Path:
-    """Checks ``--out`` before any work: refuses a file, a non-empty directory without --resume / --overwrite,
-    and an unwritable place; --overwrite clears only a directory lipkern wrote."""
+def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
+    """Checks ``--out`` before any work, changing nothing: refuses a file, a non-empty directory without
+    --resume / --overwrite, --resume without a stored run, --overwrite of a directory that holds anything
+    lipkern did not write, and an unwritable place. Returns the files --overwrite is to remove."""
+    from .store import FILENAME
+
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise EvalInputError(f"--out {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()):
-        ours = any((out / m).exists() for m in LIPKERN_MARKERS)
-        if overwrite:
-            if not ours:
-                raise EvalInputError(f"--out {out} holds files lipkern did not write; --overwrite only replaces an "
-                                     "earlier lipkern eval output. Choose another directory")
-            shutil.rmtree(out)
-        elif not resume:
-            raise EvalInputError(f"--out {out} is not empty; continue its run with --resume, replace it with "
-                                 "--overwrite, or choose another directory")
-        elif not (out / "outcomes.sqlite").exists():
-            raise EvalInputError(f"--resume: {out} holds no outcome store (outcomes.sqlite) to continue")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if resume:
+        if not out.is_dir():
+            raise EvalInputError(f"--resume: {out} does not exist; there is no run to continue")
+        if not (out / FILENAME).is_file():
+            raise EvalInputError(f"--resume: {out} holds no outcome store ({FILENAME}) to continue")
+    elif entries and not overwrite:
+        raise EvalInputError(f"--out {out} is not empty; continue its run with --resume, replace it with "
+                             "--overwrite, or choose another directory")
+    elif entries:
+        foreign = [e.name + ("/" if e.is_dir() else "") for e in entries if not _written_by_eval(e)]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise EvalInputError(f"--out {out} holds files lipkern did not write ({shown}); --overwrite only "
+                                 "replaces an earlier lipkern eval output. Choose another directory")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise EvalInputError(f"--out {out} is not writable ({existing} is not a writable directory)")
+    return entries if overwrite else []
+
+
+def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bool) -> None:
+    """Once every argument has been checked: makes ``--out`` and removes the earlier run's files that
+    --overwrite replaces; a resumed run must bring every model the stored run had started on (the
+    report would leave the others out, and their work behind)."""
+    from .store import OutcomeStore
+
+    out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".lipkern-write-test"
         probe.write_bytes(b"")
         probe.unlink()
+        for f in replaced:
+            f.unlink()
     except OSError as e:
         raise EvalInputError(f"--out {out} is not writable: {e.strerror or e}") from None
-    return out
+    if resume:
+        store = OutcomeStore(out)
+        try:
+            stored = store.models()
+        finally:
+            store.close()
+        left_out = sorted(set(stored) - set(models))
+        if left_out:
+            raise EvalInputError(f"--resume: {out} holds a run of {', '.join(stored)}, and this one leaves out "
+                                 f"{', '.join(left_out)}; resume with the same models, or start over with --overwrite")
+
+
+def _check_sample_counts(jobs: list[Job], args) -> None:
+    """--n-test and --n-calib against each model's data, before --out is touched."""
+    for job in jobs:
+        for flag, wanted, split, what in (("--n-test", args.n_test, job.test, "test"),
+                                          ("--n-calib", args.n_calib, job.calib, "calibration")):
+            if wanted is not None and wanted > len(split):
+                raise EvalInputError(f"{flag} {wanted}: {job.name}'s {what} data holds {len(split)} samples")
+
+
+def _on_main(processes, step) -> None:
+    """Runs ``step`` on the main process; every process raises its error, so that all stop together."""
+    error = None
+    if processes.is_main:
+        try:
+            step()
+        except EvalInputError as e:
+            error = str(e)
+    error = processes.broadcast_error(error)
+    if error:
+        raise EvalInputError(error)
 
 
 def run_eval(args) -> int:
@@ -370,16 +438,15 @@ def run_eval(args) -> int:
         return 2
     parallel.init_process_group(processes, device)
     try:
-        error = None
-        if processes.is_main:
-            try:
-                prepare_out_dir(args.out, args.resume, args.overwrite)
-            except EvalInputError as e:
-                error = str(e)
-        error = processes.broadcast_error(error)
-        if error:
-            raise EvalInputError(error)
+        replaced = []
+
+        def check_out():
+            replaced.extend(check_out_dir(args.out, args.resume, args.overwrite))
+
+        _on_main(processes, check_out)
         jobs = _user_jobs(args) if (args.model or args.robustbench) else _embedded_jobs(args)
+        _check_sample_counts(jobs, args)
+        _on_main(processes, lambda: start_out_dir(args.out, replaced, [job.name for job in jobs], args.resume))
         options = dict(ratios=args.ratios or DEFAULT_RATIOS, quick=args.quick, sigma=args.sigma, seed=args.seed,
                        progress=not args.no_progress, device=device, batch_size=args.batch_size,
                        chunk_size=args.chunk_size, out_dir=args.out, n_calib=args.n_calib)

@@ -299,16 +299,27 @@ def _plot_sweep(m, path):
     _finish(fig, ax, path, legend=dict(fontsize=7))
 
 
+FIGURES = {"robust_accuracy": _plot_main, "smoothing": _plot_smoothing, "remapped": _plot_layers,
+           "lipschitz": _plot_lipschitz, "sweep": _plot_sweep}
+REPORT_FILES = ("report.md", "results.json")
+
+
+def is_report_file(name: str) -> bool:
+    """A file :func:`write_report` writes (or its temporary, left by a killed write)."""
+    name = name.removesuffix(".tmp")
+    return name in REPORT_FILES or (name.endswith(".png") and any(name.startswith(f"{kind}_") for kind in FIGURES))
+
+
 def write_report(results: dict, out_dir) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A resumed or partial earlier report may have drawn figures this one does not.
     for stale in out.glob("*.png"):
-        stale.unlink()
+        if is_report_file(stale.name):
+            stale.unlink()
     files = {"report": out / "report.md", "results": out / "results.json"}
     for m in results["models"]:
-        for kind, fn in (("robust_accuracy", _plot_main), ("smoothing", _plot_smoothing),
-                         ("remapped", _plot_layers), ("lipschitz", _plot_lipschitz), ("sweep", _plot_sweep)):
+        for kind, fn in FIGURES.items():
             if kind == "lipschitz" and not m["lipschitz"] or kind == "remapped" and not m["layers"]["names"]:
                 continue
             path = out / f"{kind}_{m['name']}.png"

@@ -21,6 +21,11 @@ FILENAME = "outcomes.sqlite"
 LOCK_TIMEOUT_S = 600
 
 
+def is_store_file(name: str) -> bool:
+    """The database or one of SQLite's files beside it (a killed run's journal among them)."""
+    return name == FILENAME or name.startswith(FILENAME + "-")
+
+
 class SettingsMismatchError(ValueError):
     """A resumed run's settings differ from those the store was started with."""
 
@@ -57,6 +62,11 @@ class OutcomeStore:
             details = "; ".join(f"{k}: recorded {recorded.get(k)!r}, now {settings.get(k)!r}" for k in differ)
             raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings ({details}); "
                                         "resume with the same arguments, or start over with --overwrite")
+
+    def models(self) -> list[str]:
+        """The models whose settings the store holds (those a run had started on)."""
+        rows = self._db.execute("SELECT key FROM meta WHERE key LIKE 'settings:%'").fetchall()
+        return sorted(key.removeprefix("settings:") for (key,) in rows)
 
     def has(self, model: str, chunk: int, unit: str) -> bool:
         return self._db.execute("SELECT 1 FROM units WHERE model = ? AND chunk = ? AND unit = ?",
