@@ -335,11 +335,15 @@ def _evaluate_in_workers(jobs, options, threads, n_workers):
     return parts
 
 
+# Written and removed at once to test --out; a run killed between the two leaves it behind.
+WRITE_PROBE = ".lipkern-write-test"
+
+
 def _written_by_eval(entry: Path) -> bool:
     from .report import is_report_file
     from .store import is_store_file
 
-    return entry.is_file() and (is_store_file(entry.name) or is_report_file(entry.name))
+    return entry.is_file() and (entry.name == WRITE_PROBE or is_store_file(entry.name) or is_report_file(entry.name))
 
 
 def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
@@ -381,11 +385,11 @@ def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bo
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".lipkern-write-test"
+        probe = out / WRITE_PROBE
         probe.write_bytes(b"")
         probe.unlink()
         for f in replaced:
-            f.unlink()
+            f.unlink(missing_ok=True)
     except OSError as e:
         raise EvalInputError(f"--out {out} is not writable: {e.strerror or e}") from None
     if resume:
