@@ -192,6 +192,16 @@ def test_sweep_writes_png_and_json(tmp_path, capsys):
     assert "2^12" in capsys.readouterr().out
 
 
+def test_sweep_times_the_compiled_baselines(tmp_path):
+    """The sweep compiles its baselines for dynamic shapes, whose backward donates buffers unless
+    told not to while timing: the backward-only baselines run one retained graph again."""
+    out = tmp_path / "sweep"
+    status = cli.main(["bench", "--sweep", "--sweep-max", "2^10", "--min-time", "0.005", "--out", str(out)])
+    assert status == 0
+    (point,) = json.loads((out / "sweep.json").read_text())["points"]
+    assert point["GB/s"]["compile(hand) bwd"] > 0 and point["GB/s"]["compile(ref) bwd"] > 0
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -210,6 +210,17 @@ def summarise(samples: list[float]) -> Timing:
     return Timing(statistics.median(samples), q3 - q1)
 
 
+def retained_backward_graphs():
+    """A context in which a compiled backward may run again on its retained graph, as the
+    backward-only candidates do (``_bwd_only``): buffers a compiled backward donates forbid that,
+    and torch reads the setting on every backward call, not only when compiling (with dynamic
+    shapes the donation happens on CPU too), so it holds wherever candidates are timed."""
+    import torch._functorch.config
+
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
+@retained_backward_graphs()
 def median_times(
     fns: dict[str, Callable[[], object]],
     min_time: float,
@@ -256,6 +267,7 @@ def median_times(
     return {name: summarise(s) for name, s in samples.items()}
 
 
+@retained_backward_graphs()
 def cuda_times(fns: dict[str, Callable[[], object]]) -> dict[str, Timing]:
     """Per-call time of each function on CUDA, from ``triton.testing.do_bench``'s quartiles."""
     from triton.testing import do_bench
@@ -419,10 +431,8 @@ def candidates(
             # With x requiring grad the same compiled function traces a joint graph.
             compiled[f"{name} bwd"] = _bwd_only(compiled_fwd, x, dy)
             compiled[f"{name} fwd+bwd"] = _fwd_bwd(compiled_fwd, x, dy)
-        # Compiled here, once: a compiled backward may free ("donate") its saved buffers, which
-        # the retained graph that _bwd_only runs again forbids, and the setting that stops it is
-        # read at compile time, so it need not outlive this block.
-        with torch._functorch.config.patch(donated_buffer=False):
+        # Compiled here, once, and timed under the same setting (median_times, cuda_times).
+        with retained_backward_graphs():
             for fn in compiled.values():
                 fn()
         fns.update(compiled)
