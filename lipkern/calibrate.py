@@ -59,7 +59,9 @@ different models run concurrently.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
+import itertools
 import json
 import os
 import tempfile
@@ -215,10 +217,9 @@ def _batches(data, max_batches, progress: bool, desc: str):
         total = len(data) if max_batches is None else min(len(data), max_batches)
     from tqdm.auto import tqdm
 
-    for index, batch in enumerate(tqdm(data, total=total, desc=desc, disable=not progress)):
-        if max_batches is not None and index >= max_batches:
-            return
-        yield index, batch
+    # islice stops before pulling a batch past max_batches (a DataLoader would load it).
+    batches = data if max_batches is None else itertools.islice(data, max_batches)
+    yield from enumerate(tqdm(batches, total=total, desc=desc, disable=not progress))
 
 
 def _distributed() -> bool:
@@ -350,6 +351,11 @@ def calibrate(
     """
     c_r = thresholds.check_ratio(c_r)
     thresholds.check_settings(granularity, statistic, center)
+    if measure and isinstance(data, collections.abc.Iterator):
+        raise ValueError(
+            "measure=True scans data twice and needs re-iterable data (a list, a DataLoader), "
+            f"got a one-shot iterator ({type(data).__name__})"
+        )
     modules = _converted(model)
     with _state_change(modules, "calibrate"):
         report = _calibrate(

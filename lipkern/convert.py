@@ -76,12 +76,14 @@ from typing import Iterable, Optional
 from torch import nn
 
 from lipkern.ops.activations import ACTIVATIONS
+from lipkern.ops.api import BACKENDS
 from lipkern.nn import (
     COMPILE_FORMS,
     InputRemap,
     RemapAct,
     add_input_remap,
     has_input_remap,
+    input_channel_dim,
     remap_modules,
     remove_input_remap,
 )
@@ -236,7 +238,9 @@ def check_acts(acts) -> tuple[str, ...]:
     return acts
 
 
-def _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form):
+def _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form, backend):
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if compile_form not in COMPILE_FORMS:
         raise ValueError(f"compile_form must be one of {COMPILE_FORMS}, got {compile_form!r}")
     if preset not in (None,) + PRESETS:
@@ -244,7 +248,10 @@ def _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form):
     acts = check_acts(acts)
     if isinstance(inputs_of, str):
         inputs_of = (inputs_of,)
-    inputs_of = tuple(inputs_of)
+    try:
+        inputs_of = tuple(inputs_of)
+    except TypeError:
+        raise TypeError(f"inputs_of must be a glob pattern or patterns, got {type(inputs_of).__name__}") from None
     if channel_dim is not None and (
         isinstance(channel_dim, bool) or not isinstance(channel_dim, int)
     ):
@@ -259,7 +266,7 @@ def check_convert_arguments(**kwargs) -> None:
     bound.apply_defaults()
     arguments = bound.arguments
     _checked_arguments(arguments["acts"], arguments["inputs_of"], arguments["channel_dim"],
-                       arguments["preset"], arguments["compile_form"])
+                       arguments["preset"], arguments["compile_form"], arguments["backend"])
 
 
 def _mlp_linears(model: nn.Module, acts: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
@@ -293,7 +300,7 @@ def convert(
     """Replace activations by RemapAct and add input remaps; returns ``model`` (see module doc)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    acts, inputs_of = _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form)
+    acts, inputs_of = _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form, backend)
 
     unsupported: dict[int, tuple[str, str]] = {}  # id -> (class name, first qualified name)
 
@@ -330,6 +337,13 @@ def convert(
                 matched[pattern].append((name, module))
     if preset == "paper":
         matched["preset 'paper'"] = _mlp_linears(model, acts)
+    # Every match checked before the first one changes: a refused match leaves the model as it was.
+    for pattern, hits in matched.items():
+        for name, module in hits:
+            try:
+                input_channel_dim(module)
+            except TypeError as error:
+                raise TypeError(f"inputs_of {pattern!r} matched {name!r}: {error}") from None
     added = 0
     for pattern, hits in matched.items():
         if not hits and pattern in inputs_of:

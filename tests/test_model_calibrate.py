@@ -255,6 +255,15 @@ def test_tuple_batches_max_batches_and_progress():
     assert report["relu"].count == 2 * (2 * 4 * 6 * 6) * 2  # two sites per batch
     report = _calibrate(model, iter(data))  # a one-shot iterator works too
     assert report.batches == 5
+    # max_batches stops before pulling a further batch (a DataLoader would load it for nothing).
+    batches = iter(data)
+    assert _calibrate(model, batches, max_batches=2).batches == 2
+    assert len(list(batches)) == 3
+    # A second pass over a one-shot iterator would find it spent: refused before any work.
+    before = model.relu.threshold.clone()
+    with pytest.raises(ValueError, match="measure=True scans data twice and needs re-iterable data"):
+        _calibrate(model, iter(data), measure=True, c_r=2**-3)
+    assert torch.equal(model.relu.threshold, before)
 
 
 def test_bad_inputs():

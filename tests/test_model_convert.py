@@ -135,6 +135,12 @@ def test_inputs_of_conv_and_bad_target():
     assert model.conv2.input_remap.expected_channels == 4
     with pytest.raises(TypeError, match="Linear or convolution"):
         convert(ConvNet(), inputs_of=("bn",))
+    # A refused match leaves the model as it was, the matches before it included.
+    model = ConvNet()
+    keys = list(model.state_dict())
+    with pytest.raises(TypeError, match="inputs_of 'bn' matched 'bn': input remaps go on nn.Linear"):
+        convert(model, inputs_of=("conv2", "bn"))
+    assert list(model.state_dict()) == keys and type(model.conv2) is nn.Conv2d
 
 
 def test_warnings_when_nothing_matches():
@@ -157,6 +163,13 @@ def test_root_activation_and_bad_arguments():
         RemapAct("tanh")
     with pytest.raises(ValueError, match="mode"):
         RemapAct("relu", mode="on")
+    # A backend is checked when the layer is made: in "off" mode no call would report it.
+    with pytest.raises(ValueError, match="backend must be one of"):
+        convert(Mlp(nn.GELU()), backend="gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        RemapAct("relu", backend="gpu")
+    with pytest.raises(TypeError, match="inputs_of must be a glob pattern or patterns, got int"):
+        convert(Mlp(nn.GELU()), inputs_of=3)
 
 
 def test_channel_dim_override_and_inference():
