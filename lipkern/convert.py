@@ -49,8 +49,9 @@ returns the same model (a model that *is* an activation module is returned as it
   also saved for another layer's backward (a pre-activation feeding a trainable layer) the
   backward raises, as the original model's does, instead of using overwritten values.
 - Loading a state_dict into the converted model checks every converted layer's entries first
-  (:meth:`lipkern.nn.RemapAct.check_state`), so a state saved from a different conversion raises
-  before any weight is replaced.
+  (:meth:`lipkern.nn.RemapAct.check_state`), against the channels an input remap reads too, and
+  refuses a state holding remap layers the model lacks, so a state saved from a different
+  conversion raises before any weight is replaced.
 - ``backend`` is stored on every created module and passed to the ops (default ``"auto"``).
 - ``compile_form`` (default ``"decomposed"``): under ``torch.compile`` / ``torch.export`` an
   applying layer is traced as pointwise torch ops, which inductor fuses into the neighbouring
@@ -401,11 +402,34 @@ def convert(
     return model
 
 
+def _is_remap_config(value) -> bool:
+    return isinstance(value, dict) and {"kind", "act", "channel_dim"} <= value.keys()
+
+
 def _check_remap_state(model, state_dict, prefix, *args) -> None:
     """Check every converted layer's entries of ``state_dict`` before the load changes anything
-    (the root's pre-hook runs before any module is loaded)."""
+    (the root's pre-hook runs before any module is loaded). A state with remap layers this model
+    lacks is refused here too: torch would report their keys only after loading the others."""
     for name, module in remap_modules(model):
         module.check_state_dict(state_dict, f"{prefix}{name}." if name else prefix)
+    # Every name of a layer reached at several places holds its entries.
+    prefixes = {
+        f"{prefix}{name}." if name else prefix
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, RemapAct)
+    }
+    foreign = sorted(
+        key.removesuffix("_extra_state")
+        for key, value in state_dict.items()
+        if key.startswith(prefix) and key.endswith("_extra_state") and _is_remap_config(value)
+        and key.removesuffix("_extra_state") not in prefixes
+    )
+    if foreign:
+        layers = ", ".join(repr(p.removesuffix(".")) for p in foreign)
+        raise ValueError(
+            f"state_dict is from another conversion: it holds remap layers this model lacks: "
+            f"{layers} (convert both models alike; lipkern.describe lists a model's)"
+        )
 
 
 def _original_of(layer: RemapAct) -> nn.Module:

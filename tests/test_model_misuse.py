@@ -243,6 +243,24 @@ def test_load_state_dict_of_another_conversion_changes_nothing():
     with pytest.raises(ValueError, match="channel_dim"):
         target.load_state_dict(source.state_dict())
     _assert_same_state(target, before)
+    # Remap layers the target lacks: refused before any weight is replaced.
+    fewer = lipkern.convert(
+        nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    )
+    before = _state(fewer)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="holds remap layers this model lacks: '2.input_remap'"):
+            fewer.load_state_dict(source.state_dict(), strict=strict)
+        _assert_same_state(fewer, before)
+    # A channel count the layer reads is checked against the state's statistics too.
+    narrow = lipkern.convert(nn.Sequential(nn.Linear(6, 4), nn.ReLU()), inputs_of=("0",))
+    lipkern.calibrate(narrow, _data(), granularity="channel", progress=False)
+    wide = lipkern.convert(nn.Sequential(nn.Linear(8, 4), nn.ReLU()), inputs_of=("0",))
+    before = _state(wide)
+    state = {k: v for k, v in narrow.state_dict().items() if "input_remap" in k}
+    with pytest.raises(ValueError, match="statistics are of 6 channels, this layer reads 8"):
+        wide.load_state_dict(state, strict=False)
+    _assert_same_state(wide, before)
 
 
 @pytest.mark.parametrize(

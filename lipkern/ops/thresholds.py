@@ -239,6 +239,8 @@ def check_layer_state(
         if channels > 1:
             fail(f"granularity 'tensor' keeps one statistics entry, got {channels}")
     else:
+        if channels and expected_channels and channels != expected_channels:
+            fail(f"the statistics are of {channels} channels, this layer reads {expected_channels}")
         known = channels or expected_channels
         expected = [(0,), (known,)] if known else None
         if expected is None and threshold.dim() != 1:
