@@ -83,6 +83,7 @@ from lipkern.nn import (
     InputRemap,
     RemapAct,
     add_input_remap,
+    config_from_state,
     has_input_remap,
     input_channel_dim,
     remap_modules,
@@ -403,6 +404,7 @@ def convert(
 
 
 def _is_remap_config(value) -> bool:
+    value = config_from_state(value)
     return isinstance(value, dict) and {"kind", "act", "channel_dim"} <= value.keys()
 
 

@@ -65,6 +65,7 @@ every incoming value (:meth:`RemapAct.check_state`) before it changes anything.
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 from typing import Optional
@@ -130,6 +131,23 @@ class ScanTracker:
 
     def clear(self) -> None:
         self._outputs.clear()
+
+
+def config_to_tensor(config: dict) -> torch.Tensor:
+    """A layer's settings as its state_dict holds them: JSON in a uint8 tensor, so that tools that
+    store tensors only (safetensors, Hugging Face's ``save_pretrained``) can save the model."""
+    return torch.tensor(list(json.dumps(config, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def config_from_state(value):
+    """The settings dict in a state_dict entry (:func:`config_to_tensor`'s, or a dict as earlier
+    versions saved it); anything else is returned as it is, for the checks to name."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
+        try:
+            return json.loads(bytes(value.tolist()).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return value
+    return value
 
 
 class RemapAct(nn.Module):
@@ -272,8 +290,8 @@ class RemapAct(nn.Module):
             "fed_by": self.fed_by,
         }
 
-    def get_extra_state(self) -> dict:
-        return self.config()
+    def get_extra_state(self) -> torch.Tensor:
+        return config_to_tensor(self.config())
 
     def snapshot(self) -> dict:
         """What calibration, set_ratio and loading change, for :meth:`restore`.
@@ -303,9 +321,10 @@ class RemapAct(nn.Module):
             self.layer_name,
         )
 
-    def set_extra_state(self, state: dict) -> None:
-        """Adopt :meth:`config`'s settings (checked with the buffers by
-        :meth:`_load_from_state_dict`, before anything changed)."""
+    def set_extra_state(self, state) -> None:
+        """Adopt :meth:`config`'s settings, as :func:`config_to_tensor` wrote them or as a dict
+        (checked with the buffers by :meth:`_load_from_state_dict`, before anything changed)."""
+        state = config_from_state(state)
         self.mode = state["mode"]
         self.granularity = state["granularity"]
         self.statistic = state["statistic"]
@@ -334,6 +353,7 @@ class RemapAct(nn.Module):
         config = state_dict.get(prefix + "_extra_state")
         if config is None:
             return
+        config = config_from_state(config)
         tensors = {
             name: state_dict[prefix + name] for name in self._buffers if prefix + name in state_dict
         }

@@ -191,6 +191,39 @@ def test_original_state_dict_loads_strictly_before_calibration_only():
         assert torch.equal(fresh(x), model(x))
 
 
+def test_converted_models_save_with_tensor_only_formats(tmp_path):
+    """safetensors and Hugging Face's save_pretrained store tensors only: a converted model's
+    settings travel as a tensor, before and after calibration, and load back exactly; a state
+    dict that holds them as a dict (as earlier versions saved it) loads too."""
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    model, x = _tiny_vit()
+    lipkern.convert(model, preset="paper")
+    model.eval()
+    model.save_pretrained(tmp_path / "uncalibrated")
+    lipkern.calibrate(model, [x], c_r=C_R, granularity="channel", progress=False)
+    model.save_pretrained(tmp_path / "calibrated")
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_model(model, str(path))
+    fresh, _ = _tiny_vit()
+    lipkern.convert(fresh, preset="paper")
+    fresh.eval()
+    safetensors.torch.load_model(fresh, str(path))
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, model(x).logits)
+    old_style = {
+        k: lipkern.nn.config_from_state(v) if k.endswith("_extra_state") else v
+        for k, v in model.state_dict().items()
+    }
+    assert any(isinstance(v, dict) for v in old_style.values())
+    again, _ = _tiny_vit()
+    lipkern.convert(again, preset="paper")
+    again.eval().load_state_dict(old_style)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)
+
+
 def test_whole_model_pickles_into_a_new_process_and_deepcopies(tmp_path):
     _, model = _converted_block()
     x = torch.randn(2, 3, 6, 6)

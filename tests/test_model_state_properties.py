@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lipkern
+from lipkern.nn import config_from_state, config_to_tensor
 from test_model_misuse import _assert_same_state, _state
 
 OPERATIONS = st.one_of(
@@ -86,7 +87,7 @@ def _run(model, operation, files):
             state = {k: (-1 - v.abs()) if k.endswith("threshold") else v for k, v in state.items()}
         elif operation[1] == "channel_dim":
             key = "3._extra_state"
-            state[key] = dict(state[key], channel_dim=1)
+            state[key] = config_to_tensor(dict(config_from_state(state[key]), channel_dim=1))
         model.load_state_dict(state)
 
 
