@@ -398,7 +398,9 @@ def _calibrate(
             mixed.append(name)
     if unused:
         warnings.warn(
-            f"lipkern.calibrate: layers never called on the data stay uncalibrated: {unused}"
+            f"lipkern.calibrate: layers never called on the data stay uncalibrated: {unused}; "
+            "called later (a branch the data did not take) they raise rather than run "
+            "unremapped: calibrate on data that reaches them, or set their mode to 'off'"
         )
     if mixed:
         warnings.warn(
@@ -494,6 +496,8 @@ def save_calibration(model: nn.Module, path) -> None:
     layers = [_layer_metadata(name, m) for name, m in modules]
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file path")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path}: directory {directory} does not exist")
     handle, temporary = tempfile.mkstemp(prefix=".lipkern-calibration-", dir=directory)
@@ -516,6 +520,8 @@ def _read_calibration(path) -> tuple[dict, dict]:
     """``(layers by name, tensors by key)`` of a :func:`save_calibration` file."""
     from safetensors import SafetensorError, safe_open
 
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a lipkern calibration file")
     try:
         opened = safe_open(os.fspath(path), framework="pt")
     except SafetensorError as error:

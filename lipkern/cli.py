@@ -165,7 +165,7 @@ def _run_verify(args) -> int:
         acts=args.act or ACTIVATIONS,
         dtypes=args.dtype or tuple(verify.DTYPES),
         ops=args.op or verify.OPS,
-        devices=args.device,
+        devices=list(dict.fromkeys(args.device)) if args.device else None,
         quick=args.quick,
         seed=args.seed,
     )
@@ -197,10 +197,9 @@ def _add_bench_parser(subparsers) -> None:
 def _run_bench(args) -> int:
     from lipkern.tools import bench, sweep
 
-    if args.sweep:
-        error = sweep.argument_error(args)
-        if error:
-            args.bench_parser.error(error)
+    error = sweep.argument_error(args)
+    if error:
+        args.bench_parser.error(error)
     (sweep.run if args.sweep else bench.run)(args)
     return 0
 

@@ -513,13 +513,14 @@ class Description(list):
 
 def describe(model: nn.Module) -> Description:
     """What :func:`convert` did to ``model``: one :class:`LayerInfo` per RemapAct / InputRemap."""
+    layers = remap_modules(model)
     infos = Description()
     wrapped_by = {
         id(layer.input_remap): type(layer).wrapped_class.__name__
         for layer in model.modules()
         if has_input_remap(layer)
     }
-    for name, module in remap_modules(model):
+    for name, module in layers:
         calibrated = module.calibrated
         if module.kind == "input":
             replaced = f"input of {wrapped_by.get(id(module), '?')}"

@@ -528,7 +528,10 @@ class RemapAct(nn.Module):
         if mode == "off":
             return self._plain(x)
         if mode == "calibrate":
-            return self._calibrate(x)
+            try:
+                return self._calibrate(x)
+            except TypeError as error:
+                raise TypeError(f"{self.layer_name} ({type(self).__name__}): {error}") from None
         threshold = self._buffers["threshold"]
         if threshold.numel() == 0:
             raise self._not_calibrated()
@@ -685,4 +688,6 @@ def remove_input_remap(module: nn.Module) -> None:
 
 def remap_modules(model: nn.Module) -> list[tuple[str, RemapAct]]:
     """``(qualified name, module)`` of every RemapAct in ``model``, each object once."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [(name, m) for name, m in model.named_modules() if isinstance(m, RemapAct)]

@@ -218,6 +218,14 @@ def test_sweep_refuses_options_it_would_ignore(tmp_path, capsys, extra, message)
     assert not (tmp_path / "sweep").exists()
 
 
+def test_sweep_options_need_the_sweep(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("a bench ran with options it ignores"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--sweep-min", "2^12", "--sweep-step", "1"])
+    assert exit_info.value.code == 2
+    assert "--sweep-min, --sweep-step: only with --sweep" in capsys.readouterr().err
+
+
 def test_eval_subcommand_is_lazy_and_forwarded(monkeypatch):
     seen = {}
 

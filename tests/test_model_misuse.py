@@ -221,6 +221,14 @@ def test_an_unsupported_dtype_names_the_layer():
     model = _calibrated().double()
     with pytest.raises(TypeError, match=r"^1 \(RemapAct\): lipkern: x must be float16, bfloat16 or float32"):
         model(torch.randn(2, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^1 \(RemapAct\): lipkern: x must be float16"):
+        lipkern.calibrate(model, [torch.randn(2, 6, dtype=torch.float64)], progress=False)
+
+
+def test_model_layer_functions_name_a_model_that_is_not_one():
+    for function in (lipkern.describe, lambda m: lipkern.straight_through(m).__enter__()):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+            function("model.pt")
 
 
 def test_calibration_files_errors_name_the_path_given(tmp_path):
@@ -228,6 +236,10 @@ def test_calibration_files_errors_name_the_path_given(tmp_path):
     missing = tmp_path / "no" / "such" / "calibration.safetensors"
     with pytest.raises(FileNotFoundError, match=f"cannot write {missing}: directory"):
         lipkern.save_calibration(model, missing)
+    with pytest.raises(IsADirectoryError, match="it is a directory; give a file path"):
+        lipkern.save_calibration(model, tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory, not a lipkern calibration file"):
+        lipkern.load_calibration(model, tmp_path)
     not_safetensors = tmp_path / "notes.bin"
     not_safetensors.write_bytes(b"not a safetensors header" * 8)
     before = _state(model)

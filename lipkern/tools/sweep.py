@@ -30,6 +30,8 @@ PANELS = {
 }
 COLUMNS = 1024
 SMALLEST = 10  # 2^10 elements: one row of COLUMNS
+# The sweep's own options and their defaults: given without --sweep, they would be ignored.
+SWEEP_DEFAULTS = {"sweep_min": SMALLEST, "sweep_max": 26, "sweep_step": 2, "out": "lipkern-sweep"}
 
 
 def _exponent(text: str) -> int:
@@ -55,13 +57,13 @@ def add_arguments(parser) -> None:
         "--sweep", action="store_true",
         help="time fwd, fwd+stats and bwd from 2^10 to 2^26 elements; writes sweep.png/.json",
     )
-    parser.add_argument("--sweep-min", type=_exponent, default=SMALLEST, metavar="N",
+    parser.add_argument("--sweep-min", type=_exponent, default=SWEEP_DEFAULTS["sweep_min"], metavar="N",
                         help="smallest size in elements, a power of two (2^10)")
-    parser.add_argument("--sweep-max", type=_exponent, default=26, metavar="N",
+    parser.add_argument("--sweep-max", type=_exponent, default=SWEEP_DEFAULTS["sweep_max"], metavar="N",
                         help="largest size in elements, a power of two (2^26; 2^14 for a smoke run)")
-    parser.add_argument("--sweep-step", type=positive(int), default=2, metavar="K",
+    parser.add_argument("--sweep-step", type=positive(int), default=SWEEP_DEFAULTS["sweep_step"], metavar="K",
                         help="exponent step between sizes (2: 2^10, 2^12, ...)")
-    parser.add_argument("--out", default="lipkern-sweep", metavar="DIR", type=_output_dir,
+    parser.add_argument("--out", default=SWEEP_DEFAULTS["out"], metavar="DIR", type=_output_dir,
                         help="directory for sweep.png and sweep.json (created; lipkern-sweep)")
 
 
@@ -75,8 +77,12 @@ def _output_dir(text: str) -> str:
 
 
 def argument_error(args) -> Optional[str]:
-    """Why the bench arguments do not make a sweep, or None: a sweep chooses its own shapes and
-    output, so the options of a single run would be silently ignored."""
+    """Why the bench arguments do not make a run, or None: a sweep chooses its own shapes and
+    output, so the options of a single run would be silently ignored, and the other way round."""
+    if not args.sweep:
+        given = [f"--{dest.replace('_', '-')}" for dest, default in SWEEP_DEFAULTS.items()
+                 if getattr(args, dest) != default]
+        return f"{', '.join(given)}: only with --sweep" if given else None
     if args.sweep_min > args.sweep_max:
         return f"--sweep-min 2^{args.sweep_min} is above --sweep-max 2^{args.sweep_max}"
     ignored = [
