@@ -487,6 +487,12 @@ def save_calibration(model: nn.Module, path) -> None:
     from safetensors.torch import save_file
 
     modules = _converted(model)
+    # A file without a calibration would switch every layer off when loaded into a calibrated model.
+    if not any(module.holds_state for _, module in modules):
+        raise ValueError(
+            "no converted layer holds a calibration to save; run lipkern.calibrate (or "
+            "load_calibration) first"
+        )
     tensors = {}
     for name, module in modules:
         for buffer in _SAVED_BUFFERS:

@@ -232,6 +232,9 @@ def test_model_layer_functions_name_a_model_that_is_not_one():
 
 
 def test_calibration_files_errors_name_the_path_given(tmp_path):
+    with pytest.raises(ValueError, match="no converted layer holds a calibration to save"):
+        lipkern.save_calibration(_model(), tmp_path / "empty.safetensors")
+    assert not any(tmp_path.iterdir())
     model = _calibrated()
     missing = tmp_path / "no" / "such" / "calibration.safetensors"
     with pytest.raises(FileNotFoundError, match=f"cannot write {missing}: directory"):
