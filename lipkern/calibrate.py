@@ -351,10 +351,11 @@ def calibrate(
     """
     c_r = thresholds.check_ratio(c_r)
     thresholds.check_settings(granularity, statistic, center)
-    if measure and isinstance(data, collections.abc.Iterator):
+    # An iterator without max_batches is spent by the first pass (one cycled with it is not).
+    if measure and max_batches is None and isinstance(data, collections.abc.Iterator):
         raise ValueError(
             "measure=True scans data twice and needs re-iterable data (a list, a DataLoader), "
-            f"got a one-shot iterator ({type(data).__name__})"
+            f"got a one-shot iterator ({type(data).__name__}) and no max_batches"
         )
     modules = _converted(model)
     with _state_change(modules, "calibrate"):

@@ -77,7 +77,7 @@ from typing import Iterable, Optional
 from torch import nn
 
 from lipkern.ops.activations import ACTIVATIONS
-from lipkern.ops.api import BACKENDS
+from lipkern.ops.api import check_backend
 from lipkern.nn import (
     COMPILE_FORMS,
     InputRemap,
@@ -241,8 +241,7 @@ def check_acts(acts) -> tuple[str, ...]:
 
 
 def _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form, backend):
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if compile_form not in COMPILE_FORMS:
         raise ValueError(f"compile_form must be one of {COMPILE_FORMS}, got {compile_form!r}")
     if preset not in (None,) + PRESETS:
@@ -426,11 +425,19 @@ def _check_remap_state(model, state_dict, prefix, *args) -> None:
         if key.startswith(prefix) and key.endswith("_extra_state") and _is_remap_config(value)
         and key.removesuffix("_extra_state") not in prefixes
     )
-    if foreign:
+    # A model unconverted since keeps this hook: it then loads as one never converted.
+    if foreign and prefixes:
         layers = ", ".join(repr(p.removesuffix(".")) for p in foreign)
+        first = {p[len(prefix):].split(".", 1)[0] for p in foreign}
+        hint = (
+            f"; their names start with '{next(iter(first))}.', as a wrapper's (DataParallel's) "
+            "state dict does: strip that prefix"
+            if len(first) == 1 and not hasattr(model, next(iter(first)))
+            else " (convert both models alike; lipkern.describe lists a model's)"
+        )
         raise ValueError(
             f"state_dict is from another conversion: it holds remap layers this model lacks: "
-            f"{layers} (convert both models alike; lipkern.describe lists a model's)"
+            f"{layers}{hint}"
         )
 
 

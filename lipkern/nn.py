@@ -76,7 +76,7 @@ from torch import nn
 from lipkern.ops import thresholds
 from lipkern.ops.activations import lookup
 from lipkern.ops.api import (
-    BACKENDS,
+    check_backend,
     remap_act_prechecked,
     remap_act_stats_prechecked,
     remap_act_traceable,
@@ -191,8 +191,7 @@ class RemapAct(nn.Module):
         if compile_form not in COMPILE_FORMS:
             raise ValueError(f"compile_form must be one of {COMPILE_FORMS}, got {compile_form!r}")
         # Checked here, not at the first call: a layer in "off" mode would never report it.
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.act = act
         self.channel_dim = channel_dim
         self.mode = mode

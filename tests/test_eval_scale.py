@@ -289,13 +289,22 @@ def test_resume_needs_the_same_run(tmp_path, monkeypatch, capsys):
     assert cli_eval.main(["--no-progress", "--embedded", "tiny_vit", "--out", str(used), "--resume"]) == 2
     assert "holds a run of preact_wrn, and this one leaves out preact_wrn" in capsys.readouterr().err
     assert sorted(p.name for p in used.iterdir()) == earlier
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "outcomes.sqlite").write_text("not a database")
+    assert cli_eval.main(["--no-progress", "--embedded", "tiny_vit", "--out", str(broken), "--resume"]) == 2
+    assert "outcomes.sqlite is not a readable outcome store" in capsys.readouterr().err
 
 
 def test_the_report_replaces_only_its_own_figures(tmp_path):
-    from lipkern.eval.report import is_report_file
+    from lipkern.eval.report import is_report_file, write_report
 
     assert is_report_file("robust_accuracy_m.png") and is_report_file("report.md.tmp")
     assert not is_report_file("diagram.png") and not is_report_file("report.txt")
+    (tmp_path / "diagram.png").write_bytes(b"mine")
+    (tmp_path / "sweep_dropped.png").write_bytes(b"an earlier report's")
+    write_report({"models": []}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagram.png", "report.md", "results.json"]
 
 
 def test_bad_data_files_are_clear_errors(tmp_path, capsys):

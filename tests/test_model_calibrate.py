@@ -2,6 +2,7 @@
 torch.compile and every bad input."""
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -264,6 +265,9 @@ def test_tuple_batches_max_batches_and_progress():
     with pytest.raises(ValueError, match="measure=True scans data twice and needs re-iterable data"):
         _calibrate(model, iter(data), measure=True, c_r=2**-3)
     assert torch.equal(model.relu.threshold, before)
+    # With max_batches each pass takes its own batches of an endless iterator.
+    report = _calibrate(model, itertools.cycle(data), measure=True, max_batches=2)
+    assert report.batches == 2 and report["relu"].remapped_fraction is not None
 
 
 def test_bad_inputs():

@@ -267,6 +267,12 @@ def test_load_state_dict_of_another_conversion_changes_nothing():
         with pytest.raises(ValueError, match="holds remap layers this model lacks: '2.input_remap'"):
             fewer.load_state_dict(source.state_dict(), strict=strict)
         _assert_same_state(fewer, before)
+    wrapped = {f"module.{k}": v for k, v in source.state_dict().items()}
+    with pytest.raises(ValueError, match="start with 'module.', as a wrapper's .* strip that prefix"):
+        fewer.load_state_dict(wrapped, strict=False)
+    # Unconverted, the model loads the state as one never converted: unexpected keys, no error.
+    lipkern.unconvert(fewer)
+    assert fewer.load_state_dict(source.state_dict(), strict=False).unexpected_keys
     # A channel count the layer reads is checked against the state's statistics too.
     narrow = lipkern.convert(nn.Sequential(nn.Linear(6, 4), nn.ReLU()), inputs_of=("0",))
     lipkern.calibrate(narrow, _data(), granularity="channel", progress=False)

@@ -304,19 +304,20 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
                 "convert_kwargs": _jsonable(convert_kwargs), "test_sha": _digest(test.x.numpy(), test.y.numpy()),
                 "calib_sha": _digest(calib.x.numpy())}
 
-    with _in_stage("calibrate"):
-        try:
-            converted, _ = _remap.remapped_copy(original, _my_batches(calib, processes, dev), ratios[0],
-                                                convert_kwargs, progress=False)
-        except _remap.NothingToRemapError as e:
-            raise EvalInputError(f"{name}: {e}") from None
+    try:
+        converted = _remap.converted_copy(original, convert_kwargs)
+    except _remap.NothingToRemapError as e:
+        raise EvalInputError(f"{name}: {e}") from None
     with contextlib.ExitStack() as cleanup:
         if out_dir is None:
             out_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="lipkern-eval-"))
-        # Opened once the model has converted: a model that cannot be remapped leaves no store behind.
+        # Opened once the model has converted (a model that cannot be remapped leaves no store behind) and
+        # before the calibration: a resumed run with other settings stops here, and a run killed later resumes.
         store = OutcomeStore(out_dir)
         cleanup.callback(store.close)
         store.bind_settings(name, settings)
+        with _in_stage("calibrate"):
+            converted, _ = _remap.calibrated(converted, _my_batches(calib, processes, dev), ratios[0], progress=False)
         for p in converted.parameters():
             p.requires_grad_(False)
         names = layers.check_matching(original, converted)

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import math
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,7 +381,7 @@ def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bo
     """Once every argument has been checked: makes ``--out`` and removes the earlier run's files that
     --overwrite replaces; a resumed run must bring every model the stored run had started on (the
     report would leave the others out, and their work behind)."""
-    from .store import OutcomeStore
+    from .store import FILENAME, OutcomeStore
 
     out = Path(path)
     try:
@@ -393,11 +394,14 @@ def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bo
     except OSError as e:
         raise EvalInputError(f"--out {out} is not writable: {e.strerror or e}") from None
     if resume:
-        store = OutcomeStore(out)
         try:
-            stored = store.models()
-        finally:
-            store.close()
+            store = OutcomeStore(out)
+            try:
+                stored = store.models()
+            finally:
+                store.close()
+        except sqlite3.Error as e:
+            raise EvalInputError(f"--resume: {out / FILENAME} is not a readable outcome store: {e}") from None
         left_out = sorted(set(stored) - set(models))
         if left_out:
             raise EvalInputError(f"--resume: {out} holds a run of {', '.join(stored)}, and this one leaves out "
@@ -414,14 +418,17 @@ def _check_sample_counts(jobs: list[Job], args) -> None:
 
 
 def _on_main(processes, step) -> None:
-    """Runs ``step`` on the main process; every process raises its error, so that all stop together."""
-    error = None
+    """Runs ``step`` on the main process; every process learns of its failure, so that all stop together (the
+    main process raises what ``step`` raised, the others an EvalInputError with its message)."""
+    error, caught = None, None
     if processes.is_main:
         try:
             step()
-        except EvalInputError as e:
-            error = str(e)
+        except Exception as e:  # noqa: BLE001 -- raised below, once every process knows
+            error, caught = str(e) if isinstance(e, EvalInputError) else f"{type(e).__name__}: {e}", e
     error = processes.broadcast_error(error)
+    if caught is not None:
+        raise caught
     if error:
         raise EvalInputError(error)
 
@@ -467,8 +474,14 @@ def run_eval(args) -> int:
         print(f"lipkern eval: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lipkern eval: interrupted; finished work is stored in {args.out}, continue it with --resume",
-              file=sys.stderr)
+        from .store import FILENAME
+
+        if (Path(args.out) / FILENAME).is_file():
+            print(f"lipkern eval: interrupted; finished work is stored in {args.out}, continue it with --resume",
+                  file=sys.stderr)
+        else:
+            print("lipkern eval: interrupted before any work was stored; run again without --resume",
+                  file=sys.stderr)
         return 130
     finally:
         if processes.world > 1 and torch.distributed.is_initialized():

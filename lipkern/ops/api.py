@@ -149,9 +149,14 @@ def _auto_backend(x: torch.Tensor) -> str:
     return "triton" if x.device.type == "cuda" else "cpu"
 
 
-def _resolve_backend(backend, x: torch.Tensor) -> Backend:
+def check_backend(backend) -> None:
+    """A ValueError unless ``backend`` is one of :data:`BACKENDS`."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _resolve_backend(backend, x: torch.Tensor) -> Backend:
+    check_backend(backend)
     if backend == "auto":
         backend = _auto_backend(x)
     chosen = backend_object(backend)
