@@ -178,8 +178,6 @@ def _state_change(modules, what: str):
 
 
 def _converted(model: nn.Module) -> list[tuple[str, lnn.RemapAct]]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     modules = lnn.remap_modules(model)
     if not modules:
         raise ValueError("model has no lipkern RemapAct layers; call lipkern.convert(model) first")

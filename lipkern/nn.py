@@ -493,6 +493,10 @@ class RemapAct(nn.Module):
             "never calibrated; run lipkern.calibrate(model, data) or load_calibration first"
         )
 
+    def _named(self, error: TypeError) -> TypeError:
+        """The kernels' dtype error with this layer's name: a model moved to float64 reaches it."""
+        return TypeError(f"{self.layer_name} ({type(self).__name__}): {error}")
+
     def _check_channels(self, x: torch.Tensor, error: ValueError) -> None:
         """Raise an error naming this layer when x's channel count is not the calibrated one."""
         threshold = self.threshold
@@ -530,7 +534,7 @@ class RemapAct(nn.Module):
             try:
                 return self._calibrate(x)
             except TypeError as error:
-                raise TypeError(f"{self.layer_name} ({type(self).__name__}): {error}") from None
+                raise self._named(error) from None
         threshold = self._buffers["threshold"]
         if threshold.numel() == 0:
             raise self._not_calibrated()
@@ -558,8 +562,7 @@ class RemapAct(nn.Module):
             self._check_channels(x, error)
             raise
         except TypeError as error:
-            # A model moved to float64 reaches the kernels' dtype check first: name the layer.
-            raise TypeError(f"{self.layer_name} ({type(self).__name__}): {error}") from None
+            raise self._named(error) from None
 
 
 class InputRemap(RemapAct):

@@ -417,13 +417,14 @@ def _check_sample_counts(jobs: list[Job], args) -> None:
                 raise EvalInputError(f"{flag} {wanted}: {job.name}'s {what} data holds {len(split)} samples")
 
 
-def _on_main(processes, step) -> None:
-    """Runs ``step`` on the main process; every process learns of its failure, so that all stop together (the
-    main process raises what ``step`` raised, the others an EvalInputError with its message)."""
-    error, caught = None, None
+def _on_main(processes, step):
+    """Runs ``step`` on the main process and returns its result there (None elsewhere); every process learns
+    of its failure, so that all stop together (the main process raises what ``step`` raised, the others an
+    EvalInputError with its message)."""
+    error, caught, result = None, None, None
     if processes.is_main:
         try:
-            step()
+            result = step()
         except Exception as e:  # noqa: BLE001 -- raised below, once every process knows
             error, caught = str(e) if isinstance(e, EvalInputError) else f"{type(e).__name__}: {e}", e
     error = processes.broadcast_error(error)
@@ -431,6 +432,7 @@ def _on_main(processes, step) -> None:
         raise caught
     if error:
         raise EvalInputError(error)
+    return result
 
 
 def run_eval(args) -> int:
@@ -449,12 +451,7 @@ def run_eval(args) -> int:
         return 2
     parallel.init_process_group(processes, device)
     try:
-        replaced = []
-
-        def check_out():
-            replaced.extend(check_out_dir(args.out, args.resume, args.overwrite))
-
-        _on_main(processes, check_out)
+        replaced = _on_main(processes, lambda: check_out_dir(args.out, args.resume, args.overwrite)) or []
         jobs = _user_jobs(args) if (args.model or args.robustbench) else _embedded_jobs(args)
         _check_sample_counts(jobs, args)
         _on_main(processes, lambda: start_out_dir(args.out, replaced, [job.name for job in jobs], args.resume))
