@@ -7,8 +7,9 @@ lipkern's reference, each eager and under ``torch.compile``, the bare activation
 pytest-benchmark's table shows them together. The callables and the grouping come from
 :mod:`lipkern.tools.bench`; set ``LIPKERN_BENCH_SHAPES`` (comma-separated ``lipkern bench --shape``
 strings), ``LIPKERN_BENCH_DTYPES`` (e.g. ``fp32,bf16``), ``LIPKERN_BENCH_ACT``,
-``LIPKERN_BENCH_BATCH`` and ``LIPKERN_BENCH_BACKEND`` (CPU backend, default the C++ kernels) to
-change the configurations; CUDA groups (the Triton backend) run when a GPU is present.
+``LIPKERN_BENCH_BATCH``, ``LIPKERN_BENCH_BACKEND`` (CPU backend, default the C++ kernels) and
+``LIPKERN_BENCH_INPUT_STD`` (the inputs' standard deviation, default 1) to change the
+configurations; CUDA groups (the Triton backend) run when a GPU is present.
 """
 
 import functools
@@ -27,6 +28,7 @@ SHAPES = (
 )
 DTYPES = os.environ.get("LIPKERN_BENCH_DTYPES", "fp32,bf16").split(",")
 CPU_BACKEND = os.environ.get("LIPKERN_BENCH_BACKEND", "auto")
+INPUT_STD = float(os.environ.get("LIPKERN_BENCH_INPUT_STD", "1"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -38,7 +40,9 @@ def _members(subject):
 @functools.lru_cache(maxsize=2)
 def _candidates(shape, dtype_name, device):
     backend = "triton" if device == "cuda" else CPU_BACKEND
-    return bench.candidates(shape, bench.DTYPES[dtype_name], ACT, True, backend, device)
+    return bench.candidates(
+        shape, bench.DTYPES[dtype_name], ACT, True, backend, device, input_std=INPUT_STD
+    )
 
 
 CASES = [
@@ -62,7 +66,7 @@ def test_op(benchmark, shape, dtype, device, op, name):
             run()
             torch.cuda.synchronize()
 
-    benchmark.group = f"{device} {op} {shape.label} {dtype} ({ACT})"
+    benchmark.group = f"{device} {op} {shape.label} {dtype} ({ACT}, inputs std {INPUT_STD:g})"
     benchmark.extra_info.update(op=op, lipkern=name.startswith("lipkern"))
     with bench.retained_backward_graphs():
         fn()  # warm-up; compiles the torch.compile baselines

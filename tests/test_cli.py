@@ -126,11 +126,12 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     backend = "cpu" if "cpu" in lipkern.available_backends() else "reference"
     status = cli.main(
         ["bench", "--quick", "--shape", "64x32", "--shape", "nchw_cl:2x8x4x4", "--no-compile",
-         "--min-time", "0.01", "--backend", backend, "--json", str(path)]
+         "--min-time", "0.01", "--backend", backend, "--json", str(path), "--input-std", "6"]
     )
     out = capsys.readouterr().out
     assert status == 0
     report = json.loads(path.read_text())
+    assert report["input_std"] == 6 and "inputs N(0, 6^2)" in out
     assert [c["shape"] for c in report["cpu"]] == ["64x32", "nchw_cl:2x8x4x4"]
     for config in report["cpu"]:
         ops = {row["op"] for row in config["comparisons"]}
@@ -181,10 +182,11 @@ def test_sweep_writes_png_and_json(tmp_path, capsys):
     out = tmp_path / "sweep"
     status = cli.main(
         ["bench", "--sweep", "--sweep-max", "2^12", "--no-compile", "--min-time", "0.005",
-         "--backend", backend, "--out", str(out)]
+         "--backend", backend, "--out", str(out), "--input-std", "3"]
     )
     assert status == 0
     report = json.loads((out / "sweep.json").read_text())
+    assert report["input_std"] == 3
     assert [p["elements"] for p in report["points"]] == [2**10, 2**12]
     assert set(report["panels"]) == {"fwd", "fwd+stats", "bwd"}
     assert all(p["GB/s"]["lipkern bwd"] > 0 for p in report["points"])
@@ -287,6 +289,14 @@ def test_parse_shape(text, sizes, channel_dim, cl):
     assert shape.make(torch.bfloat16).is_contiguous(
         memory_format=torch.channels_last if cl else torch.contiguous_format
     )
+
+
+def test_bench_inputs_take_the_standard_deviation_asked_for(capsys):
+    shape = bench.parse_shape("256x64")
+    assert torch.equal(shape.make(torch.float32, std=8.0), shape.make(torch.float32) * 8)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--quick", "--input-std", "0"])
+    assert "--input-std" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt is Linux-only")

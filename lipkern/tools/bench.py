@@ -143,9 +143,9 @@ class Shape:
                 f"{self.numel} elements)"
             )
 
-    def make(self, dtype, seed=0) -> torch.Tensor:
+    def make(self, dtype, seed=0, std=1.0) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(self.sizes, generator=gen, dtype=torch.float32).to(dtype)
+        x = (torch.randn(self.sizes, generator=gen, dtype=torch.float32) * std).to(dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @property
@@ -357,12 +357,15 @@ def candidates(
     backend: str = "auto",
     device: str = "cpu",
     dynamic: bool = False,
+    input_std: float = 1.0,
 ) -> dict[str, Callable[[], object]]:
     """The timed callables of one configuration, keyed by the names SUBJECTS use.
 
     ``dynamic`` compiles the baselines with dynamic shapes (a sweep still compiles them once per
-    size: each configuration resets dynamo, see below)."""
-    x = shape.make(dtype).to(device)
+    size: each configuration resets dynamo, see below). ``input_std`` is the inputs' standard
+    deviation: the smooth activations' kernels leave their fp32 grid beyond |x| = 3.875 (GELU)
+    or 7.75 (SiLU), so wide inputs time other code."""
+    x = shape.make(dtype, std=input_std).to(device)
     dy = shape.make(dtype, seed=1).to(device)
     cd = shape.channel_dim % x.dim()
     channels = x.shape[cd]
@@ -567,13 +570,14 @@ def format_rows(results: list[dict]) -> str:
 # CUDA (Triton) and static traffic
 
 
-def bench_cuda(shapes, dtypes, act, compile_baselines=True) -> list[dict]:
+def bench_cuda(shapes, dtypes, act, compile_baselines=True, input_std=1.0) -> list[dict]:
     """The Triton backend on CUDA (``do_bench`` quartiles): ratios and GB/s."""
     results = []
     for shape in shapes:
         for dtype_name in dtypes:
             fns = candidates(
-                shape, DTYPES[dtype_name], act, compile_baselines, backend="triton", device="cuda"
+                shape, DTYPES[dtype_name], act, compile_baselines, backend="triton", device="cuda",
+                input_std=input_std,
             )
             results.append(_result(shape, dtype_name, cuda_times(fns)))
     return results
@@ -646,6 +650,11 @@ def add_arguments(parser) -> None:
         "--no-compile", action="store_true", help="skip the torch.compile baselines"
     )
     parser.add_argument(
+        "--input-std", type=positive(float), default=1.0,
+        help="standard deviation of the normal inputs (1); wider inputs leave the smooth "
+        "activations' fp32 grid",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="print torch.profiler tables of lipkern and compiled-reference calls (first config)",
@@ -715,7 +724,8 @@ def run(args) -> dict:
     dtypes = args.dtype or (["fp32"] if args.quick else ["fp32", "bf16"])
     print(
         f"lipkern bench: CPU, {torch.get_num_threads()} threads, backend={args.backend}, act={args.act}, "
-        f"threshold={THRESHOLD} per channel, torch {torch.__version__}"
+        f"threshold={THRESHOLD} per channel, inputs N(0, {args.input_std:g}^2), "
+        f"torch {torch.__version__}"
         + ("" if steady else " (no glibc mallopt: timings may depend on candidate order)")
     )
     load_before = os.getloadavg()[0]
@@ -724,7 +734,8 @@ def run(args) -> dict:
     for shape in shapes:
         for dtype_name in dtypes:
             fns = candidates(
-                shape, DTYPES[dtype_name], args.act, not args.no_compile, args.backend
+                shape, DTYPES[dtype_name], args.act, not args.no_compile, args.backend,
+                input_std=args.input_std,
             )
             times = median_times(fns, args.min_time)
             if args.profile and not results:
@@ -743,6 +754,7 @@ def run(args) -> dict:
         "act": args.act,
         "backend": args.backend,
         "threshold": THRESHOLD,
+        "input_std": args.input_std,
         "torch": torch.__version__,
         "cpu": results,
         "targets_met": all(
@@ -751,7 +763,10 @@ def run(args) -> dict:
     }
     if torch.cuda.is_available():
         print(f"\nCUDA: {torch.cuda.get_device_name()}, Triton backend, do_bench medians")
-        cuda = bench_cuda(shapes + cuda_extra_shapes(shapes), dtypes, args.act, not args.no_compile)
+        cuda = bench_cuda(
+            shapes + cuda_extra_shapes(shapes), dtypes, args.act, not args.no_compile,
+            args.input_std,
+        )
         print("effective bandwidth, GB/s (fraction of copy_'s on this device):")
         print(format_bandwidth(cuda) + "\n\n" + format_rows(cuda))
         report["cuda"] = cuda

@@ -119,7 +119,7 @@ def run(args) -> dict:
         for numel in sizes(args):
             shape = bench.Shape(f"{numel // COLUMNS}x{COLUMNS}", (numel // COLUMNS, COLUMNS), -1)
             fns = bench.candidates(shape, dtype, args.act, not args.no_compile, backend, device,
-                                   dynamic=True)
+                                   dynamic=True, input_std=args.input_std)
             fns = {name: fns[name] for name in wanted}
             times = (bench.cuda_times(fns) if device == "cuda"
                      else bench.median_times(fns, args.min_time))
@@ -133,6 +133,7 @@ def run(args) -> dict:
             print(f"  timed {device} 2^{numel.bit_length() - 1} elements", flush=True)
     report = {
         "act": args.act, "dtype": dtype_name, "threshold": bench.THRESHOLD,
+        "input_std": args.input_std,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "panels": {panel: [n for n in names if n in wanted] for panel, names in PANELS.items()},
         "points": points,
@@ -194,7 +195,7 @@ def plot(report: dict, path: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("elements")
         ax.set_ylabel("GB/s (ideal bytes / median time)")
-        ax.set_title(f"{panel}, {report['act']} {report['dtype']}")
+        ax.set_title(f"{panel}, {report['act']} {report['dtype']}, inputs std {report['input_std']:g}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
