@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <numeric>
 #include <optional>
 #include <string>
 
@@ -74,12 +75,29 @@ at::Tensor dense(const at::Tensor& x) {
 }
 
 // Everything a kernel call needs besides the data pointers; keeps the expanded parameters alive.
+// `rows_per_row`: how many rows of C channels the geometry's lanes-mode rows hold (see below).
 struct Prepared {
   Geometry geometry;
   at::Tensor threshold, center;
   ChannelParams params;
   Act act;
+  int64_t rows_per_row = 1;
 };
+
+// Lanes mode (channel stride 1) walks one row of C channels at a time in steps of up to 32
+// lanes (two AVX-512 vectors): a short row leaves most lanes of its last step idle and pays a
+// run's set-up. channels_last SiLU with C = 16 took 2.4x F.silu's time and 3.7x its backward's,
+// with C = 3 12x and 19x (fp32, one thread). Rows shorter than kShortRow are therefore walked
+// several at a time, as one row of R C channels whose parameters are the C repeated R times:
+// R C at least kShortRow, and a multiple of the widest step where that stays below 4 kShortRow.
+constexpr int64_t kShortRow = 256;
+constexpr int64_t kWidestStep = 32;
+
+int64_t rows_per_wide_row(int64_t channels) {
+  const int64_t aligned = std::lcm(channels, kWidestStep);
+  const int64_t period = aligned < 4 * kShortRow ? aligned : channels;
+  return (kShortRow + period - 1) / period * (period / channels);
+}
 
 // `flat_if_uniform`: with per-tensor parameters the channel does not matter (no statistics), so
 // the whole tensor is one run.
@@ -98,11 +116,67 @@ Prepared prepare(const at::Tensor& xd, const at::Tensor& threshold,
               p.center.defined() ? p.center.data_ptr<float>() : nullptr};
   const int64_t numel = xd.numel();
   p.geometry = flat ? Geometry{numel, 1, numel} : Geometry{numel, C, xd.stride(channel_dim)};
+  if (!flat && p.geometry.inner == 1 && C < kShortRow) {
+    p.rows_per_row = rows_per_wide_row(C);
+    p.threshold = p.threshold.repeat({p.rows_per_row});
+    if (p.center.defined()) p.center = p.center.repeat({p.rows_per_row});
+    p.params = {p.threshold.data_ptr<float>(),
+                p.center.defined() ? p.center.data_ptr<float>() : nullptr};
+    p.geometry.channels = C * p.rows_per_row;
+  }
   return p;
 }
 
 ForwardArgs forward_args(const at::Tensor& xd, const at::Tensor& y, const Prepared& p) {
   return {xd.data_ptr(), y.data_ptr(), xd.scalar_type(), p.act, p.geometry, p.params};
+}
+
+// The statistics of rows walked R at a time (see rows_per_wide_row): the whole wide rows in one
+// call, with statistics per position in the wide row, and the rows left over (fewer than R) in
+// another, with the plain geometry; each channel's R + 1 partial results are then combined in
+// a fixed order, so the result stays independent of the thread count.
+void wide_row_stats(const at::Tensor& xd, at::Tensor& y, const Prepared& p, int64_t C,
+                    const StatsOut& out) {
+  const int64_t wide = p.geometry.channels;
+  const int64_t whole = xd.numel() / wide * wide;
+  const int64_t parts = wide + C;
+  const auto opts = xd.options();
+  at::Tensor amax = at::zeros({parts}, opts.dtype(at::kFloat));
+  at::Tensor remapped = at::zeros({parts}, opts.dtype(at::kLong));
+  at::Tensor sum = at::zeros({parts}, opts.dtype(at::kDouble));
+  at::Tensor sumsq = at::zeros({parts}, opts.dtype(at::kDouble));
+  float* a = amax.data_ptr<float>();
+  int64_t* r = remapped.data_ptr<int64_t>();
+  double* s = sum.data_ptr<double>();
+  double* q = sumsq.data_ptr<double>();
+  ForwardArgs args = forward_args(xd, y, p);
+  if (whole > 0) {
+    args.geometry.numel = whole;
+    kernels().forward_stats(args, {a, r, s, q});
+  }
+  if (whole < xd.numel()) {
+    const int64_t bytes = whole * xd.element_size();
+    args.x = static_cast<const char*>(args.x) + bytes;
+    args.y = static_cast<char*>(args.y) + bytes;
+    // The repeated parameters start with the C channels' own.
+    args.geometry = Geometry{xd.numel() - whole, C, 1};
+    kernels().forward_stats(args, {a + wide, r + wide, s + wide, q + wide});
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    float m = 0.f;
+    int64_t remapped_total = 0;
+    double sum_total = 0.0, sumsq_total = 0.0;
+    for (int64_t k = c; k < parts; k += C) {
+      if (!std::isnan(m) && !(a[k] <= m)) m = a[k];  // NaN, once seen, stays (the kernels' rule)
+      remapped_total += r[k];
+      sum_total += s[k];
+      sumsq_total += q[k];
+    }
+    out.amax[c] = m;
+    out.remapped[c] = remapped_total;
+    out.sum[c] = sum_total;
+    out.sumsq[c] = sumsq_total;
+  }
 }
 
 at::Tensor remap_act_cpu(const at::Tensor& x, const at::Tensor& threshold,
@@ -140,10 +214,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor count = at::full({C}, C > 0 ? x.numel() / C : 0, opts.dtype(at::kLong));
   at::Tensor sum = at::zeros({C}, opts.dtype(at::kDouble));
   at::Tensor sumsq = at::zeros({C}, opts.dtype(at::kDouble));
-  if (xd.numel() > 0) {
-    kernels().forward_stats(forward_args(xd, y, p),
-                            {amax.data_ptr<float>(), remapped.data_ptr<int64_t>(),
-                             sum.data_ptr<double>(), sumsq.data_ptr<double>()});
+  const StatsOut out{amax.data_ptr<float>(), remapped.data_ptr<int64_t>(), sum.data_ptr<double>(),
+                     sumsq.data_ptr<double>()};
+  if (xd.numel() == 0) return {y, amax, remapped, count, sum, sumsq};
+  if (p.rows_per_row == 1) {
+    kernels().forward_stats(forward_args(xd, y, p), out);
+  } else {
+    wide_row_stats(xd, y, p, C, out);
   }
   return {y, amax, remapped, count, sum, sumsq};
 }

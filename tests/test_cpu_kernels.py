@@ -154,6 +154,54 @@ def test_stats_do_not_depend_on_thread_count(act, channel_dim):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("channels", [2, 3, 17, 48, 100, 250])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_short_rows_walked_several_at_a_time_equal_the_reference(channels, dtype, act):
+    """Rows of fewer than 256 channels (channel stride 1) are walked several at a time, with the
+    parameters repeated (csrc/ops.cpp, rows_per_wide_row), and the statistics of the rows left
+    over are taken apart and combined channel by channel. 301 and 7 x 43 rows (primes, so rows
+    are always left over), [rows, C] and channels_last; a NaN and an infinity in the last row
+    (among the rows left over) must reach their channel's amax and sums."""
+    for shape, channel_dim in (((301, channels), 1), ((7, channels, 43, 1), 1)):
+        x, threshold, center = _case(shape, channel_dim, dtype, seed=channels)
+        if len(shape) == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.movedim(channel_dim, -1).view(-1, channels)[-1, :2] = torch.tensor(
+            [float("nan"), float("inf")]
+        ).to(dtype)
+        for c in (None, center):
+            y, stats = _ops(x, threshold, c, act, channel_dim)
+            assert compare_forward(y, x, threshold, c, act, channel_dim).ok
+            verdict = compare_stats(stats[1:], x, threshold, c, act, channel_dim)
+            assert verdict.ok, verdict
+            assert stats[1][0].isnan()
+            grad_y = torch.randn(shape).to(dtype)
+            dx = torch.ops.lipkern.remap_act_backward(grad_y, x, threshold, c, act, channel_dim, False)
+            assert compare_backward(dx, grad_y, x, threshold, c, act, channel_dim, False).ok
+
+
+@pytest.mark.parametrize("shape", [(301, 40), (8, 4096), (3, 70000)], ids=str)
+def test_stats_of_short_and_wide_rows_do_not_depend_on_thread_count(shape):
+    """Short rows take the wide-row path and its leftover rows; few rows of many channels split
+    each block's channels among the tasks (csrc/cpu/stats_blocks.h, stats_channel_chunk)."""
+    x, threshold, center = _case(shape, 1, torch.float32, seed=4)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_ops(x, threshold, center, "gelu", 1))
+    finally:
+        torch.set_num_threads(threads)
+    (y0, s0), *rest = results
+    assert compare_stats(s0[1:], x, threshold, center, "gelu", 1).ok
+    for y, s in rest:
+        assert torch.equal(y, y0)
+        for a, b in zip(s, s0):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("use_center", [False, True], ids=["no_center", "center"])
 @pytest.mark.parametrize("channel_dim", [1, 3])
 def test_forward_split_inside_rows_and_planes_equals_the_reference(channel_dim, use_center):

@@ -36,6 +36,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// A lanes-mode block spans at least this many rows (all of them if fewer): its slots, C of each
+// kind, are zeroed and combined once per block, which with rows of 65536 channels and one row
+// per block cost 25x the forward's time.
+constexpr int64_t kMinLanesBlockRows = 64;
+
 // Block length in units (rows of C in lanes mode, elements in row mode), from the shape only.
 int64_t stats_block_units(const Geometry& g, int64_t unit) {
   const int64_t units = g.numel / unit;
@@ -43,7 +48,22 @@ int64_t stats_block_units(const Geometry& g, int64_t unit) {
   const int64_t balanced = std::clamp(ceil_div(g.numel, kStatsBlocksForBalance), kMinStatsBlock,
                                       kLargeStatsBlock);
   const int64_t elements = std::max({balanced, ceil_div(g.numel, kMaxStatsBlocks), fewest});
-  return std::max<int64_t>(1, std::min({ceil_div(std::min(elements, kMaxStatsBlock), unit), units}));
+  int64_t block = ceil_div(std::min(elements, kMaxStatsBlock), unit);
+  if (unit > 1) {
+    block = std::max(block, std::min(kMinLanesBlockRows, ceil_div(kMaxStatsBlock, unit)));
+  }
+  return std::max<int64_t>(1, std::min(block, units));
+}
+
+// Lanes mode: channels per task within a block, a multiple of 32 (so every build's steps start
+// where they would unsplit), when the blocks alone are too few for balance; C otherwise.
+int64_t stats_channel_chunk(int64_t block_rows, int64_t blocks, int64_t channels) {
+  if (blocks >= kStatsBlocksForBalance) return channels;
+  constexpr int64_t kAlign = 32;
+  const int64_t wanted = ceil_div(kStatsBlocksForBalance, blocks);
+  const int64_t chunk =
+      std::max(ceil_div(channels, wanted), ceil_div(kMinStatsBlock, block_rows));
+  return std::min(ceil_div(chunk, kAlign) * kAlign, channels);
 }
 
 // The lanes of v added as a pairwise tree (a fixed order, with a short dependency chain).
