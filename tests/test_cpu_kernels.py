@@ -203,19 +203,31 @@ def test_stats_of_short_and_wide_rows_do_not_depend_on_thread_count(shape):
 
 
 @pytest.mark.parametrize("use_center", [False, True], ids=["no_center", "center"])
-@pytest.mark.parametrize("channel_dim", [1, 3])
-def test_forward_split_inside_rows_and_planes_equals_the_reference(channel_dim, use_center):
-    """With 3 threads the 940,320 elements split mid-row (53 channels) and mid-plane (37 x 53):
-    every run after the first of a task must still get its own channel's threshold."""
-    x, threshold, center = _case((12, 40, 37, 53), channel_dim, torch.float32, seed=2)
+@pytest.mark.parametrize("shape,channel_dim", [
+    ((12, 40, 37, 53), 1), ((12, 40, 37, 53), 3), ((64, 96, 7, 7), 1)
+], ids=["planes", "rows", "short-planes"])
+def test_forward_split_inside_rows_and_planes_equals_the_reference(shape, channel_dim, use_center):
+    """With 3 threads the elements split mid-row (53 channels) and mid-plane (37 x 53, or 7 x 7
+    planes, which SiLU walks as rows of 96 x 49 elements): every run after the first of a task
+    must still get its own channel's threshold."""
+    x, threshold, center = _case(shape, channel_dim, torch.float32, seed=2)
     center = center if use_center else None
     expected = reference.remap_act_reference(x, threshold, center, "relu", channel_dim)
+    grad_y = torch.randn(shape)
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             y = torch.ops.lipkern.remap_act(x, threshold, center, "relu", channel_dim, False)
             assert same_bits(y, expected).all(), f"{n} threads"
+            y = torch.ops.lipkern.remap_act(x, threshold, center, "silu", channel_dim, False)
+            assert compare_forward(y, x, threshold, center, "silu", channel_dim).ok, f"{n} threads"
+            dx = torch.ops.lipkern.remap_act_backward(
+                grad_y, x, threshold, center, "silu", channel_dim, False
+            )
+            assert compare_backward(
+                dx, grad_y, x, threshold, center, "silu", channel_dim, False
+            ).ok, f"{n} threads"
     finally:
         torch.set_num_threads(threads)
 
