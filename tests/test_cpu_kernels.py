@@ -159,11 +159,13 @@ def test_stats_do_not_depend_on_thread_count(act, channel_dim):
 @pytest.mark.parametrize("act", ["relu", "silu"])
 def test_short_rows_walked_several_at_a_time_equal_the_reference(channels, dtype, act):
     """Rows of fewer than 256 channels (channel stride 1) are walked several at a time, with the
-    parameters repeated (csrc/ops.cpp, rows_per_wide_row), and the statistics of the rows left
-    over are taken apart and combined channel by channel. 301 and 7 x 43 rows (primes, so rows
-    are always left over), [rows, C] and channels_last; a NaN and an infinity in the last row
-    (among the rows left over) must reach their channel's amax and sums."""
-    for shape, channel_dim in (((301, channels), 1), ((7, channels, 43, 1), 1)):
+    parameters repeated (csrc/ops.cpp, rows_per_wide_row), from 2^16 elements up, and the
+    statistics of the rows left over are taken apart and combined channel by channel. A prime
+    number of rows (so rows are always left over), [rows, C] and channels_last; a NaN and an
+    infinity in the last row (among the rows left over) must reach their channel's amax and
+    sums."""
+    rows = next(n for n in range(-(-(1 << 16) // channels), 1 << 20) if _is_prime(n))
+    for shape, channel_dim in (((rows, channels), 1), ((1, channels, rows, 1), 1)):
         x, threshold, center = _case(shape, channel_dim, dtype, seed=channels)
         if len(shape) == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -181,7 +183,11 @@ def test_short_rows_walked_several_at_a_time_equal_the_reference(channels, dtype
             assert compare_backward(dx, grad_y, x, threshold, c, act, channel_dim, False).ok
 
 
-@pytest.mark.parametrize("shape", [(301, 40), (8, 4096), (3, 70000)], ids=str)
+def _is_prime(n: int) -> bool:
+    return n > 1 and all(n % k for k in range(2, math.isqrt(n) + 1))
+
+
+@pytest.mark.parametrize("shape", [(1999, 40), (8, 4096), (3, 70000)], ids=str)
 def test_stats_of_short_and_wide_rows_do_not_depend_on_thread_count(shape):
     """Short rows take the wide-row path and its leftover rows; few rows of many channels split
     each block's channels among the tasks (csrc/cpu/stats_blocks.h, stats_channel_chunk)."""
