@@ -558,9 +558,15 @@ def straight_through(model: nn.Module):
 
     The forward is unchanged; gradients are those of the plain activations, which is what an
     adaptive attack (backward-pass differentiable approximation) uses. Previous flags are restored
-    on exit.
+    on exit. A model without remap layers is refused (ValueError).
     """
     modules = [m for _, m in remap_modules(model)]
+    if not modules:
+        # An attack run through it would be a plain one and could pass for an adaptive one.
+        raise ValueError(
+            "straight_through: the model has no lipkern remap layers, so its backward is the plain "
+            "one already; pass the converted model (lipkern.convert)"
+        )
     previous = [m.straight_through for m in modules]
     for m in modules:
         m.straight_through = True

@@ -203,6 +203,12 @@ def test_straight_through_context_restores_flags():
     assert not any(m.straight_through for _, m in remap_modules(model))
 
 
+def test_straight_through_refuses_a_model_without_remap_layers():
+    with pytest.raises(ValueError, match="no lipkern remap layers.*lipkern.convert"):
+        with straight_through(ConvNet()):
+            pass
+
+
 def test_dtype_casts_keep_buffer_dtypes():
     model = convert(Mlp(nn.GELU()), inputs_of=("fc1",))
     model.act.threshold = torch.tensor(0.1)
