@@ -31,7 +31,8 @@ returns the same model (a model that *is* an activation module is returned as it
   whose input is a converted activation's output (timm's FC2) into a pass-through; what stays are
   the remaps of inputs no activation remap covers: FC1's (a LayerNorm output), a gated MLP's down
   projection's (the gated product). CNNs (ResNet, WideResNet, EfficientNet) get only their
-  activations; GPT-2's MLP is made of transformers' ``Conv1D``, not ``nn.Linear``, and gets none.
+  activations; GPT-2's MLP, made of transformers' ``Conv1D`` (a linear layer with its weight
+  transposed), gets them on ``c_fc`` and ``c_proj``.
   Combines with ``inputs_of``; :func:`describe` prints what was placed where.
 - Warnings: a pattern of ``inputs_of`` that matches nothing, and a conversion that changes nothing.
 - ``channel_dim`` of each activation: ``None`` infers it from what the activation sees. Inside a
@@ -86,6 +87,7 @@ from lipkern.nn import (
     config_from_state,
     has_input_remap,
     input_channel_dim,
+    is_linear,
     remap_modules,
     remove_input_remap,
 )
@@ -206,7 +208,7 @@ def _output_layout(module: nn.Module) -> Optional[int]:
     layout = _norm_act_layout(module)
     if layout is not None:
         return layout
-    if isinstance(module, _CHANNEL_LAST_TYPES):
+    if isinstance(module, _CHANNEL_LAST_TYPES) or is_linear(module):
         return -1
     if isinstance(module, _CHANNEL_FIRST_TYPES):
         return 1
@@ -271,9 +273,10 @@ def check_convert_arguments(**kwargs) -> None:
 
 
 def _mlp_linears(model: nn.Module, acts: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
-    """The ``nn.Linear`` children of every module that also has a selected activation child,
-    but for one registered last: the layers of MLP blocks whatever the library names them
-    (preset ``"paper"``), without a network's classifier after its final activation."""
+    """The linear children (:func:`lipkern.nn.is_linear`) of every module that also has a
+    selected activation child, but for one registered last: the layers of MLP blocks whatever
+    the library names them (preset ``"paper"``), without a network's classifier after its final
+    activation."""
     found = []
     for name, parent in model.named_modules():
         children = [(n, c) for n, c in parent._modules.items() if c is not None]
@@ -283,7 +286,7 @@ def _mlp_linears(model: nn.Module, acts: tuple[str, ...]) -> list[tuple[str, nn.
         ):
             continue
         for child_name, child in children[:-1]:
-            if isinstance(child, nn.Linear):
+            if is_linear(child):
                 found.append((f"{name}.{child_name}" if name else child_name, child))
     return found
 

@@ -66,6 +66,7 @@ every incoming value (:meth:`RemapAct.check_state`) before it changes anything.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import weakref
 from typing import Optional
@@ -650,15 +651,32 @@ def _new_input_remapped(cls: type) -> nn.Module:
     return object.__new__(_input_remapped_class(cls))
 
 
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's linear layers, their weight stored
+    transposed), looked up only where transformers is already loaded."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
 def input_channel_dim(module: nn.Module) -> int:
     """Where a Linear / Conv layer's input keeps its features."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return -1
     if isinstance(module, nn.modules.conv._ConvNd):
         return 1
     raise TypeError(
-        f"input remaps go on nn.Linear or convolution layers, got {type(module).__name__}"
+        "input remaps go on nn.Linear, transformers' Conv1D or convolution layers, got "
+        f"{type(module).__name__}"
     )
+
+
+def input_channels(module: nn.Module) -> int:
+    """The features a Linear / Conv layer takes in."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if is_linear(module):
+        return module.nx
+    return module.in_channels
 
 
 def add_input_remap(module: nn.Module, **kwargs) -> InputRemap:
@@ -668,9 +686,7 @@ def add_input_remap(module: nn.Module, **kwargs) -> InputRemap:
     """
     if has_input_remap(module):
         return module.input_remap
-    channel_dim = input_channel_dim(module)
-    channels = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-    remap = InputRemap(channel_dim, channels, **kwargs)
+    remap = InputRemap(input_channel_dim(module), input_channels(module), **kwargs)
     module.__class__ = _input_remapped_class(type(module))
     module.input_remap = remap
     return remap

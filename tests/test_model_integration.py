@@ -277,10 +277,11 @@ def test_unconvert_gives_back_the_original_modules():
 def test_paper_preset_places_input_remaps_on_mlp_blocks():
     vit, pixels = _tiny_vit()
     llama, tokens = _tiny_llama()
+    gpt2, gpt2_tokens = _tiny_gpt2()
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=10)
     mlp = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3)
     for model, x in (
-        (vit, pixels), (llama, tokens), (resnet, torch.randn(1, 3, 32, 32)),
+        (vit, pixels), (llama, tokens), (gpt2, gpt2_tokens), (resnet, torch.randn(1, 3, 32, 32)),
         (mlp, torch.randn(1, 3, 32, 32)),
     ):
         model.eval()
@@ -298,6 +299,11 @@ def test_paper_preset_places_input_remaps_on_mlp_blocks():
     assert inputs(llama) == {
         f"model.layers.{i}.mlp.{proj}.input_remap": ("input of Linear", False)
         for i in range(2) for proj in ("gate_proj", "up_proj", "down_proj")
+    }
+    # GPT-2's linear layers are transformers' Conv1D; c_proj takes the activation's output.
+    assert inputs(gpt2) == {
+        f"h.{i}.mlp.{layer}.input_remap": ("input of Conv1D", layer == "c_proj")
+        for i in range(2) for layer in ("c_fc", "c_proj")
     }
     assert inputs(resnet) == {}  # its classifier follows the last activation
     # timm's Mlp registers fc2 after its GELU and feeds it the GELU output: a pass-through.
