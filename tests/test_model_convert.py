@@ -133,7 +133,7 @@ def test_inputs_of_conv_and_bad_target():
     model = convert(ConvNet(), inputs_of=("conv2",))
     assert model.conv2.input_remap.channel_dim == 1
     assert model.conv2.input_remap.expected_channels == 4
-    with pytest.raises(TypeError, match="Linear or convolution"):
+    with pytest.raises(TypeError, match="Linear, transformers' Conv1D or convolution"):
         convert(ConvNet(), inputs_of=("bn",))
     # A refused match leaves the model as it was, the matches before it included.
     model = ConvNet()
