@@ -67,6 +67,16 @@ def test_cpu_backend_on_a_non_cpu_tensor_is_refused():
         lipkern.remap_act(torch.zeros(3, device="meta"), 0.1, "relu", backend="cpu")
 
 
+def test_a_model_on_the_meta_device_runs_for_its_shapes():
+    """auto picks the reference there, whose PyTorch ops have meta kernels."""
+    x = torch.empty(2, 8, 4, 4, device="meta")
+    y, stats = lipkern.remap_act_stats(x, torch.zeros(8, device="meta"), "gelu", channel_dim=1)
+    assert (y.shape, y.device.type, stats.amax.shape) == (x.shape, "meta", (8,))
+    with torch.device("meta"):
+        model = lipkern.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU()))
+    assert model(torch.empty(2, 3, 4, 4, device="meta")).shape == (2, 8, 4, 4)
+
+
 def test_inplace_refuses_a_tensor_that_requires_grad():
     with pytest.raises(RuntimeError, match="remap_act_ is for inference"):
         lipkern.remap_act_(torch.randn(3, requires_grad=True), 0.1)

@@ -145,8 +145,10 @@ def available_backends(device="cpu") -> list[str]:
 
 
 def _auto_backend(x: torch.Tensor) -> str:
-    """What ``backend="auto"`` means for ``x``: Triton on CUDA, the C++ kernels elsewhere."""
-    return "triton" if x.device.type == "cuda" else "cpu"
+    """What ``backend="auto"`` means for ``x``: Triton on CUDA, the reference on the meta device
+    (a model built there runs for its shapes, and PyTorch's ops have meta kernels), the C++
+    kernels elsewhere."""
+    return {"cuda": "triton", "meta": "reference"}.get(x.device.type, "cpu")
 
 
 def check_backend(backend) -> None:
