@@ -137,7 +137,7 @@ def test_default_choice_is_reported():
 @pytest.mark.parametrize("channel_dim", [1, 3])
 def test_stats_do_not_depend_on_thread_count(act, channel_dim):
     """Fixed block partition, blocks combined in order: bitwise equal for 1, 2 and 3 threads.
-    940,320 elements span sixteen of the kernel's stats blocks."""
+    941,280 elements span sixteen of the kernel's stats blocks."""
     x, threshold, center = _case((12, 40, 37, 53), channel_dim, torch.float32, seed=1)
     threads = torch.get_num_threads()
     results = []
@@ -154,10 +154,11 @@ def test_stats_do_not_depend_on_thread_count(act, channel_dim):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("channels", [2, 3, 17, 48, 100, 250])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("act", ["relu", "silu"])
-def test_short_rows_walked_several_at_a_time_equal_the_reference(channels, dtype, act):
+def test_short_rows_walked_several_at_a_time_equal_the_reference(capability, channels, dtype, act):
     """Rows of fewer than 256 channels (channel stride 1) are walked several at a time, with the
     parameters repeated (csrc/ops.cpp, rows_per_wide_row), from 2^16 elements up, and the
     statistics of the rows left over are taken apart and combined channel by channel. A prime
@@ -181,6 +182,28 @@ def test_short_rows_walked_several_at_a_time_equal_the_reference(channels, dtype
             grad_y = torch.randn(shape).to(dtype)
             dx = torch.ops.lipkern.remap_act_backward(grad_y, x, threshold, c, act, channel_dim, False)
             assert compare_backward(dx, grad_y, x, threshold, c, act, channel_dim, False).ok
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("shape", [(1401, 3, 7, 7), (64, 96, 7, 7), (300, 5, 3, 15)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_short_planes_walked_as_rows_equal_the_reference(capability, shape, dtype, act):
+    """The smooth activations' forward (and fp32 backward) walk short planes as rows of C x plane
+    positions (csrc/ops.cpp, kMaxPlanesAsRow), several at a time where that row is short too
+    (3 x 7 x 7); GELU's backward masks its tails by side with per-channel thresholds above
+    2.1e-4 and uses its estimate with a centre. Per-channel thresholds with and without centres,
+    and a per-tensor threshold; inputs of standard deviation 3 put lanes off the grid."""
+    x, threshold, center = _case(shape, 1, dtype, seed=5)
+    grad_y = torch.randn(shape).to(dtype)
+    for t, c in ((threshold, None), (threshold, center), (torch.tensor(0.4), None)):
+        y = torch.ops.lipkern.remap_act(x, t, c, act, 1, False)
+        assert compare_forward(y, x, t, c, act, 1).ok
+        inplace = x.clone()
+        torch.ops.lipkern.remap_act_(inplace, t, c, act, 1)
+        assert same_bits(inplace, y).all()
+        dx = torch.ops.lipkern.remap_act_backward(grad_y, x, t, c, act, 1, False)
+        assert compare_backward(dx, grad_y, x, t, c, act, 1, False).ok
 
 
 def _is_prime(n: int) -> bool:

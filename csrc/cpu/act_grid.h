@@ -169,7 +169,7 @@ C10_ALWAYS_INLINE fVec exp_f(const fVec& y) {
 // nearly every operation: 15x ATen's gelu_backward time for |x| in [14, 15], 8x at standard
 // deviation 10. a^2 = hi + lo
 // exactly (an fma), and E = exp(-hi / 2) (1 - lo / 2): a rounded a^2 would move E by up to
-// a^2 2^-25 relative, 2^-18 at a = 15.
+// a^2 2^-25 relative, 2^-18 at a = 11.5.
 // Over every fp32 with 3.875 <= |x| < 15.5 the derivative is within 0.21 (1 + |x|) 2^-24 of the
 // truth, well inside the backward's rule. The value is within 2^-22.2 relative (2^-96 beyond
 // kTailEnd): not the forward's, which rounds the float64 value, but an estimate with which
@@ -367,10 +367,11 @@ C10_ALWAYS_INLINE F2 activate(const F2& x) {
 // polynomial's cost; and the value x s, within about 5 2^-24 relative of the exact value (exp,
 // 1 + e, the division and the product), which the backward uses to settle its mask (the
 // forward's value is the grid's). The clamp gives +-inf the limits (derivative 1 and
-// -0, value inf and -0) instead of inf * 0. Its upper end is low (from 17.33 up, 1 + e^-x
-// rounds to 1 already) so that e^-x never underflows: an fp32 result that underflows, to a
-// subnormal or to 0, takes a microcode assist, and with the clamp at kSiluClamp the backward
-// took 5.2x ATen's time for x in [110, 200].
+// -0, value inf and -0) instead of inf * 0. Its upper end is low (from 24 ln 2 = 16.64 up,
+// 1 + e^-x rounds to 1 already) so that e^-x never underflows: an fp32 result that underflows,
+// to a subnormal or to 0, takes a microcode assist, and with the clamp at kSiluClamp the
+// backward took 5.2x ATen's time for x in [110, 200]. (From x = -83 down to -88.7, s itself is
+// subnormal: a band that narrow is left to the assists.)
 C10_ALWAYS_INLINE ValueGrad silu_from_sigmoid(const fVec& x) {
   constexpr float kSigmoidIsOne = 32.f;
   const fVec xc = at::vec::clamp(x, fVec(-kSiluClamp), fVec(kSigmoidIsOne));
