@@ -28,7 +28,20 @@ SHAPES = (
 )
 DTYPES = os.environ.get("LIPKERN_BENCH_DTYPES", "fp32,bf16").split(",")
 CPU_BACKEND = os.environ.get("LIPKERN_BENCH_BACKEND", "auto")
-INPUT_STD = float(os.environ.get("LIPKERN_BENCH_INPUT_STD", "1"))
+
+
+def _input_std() -> float:
+    text = os.environ.get("LIPKERN_BENCH_INPUT_STD", "1")
+    try:
+        std = float(text)
+    except ValueError:
+        std = float("nan")
+    if not std > 0 or std == float("inf"):
+        raise ValueError(f"LIPKERN_BENCH_INPUT_STD must be a positive number, got {text!r}")
+    return std
+
+
+INPUT_STD = _input_std()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
