@@ -94,7 +94,6 @@ struct Prepared {
 // steps from 64 channels up are left alone: with C = 64, 128 and 192 the wide rows measured
 // 0.95-1.1x the time (bf16 GELU the slowest).
 constexpr int64_t kShortRow = 256;
-constexpr int64_t kWidestStep = 32;
 
 bool is_short_row(int64_t channels) {
   return channels < kShortRow && (channels < 2 * kWidestStep || channels % kWidestStep != 0);
@@ -150,10 +149,9 @@ Prepared prepare(const at::Tensor& xd, const at::Tensor& threshold,
   const int64_t numel = xd.numel();
   p.geometry = flat ? Geometry{numel, 1, numel} : Geometry{numel, C, xd.stride(channel_dim)};
   const int64_t inner = p.geometry.inner;
-  const bool smooth = p.act == Act::Gelu || p.act == Act::GeluTanh || p.act == Act::Silu;
   const bool walked_wide = !flat && numel >= kMinWalkedWide;
   int64_t plane = 1;
-  if (walked_wide && planes_as_rows && smooth && inner > 1 && is_short_row(inner) &&
+  if (walked_wide && planes_as_rows && is_smooth(p.act) && inner > 1 && is_short_row(inner) &&
       C * inner <= kMaxPlanesAsRow) {
     plane = inner;
     p.geometry = Geometry{numel, C * inner, 1};

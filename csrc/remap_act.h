@@ -14,6 +14,14 @@ enum class Act : int { Identity, Relu, Gelu, GeluTanh, Silu };
 // Parses the op's `act` argument; throws naming `act` on an unknown name.
 Act parse_act(const std::string& act);
 
+// GELU, tanh-GELU and SiLU (the others, identity and ReLU, are exact in any format).
+constexpr bool is_smooth(Act a) {
+  return a == Act::Gelu || a == Act::GeluTanh || a == Act::Silu;
+}
+
+// The widest step a kernel build takes, in elements: two AVX-512 fp32 vectors.
+constexpr int64_t kWidestStep = 32;
+
 // A dense tensor seen in memory order as [outer, C, inner] with the channel of the flat offset
 // p being (p / inner) % C. Any non-overlapping dense layout fits (contiguous, channels_last,
 // other permutations), so outputs can share the input's strides.

@@ -332,10 +332,6 @@ C10_ALWAYS_INLINE fVec relu(const fVec& x) {
   return select(less(x, fVec(0.f)), fVec(0.f), x);
 }
 
-constexpr bool is_smooth(Act A) {
-  return A == Act::Gelu || A == Act::GeluTanh || A == Act::Silu;
-}
-
 // Where a step leaves the grid: |x| >= its bound (NaN stays on, and gives NaN there).
 template <Act A>
 C10_ALWAYS_INLINE Mask off_grid(const fVec& x) {

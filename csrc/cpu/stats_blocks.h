@@ -55,15 +55,15 @@ int64_t stats_block_units(const Geometry& g, int64_t unit) {
   return std::max<int64_t>(1, std::min(block, units));
 }
 
-// Lanes mode: channels per task within a block, a multiple of 32 (so every build's steps start
-// where they would unsplit), when the blocks alone are too few for balance; C otherwise.
+// Lanes mode: channels per task within a block, a multiple of kWidestStep (so every build's
+// steps start where they would unsplit), when the blocks alone are too few for balance; C
+// otherwise.
 int64_t stats_channel_chunk(int64_t block_rows, int64_t blocks, int64_t channels) {
   if (blocks >= kStatsBlocksForBalance) return channels;
-  constexpr int64_t kAlign = 32;
   const int64_t wanted = ceil_div(kStatsBlocksForBalance, blocks);
   const int64_t chunk =
       std::max(ceil_div(channels, wanted), ceil_div(kMinStatsBlock, block_rows));
-  return std::min(ceil_div(chunk, kAlign) * kAlign, channels);
+  return std::min(ceil_div(chunk, kWidestStep) * kWidestStep, channels);
 }
 
 // The lanes of v added as a pairwise tree (a fixed order, with a short dependency chain).
