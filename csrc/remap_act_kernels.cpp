@@ -411,13 +411,28 @@ C10_ALWAYS_INLINE fVec backward_vec(const fVec& x, Mask remap, fVec g, const fVe
 
 // The 16-bit smooth activations' tables where the kernel reads them (null otherwise): pairs for
 // the backward that masks on act(x), derivative for the unmasked one and the one masking on keys,
-// activation for SiLU's unsettled masks; and the keys' per-channel intervals.
+// activation for SiLU's unsettled masks; the keys' per-channel intervals; and fp32 GELU's tail
+// interval keys (lo, then hi, an array of channels each).
 struct BackwardTables {
   const float* pairs;
   const float* derivative;
   const float* activation;
-  RemapKeyTable keys;  // MaskMode::Keys only
+  RemapKeyTable keys;           // MaskMode::Keys only
+  const float* tail_keys[2];    // MaskMode::TailIntervals only
 };
+
+// The tail interval keys of a step's lanes, as gelu_tail_mask_values takes them.
+template <bool kLanes>
+C10_ALWAYS_INLINE void tail_keys_at(const BackwardTables& tables, int64_t channel, int64_t i,
+                                    int64_t m, F2& lo, F2& hi) {
+  if constexpr (kLanes) {
+    lo = load(tables.tail_keys[0] + channel + i, m);
+    hi = load(tables.tail_keys[1] + channel + i, m);
+  } else {
+    lo.lo = lo.hi = fVec(tables.tail_keys[0][channel]);
+    hi.lo = hi.hi = fVec(tables.tail_keys[1][channel]);
+  }
+}
 
 // How a backward call masks: not at all (zero thresholds, or straight-through), or as the
 // forward remaps, with a centre or without one (where SiLU settles its mask in fewer
@@ -426,16 +441,16 @@ struct BackwardTables {
 // the unmasked branch on masked calls too.
 // Keys: the 16-bit smooth activations on AVX-512, whose mask is decided on x's bits
 // (remapped_by_keys), so that only act'(x) is evaluated, as unmasked.
-// SidedTails: fp32 GELU where every channel's tails are uniform (gelu_tails_uniform), whose
-// off-grid lanes are masked by their side, so that only act'(x) is evaluated there.
-enum class MaskMode { None, Centred, Uncentred, Keys, SidedTails };
+// TailIntervals: fp32 GELU, whose off-grid lanes are masked by the interval of x their channel's
+// tail remaps (gelu_tail_intervals), so that only act'(x) is evaluated there.
+enum class MaskMode { None, Centred, Uncentred, Keys, TailIntervals };
 
 constexpr bool needs_activation(MaskMode m) {
-  return m == MaskMode::Centred || m == MaskMode::Uncentred || m == MaskMode::SidedTails;
+  return m == MaskMode::Centred || m == MaskMode::Uncentred || m == MaskMode::TailIntervals;
 }
 
 template <typename T, Act A>
-constexpr bool has_sided_tails() {
+constexpr bool has_tail_intervals() {
   return has_fp32_tail(A) && !uses_table<T, A>();
 }
 
@@ -456,18 +471,18 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
   for (int64_t i = begin; i < end; i += kStep) {
     const int64_t m = std::min(kStep, end - i);
     const F2 v = load(x + i, m);
-    // a: the mask's activation (unused when unmasked; off GELU's grid in SidedTails, a value of
-    // the lane's side); d: act'(x). `estimated`: the lanes whose a is an estimate that settles
-    // the mask (SiLU's are all).
+    // a: the mask's activation (unused when unmasked; decided by the tail intervals off GELU's
+    // grid in TailIntervals); d: act'(x). `estimated`: the lanes whose a is an estimate that
+    // settles the mask (SiLU's are all).
     F2 a = v, d = v;
-    LanePair estimated{no_lanes(), no_lanes()};
+    LanePair estimated{no_lanes(), no_lanes()}, off_grid{no_lanes(), no_lanes()};
     if constexpr (A == Act::Silu) {
       const ValueGrad lo = silu_from_sigmoid(v.lo), hi = silu_from_sigmoid(v.hi);
       a = {lo.value, hi.value};
       d = {lo.grad, hi.grad};
-    } else if constexpr (M == MaskMode::SidedTails) {
-      static_assert(has_sided_tails<T, A>());
-      gelu_sided_value_and_derivative(v, a, d);
+    } else if constexpr (M == MaskMode::TailIntervals) {
+      static_assert(has_tail_intervals<T, A>());
+      off_grid = gelu_grid_value_and_derivative(v, a, d);
     } else if constexpr (kOnGrid) {
       // What the tables hold there, bit for bit (they were built by activate and derivative).
       static_assert(gathers_derivative<T, A>());
@@ -499,9 +514,17 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
 #endif
     } else if constexpr (M != MaskMode::None) {
       const StepParams p = rp.at(i, m);
+      if constexpr (M == MaskMode::TailIntervals) {
+        if (any(off_grid.lo | off_grid.hi)) {
+          F2 lo, hi;
+          tail_keys_at<kLanes>(tables, rp.channel, kLanes ? i : 0, m, lo, hi);
+          a = {gelu_tail_mask_values(v.lo, off_grid.lo, lo.lo, hi.lo, p.c.lo, a.lo),
+               gelu_tail_mask_values(v.hi, off_grid.hi, lo.hi, hi.hi, p.c.hi, a.hi)};
+        }
+      }
       // fp32 GELU estimates its off-grid values in the Centred mode only.
       constexpr bool kEstimates =
-          A == Act::Silu || (has_sided_tails<T, A>() && M == MaskMode::Centred);
+          A == Act::Silu || (has_tail_intervals<T, A>() && M == MaskMode::Centred);
       // GELU's value is estimated only off its grid: most steps have exact values throughout.
       if (kEstimates && (A == Act::Silu || any(estimated.lo | estimated.hi))) {
         // The estimates settle nearly every lane; the forward's act(x) decides the rest.
@@ -598,22 +621,31 @@ void backward_typed(const BackwardArgs& args) {
       }
     }
   }
-  // A channel whose tails are not uniform takes the whole call to their estimate and its
-  // settling (with each off-grid lane's value), which took 1.3x the time of masking by side
-  // (4096 x 1024, standard deviation 3, per-channel thresholds). Choosing per lane instead,
-  // the estimate's code in the loop cost the uniform calls most of that gain.
-  bool sided_tails = false;
-  if constexpr (has_sided_tails<T, A>()) {
-    sided_tails = !unmasked && gelu_tails_uniform(args.params, C);
+  // Channels whose tails are not uniform have their intervals searched (30 evaluations of 32
+  // lanes per bound and side, for 32 channels at once), which costs about what the backward of
+  // kElementsPerSearchedChannel elements does; calls with fewer elements per such channel take
+  // the tail's estimate and its settling instead (Centred).
+  std::vector<float> tail_keys;
+  if constexpr (has_tail_intervals<T, A>()) {
+    constexpr int64_t kElementsPerSearchedChannel = 4096;
+    if (!unmasked) {
+      tail_keys = gelu_tail_intervals(args.params, C, g.numel / kElementsPerSearchedChannel);
+    }
   }
+  const bool tail_intervals = !tail_keys.empty();
   const bool by_keys = !keys.empty();
   const bool with_activation = !unmasked && !by_keys;
   RemapKeyTable key_table{};
   if (by_keys) key_table = {{&keys[0], &keys[C], &keys[2 * C], &keys[3 * C]}};
-  const BackwardTables tables{
+  BackwardTables tables{
       with_activation ? pair_table_for<T, A>() : nullptr,
       with_activation ? nullptr : derivative_table_for<T, A>(),
-      A == Act::Silu && with_activation ? activation_table_for<T, A>() : nullptr, key_table};
+      A == Act::Silu && with_activation ? activation_table_for<T, A>() : nullptr, key_table,
+      {}};
+  if (tail_intervals) {
+    tables.tail_keys[0] = &tail_keys[0];
+    tables.tail_keys[1] = &tail_keys[C];
+  }
   const auto walk = [&](auto mode) {
     constexpr MaskMode M = decltype(mode)::value;
     at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
@@ -632,13 +664,13 @@ void backward_typed(const BackwardArgs& args) {
   using Centred = std::integral_constant<MaskMode, MaskMode::Centred>;
   using Uncentred = std::integral_constant<MaskMode, MaskMode::Uncentred>;
   using Keys = std::integral_constant<MaskMode, MaskMode::Keys>;
-  using SidedTails = std::integral_constant<MaskMode, MaskMode::SidedTails>;
+  using TailIntervals = std::integral_constant<MaskMode, MaskMode::TailIntervals>;
   if (unmasked) {
     walk(None{});
   } else if (by_keys) {
     if constexpr (masks_by_keys<T, A>()) walk(Keys{});
-  } else if (sided_tails) {
-    if constexpr (has_sided_tails<T, A>()) walk(SidedTails{});
+  } else if (tail_intervals) {
+    if constexpr (has_tail_intervals<T, A>()) walk(TailIntervals{});
   } else if constexpr (A == Act::Silu) {
     if (args.params.center) {
       walk(Centred{});

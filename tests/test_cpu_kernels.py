@@ -457,23 +457,27 @@ UNIFORM_TAIL_PAIRS = [(0.0, 0.0), (0.0, 0.2), (3e-4, 0.0), (0.3, -0.0), (0.05, 2
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("shape", [(-1, 64), (-1, 64, 4, 4)], ids=["rows", "planes"])
-def test_gelu_backward_masks_the_tails_by_side(capability, shape):
-    """Where every channel's threshold and centre remap all or none of GELU's left tail and none
-    of its right one, the fp32 backward masks off-grid lanes by their side, without their value
-    (csrc/cpu/act_grid.h, gelu_tails_uniform); a call with any other channel takes the tail's
-    estimate. Per call, one pair for every channel: thresholds at and beside where the tails'
-    values end (|GELU(-3.875)|, GELU(3.875)) and where their bounds do (2.1e-4,
-    3.875 - 2.1e-4), between and beyond (0 to inf); centres 0, -0, +-2^-13, 0.2, -0.1, 3.7,
-    +-1e30 and none; per-tensor values. Then mixed over the channels: pairs drawn from all, pairs
-    uniform by construction, and those with one channel that is not, first or last. Inputs: steps
-    with 0 to 32 off-grid lanes, the grid's ends and their neighbours, the infinities, and -3.875
-    in every channel. The backward zeroes exactly the elements the forward remaps."""
+def test_gelu_backward_masks_the_tails_by_interval(capability, shape):
+    """The fp32 backward masks GELU's off-grid lanes by the interval of x their channel's tail
+    remaps, without their value (csrc/cpu/act_grid.h, gelu_tail_intervals): closed form where
+    the threshold and centre remap all or none of the left tail's values and none of the right
+    one's, searched on the forward's own values otherwise. Every call has 4096 elements per
+    channel, enough for every channel to be searched (smaller calls with many channels that are
+    not uniform take the tail's estimate: test_gelu_backward_off_the_grid_masks_as_the_forward).
+    Per call, one pair for every channel: thresholds at and beside where the tails' values end
+    (|GELU(-3.875)|, GELU(3.875)) and where their bounds do (2.1e-4, 3.875 - 2.1e-4), between
+    and beyond (0 to inf); centres 0, -0, +-2^-13, 0.2, -0.1, 3.7, +-1e30 and none; per-tensor
+    values. Then mixed over the channels: pairs drawn from all, pairs uniform by construction,
+    and those with one channel that is not, first or last. Inputs: steps with 0 to 32 off-grid
+    lanes, the grid's ends and their neighbours, the infinities, and -3.875 in every channel.
+    The backward zeroes exactly the elements the forward remaps."""
     gen = torch.Generator().manual_seed(7)
     ends = torch.tensor([3.875, -3.875])
     ends = torch.cat([ends, torch.nextafter(ends, 2 * ends), ends * float("inf")])
     stride = 331 if capability == NATIVE_CAPABILITY else 997
     steps = _steps_with_every_count_off_the_grid(_fp32_between(*GELU_TAIL, stride=stride), gen)
     x = torch.cat([ends, steps])
+    x = x.repeat(-(-4096 * 64 // x.numel()))
     x = x[: x.numel() // 1024 * 1024].reshape(shape)
     # The left tail's value farthest from 0 in every channel, where a channel masked by side
     # that should not be shows.
@@ -510,6 +514,55 @@ def test_gelu_backward_masks_the_tails_by_side(capability, shape):
         remapped = (a - centre.view(along_channels)).abs() < t.view(along_channels)
         dx = torch.ops.lipkern.remap_act_backward(dy, x, t, c, "gelu", 1, False)
         assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all(), (t, c)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+def test_gelu_forward_tails_do_not_fall_as_magnitude_grows(capability):
+    """Off its grid GELU's fp32 value does not decrease as |x| grows, on either side, over every
+    fp32 of the tails (every 7th on the other builds) and on to the infinities: what the
+    backward's search for each channel's tail interval relies on."""
+    stride = 1 if capability == NATIVE_CAPABILITY else 7
+    bounds = torch.tensor([3.875, float("inf")]).view(torch.int32)
+    magnitudes = torch.arange(int(bounds[0]), int(bounds[1]) + 1, stride, dtype=torch.int32)
+    magnitudes = torch.cat([magnitudes, bounds[1:]]).view(torch.float32)
+    for side in (1.0, -1.0):
+        a = torch.ops.lipkern.remap_act(side * magnitudes, torch.tensor(0.0), None, "gelu", 0, False)
+        assert (a[1:] >= a[:-1]).all()
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+def test_gelu_backward_tail_intervals_end_where_the_forward_stops_remapping(capability, layout):
+    """A channel's searched tail interval ends exactly where the forward's mask changes: per
+    channel an off-grid x0 on either side (from 3.875 to 20, near the infinities and at them),
+    a centre (0, a/2, a (1 - 2^-8), -a), and a threshold |fl(a - c)| at x0 or one ulp above, so
+    that the interval ends at x0 or just past it; each channel's x0 with its four nearest
+    neighbours, among off-grid and on-grid values, 4096 rows."""
+    gen = torch.Generator().manual_seed(11)
+    magnitudes = torch.tensor([3.875, 3.9, 4.5, 5.3, 5.4, 8.0, 11.0, 14.3, 14.4, 20.0, 3.4e38])
+    x0 = torch.cat([magnitudes, -magnitudes, torch.tensor([float("inf"), -float("inf")])])
+    x0 = x0[torch.randint(len(x0), (32,), generator=gen)]
+    a0 = torch.ops.lipkern.remap_act(x0, torch.tensor(0.0), None, "gelu", 0, False)
+    kind = torch.arange(32) % 4
+    c = torch.where(kind == 0, 0.0, torch.where(kind == 1, a0 * 0.5, a0 * (1 - 2**-8)))
+    c = torch.where(kind == 3, -a0, c).nan_to_num(posinf=0.0, neginf=0.0)
+    t = (a0 - c).abs()
+    t = torch.where(torch.arange(32) % 3 == 0, torch.nextafter(t, t + 1), t)
+    rows = 4096
+    x = torch.randn(rows, 32, generator=gen) * 6
+    near = torch.stack([x0, *(torch.nextafter(x0, x0 + s * 1) for s in (-1, 1))])
+    near = torch.cat([near, torch.nextafter(near[1:], near[1:] * 2)])
+    x[: near.shape[0]] = near
+    if layout == "planes":
+        x = x.reshape(rows // 64, 64, 32).transpose(1, 2).contiguous()
+    along_channels = (1, -1) + (1,) * (x.dim() - 2)
+    a = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False)
+    remapped = (a - c.view(along_channels)).abs() < t.view(along_channels)
+    dy = torch.ones_like(x)
+    unmasked = torch.ops.lipkern.remap_act_backward(dy, x, torch.tensor(0.0), None, "gelu", 0, False)
+    dx = torch.ops.lipkern.remap_act_backward(dy, x, t, c, "gelu", 1, False)
+    assert remapped.any() and not remapped.all()
+    assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all()
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)

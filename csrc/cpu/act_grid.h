@@ -6,6 +6,12 @@
 #include "activation_tables.h"
 #include "cpu/act_eval.h"
 
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <limits>
+#include <vector>
+
 namespace lipkern {
 namespace CPU_CAPABILITY {
 namespace {
@@ -427,42 +433,150 @@ C10_ALWAYS_INLINE LanePair activate_with_derivative(const F2& x, F2& value, F2& 
 
 // Off its grid GELU(x) = max(x, 0) - |x| Q(|x|) lies within 2.1e-4 of max(x, 0): |x| Q(|x|) falls
 // from 2.0659e-4 at the grid's end. A channel whose threshold and centre remap all or none of
-// the left tail's values, [-2.1e-4, -0], and none of the right's, [3.875 - 2.1e-4, inf], masks
-// an off-grid lane as it masks any value of the lane's side: its backward needs no value there.
+// the left tail's values, [-2.1e-4, -0], and none of the right's, [3.875 - 2.1e-4, inf], remaps
+// all or none of the left tail's x and none of the right's, without a search.
 constexpr float kGeluTailGap = 2.1e-4f;
 
-// Whether |fl(a - c)| < t holds for all or none of the left tail's a, and for none of the right
-// tail's, in the fp32 the kernel compares in: fl(a - c) is monotone in a, so each side's ends
-// decide. A channel with t = 0 remaps nothing.
-inline bool gelu_tails_uniform(float t, float c) {
+// Off the grid GELU's forward value does not decrease along the int32 view of x's bits (tests/
+// test_cpu_kernels.py checks every fp32 of the tails): that view grows with |x| on the left side,
+// where the value rises to -0, and with x on the right, where it rises to x; every left value
+// (at most -0) lies below every right one. Neither does d = fl(act(x) - c), so a channel remaps
+// the off-grid x of one interval of keys, [lo, hi] (none where lo > hi), with which the backward
+// masks its off-grid lanes without their value.
+struct KeyInterval {
+  int32_t lo = std::numeric_limits<int32_t>::max();
+  int32_t hi = std::numeric_limits<int32_t>::min();
+};
+
+// The magnitudes off the grid, 3.875 to inf, as bits.
+constexpr uint32_t kTailFirstBits = 0x40780000u;
+constexpr uint32_t kTailLastBits = 0x7f800000u;
+constexpr int64_t kTailKeys = int64_t{kTailLastBits} - kTailFirstBits + 1;  // per side
+
+// The j-th off-grid key in increasing order: the left side's from -3.875 to -inf, then the right
+// side's from 3.875 to inf.
+inline int32_t tail_key(int64_t j) {
+  static_assert(act_table<Act::Gelu>().bound == 3.875f);
+  const uint32_t bits = j < kTailKeys ? 0x80000000u | static_cast<uint32_t>(kTailFirstBits + j)
+                                      : static_cast<uint32_t>(kTailFirstBits + j - kTailKeys);
+  return static_cast<int32_t>(bits);
+}
+
+// The interval of a channel whose tails are uniform, decided from the ends of each side's values
+// in the fp32 the kernel compares in; false otherwise. A channel with t = 0 remaps nothing.
+inline bool uniform_tail_interval(float t, float c, KeyInterval& out) {
   constexpr float kBound = act_table<Act::Gelu>().bound;
   static_assert(kBound == 3.875f, "the gap is bounded from 3.875 on");
+  out = {};
   if (!(t > 0.f)) return true;
   const float left_low = -kGeluTailGap - c, left_high = -0.f - c;
   const bool left_all = std::abs(left_low) < t && std::abs(left_high) < t;
   const bool left_none = left_low >= t || left_high <= -t;
+  if (left_all) out = {tail_key(0), tail_key(kTailKeys - 1)};
   return (left_all || left_none) && (kBound - kGeluTailGap) - c >= t;
 }
 
-// Whether every channel's tails are uniform.
-inline bool gelu_tails_uniform(const ChannelParams& p, int64_t channels) {
-  for (int64_t c = 0; c < channels; ++c) {
-    if (!gelu_tails_uniform(p.threshold[c], p.center ? p.center[c] : 0.f)) return false;
+// The intervals of up to kStep channels (t, c: theirs), searched on the forward's own values:
+// from the first key with d > -t up to, not including, the first with d >= t.
+inline void search_tail_intervals(const float* t, const float* c, int64_t n, KeyInterval* out) {
+  int64_t first[2][kStep];  // [0]: first key index with d > -t; [1]: first with d >= t
+  for (int bound = 0; bound < 2; ++bound) {
+    int64_t lo[kStep], hi[kStep];
+    std::fill(lo, lo + kStep, 0);
+    std::fill(hi, hi + kStep, 2 * kTailKeys);
+    // 2 kTailKeys < 2^31: 31 halvings leave one candidate.
+    for (int halving = 0; halving < 31; ++halving) {
+      float values[kStep];
+      for (int64_t j = 0; j < kStep; ++j) {
+        const int64_t mid = j < n ? std::min(lo[j] + (hi[j] - lo[j]) / 2, 2 * kTailKeys - 1) : 0;
+        const int32_t key = tail_key(mid);
+        std::memcpy(&values[j], &key, sizeof key);
+      }
+      const F2 a = activate<Act::Gelu>(load(values, kStep));
+      store(values, kStep, a.lo, a.hi);
+      for (int64_t j = 0; j < n; ++j) {
+        if (lo[j] == hi[j]) continue;
+        const int64_t mid = lo[j] + (hi[j] - lo[j]) / 2;
+        const float d = values[j] - c[j];
+        if (bound == 0 ? d > -t[j] : d >= t[j]) {
+          hi[j] = mid;
+        } else {
+          lo[j] = mid + 1;
+        }
+      }
+    }
+    std::copy(lo, lo + kStep, first[bound]);
   }
-  return true;
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = {};
+    if (first[0][j] < first[1][j]) out[j] = {tail_key(first[0][j]), tail_key(first[1][j] - 1)};
+  }
 }
 
-// GELU's act'(x) for a step, and act(x) on the grid; off it, a value of the lane's tail side (x
-// on the right, -0 on the left), which decides the mask of a channel whose tails are uniform.
-C10_ALWAYS_INLINE void gelu_sided_value_and_derivative(const F2& x, F2& value, F2& grad) {
+// Each channel's tail interval, as two arrays of C keys (lo, then hi; stored in floats, as the
+// kernel loads them), or nothing where more than max_searched channels are not uniform.
+inline std::vector<float> gelu_tail_intervals(const ChannelParams& p, int64_t channels,
+                                              int64_t max_searched) {
+  std::vector<KeyInterval> intervals(channels);
+  std::vector<int64_t> searched;
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    const float c = p.center ? p.center[ch] : 0.f;
+    if (!uniform_tail_interval(p.threshold[ch], c, intervals[ch])) searched.push_back(ch);
+  }
+  if (static_cast<int64_t>(searched.size()) > max_searched) return {};
+  const int64_t batches = (static_cast<int64_t>(searched.size()) + kStep - 1) / kStep;
+  at::parallel_for(0, batches, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = std::min<int64_t>(kStep, searched.size() - b * kStep);
+      float t[kStep], c[kStep];
+      KeyInterval found[kStep];
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t ch = searched[b * kStep + j];
+        t[j] = p.threshold[ch];
+        c[j] = p.center ? p.center[ch] : 0.f;
+      }
+      search_tail_intervals(t, c, n, found);
+      for (int64_t j = 0; j < n; ++j) intervals[searched[b * kStep + j]] = found[j];
+    }
+  });
+  std::vector<float> keys(2 * channels);
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    std::memcpy(&keys[ch], &intervals[ch].lo, sizeof(int32_t));
+    std::memcpy(&keys[channels + ch], &intervals[ch].hi, sizeof(int32_t));
+  }
+  return keys;
+}
+
+// GELU's act'(x) for a step, and act(x) on the grid; returned: the lanes off it, whose value is
+// left for the caller to decide the mask of (gelu_tail_mask_values).
+C10_ALWAYS_INLINE LanePair gelu_grid_value_and_derivative(const F2& x, F2& value, F2& grad) {
   grid_value_and_derivative<Act::Gelu, true>(x, value, grad);
   const Mask off_lo = off_grid<Act::Gelu>(x.lo), off_hi = off_grid<Act::Gelu>(x.hi);
-  if (!any(off_lo | off_hi)) return;
-  patch_off_grid<Act::Gelu, false, true, true>(x, off_lo, off_hi, grad, grad);
-  const auto sided = [](const fVec& v, Mask off, const fVec& on_grid) {
-    return select(off, select(less(fVec(0.f), v), v, fVec(-0.f)), on_grid);
-  };
-  value = {sided(x.lo, off_lo, value.lo), sided(x.hi, off_hi, value.hi)};
+  if (any(off_lo | off_hi)) patch_off_grid<Act::Gelu, false, true, true>(x, off_lo, off_hi, grad, grad);
+  return {off_lo, off_hi};
+}
+
+// Whether x's key lies in [lo, hi] (keys as fVec bits).
+C10_ALWAYS_INLINE Mask key_within(const fVec& x, const fVec& lo, const fVec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i key = _mm512_castps_si512(x);
+  return _mm512_mask_cmple_epi32_mask(_mm512_cmpge_epi32_mask(key, _mm512_castps_si512(lo)), key,
+                                      _mm512_castps_si512(hi));
+#else
+  using iVec = at::vec::Vectorized<int32_t>;
+  const iVec key = at::vec::cast<int32_t>(x);
+  return at::vec::cast<float>((key >= at::vec::cast<int32_t>(lo)) &
+                              (key <= at::vec::cast<int32_t>(hi)));
+#endif
+}
+
+// Where x is off the grid, a value that the remap test |a - c| < t decides as the forward's own
+// value: c where x lies in its channel's tail interval (t > 0 there), NaN elsewhere.
+C10_ALWAYS_INLINE fVec gelu_tail_mask_values(const fVec& x, Mask off, const fVec& lo,
+                                             const fVec& hi, const fVec& c, const fVec& value) {
+  const fVec undecided =
+      select(key_within(x, lo, hi), c, fVec(std::numeric_limits<float>::quiet_NaN()));
+  return select(off, undecided, value);
 }
 
 }  // namespace
