@@ -461,7 +461,8 @@ def test_gelu_backward_masks_the_tails_by_interval(capability, shape):
     """The fp32 backward masks GELU's off-grid lanes by the interval of x their channel's tail
     remaps, without their value (csrc/cpu/act_grid.h, gelu_tail_intervals): closed form where
     the threshold and centre remap all or none of the left tail's values and none of the right
-    one's, searched on the forward's own values otherwise. Every call has 4096 elements per
+    one's (where every channel's are, by the lane's side), searched on the forward's own values
+    otherwise. Every call has 4096 elements per
     channel, enough for every channel to be searched (smaller calls with many channels that are
     not uniform take the tail's estimate: test_gelu_backward_off_the_grid_masks_as_the_forward).
     Per call, one pair for every channel: thresholds at and beside where the tails' values end

@@ -556,6 +556,23 @@ C10_ALWAYS_INLINE LanePair gelu_grid_value_and_derivative(const F2& x, F2& value
   return {off_lo, off_hi};
 }
 
+// Whether every channel's tails are uniform.
+inline bool gelu_tails_uniform(const ChannelParams& p, int64_t channels) {
+  KeyInterval unused;
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    if (!uniform_tail_interval(p.threshold[ch], p.center ? p.center[ch] : 0.f, unused)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Where x is off the grid, a value of its side (x on the right, -0 on the left), which decides
+// the mask of a channel whose tails are uniform.
+C10_ALWAYS_INLINE fVec gelu_sided_values(const fVec& x, Mask off, const fVec& value) {
+  return select(off, select(less(fVec(0.f), x), x, fVec(-0.f)), value);
+}
+
 // Whether x's key lies in [lo, hi] (keys as fVec bits).
 C10_ALWAYS_INLINE Mask key_within(const fVec& x, const fVec& lo, const fVec& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
