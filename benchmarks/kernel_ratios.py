@@ -8,6 +8,9 @@ Inputs are standard normal times --scale (default 1). The smooth activations' fp
 |x| = 3.875 (GELU, tanh-GELU) and 7.75 (SiLU); lanes beyond it are evaluated in float64 (in
 GELU's backward by an fp32 tail), so their speed depends on how far the inputs spread.
 
+Thresholds (the `thr` column): per channel, a per-tensor zero, per channel with centres, and per
+channel below 2.1e-4 (see `thresholds`); the statistics take the first two.
+
 Each ratio takes the 10th percentile of single calls, alternated between the two subjects, so
 that calls another process slowed down drop out; ratios move by about 10 % between runs on a
 shared machine. The allocator is held steady as `lipkern bench` holds it.
@@ -51,9 +54,18 @@ def side_by_side(subjects: dict, rounds: int) -> dict:
     return {name: sorted(t)[len(t) // 10] for name, t in times.items()}
 
 
-def thresholds(channels: int, kind: str) -> torch.Tensor:
-    # A per-tensor zero threshold is what a calibration scan runs.
-    return torch.rand(channels) * 0.5 if kind == "channel" else torch.tensor(0.0)
+def thresholds(channels: int, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Thresholds and centres of one kind: per channel (`channel`), a per-tensor zero (what a
+    calibration scan runs: `tensor0`), per channel with per-channel centres (the MeanSparse
+    variant: `centred`), and per-channel thresholds below 2.1e-4, as a dead channel's calibrated
+    c^r max|a| can be (`tiny`: GELU's fp32 backward searches each channel's tail interval)."""
+    if kind == "channel":
+        return torch.rand(channels) * 0.5, None
+    if kind == "centred":
+        return torch.rand(channels) * 0.2, torch.rand(channels) * 0.3
+    if kind == "tiny":
+        return torch.rand(channels) * 2e-4, None
+    return torch.tensor(0.0), None
 
 
 def stats(rounds: int, scale: float) -> None:
@@ -65,7 +77,7 @@ def stats(rounds: int, scale: float) -> None:
                     x = (torch.randn(shape) * scale).to(DTYPES[dtype])
                     if layout == "nchw_cl":
                         x = x.to(memory_format=torch.channels_last)
-                    t = thresholds(x.shape[1], kind)
+                    t, _ = thresholds(x.shape[1], kind)
                     r = side_by_side(
                         {
                             "fwd": lambda: OPS.remap_act(x, t, None, act, 1, False),
@@ -83,19 +95,19 @@ def against_aten(rounds: int, scale: float, backward: bool) -> None:
     rows = []
     for act in ATEN_BACKWARD:
         for dtype in DTYPES:
-            for kind in ("channel", "tensor0"):
+            for kind in ("channel", "tensor0", "centred", "tiny"):
                 x = (torch.randn(4096, 1024) * scale).to(DTYPES[dtype])
                 g = torch.randn_like(x)
-                t = thresholds(1024, kind)
+                t, c = thresholds(1024, kind)
                 if backward:
                     subjects = {
                         "aten": lambda: ATEN_BACKWARD[act](g, x),
-                        "ours": lambda: OPS.remap_act_backward(g, x, t, None, act, 1, False),
+                        "ours": lambda: OPS.remap_act_backward(g, x, t, c, act, 1, False),
                     }
                 else:
                     subjects = {
                         "aten": lambda: ATEN_FORWARD[act](x),
-                        "ours": lambda: OPS.remap_act(x, t, None, act, 1, False),
+                        "ours": lambda: OPS.remap_act(x, t, c, act, 1, False),
                     }
                 r = side_by_side(subjects, rounds)
                 rows.append((act, dtype, kind, f"{r['aten'] * 1e3:.3f}",

@@ -631,7 +631,8 @@ void backward_typed(const BackwardArgs& args) {
     }
   }
   // Channels whose tails are not uniform have their intervals searched (31 evaluations of 32
-  // lanes per bound, for 32 channels at once: about what the backward of 200 elements costs);
+  // lanes per bound, for 32 channels at once: per channel about what the backward of 100 to 300
+  // elements costs);
   // calls with fewer than kElementsPerSearchedChannel elements per such channel take the tail's
   // estimate and its settling instead (Centred), which took 1.2x the time of the intervals
   // (4096 x 1024, standard deviation 3, per-channel thresholds).
