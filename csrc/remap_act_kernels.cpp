@@ -419,7 +419,25 @@ struct BackwardTables {
   const float* activation;
   RemapKeyTable keys;           // MaskMode::Keys only
   const float* tail_keys[2];    // MaskMode::TailIntervals only
+  const float* settle_bands;    // MaskMode::Centred where the activation is estimated
 };
+
+// settle_band of a step's lanes; -1 (settled) in the lanes past a ragged end, whose padding
+// (x = 0, t = 0, c = 0) would otherwise be unsettled at every row end.
+template <bool kLanes>
+C10_ALWAYS_INLINE F2 settle_band_at(const BackwardTables& tables, int64_t channel, int64_t i,
+                                    int64_t m) {
+  if constexpr (kLanes) {
+    if (m >= kStep) return load(tables.settle_bands + channel + i, m);
+    float padded[kStep];
+    std::fill(padded, padded + kStep, -1.f);
+    std::copy(tables.settle_bands + channel + i, tables.settle_bands + channel + i + m, padded);
+    return load(padded, kStep);
+  } else {
+    const fVec band(tables.settle_bands[channel]);
+    return {band, band};
+  }
+}
 
 // The tail interval keys of a step's lanes, as gelu_tail_mask_values takes them.
 template <bool kLanes>
@@ -542,8 +560,9 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
           lo = settle_mask_uncentred(a.lo, p.t.lo);
           hi = settle_mask_uncentred(a.hi, p.t.hi);
         } else {
-          lo = settle_mask(a.lo, p.t.lo, p.c.lo);
-          hi = settle_mask(a.hi, p.t.hi, p.c.hi);
+          const F2 band = settle_band_at<kLanes>(tables, rp.channel, kLanes ? i : 0, m);
+          lo = settle_mask(a.lo, p.t.lo, p.c.lo, band.lo);
+          hi = settle_mask(a.hi, p.t.hi, p.c.hi, band.hi);
         }
         remap_lo = lo.remap;
         remap_hi = hi.remap;
@@ -649,6 +668,19 @@ void backward_typed(const BackwardArgs& args) {
   }
   const bool tail_intervals = !tail_keys.empty();
   const bool by_keys = !keys.empty();
+  // The estimates of the Centred mode (SiLU's with a centre, fp32 GELU's off the grid where its
+  // tails are neither sided nor searched) settle by each channel's band.
+  const bool centred_estimates =
+      !unmasked && !by_keys &&
+      (A == Act::Silu ? args.params.center != nullptr
+                      : has_tail_intervals<T, A>() && !sided_tails && !tail_intervals);
+  std::vector<float> settle_bands;
+  if (centred_estimates) {
+    settle_bands.resize(C);
+    for (int64_t ch = 0; ch < C; ++ch) {
+      settle_bands[ch] = settle_band(th[ch], args.params.center ? args.params.center[ch] : 0.f);
+    }
+  }
   const bool with_activation = !unmasked && !by_keys;
   RemapKeyTable key_table{};
   if (by_keys) key_table = {{&keys[0], &keys[C], &keys[2 * C], &keys[3 * C]}};
@@ -656,7 +688,7 @@ void backward_typed(const BackwardArgs& args) {
       with_activation ? pair_table_for<T, A>() : nullptr,
       with_activation ? nullptr : derivative_table_for<T, A>(),
       A == Act::Silu && with_activation ? activation_table_for<T, A>() : nullptr, key_table,
-      {}};
+      {}, centred_estimates ? settle_bands.data() : nullptr};
   if (tail_intervals) {
     tables.tail_keys[0] = &tail_keys[0];
     tables.tail_keys[1] = &tail_keys[C];

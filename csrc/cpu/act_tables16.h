@@ -375,17 +375,29 @@ struct Settled {
 
 // The remap mask from an estimate e of act(x) within relative 2^-20.8 of the kernel's own act(x)
 // (or absolute 2^-90, where e underflows): settled where | |e - c| - t | exceeds how far the
-// kernel's |act(x) - c| can lie from |e - c| (that and both roundings of the difference, with a
-// margin of 2 and more). A threshold of 0 remaps nothing and settles every lane (ragged tails
-// pad with t = 0).
-C10_ALWAYS_INLINE Settled settle_mask(const fVec& e, const fVec& t, const fVec& c) {
+// kernel's |act(x) - c| can lie from |e - c|, r(e) = |e| 2^-19 + |e - c| 2^-22 + 2^-90 (that and
+// both roundings of the difference, with a margin of 2 and more). Only lanes with
+// | |e - c| - t | <= r(e) can be decided otherwise, and there |e| <= |c| + |e - c| and
+// |e - c| <= t + r(e) bound r(e) by the channel's `band` (settle_band), which is compared
+// instead: six operations per vector where r(e) took eleven (SiLU's backward with centres,
+// 1.13x ATen's time before).
+C10_ALWAYS_INLINE Settled settle_mask(const fVec& e, const fVec& t, const fVec& c,
+                                      const fVec& band) {
   const fVec distance = (e - c).abs();
-  const fVec r = at::vec::fmadd(e.abs(), fVec(0x1p-19f),
-                                at::vec::fmadd(distance, fVec(0x1p-22f), fVec(0x1p-90f)));
   Settled out;
   out.remap = less(distance, t);
-  out.unsettled = at_least(r, (distance - t).abs()) & less(fVec(0.f), t);
+  out.unsettled = at_least(band, (distance - t).abs());
   return out;
+}
+
+// settle_mask's band for a channel: r(e) <= ((|c| + t) 2^-19 + t 2^-22 + 2^-90) / (1 - 2^-19 - 2^-22 - 2^-43)
+// where it matters, rounded up with room to spare. A channel with t <= 0 remaps nothing and one
+// with an infinite t or c decides every finite lane alike (a lane at the infinity compares equal
+// there and is settled exactly): their band is -1, which settles every lane.
+inline float settle_band(float t, float c) {
+  const double band = ((std::abs(double{c}) + t) * (0x1p-19 + 0x1p-22) + 0x1p-90) * (1 + 0x1p-17);
+  if (!(t > 0.f) || !std::isfinite(band)) return -1.f;
+  return static_cast<float>(band) * (1 + 0x1p-20f);
 }
 
 // settle_mask without a centre, in fewer operations: |e - 0| is |e|, the band's bound
