@@ -382,7 +382,8 @@ def test_gelu_derivative_off_the_grid(capability):
     """Off the grid GELU's backward evaluates act'(x) in fp32 (csrc/cpu/act_grid.h, gelu_tail):
     over every fp32 of the tails (every 7th on the other builds), within 0.21 (1 + |x|) 2^-24 of
     float64, which the rounding of act'(x) to fp32 alone reaches near x = 3.875, and a fortieth
-    of the backward's rule; the sign of a zero result is the truth's, and inf gives the limits."""
+    of the backward's rule; the sign of a zero result is the truth's, and inf gives the limits,
+    as does every |x| from 5.875 on, in steps with any number of lanes off the grid."""
     stride = 1 if capability == NATIVE_CAPABILITY else 7
     x = _fp32_between(*GELU_TAIL, stride=stride)
     dx = torch.ops.lipkern.remap_act_backward(
@@ -398,6 +399,14 @@ def test_gelu_derivative_off_the_grid(capability):
         torch.ones(2), ends, torch.tensor(0.0), None, "gelu", 0, False
     )
     assert same_bits(limits, torch.tensor([1.0, -0.0])).all()
+    # From |x| = 5.875 on the derivative is its limit, whether the step evaluates its off-grid
+    # lanes or takes them at their limits (with more than 16 of them off the grid).
+    mixed = _steps_with_every_count_off_the_grid(x[::97], torch.Generator().manual_seed(3))
+    d = torch.ops.lipkern.remap_act_backward(
+        torch.ones_like(mixed), mixed, torch.tensor(0.0), None, "gelu", 0, False
+    )
+    far = mixed.abs() >= 5.875
+    assert far.any() and same_bits(d[far], torch.where(mixed[far] > 0, 1.0, -0.0)).all()
 
 
 def _steps_with_every_count_off_the_grid(off: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

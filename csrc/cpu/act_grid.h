@@ -162,6 +162,12 @@ C10_ALWAYS_INLINE fVec exp_f(const fVec& y) {
 #endif
 }
 
+// From |x| = kGeluGradLimit on, GELU's act'(x) is within the backward's accuracy of its limit:
+// |act'(x) - [x > 0]| = |x| phi(x) - Q(|x|) is below 0.18 (1 + |x|) 2^-24 there (inside the 0.21
+// gelu_tail keeps), so the right side's derivative is 1 and the left's -0 (act' < 0 there, and
+// the sign of a zero result is the truth's).
+constexpr float kGeluGradLimit = 5.875f;
+
 // GELU off its grid (|x| >= 3.875) in fp32, from the Gaussian tail. With a = |x| and
 // Q(a) = 1 - Phi(a) = phi(a) M(a) (M: Mills' ratio),
 //   GELU(x)  = max(x, 0) - a Q(a)                = max(x, 0) - E F,
@@ -177,7 +183,8 @@ C10_ALWAYS_INLINE fVec exp_f(const fVec& y) {
 // exactly (an fma), and E = exp(-hi / 2) (1 - lo / 2): a rounded a^2 would move E by up to
 // a^2 2^-25 relative, 2^-18 at a = 11.5.
 // Over every fp32 with 3.875 <= |x| < 15.5 the derivative is within 0.21 (1 + |x|) 2^-24 of the
-// truth, well inside the backward's rule. The value is within 2^-22.2 relative (2^-96 beyond
+// truth, well inside the backward's rule (from kGeluGradLimit on it is the limit, as
+// gelu_grad_at_the_ends gives it without the evaluation). The value is within 2^-22.2 relative (2^-96 beyond
 // kTailEnd): not the forward's, which rounds the float64 value, but an estimate with which
 // the backward settles its mask, as SiLU's (act_tables16.h, settle_mask).
 C10_ALWAYS_INLINE ValueGrad gelu_tail(const fVec& x) {
@@ -188,7 +195,8 @@ C10_ALWAYS_INLINE ValueGrad gelu_tail(const fVec& x) {
   constexpr float kScale = 0x1.016e0cp+5f, kOffset = -0x1.249cbcp+0f;
   constexpr float kInvSqrt2Pi = 0.3989422804014327f;
   constexpr float kTailEnd = 11.5f;
-  const fVec a = at::vec::minimum(x.abs(), fVec(kTailEnd));
+  const fVec magnitude = x.abs();
+  const fVec a = at::vec::minimum(magnitude, fVec(kTailEnd));
   const fVec a2 = a * a;
   const fVec a2_lo = fused_madd(a, a, a2.neg());
   const fVec e_hi = exp_f(a2 * fVec(-0.5f));
@@ -201,9 +209,10 @@ C10_ALWAYS_INLINE ValueGrad gelu_tail(const fVec& x) {
   const fVec slope = e * fused_madd(f.neg(), inv_a, a * fVec(kInvSqrt2Pi));
   const Mask positive = less(fVec(0.f), x);
   const Mask vanished = less(x, fVec(-kTailEnd));
-  const auto left = [&](const fVec& v) { return select(vanished, fVec(-0.f), v.neg()); };
-  return {select(positive, x - correction, left(correction)),
-          select(positive, fVec(1.f) + slope, left(slope))};
+  const Mask grad_at_limit = at_least(magnitude, fVec(kGeluGradLimit));
+  return {select(positive, x - correction, select(vanished, fVec(-0.f), correction.neg())),
+          select(grad_at_limit, select(positive, fVec(1.f), fVec(-0.f)),
+                 select(positive, fVec(1.f) + slope, slope.neg()))};
 }
 
 // Whether the backward evaluates act's off-grid lanes with an fp32 tail (gelu_tail) instead of
@@ -253,6 +262,16 @@ C10_ALWAYS_INLINE void gelu_value_at_the_ends(const fVec& x, Mask& off, fVec& va
   off = lanes_except(off, is_x | is_zero);
 }
 
+// GELU's act'(x) where it is its limit (from kGeluGradLimit on), as gelu_tail gives it, without
+// the evaluation; the lanes are taken out of `off`. At standard deviation 10 these are four
+// fifths of the lanes off the grid.
+C10_ALWAYS_INLINE void gelu_grad_at_the_ends(const fVec& x, Mask& off, fVec& grad) {
+  const Mask is_one = at_least(x, fVec(kGeluGradLimit));
+  const Mask is_zero = at_least(fVec(-kGeluGradLimit), x);
+  grad = select(is_zero, fVec(-0.f), select(is_one, fVec(1.f), grad));
+  off = lanes_except(off, is_one | is_zero);
+}
+
 // The lanes of a step off the fp32 grid (off_lo, off_hi) evaluated and rounded to fp32, into
 // value (kValue) and grad (kGrad); the other lanes keep theirs. On AVX-512 the step's off-grid
 // lanes are packed together first, so a step of 32 values with at most 8 of them pays one
@@ -293,13 +312,23 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
       return;
     }
   }
-  const int n_lo = __builtin_popcount(off_lo), n_hi = __builtin_popcount(off_hi);
-  const int n = n_lo + n_hi;
+  int n_lo = __builtin_popcount(off_lo), n_hi = __builtin_popcount(off_hi);
   if constexpr (kFp32Tail) {
     // The tail evaluates 16 lanes at a time: with more than 16 off the grid, packing saves no
-    // evaluation, and the unpacked form took 0.7x the time of the packed one (std 10).
-    if (n > kF) return evaluate_unpacked();
+    // evaluation, and the unpacked form took 0.7x the time of the packed one (std 10), unless
+    // the derivative's limits leave at most 16 (taken only here: at std 3 they would cost their
+    // compares on nearly every step and save no evaluation).
+    if (n_lo + n_hi > kF) {
+      if constexpr (kGrad && !kValue) {
+        gelu_grad_at_the_ends(x.lo, off_lo, grad.lo);
+        gelu_grad_at_the_ends(x.hi, off_hi, grad.hi);
+        n_lo = __builtin_popcount(off_lo);
+        n_hi = __builtin_popcount(off_hi);
+      }
+      if (n_lo + n_hi > kF) return evaluate_unpacked();
+    }
   }
+  const int n = n_lo + n_hi;
   const fVec packed_lo = _mm512_maskz_compress_ps(off_lo, x.lo);
   const fVec packed_hi = _mm512_maskz_compress_ps(off_hi, x.hi);
   // packed[0]: x.lo's lanes, then x.hi's first ones up to 16 lanes; packed[1]: x.hi's others.
