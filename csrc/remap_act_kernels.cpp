@@ -504,7 +504,7 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
       d = {lo.grad, hi.grad};
     } else if constexpr (M == MaskMode::SidedTails || M == MaskMode::TailIntervals) {
       static_assert(has_tail_intervals<T, A>());
-      off_grid = gelu_grid_value_and_derivative(v, a, d);
+      off_grid = gelu_estimate_and_derivative(v, a, d);
     } else if constexpr (kOnGrid) {
       // What the tables hold there, bit for bit (they were built by activate and derivative).
       static_assert(gathers_derivative<T, A>());
@@ -548,12 +548,25 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
                  gelu_tail_mask_values(v.hi, off_grid.hi, lo.hi, hi.hi, p.c.hi, a.hi)};
           }
         }
+        // On the grid a is an estimate: the lanes it leaves too close to call take the grid's
+        // own value (their step's); the off-grid lanes' values decide as they are.
+        const Settled lo = settle_grid_estimate(a.lo, p.t.lo, p.c.lo);
+        const Settled hi = settle_grid_estimate(a.hi, p.t.hi, p.c.hi);
+        remap_lo = lo.remap;
+        remap_hi = hi.remap;
+        if (any(lanes_except(lo.unsettled, off_grid.lo) | lanes_except(hi.unsettled, off_grid.hi))) {
+          const F2 exact = gelu_grid_values(v, off_grid, a);
+          remap_lo = remap_mask(exact.lo, p.t.lo, p.c.lo);
+          remap_hi = remap_mask(exact.hi, p.t.hi, p.c.hi);
+        }
       }
       // fp32 GELU estimates its off-grid values in the Centred mode only.
       constexpr bool kEstimates =
           A == Act::Silu || (has_tail_intervals<T, A>() && M == MaskMode::Centred);
       // GELU's value is estimated only off its grid: most steps have exact values throughout.
-      if (kEstimates && (A == Act::Silu || any(estimated.lo | estimated.hi))) {
+      if constexpr (M == MaskMode::SidedTails || M == MaskMode::TailIntervals) {
+        // Decided above.
+      } else if (kEstimates && (A == Act::Silu || any(estimated.lo | estimated.hi))) {
         // The estimates settle nearly every lane; the forward's act(x) decides the rest.
         Settled lo, hi;
         if constexpr (M == MaskMode::Uncentred) {

@@ -576,6 +576,44 @@ def test_gelu_backward_tail_intervals_end_where_the_forward_stops_remapping(capa
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+def test_gelu_backward_settles_its_grid_estimate_as_the_forward(capability, layout):
+    """With tails masked by side or by interval, the fp32 backward decides lanes on GELU's grid
+    from an estimate of act(x) (three rows of the polynomial, within 2.6e-4 of the grid's value)
+    and takes the grid's own value where the estimate is too close to call
+    (csrc/cpu/act_tables16.h, settle_grid_estimate). Per channel an x0 on the grid (both sides
+    of the valley, near 0 and near the grid's ends), a centre (0, a/2, -a, a (1 - 2^-8)) and a
+    threshold at |fl(a - c)|, one ulp above, 1e-4 either side (inside the estimate's band) or
+    1e-3 either side (settled by it); each channel's x0 with its neighbours among random values,
+    4096 rows, channels of uniform tails and of searched ones."""
+    gen = torch.Generator().manual_seed(13)
+    x0 = torch.tensor([0.1, 0.5, 1.0, 2.0, 3.5, 3.87, -0.3, -0.75, -1.5, -3.0, -3.87, 1e-3])
+    x0 = x0[torch.randint(len(x0), (32,), generator=gen)]
+    a0 = torch.ops.lipkern.remap_act(x0, torch.tensor(0.0), None, "gelu", 0, False)
+    kind = torch.arange(32) % 4
+    c = torch.where(kind == 0, 0.0, torch.where(kind == 1, a0 * 0.5, -a0))
+    c = torch.where(kind == 3, a0 * (1 - 2**-8), c)
+    distance = (a0 - c).abs()
+    offsets = [0.0, 1e-4, -1e-4, 1e-3, -1e-3]
+    rows = 4096
+    x = torch.randn(rows, 32, generator=gen) * 2
+    near = torch.stack([x0, *(torch.nextafter(x0, x0 + s) for s in (-1, 1))])
+    x[: near.shape[0]] = near
+    if layout == "planes":
+        x = x.reshape(rows // 64, 64, 32).transpose(1, 2).contiguous()
+    along_channels = (1, -1) + (1,) * (x.dim() - 2)
+    a = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False)
+    dy = torch.ones_like(x)
+    unmasked = torch.ops.lipkern.remap_act_backward(dy, x, torch.tensor(0.0), None, "gelu", 0, False)
+    for offset in offsets + ["ulp"]:
+        t = torch.nextafter(distance, distance + 1) if offset == "ulp" else distance + offset
+        t = t.clamp_min(0.0)
+        remapped = (a - c.view(along_channels)).abs() < t.view(along_channels)
+        dx = torch.ops.lipkern.remap_act_backward(dy, x, t, c, "gelu", 1, False)
+        assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all(), offset
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 def test_gelu_forward_at_the_ends_of_its_tails(capability):
     """From x = 5.375 up GELU's fp32 value is x, from -14.375 down it is -0 (taken without the
     float64 evaluation): every fp32 from there to 8 and -16 (every 97th beyond, to 2^30) is the

@@ -576,13 +576,37 @@ inline std::vector<float> gelu_tail_intervals(const ChannelParams& p, int64_t ch
   return keys;
 }
 
-// GELU's act'(x) for a step, and act(x) on the grid; returned: the lanes off it, whose value is
-// left for the caller to decide the mask of (gelu_tail_mask_values).
-C10_ALWAYS_INLINE LanePair gelu_grid_value_and_derivative(const F2& x, F2& value, F2& grad) {
-  grid_value_and_derivative<Act::Gelu, true>(x, value, grad);
+// An estimate of GELU's grid value from the first terms of its polynomial, hi + h (c1 + c2 h):
+// three of its eight rows. It lies within kGeluEstimateError of the grid's own value: |lo| and
+// the dropped terms at |h| <= w / 2 add up to at most 2.546e-4 over the table, and the two
+X
+constexpr float kGeluEstimateError = 2.6e-4f;
+
+// GELU's act'(x) for a step and, on the grid, the estimate of act(x); returned: the lanes off
+// the grid, whose value is left for the caller to decide the mask of.
+C10_ALWAYS_INLINE LanePair gelu_estimate_and_derivative(const F2& x, F2& estimate, F2& grad) {
+  constexpr const ActTable& table = act_table<Act::Gelu>();
+  static_assert(table.step == grad_table<Act::Gelu>().step &&
+                table.bound == grad_table<Act::Gelu>().bound);
+  const GridPoint g_lo = grid_point(table, x.lo), g_hi = grid_point(table, x.hi);
+  const auto first_terms = [&](const GridPoint& g) {
+    const fVec slope = fused_madd(lookup(table.coef[3], g.col), g.h, lookup(table.coef[2], g.col));
+    return fused_madd(g.h, slope, lookup(table.coef[0], g.col));
+  };
+  estimate = {first_terms(g_lo), first_terms(g_hi)};
+  grad = {grid_poly(grad_table<Act::Gelu>(), g_lo), grid_poly(grad_table<Act::Gelu>(), g_hi)};
   const Mask off_lo = off_grid<Act::Gelu>(x.lo), off_hi = off_grid<Act::Gelu>(x.hi);
   if (any(off_lo | off_hi)) patch_off_grid<Act::Gelu, false, true, true>(x, off_lo, off_hi, grad, grad);
   return {off_lo, off_hi};
+}
+
+// GELU's grid value for a step, as activate has it, where the lanes are on the grid; the
+// off-grid lanes keep `decided`.
+C10_ALWAYS_INLINE F2 gelu_grid_values(const F2& x, const LanePair& off, const F2& decided) {
+  const auto on_grid = [&](const fVec& v, Mask off_lanes, const fVec& kept) {
+    return select(off_lanes, kept, grid_value(v, grid_eval(act_table<Act::Gelu>(), v)));
+  };
+  return {on_grid(x.lo, off.lo, decided.lo), on_grid(x.hi, off.hi, decided.hi)};
 }
 
 // Whether every channel's tails are uniform.

@@ -400,6 +400,20 @@ inline float settle_band(float t, float c) {
   return static_cast<float>(band) * (1 + 0x1p-20f);
 }
 
+// The remap mask from GELU's grid estimate e: |fl(e - c)| and the kernel's |fl(act(x) - c)| lie
+// within kGeluEstimateError and both roundings of the difference of each other, less than
+// kGeluEstimateError (1 + 2^-20) + t 2^-21 where either is near t; lanes closer to t than that
+// are unsettled. An infinite t remaps every finite value, as the forward does, and settles all.
+C10_ALWAYS_INLINE Settled settle_grid_estimate(const fVec& e, const fVec& t, const fVec& c) {
+  const fVec distance = (e - c).abs();
+  const fVec band = fused_madd(t, fVec(0x1p-21f), fVec(kGeluEstimateError * (1 + 0x1p-20f)));
+  Settled out;
+  out.remap = less(distance, t);
+  out.unsettled = at_least(band, (distance - t).abs()) &
+                  less(t, fVec(std::numeric_limits<float>::infinity()));
+  return out;
+}
+
 // settle_mask without a centre, in fewer operations: |e - 0| is |e|, the band's bound
 // r = |e| (2^-19 + 2^-22) + 2^-90 as there for c = 0, and two compares instead of three (the
 // compares bound this loop: 1.11x ATen's fp16 time against 1.18x). Without the t > 0 test a
