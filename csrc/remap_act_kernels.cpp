@@ -498,13 +498,14 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
     // settles the mask (SiLU's are all).
     F2 a = v, d = v;
     LanePair estimated{no_lanes(), no_lanes()}, off_grid{no_lanes(), no_lanes()};
+    F2 estimate_error;  // SidedTails and TailIntervals: how far a's estimate lies on the grid
     if constexpr (A == Act::Silu) {
       const ValueGrad lo = silu_from_sigmoid(v.lo), hi = silu_from_sigmoid(v.hi);
       a = {lo.value, hi.value};
       d = {lo.grad, hi.grad};
     } else if constexpr (M == MaskMode::SidedTails || M == MaskMode::TailIntervals) {
       static_assert(has_tail_intervals<T, A>());
-      off_grid = gelu_estimate_and_derivative(v, a, d);
+      off_grid = gelu_estimate_and_derivative(v, a, estimate_error, d);
     } else if constexpr (kOnGrid) {
       // What the tables hold there, bit for bit (they were built by activate and derivative).
       static_assert(gathers_derivative<T, A>());
@@ -550,8 +551,8 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
         }
         // On the grid a is an estimate: the lanes it leaves too close to call take the grid's
         // own value (their step's); the off-grid lanes' values decide as they are.
-        const Settled lo = settle_grid_estimate(a.lo, p.t.lo, p.c.lo);
-        const Settled hi = settle_grid_estimate(a.hi, p.t.hi, p.c.hi);
+        const Settled lo = settle_grid_estimate(a.lo, estimate_error.lo, p.t.lo, p.c.lo);
+        const Settled hi = settle_grid_estimate(a.hi, estimate_error.hi, p.t.hi, p.c.hi);
         remap_lo = lo.remap;
         remap_hi = hi.remap;
         if (any(lanes_except(lo.unsettled, off_grid.lo) | lanes_except(hi.unsettled, off_grid.hi))) {

@@ -8,6 +8,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <array>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -577,16 +579,37 @@ inline std::vector<float> gelu_tail_intervals(const ChannelParams& p, int64_t ch
 }
 
 // An estimate of GELU's grid value from the first terms of its polynomial, hi + h (c1 + c2 h):
-// three of its eight rows. It lies within kGeluEstimateError of the grid's own value: |lo| and
-// the dropped terms at |h| <= w / 2 add up to at most 2.546e-4 over the table (bounded term by
-// term from its coefficients), and the two evaluations' rounding to 7.4e-7. Where the estimate
-// replaced the grid's value (thresholds per channel, std 3), the backward took 0.91-0.95x the
-// time.
-constexpr float kGeluEstimateError = 2.6e-4f;
+// three of its eight rows. Per grid column, how far it can lie from the grid's own value: |lo|
+// and the dropped terms at |h| <= w / 2, plus both evaluations' rounding (each rounding within
+// 2^-24 of an intermediate no larger than M, the sum of every term's bound: 2^-21 M for both),
+// with room to spare. Per column, because the left end's columns, whose values are near 0,
+// have small higher terms: one bound for all (2.6e-4) left a threshold below 2.1e-4 unsettled
+// on a fortieth of the lanes at std 3, and the backward took 1.2x the time.
+inline const float* gelu_estimate_errors() {
+  static const std::array<float, kActGrid> errors = [] {
+    const ActTable& table = act_table<Act::Gelu>();
+    const double half_step = table.step / 2.0;
+    std::array<float, kActGrid> out{};
+    for (int q = 0; q < kActGrid; ++q) {
+      double dropped = std::abs(double{table.coef[1][q]}), largest = std::abs(double{table.coef[0][q]});
+      for (int k = 2; k < kActTableRows; ++k) {
+        const double term = std::abs(double{table.coef[k][q]}) * std::pow(half_step, k - 1);
+        largest += term;
+        if (k >= 4) dropped += term;
+      }
+      largest += std::abs(double{table.coef[1][q]});
+      out[q] = static_cast<float>((dropped + 0x1p-21 * largest) * (1 + 0x1p-10));
+    }
+    return out;
+  }();
+  return errors.data();
+}
 
-// GELU's act'(x) for a step and, on the grid, the estimate of act(x); returned: the lanes off
-// the grid, whose value is left for the caller to decide the mask of.
-C10_ALWAYS_INLINE LanePair gelu_estimate_and_derivative(const F2& x, F2& estimate, F2& grad) {
+// GELU's act'(x) for a step and, on the grid, the estimate of act(x) and how far it can lie
+// from the grid's value; returned: the lanes off the grid, whose value is left for the caller
+// to decide the mask of.
+C10_ALWAYS_INLINE LanePair gelu_estimate_and_derivative(const F2& x, F2& estimate, F2& error,
+                                                        F2& grad) {
   constexpr const ActTable& table = act_table<Act::Gelu>();
   static_assert(table.step == grad_table<Act::Gelu>().step &&
                 table.bound == grad_table<Act::Gelu>().bound);
@@ -596,6 +619,7 @@ C10_ALWAYS_INLINE LanePair gelu_estimate_and_derivative(const F2& x, F2& estimat
     return fused_madd(g.h, slope, lookup(table.coef[0], g.col));
   };
   estimate = {first_terms(g_lo), first_terms(g_hi)};
+  error = {lookup(gelu_estimate_errors(), g_lo.col), lookup(gelu_estimate_errors(), g_hi.col)};
   grad = {grid_poly(grad_table<Act::Gelu>(), g_lo), grid_poly(grad_table<Act::Gelu>(), g_hi)};
   const Mask off_lo = off_grid<Act::Gelu>(x.lo), off_hi = off_grid<Act::Gelu>(x.hi);
   if (any(off_lo | off_hi)) patch_off_grid<Act::Gelu, false, true, true>(x, off_lo, off_hi, grad, grad);

@@ -400,13 +400,15 @@ inline float settle_band(float t, float c) {
   return static_cast<float>(band) * (1 + 0x1p-20f);
 }
 
-// The remap mask from GELU's grid estimate e: |fl(e - c)| and the kernel's |fl(act(x) - c)| lie
-// within kGeluEstimateError and both roundings of the difference of each other, less than
-// kGeluEstimateError (1 + 2^-20) + t 2^-21 where either is near t; lanes closer to t than that
-// are unsettled. An infinite t remaps every finite value, as the forward does, and settles all.
-C10_ALWAYS_INLINE Settled settle_grid_estimate(const fVec& e, const fVec& t, const fVec& c) {
+// The remap mask from GELU's grid estimate e, within `error` of the grid's value
+// (gelu_estimate_errors): |fl(e - c)| and the kernel's |fl(act(x) - c)| lie within error and
+// both roundings of the difference of each other, less than error (1 + 2^-20) + t 2^-21 where
+// either is near t; lanes closer to t than that are unsettled. An infinite t remaps every
+// finite value, as the forward does, and settles all.
+C10_ALWAYS_INLINE Settled settle_grid_estimate(const fVec& e, const fVec& error, const fVec& t,
+                                               const fVec& c) {
   const fVec distance = (e - c).abs();
-  const fVec band = fused_madd(t, fVec(0x1p-21f), fVec(kGeluEstimateError * (1 + 0x1p-20f)));
+  const fVec band = fused_madd(t, fVec(0x1p-21f), error * fVec(1 + 0x1p-20f));
   Settled out;
   out.remap = less(distance, t);
   out.unsettled = at_least(band, (distance - t).abs()) &
