@@ -493,12 +493,12 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
   for (int64_t i = begin; i < end; i += kStep) {
     const int64_t m = std::min(kStep, end - i);
     const F2 v = load(x + i, m);
-    // a: the mask's activation (unused when unmasked; off GELU's grid in SidedTails and
-    // TailIntervals, a value that decides the lane's mask); d: act'(x). `estimated`: the lanes whose a is an estimate that
-    // settles the mask (SiLU's are all).
-    F2 a = v, d = v;
+    // a: the mask's activation (unused when unmasked; in SidedTails and TailIntervals, on GELU's
+    // grid an estimate within estimate_error, off it a value that decides the lane's mask);
+    // d: act'(x). `estimated`: the lanes whose a is an estimate that settles the mask (SiLU's
+    // are all).
+    F2 a = v, d = v, estimate_error;
     LanePair estimated{no_lanes(), no_lanes()}, off_grid{no_lanes(), no_lanes()};
-    F2 estimate_error;  // SidedTails and TailIntervals: how far a's estimate lies on the grid
     if constexpr (A == Act::Silu) {
       const ValueGrad lo = silu_from_sigmoid(v.lo), hi = silu_from_sigmoid(v.hi);
       a = {lo.value, hi.value};
@@ -537,6 +537,9 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
 #endif
     } else if constexpr (M != MaskMode::None) {
       const StepParams p = rp.at(i, m);
+      // fp32 GELU estimates its off-grid values in the Centred mode only.
+      constexpr bool kEstimates =
+          A == Act::Silu || (has_tail_intervals<T, A>() && M == MaskMode::Centred);
       if constexpr (M == MaskMode::SidedTails || M == MaskMode::TailIntervals) {
         if (any(off_grid.lo | off_grid.hi)) {
           if constexpr (M == MaskMode::SidedTails) {
@@ -555,20 +558,15 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
         const Settled hi = settle_grid_estimate(a.hi, estimate_error.hi, p.t.hi, p.c.hi);
         remap_lo = lo.remap;
         remap_hi = hi.remap;
-        if (any(lanes_except(lo.unsettled, off_grid.lo) | lanes_except(hi.unsettled, off_grid.hi))) {
+        if (any(lanes_except(lo.unsettled, off_grid.lo) |
+                lanes_except(hi.unsettled, off_grid.hi))) {
           const F2 exact = gelu_grid_values(v, off_grid, a);
           remap_lo = remap_mask(exact.lo, p.t.lo, p.c.lo);
           remap_hi = remap_mask(exact.hi, p.t.hi, p.c.hi);
         }
-      }
-      // fp32 GELU estimates its off-grid values in the Centred mode only.
-      constexpr bool kEstimates =
-          A == Act::Silu || (has_tail_intervals<T, A>() && M == MaskMode::Centred);
-      // GELU's value is estimated only off its grid: most steps have exact values throughout.
-      if constexpr (M == MaskMode::SidedTails || M == MaskMode::TailIntervals) {
-        // Decided above.
       } else if (kEstimates && (A == Act::Silu || any(estimated.lo | estimated.hi))) {
-        // The estimates settle nearly every lane; the forward's act(x) decides the rest.
+        // The estimates settle nearly every lane; the forward's act(x) decides the rest. (GELU's
+        // value is estimated only off its grid: most steps have exact values throughout.)
         Settled lo, hi;
         if constexpr (M == MaskMode::Uncentred) {
           lo = settle_mask_uncentred(a.lo, p.t.lo);
@@ -665,10 +663,9 @@ void backward_typed(const BackwardArgs& args) {
   }
   // Channels whose tails are not uniform have their intervals searched (31 evaluations of 32
   // lanes per bound, for 32 channels at once: per channel about what the backward of 100 to 300
-  // elements costs);
-  // calls with fewer than kElementsPerSearchedChannel elements per such channel take the tail's
-  // estimate and its settling instead (Centred), which took 1.2x the time of the intervals
-  // (4096 x 1024, standard deviation 3, per-channel thresholds).
+  // elements costs); calls with fewer than kElementsPerSearchedChannel elements per such channel
+  // take the tail's estimate and its settling instead (Centred), which took 1.2x the time of
+  // the intervals (4096 x 1024, standard deviation 3, per-channel thresholds).
   bool sided_tails = false;
   std::vector<float> tail_keys;
   if constexpr (has_tail_intervals<T, A>()) {

@@ -536,7 +536,9 @@ def test_gelu_forward_tails_do_not_fall_as_magnitude_grows(capability):
     magnitudes = torch.arange(int(bounds[0]), int(bounds[1]) + 1, stride, dtype=torch.int32)
     magnitudes = torch.cat([magnitudes, bounds[1:]]).view(torch.float32)
     for side in (1.0, -1.0):
-        a = torch.ops.lipkern.remap_act(side * magnitudes, torch.tensor(0.0), None, "gelu", 0, False)
+        a = torch.ops.lipkern.remap_act(
+            side * magnitudes, torch.tensor(0.0), None, "gelu", 0, False
+        )
         assert (a[1:] >= a[:-1]).all()
 
 
@@ -569,7 +571,9 @@ def test_gelu_backward_tail_intervals_end_where_the_forward_stops_remapping(capa
     a = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False)
     remapped = (a - c.view(along_channels)).abs() < t.view(along_channels)
     dy = torch.ones_like(x)
-    unmasked = torch.ops.lipkern.remap_act_backward(dy, x, torch.tensor(0.0), None, "gelu", 0, False)
+    unmasked = torch.ops.lipkern.remap_act_backward(
+        dy, x, torch.tensor(0.0), None, "gelu", 0, False
+    )
     dx = torch.ops.lipkern.remap_act_backward(dy, x, t, c, "gelu", 1, False)
     assert remapped.any() and not remapped.all()
     assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all()
@@ -604,7 +608,9 @@ def test_gelu_backward_settles_its_grid_estimate_as_the_forward(capability, layo
     along_channels = (1, -1) + (1,) * (x.dim() - 2)
     a = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False)
     dy = torch.ones_like(x)
-    unmasked = torch.ops.lipkern.remap_act_backward(dy, x, torch.tensor(0.0), None, "gelu", 0, False)
+    unmasked = torch.ops.lipkern.remap_act_backward(
+        dy, x, torch.tensor(0.0), None, "gelu", 0, False
+    )
     for offset in offsets + ["ulp"]:
         t = torch.nextafter(distance, distance + 1) if offset == "ulp" else distance + offset
         t = t.clamp_min(0.0)

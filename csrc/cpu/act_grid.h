@@ -186,7 +186,8 @@ constexpr float kGeluGradLimit = 5.875f;
 // a^2 2^-25 relative, 2^-18 at a = 11.5.
 // Over every fp32 with 3.875 <= |x| < 15.5 the derivative is within 0.21 (1 + |x|) 2^-24 of the
 // truth, well inside the backward's rule (from kGeluGradLimit on it is the limit, as
-// gelu_grad_at_the_ends gives it without the evaluation). The value is within 2^-22.2 relative (2^-96 beyond
+// gelu_grad_at_the_ends gives it without the evaluation). The value is within 2^-22.2
+// relative (2^-96 beyond
 // kTailEnd): not the forward's, which rounds the float64 value, but an estimate with which
 // the backward settles its mask, as SiLU's (act_tables16.h, settle_mask).
 C10_ALWAYS_INLINE ValueGrad gelu_tail(const fVec& x) {
@@ -591,7 +592,8 @@ inline const float* gelu_estimate_errors() {
     const double half_step = table.step / 2.0;
     std::array<float, kActGrid> out{};
     for (int q = 0; q < kActGrid; ++q) {
-      double dropped = std::abs(double{table.coef[1][q]}), largest = std::abs(double{table.coef[0][q]});
+      double dropped = std::abs(double{table.coef[1][q]});
+      double largest = std::abs(double{table.coef[0][q]});
       for (int k = 2; k < kActTableRows; ++k) {
         const double term = std::abs(double{table.coef[k][q]}) * std::pow(half_step, k - 1);
         largest += term;
@@ -622,7 +624,9 @@ C10_ALWAYS_INLINE LanePair gelu_estimate_and_derivative(const F2& x, F2& estimat
   error = {lookup(gelu_estimate_errors(), g_lo.col), lookup(gelu_estimate_errors(), g_hi.col)};
   grad = {grid_poly(grad_table<Act::Gelu>(), g_lo), grid_poly(grad_table<Act::Gelu>(), g_hi)};
   const Mask off_lo = off_grid<Act::Gelu>(x.lo), off_hi = off_grid<Act::Gelu>(x.hi);
-  if (any(off_lo | off_hi)) patch_off_grid<Act::Gelu, false, true, true>(x, off_lo, off_hi, grad, grad);
+  if (any(off_lo | off_hi)) {
+    patch_off_grid<Act::Gelu, false, true, true>(x, off_lo, off_hi, grad, grad);
+  }
   return {off_lo, off_hi};
 }
 

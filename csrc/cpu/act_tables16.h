@@ -390,10 +390,11 @@ C10_ALWAYS_INLINE Settled settle_mask(const fVec& e, const fVec& t, const fVec& 
   return out;
 }
 
-// settle_mask's band for a channel: r(e) <= ((|c| + t) 2^-19 + t 2^-22 + 2^-90) / (1 - 2^-19 - 2^-22 - 2^-43)
-// where it matters, rounded up with room to spare. A channel with t <= 0 remaps nothing and one
-// with an infinite t or c decides every finite lane alike (a lane at the infinity compares equal
-// there and is settled exactly): their band is -1, which settles every lane.
+// settle_mask's band for a channel: where it matters, r(e) is at most
+// ((|c| + t) 2^-19 + t 2^-22 + 2^-90) / (1 - 2^-19 - 2^-22 - 2^-43), which this rounds up with
+// room to spare. A channel with t <= 0 remaps nothing, and one with an infinite t or c decides
+// every value alike whether estimated or not (|e - c| < t holds for every finite e, or for none):
+// their band is -1, which settles every lane.
 inline float settle_band(float t, float c) {
   const double band = ((std::abs(double{c}) + t) * (0x1p-19 + 0x1p-22) + 0x1p-90) * (1 + 0x1p-17);
   if (!(t > 0.f) || !std::isfinite(band)) return -1.f;
