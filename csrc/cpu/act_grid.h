@@ -469,8 +469,8 @@ C10_ALWAYS_INLINE LanePair activate_with_derivative(const F2& x, F2& value, F2& 
 // all or none of the left tail's x and none of the right's, without a search.
 constexpr float kGeluTailGap = 2.1e-4f;
 
-// Off the grid GELU's forward value does not decrease along the int32 view of x's bits (tests/
-// test_cpu_kernels.py checks every fp32 of the tails): that view grows with |x| on the left side,
+// Off the grid GELU's forward value does not decrease along the int32 view of x's bits
+// (tests/test_cpu_kernels.py checks every fp32 of the tails): that view grows with |x| on the left,
 // where the value rises to -0, and with x on the right, where it rises to x; every left value
 // (at most -0) lies below every right one. Neither does d = fl(act(x) - c), so a channel remaps
 // the off-grid x of one interval of keys, [lo, hi] (none where lo > hi), with which the backward
@@ -674,9 +674,9 @@ C10_ALWAYS_INLINE Mask key_within(const fVec& x, const fVec& lo, const fVec& hi)
 // value: c where x lies in its channel's tail interval (t > 0 there), NaN elsewhere.
 C10_ALWAYS_INLINE fVec gelu_tail_mask_values(const fVec& x, Mask off, const fVec& lo,
                                              const fVec& hi, const fVec& c, const fVec& value) {
-  const fVec undecided =
+  const fVec decided =
       select(key_within(x, lo, hi), c, fVec(std::numeric_limits<float>::quiet_NaN()));
-  return select(off, undecided, value);
+  return select(off, decided, value);
 }
 
 }  // namespace
