@@ -38,8 +38,8 @@ Persistence: :func:`save_calibration` writes a safetensors file (tensors named
 ``"<layer>/<buffer>"`` plus JSON metadata with every layer's settings). :func:`load_calibration`
 checks that the model has the same converted layers (names, kinds, activations, channel axes and
 known channel counts) before it changes anything, and names the first layer that differs (layers
-are matched by name: the model's layers are checked first, in model order, then the file's extra
-layers). Channel counts are known for input remaps (the layer's ``in_features`` /
+are matched by name, the names inside DataParallel, DistributedDataParallel and torch.compile's
+wrapper: the model's layers are checked first, in model order, then the file's extra layers). Channel counts are known for input remaps (the layer's ``in_features`` /
 ``in_channels``) and for layers calibrated per channel. Every tensor and setting of the file is
 checked too (dtypes, shapes, thresholds >= 0, finite centres, ...) before the first layer changes.
 
@@ -64,6 +64,7 @@ import contextlib
 import itertools
 import json
 import os
+import sys
 import tempfile
 import threading
 import warnings
@@ -177,8 +178,24 @@ def _state_change(modules, what: str):
                 del _BUSY[key]
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel, DistributedDataParallel and torch.compile's wrapper, which
+    prefix every name (``module.``, ``_orig_mod.``): calibrations name the layers of the model
+    inside, so a file saved from a wrapped model loads into the bare one, and back."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        # Imported by torch.compile only: a model it wrapped comes after that import.
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            model = model._orig_mod
+            continue
+        return model
+
+
 def _converted(model: nn.Module) -> list[tuple[str, lnn.RemapAct]]:
-    modules = lnn.remap_modules(model)
+    modules = lnn.remap_modules(_unwrapped(model))
     if not modules:
         raise ValueError("model has no lipkern RemapAct layers; call lipkern.convert(model) first")
     for name, module in modules:

@@ -267,7 +267,8 @@ def test_overwrite_replaces_only_lipkern_files_once_the_arguments_are_checked(tm
     with pytest.raises(SystemExit) as e:
         cli_eval.main(["--acts", "tanh", "--out", str(used), "--overwrite"])
     assert e.value.code == 2 and "--acts: each must be among" in capsys.readouterr().err
-    # Valid arguments: the earlier run's files are gone when the evaluation starts.
+    # Valid arguments: the earlier run's files are held aside when the evaluation starts, and come back when
+    # it stops before storing any work.
     seen = []
 
     def record(*args, **kwargs):
@@ -276,7 +277,69 @@ def test_overwrite_replaces_only_lipkern_files_once_the_arguments_are_checked(tm
 
     monkeypatch.setattr(api, "evaluate", record)
     assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--overwrite"]) == 130
-    assert seen == []
+    assert len(seen) == 1 and seen[0].startswith(cli_eval.HELD_PREFIX)
+    assert "is as it was before the run" in capsys.readouterr().err
+    assert sorted(p.name for p in used.iterdir()) == earlier
+    assert all((used / name).read_text() == "earlier" for name in earlier if name.endswith((".md", ".json")))
+
+
+def _store_one_unit_then(error):
+    def evaluate(*args, out_dir, **kwargs):
+        store = OutcomeStore(out_dir)
+        store.bind_settings("preact_wrn", {"eps": 0.2})
+        store.put("preact_wrn", 0, "clean", {"correct": np.ones(3, dtype=bool)})
+        store.close()
+        raise error
+    return evaluate
+
+
+def _fail_before_storing(error):
+    def evaluate(*args, out_dir, **kwargs):
+        store = OutcomeStore(out_dir)
+        store.bind_settings("preact_wrn", {"eps": 0.2})
+        store.close()
+        raise error
+    return evaluate
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), 130), (RuntimeError("model broke"), None),
+                                           (FileNotFoundError("weights.pt"), 2)])
+def test_a_run_that_stores_nothing_leaves_out_as_it_was(tmp_path, monkeypatch, capsys, error, status):
+    monkeypatch.setattr(api, "evaluate", _fail_before_storing(error))
+    used = tmp_path / "used"
+    earlier = _earlier_run(used)
+    fresh = tmp_path / "a" / "b" / "out"
+    for out, extra in ((used, ["--overwrite"]), (fresh, [])):
+        argv = ["--no-progress", "--embedded", "preact_wrn", "--out", str(out), *extra]
+        if status is None:
+            with pytest.raises(RuntimeError, match="model broke"):
+                cli_eval.main(argv)
+        else:
+            assert cli_eval.main(argv) == status
+    assert sorted(p.name for p in used.iterdir()) == earlier
+    assert OutcomeStore(used).models() == ["preact_wrn"] and (used / "report.md").read_text() == "earlier"
+    assert not (tmp_path / "a").exists()
+    capsys.readouterr()
+
+
+def test_a_run_that_stored_work_replaces_the_earlier_one(tmp_path, monkeypatch, capsys):
+    used = tmp_path / "used"
+    _earlier_run(used)
+    monkeypatch.setattr(api, "evaluate", _store_one_unit_then(KeyboardInterrupt()))
+    assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--overwrite"]) == 130
+    assert "continue it with --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in used.iterdir()) == ["outcomes.sqlite"]
+    store = OutcomeStore(used)
+    assert store.count("preact_wrn") == 1
+    store.close()
+    # A run killed while the earlier files were held aside leaves them; the next --overwrite replaces them too.
+    held = used / (cli_eval.HELD_PREFIX + "killed")
+    held.mkdir()
+    (held / "report.md").write_text("older")
+    monkeypatch.setattr(api, "evaluate", _store_one_unit_then(RuntimeError("model broke")))
+    with pytest.raises(RuntimeError, match="model broke"):
+        cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--overwrite"])
+    assert sorted(p.name for p in used.iterdir()) == ["outcomes.sqlite"]
 
 
 def test_resume_needs_the_same_run(tmp_path, monkeypatch, capsys):

@@ -409,6 +409,27 @@ def test_save_load_calibration_round_trip_and_mismatches(tmp_path):
         load_calibration(fresh, tmp_path / "other.safetensors")
 
 
+def test_calibration_files_name_the_layers_inside_wrappers(tmp_path):
+    original = Blocks().eval()
+    data = _token_data()
+    wrapped = nn.DataParallel(_converted(original, inputs_of=("*fc1",)))
+    _calibrate(wrapped, data)
+    path = tmp_path / "calibration.safetensors"
+    save_calibration(wrapped, path)
+    bare = _converted(original, inputs_of=("*fc1",))
+    load_calibration(bare, path)
+    with torch.no_grad():
+        assert torch.equal(bare(data[0]), wrapped(data[0]))
+    compiled = torch.compile(_converted(original, inputs_of=("*fc1",)))
+    load_calibration(compiled, path)
+    again = tmp_path / "again.safetensors"
+    save_calibration(compiled, again)
+    rewrapped = nn.DataParallel(nn.DataParallel(_converted(original, inputs_of=("*fc1",))))
+    load_calibration(rewrapped, again)
+    for (name, a), (other, b) in zip(remap_modules(bare), remap_modules(rewrapped.module.module)):
+        assert name == other and torch.equal(a.threshold, b.threshold)
+
+
 @pytest.mark.parametrize("bpda", [False, True])
 def test_gradients_flow(bpda):
     for original, data, inputs_of in (

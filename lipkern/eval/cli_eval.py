@@ -13,8 +13,10 @@ import argparse
 import importlib
 import math
 import os
+import shutil
 import sqlite3
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,19 +340,25 @@ def _evaluate_in_workers(jobs, options, threads, n_workers):
 
 # Written and removed at once to test --out; a run killed between the two leaves it behind.
 WRITE_PROBE = ".lipkern-write-test"
+# --overwrite moves the earlier run's files into a directory of this prefix inside --out and deletes them
+# when the new run ends having stored work; a killed run leaves them there, for the next --overwrite to
+# replace with the rest.
+HELD_PREFIX = ".lipkern-replaced-"
 
 
 def _written_by_eval(entry: Path) -> bool:
     from .report import is_report_file
     from .store import is_store_file
 
+    if entry.is_dir():
+        return entry.name.startswith(HELD_PREFIX)
     return entry.is_file() and (entry.name == WRITE_PROBE or is_store_file(entry.name) or is_report_file(entry.name))
 
 
 def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
     """Checks ``--out`` before any work, changing nothing: refuses a file, a non-empty directory without
     --resume / --overwrite, --resume without a stored run, --overwrite of a directory that holds anything
-    lipkern did not write, and an unwritable place. Returns the files --overwrite is to remove."""
+    lipkern did not write, and an unwritable place. Returns the files --overwrite is to replace."""
     from .store import FILENAME
 
     out = Path(path)
@@ -377,21 +385,77 @@ def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
     return entries if overwrite else []
 
 
-def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bool) -> None:
-    """Once every argument has been checked: makes ``--out`` and removes the earlier run's files that
+@dataclass
+class OutDirChange:
+    """What start_out_dir changed: the directories it made (deepest first) and where the files that
+    --overwrite replaces wait. A run that stops before storing any work leaves --out as it was."""
+
+    out: Path
+    made: list[Path]
+    held: Path | None
+    resumed: bool
+
+    def _stored_work(self) -> bool:
+        from .store import FILENAME, OutcomeStore
+
+        if not (self.out / FILENAME).is_file():
+            return False
+        store = OutcomeStore(self.out)
+        try:
+            return store.holds_outcomes()
+        finally:
+            store.close()
+
+    def finish(self) -> None:
+        """The new run has stored its work: the replaced files go."""
+        if self.held is not None:
+            shutil.rmtree(self.held)
+            self.held = None
+
+    def settle(self) -> bool:
+        """After a failure: keeps a resumed run, and a new one that stored work (returns True); otherwise
+        removes what the new run wrote and puts back what it replaced (returns False)."""
+        if self.resumed or self._stored_work():
+            self.finish()
+            return True
+        for entry in self.out.iterdir() if self.out.is_dir() else ():
+            if entry == self.held or not _written_by_eval(entry):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        if self.held is not None:
+            for entry in self.held.iterdir():
+                entry.rename(self.out / entry.name)
+            self.held.rmdir()
+            self.held = None
+        for directory in self.made:
+            if any(directory.iterdir()):
+                break
+            directory.rmdir()
+        return False
+
+
+def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bool) -> OutDirChange:
+    """Once every argument has been checked: makes ``--out`` and moves aside the earlier run's files that
     --overwrite replaces; a resumed run must bring every model the stored run had started on (the
     report would leave the others out, and their work behind)."""
     from .store import FILENAME, OutcomeStore
 
     out = Path(path)
+    change = OutDirChange(out, [p for p in (out, *out.parents) if not p.exists()], None, resume)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / WRITE_PROBE
         probe.write_bytes(b"")
         probe.unlink()
-        for f in replaced:
-            f.unlink(missing_ok=True)
+        if replaced:
+            change.held = Path(tempfile.mkdtemp(prefix=HELD_PREFIX, dir=out))
+            for f in replaced:
+                f.rename(change.held / f.name)
     except OSError as e:
+        change.settle()
         raise EvalInputError(f"--out {out} is not writable: {e.strerror or e}") from None
     if resume:
         try:
@@ -406,6 +470,7 @@ def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bo
         if left_out:
             raise EvalInputError(f"--resume: {out} holds a run of {', '.join(stored)}, and this one leaves out "
                                  f"{', '.join(left_out)}; resume with the same models, or start over with --overwrite")
+    return change
 
 
 def _check_sample_counts(jobs: list[Job], args) -> None:
@@ -450,11 +515,13 @@ def run_eval(args) -> int:
         print(f"lipkern eval: error: {e}", file=sys.stderr)
         return 2
     parallel.init_process_group(processes, device)
+    change = None  # the main process's, once --out is started
     try:
         replaced = _on_main(processes, lambda: check_out_dir(args.out, args.resume, args.overwrite)) or []
         jobs = _user_jobs(args) if (args.model or args.robustbench) else _embedded_jobs(args)
         _check_sample_counts(jobs, args)
-        _on_main(processes, lambda: start_out_dir(args.out, replaced, [job.name for job in jobs], args.resume))
+        change = _on_main(processes, lambda: start_out_dir(args.out, replaced, [job.name for job in jobs],
+                                                           args.resume))
         options = dict(ratios=args.ratios or DEFAULT_RATIOS, quick=args.quick, sigma=args.sigma, seed=args.seed,
                        progress=not args.no_progress, device=device, batch_size=args.batch_size,
                        chunk_size=args.chunk_size, out_dir=args.out, n_calib=args.n_calib)
@@ -467,28 +534,34 @@ def run_eval(args) -> int:
                 parts = [_evaluate_job(job, options, args.threads, 0) for job in jobs]
             finally:
                 torch.set_num_threads(previous)
+        if processes.is_main:
+            result = EvalResult()
+            for part in parts:
+                result = result.merged(part)
+            files = result.save(args.out)
+            change.finish()
     except (EvalInputError, SettingsMismatchError, FileNotFoundError) as e:
+        if change is not None:
+            change.settle()
         print(f"lipkern eval: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from .store import FILENAME
-
-        if (Path(args.out) / FILENAME).is_file():
+        if change is not None and change.settle():
             print(f"lipkern eval: interrupted; finished work is stored in {args.out}, continue it with --resume",
                   file=sys.stderr)
-        else:
-            print("lipkern eval: interrupted before any work was stored; run again without --resume",
+        elif processes.is_main:
+            print(f"lipkern eval: interrupted before any work was stored; {args.out} is as it was before the run",
                   file=sys.stderr)
         return 130
+    except BaseException:
+        if change is not None:
+            change.settle()
+        raise
     finally:
         if processes.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if not processes.is_main:
         return 0
-    result = EvalResult()
-    for part in parts:
-        result = result.merged(part)
-    files = result.save(args.out)
     from .report import verdict_lines
 
     print(result.to_markdown())

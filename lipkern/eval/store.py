@@ -91,6 +91,9 @@ class OutcomeStore:
     def count(self, model: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM units WHERE model = ?", (model,)).fetchone()[0]
 
+    def holds_outcomes(self) -> bool:
+        return self._db.execute("SELECT 1 FROM units LIMIT 1").fetchone() is not None
+
 
 class _Transaction:
     """BEGIN IMMEDIATE .. COMMIT, ROLLBACK on error: the write lock is taken up front, so two writers never
