@@ -112,12 +112,18 @@ C10_ALWAYS_INLINE GridPoint grid_point(const ActTable& T, const fVec& x) {
   return {grid_cols(t), at::vec::fnmadd(q, fVec(T.step), x)};
 }
 
-C10_ALWAYS_INLINE fVec grid_poly(const ActTable& T, const GridPoint& g) {
+// The grid polynomial with its rows 0 and 2 at g's columns given, for a caller that uses them too.
+C10_ALWAYS_INLINE fVec grid_poly(const ActTable& T, const GridPoint& g, const fVec& row0,
+                                 const fVec& row2) {
   const fVec& h = g.h;
   fVec p = lookup(T.coef[kActTableRows - 1], g.col);
   for (int k = kActTableRows - 2; k >= 3; --k) p = fused_madd(p, h, lookup(T.coef[k], g.col));
-  const fVec linear = fused_madd(lookup(T.coef[2], g.col), h, lookup(T.coef[1], g.col));
-  return fused_madd(h, h * p, linear) + lookup(T.coef[0], g.col);
+  const fVec linear = fused_madd(row2, h, lookup(T.coef[1], g.col));
+  return fused_madd(h, h * p, linear) + row0;
+}
+
+C10_ALWAYS_INLINE fVec grid_poly(const ActTable& T, const GridPoint& g) {
+  return grid_poly(T, g, lookup(T.coef[0], g.col), lookup(T.coef[2], g.col));
 }
 
 C10_ALWAYS_INLINE fVec grid_eval(const ActTable& T, const fVec& x) {
@@ -579,28 +585,38 @@ inline std::vector<float> gelu_tail_intervals(const ChannelParams& p, int64_t ch
   return keys;
 }
 
-// An estimate of GELU's grid value from the first terms of its polynomial, hi + h (c1 + c2 h):
-// three of its eight rows. Per grid column, how far it can lie from the grid's own value: |lo|
-// and the dropped terms at |h| <= w / 2, plus both evaluations' rounding (each rounding within
-// 2^-24 of an intermediate no larger than M, the sum of every term's bound: 2^-21 M for both),
-// with room to spare. Per column, because the left end's columns, whose values are near 0,
-// have small higher terms: one bound for all (2.6e-4) left a threshold below 2.1e-4 unsettled
-// on a fortieth of the lanes at std 3, and the backward took 1.2x the time.
+// An estimate of GELU's grid value at x = q w + h from its value at the grid point and the
+// derivative table's first terms there: a(q w) + h (a'(q w) + h a''(q w) / 2), which takes the
+// value table's row 0 only, the derivative's rows 0 and 2 being read for act'(x) anyway. Per grid
+// column, how far it can lie from the grid's own value: |lo|, each coefficient's difference from
+// the value table's (rows 2 and 3) and the value table's higher terms at |h| <= w / 2, plus both
+// evaluations' rounding (each rounding within 2^-24 of an intermediate no larger than M, the sum
+// of every term's bound: 2^-21 M for both), with room to spare, times 1 + 2^-20 for the rounding
+// of the band it makes (settle_grid_estimate). Per column, because the left end's columns, whose
+// values are near 0, have small higher terms: one bound for all (2.6e-4) left a threshold below
+// 2.1e-4 unsettled on a fortieth of the lanes at std 3, and the backward took 1.2x the time.
 inline const float* gelu_estimate_errors() {
   static const std::array<float, kActGrid> errors = [] {
-    const ActTable& table = act_table<Act::Gelu>();
-    const double half_step = table.step / 2.0;
+    const ActTable& value = act_table<Act::Gelu>();
+    const ActTable& grad = grad_table<Act::Gelu>();
+    const double half_step = value.step / 2.0;
+    const auto coef = [](const ActTable& table, int row, int q) {
+      return double{table.coef[row][q]};
+    };
     std::array<float, kActGrid> out{};
     for (int q = 0; q < kActGrid; ++q) {
-      double dropped = std::abs(double{table.coef[1][q]});
-      double largest = std::abs(double{table.coef[0][q]});
+      double dropped = std::abs(coef(value, 1, q)) +
+                       std::abs(coef(value, 2, q) - coef(grad, 0, q)) * half_step +
+                       std::abs(coef(value, 3, q) - coef(grad, 2, q) / 2) * half_step * half_step;
+      double largest = std::abs(coef(value, 0, q)) + std::abs(coef(value, 1, q)) +
+                       std::abs(coef(grad, 0, q)) * half_step +
+                       std::abs(coef(grad, 2, q)) / 2 * half_step * half_step;
       for (int k = 2; k < kActTableRows; ++k) {
-        const double term = std::abs(double{table.coef[k][q]}) * std::pow(half_step, k - 1);
+        const double term = std::abs(coef(value, k, q)) * std::pow(half_step, k - 1);
         largest += term;
         if (k >= 4) dropped += term;
       }
-      largest += std::abs(double{table.coef[1][q]});
-      out[q] = static_cast<float>((dropped + 0x1p-21 * largest) * (1 + 0x1p-10));
+      out[q] = static_cast<float>((dropped + 0x1p-21 * largest) * (1 + 0x1p-10) * (1 + 0x1p-20));
     }
     return out;
   }();
@@ -612,17 +628,22 @@ inline const float* gelu_estimate_errors() {
 // to decide the mask of.
 C10_ALWAYS_INLINE LanePair gelu_estimate_and_derivative(const F2& x, F2& estimate, F2& error,
                                                         F2& grad) {
-  constexpr const ActTable& table = act_table<Act::Gelu>();
-  static_assert(table.step == grad_table<Act::Gelu>().step &&
-                table.bound == grad_table<Act::Gelu>().bound);
-  const GridPoint g_lo = grid_point(table, x.lo), g_hi = grid_point(table, x.hi);
-  const auto first_terms = [&](const GridPoint& g) {
-    const fVec slope = fused_madd(lookup(table.coef[3], g.col), g.h, lookup(table.coef[2], g.col));
-    return fused_madd(g.h, slope, lookup(table.coef[0], g.col));
+  constexpr const ActTable& value = act_table<Act::Gelu>();
+  constexpr const ActTable& slope = grad_table<Act::Gelu>();
+  static_assert(value.step == slope.step && value.bound == slope.bound);
+  const auto evaluate = [&](const fVec& v, fVec& estimated, fVec& derivative) {
+    const GridPoint g = grid_point(value, v);
+    const fVec slope_at_point = lookup(slope.coef[0], g.col);
+    const fVec curvature_at_point = lookup(slope.coef[2], g.col);
+    const fVec half_h = g.h * fVec(0.5f);  // exact
+    estimated = fused_madd(g.h, fused_madd(curvature_at_point, half_h, slope_at_point),
+                           lookup(value.coef[0], g.col));
+    derivative = grid_poly(slope, g, slope_at_point, curvature_at_point);
+    return g.col;
   };
-  estimate = {first_terms(g_lo), first_terms(g_hi)};
-  error = {lookup(gelu_estimate_errors(), g_lo.col), lookup(gelu_estimate_errors(), g_hi.col)};
-  grad = {grid_poly(grad_table<Act::Gelu>(), g_lo), grid_poly(grad_table<Act::Gelu>(), g_hi)};
+  const GridCols col_lo = evaluate(x.lo, estimate.lo, grad.lo);
+  const GridCols col_hi = evaluate(x.hi, estimate.hi, grad.hi);
+  error = {lookup(gelu_estimate_errors(), col_lo), lookup(gelu_estimate_errors(), col_hi)};
   const Mask off_lo = off_grid<Act::Gelu>(x.lo), off_hi = off_grid<Act::Gelu>(x.hi);
   if (any(off_lo | off_hi)) {
     patch_off_grid<Act::Gelu, false, true, true>(x, off_lo, off_hi, grad, grad);
@@ -653,7 +674,13 @@ inline bool gelu_tails_uniform(const ChannelParams& p, int64_t channels) {
 // Where x is off the grid, a value of its side (x on the right, -0 on the left), which decides
 // the mask of a channel whose tails are uniform.
 C10_ALWAYS_INLINE fVec gelu_sided_values(const fVec& x, Mask off, const fVec& value) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // vmaxps gives its second operand unless the first is larger: -0 for every x <= -3.875 (NaN
+  // is on the grid), one instruction for a compare and a blend.
+  return select(off, _mm512_max_ps(x, _mm512_set1_ps(-0.f)), value);
+#else
   return select(off, select(less(fVec(0.f), x), x, fVec(-0.f)), value);
+#endif
 }
 
 // Whether x's key lies in [lo, hi] (keys as fVec bits).

@@ -401,19 +401,19 @@ inline float settle_band(float t, float c) {
   return static_cast<float>(band) * (1 + 0x1p-20f);
 }
 
-// The remap mask from GELU's grid estimate e, within `error` of the grid's value
-// (gelu_estimate_errors): |fl(e - c)| and the kernel's |fl(act(x) - c)| lie within error and
-// both roundings of the difference of each other, less than error (1 + 2^-20) + t 2^-21 where
-// either is near t; lanes closer to t than that are unsettled. An infinite t remaps every
-// finite value, as the forward does, and settles all.
+// The remap mask from GELU's grid estimate e, within `error` (1 + 2^-20)^-1 of the grid's value
+// (gelu_estimate_errors): |fl(e - c)| and the kernel's |fl(act(x) - c)| lie within that and
+// both roundings of the difference of each other, less than band = error + t 2^-21 where either
+// is near t; lanes closer to t than that are unsettled. Strictly less, so a lane exactly band
+// away from t is settled, and so is every lane of an infinite t (|d - t| = inf = band), which
+// remaps every finite value, as the forward does, without a compare of its own.
 C10_ALWAYS_INLINE Settled settle_grid_estimate(const fVec& e, const fVec& error, const fVec& t,
                                                const fVec& c) {
   const fVec distance = (e - c).abs();
-  const fVec band = fused_madd(t, fVec(0x1p-21f), error * fVec(1 + 0x1p-20f));
+  const fVec band = fused_madd(t, fVec(0x1p-21f), error);
   Settled out;
   out.remap = less(distance, t);
-  out.unsettled = at_least(band, (distance - t).abs()) &
-                  less(t, fVec(std::numeric_limits<float>::infinity()));
+  out.unsettled = less((distance - t).abs(), band);
   return out;
 }
 
