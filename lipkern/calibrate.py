@@ -38,10 +38,14 @@ Persistence: :func:`save_calibration` writes a safetensors file (tensors named
 ``"<layer>/<buffer>"`` plus JSON metadata with every layer's settings). :func:`load_calibration`
 checks that the model has the same converted layers (names, kinds, activations, channel axes and
 known channel counts) before it changes anything, and names the first layer that differs (layers
-are matched by name, the names inside DataParallel, DistributedDataParallel and torch.compile's
-wrapper: the model's layers are checked first, in model order, then the file's extra layers). Channel counts are known for input remaps (the layer's ``in_features`` /
+are matched by name: the model's layers are checked first, in model order, then the file's extra
+layers). Channel counts are known for input remaps (the layer's ``in_features`` /
 ``in_channels``) and for layers calibrated per channel. Every tensor and setting of the file is
 checked too (dtypes, shapes, thresholds >= 0, finite centres, ...) before the first layer changes.
+
+Names: every function here names a layer as it is named inside DataParallel,
+DistributedDataParallel and torch.compile's wrapper (no ``module.`` or ``_orig_mod.`` prefix), in
+files and reports alike, so a calibration saved from a wrapped model loads into the bare one.
 
 All or nothing: :func:`calibrate`, :func:`set_ratio`, :func:`measure_remapped` and
 :func:`load_calibration` either succeed or leave every converted layer exactly as it was (buffers,

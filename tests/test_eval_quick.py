@@ -10,10 +10,9 @@ from lipkern.eval import cli_eval
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_quick")
-    # An earlier run's figure that this run does not make: --overwrite removes it once the run is done.
-    (out / "sweep_gone.png").write_bytes(b"earlier")
+    # An earlier run's report: --overwrite holds it aside, and deletes it once this run is done.
+    (out / "report.md").write_text("earlier")
     assert cli_eval.main(["--quick", "--no-progress", "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "sweep_gone.png").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(cli_eval.HELD_PREFIX)]
     return out, json.loads((out / "results.json").read_text())
 

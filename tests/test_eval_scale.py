@@ -317,9 +317,54 @@ def test_a_run_that_stores_nothing_leaves_out_as_it_was(tmp_path, monkeypatch, c
         else:
             assert cli_eval.main(argv) == status
     assert sorted(p.name for p in used.iterdir()) == earlier
-    assert OutcomeStore(used).models() == ["preact_wrn"] and (used / "report.md").read_text() == "earlier"
+    _assert_the_earlier_store(used)
+    assert (used / "report.md").read_text() == "earlier"
     assert not (tmp_path / "a").exists()
     capsys.readouterr()
+
+
+def _assert_the_earlier_store(path):
+    store = OutcomeStore(path)
+    try:
+        store.bind_settings("preact_wrn", {"eps": 0.1})  # the earlier run's; the new one bound 0.2
+    finally:
+        store.close()
+
+
+def test_a_failure_while_out_is_started_undoes_what_it_did(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(api, "evaluate", _fail_before_storing(AssertionError("the evaluation started")))
+    used = tmp_path / "used"
+    earlier = _earlier_run(used)
+    calls = []
+    real_rename = Path.rename
+
+    def third_rename_fails(self, target):
+        calls.append(self.name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", third_rename_fails)
+    assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--overwrite"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert len(calls) > 3  # two moved aside, then moved back
+    assert sorted(p.name for p in used.iterdir()) == earlier
+    _assert_the_earlier_store(used)
+
+
+def test_a_failed_resumed_run_keeps_its_store(tmp_path, monkeypatch, capsys):
+    used = tmp_path / "used"
+    earlier = _earlier_run(used)
+
+    def broke(*args, **kwargs):
+        raise RuntimeError("model broke")
+
+    monkeypatch.setattr(api, "evaluate", broke)
+    with pytest.raises(RuntimeError, match="model broke"):
+        cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--resume"])
+    assert sorted(p.name for p in used.iterdir()) == earlier
+    _assert_the_earlier_store(used)
 
 
 def test_a_run_that_stored_work_replaces_the_earlier_one(tmp_path, monkeypatch, capsys):
@@ -339,6 +384,11 @@ def test_a_run_that_stored_work_replaces_the_earlier_one(tmp_path, monkeypatch, 
     monkeypatch.setattr(api, "evaluate", _store_one_unit_then(RuntimeError("model broke")))
     with pytest.raises(RuntimeError, match="model broke"):
         cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--overwrite"])
+    assert sorted(p.name for p in used.iterdir()) == ["outcomes.sqlite"]
+    # A resumed run that stores work deletes what a killed --overwrite left held.
+    held.mkdir()
+    monkeypatch.setattr(api, "evaluate", _store_one_unit_then(KeyboardInterrupt()))
+    assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--resume"]) == 130
     assert sorted(p.name for p in used.iterdir()) == ["outcomes.sqlite"]
 
 

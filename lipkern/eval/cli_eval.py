@@ -158,7 +158,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run stored in --out, skipping finished work")
-    again.add_argument("--overwrite", action="store_true", help="delete the earlier run in --out first")
+    again.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out (kept until this run has stored work)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the sample selection and of every attack's randomness (default 0)")
     p.add_argument("--jobs", type=positive_int, default=2,
@@ -342,7 +342,7 @@ def _evaluate_in_workers(jobs, options, threads, n_workers):
 WRITE_PROBE = ".lipkern-write-test"
 # --overwrite moves the earlier run's files into a directory of this prefix inside --out and deletes them
 # when the new run ends having stored work; a killed run leaves them there, for the next --overwrite to
-# replace with the rest.
+# replace with the rest, or for its resumed run to delete once it has finished.
 HELD_PREFIX = ".lipkern-replaced-"
 
 
@@ -358,7 +358,7 @@ def _written_by_eval(entry: Path) -> bool:
 def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
     """Checks ``--out`` before any work, changing nothing: refuses a file, a non-empty directory without
     --resume / --overwrite, --resume without a stored run, --overwrite of a directory that holds anything
-    lipkern did not write, and an unwritable place. Returns the files --overwrite is to replace."""
+    lipkern did not write, and an unwritable place. Returns the entries --overwrite is to replace."""
     from .store import FILENAME
 
     out = Path(path)
@@ -387,44 +387,20 @@ def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
 
 @dataclass
 class OutDirChange:
-    """What start_out_dir changed: the directories it made (deepest first) and where the files that
-    --overwrite replaces wait. A run that stops before storing any work leaves --out as it was."""
+    """What start_out_dir changed: the directories it made (deepest first), where the files that
+    --overwrite replaces wait, and the held directories of a killed run that a resumed run found. A run
+    that ends before storing any work leaves --out as it was; with several processes, whose others may
+    still hold the store open, it leaves the replaced files where they wait and says so."""
 
     out: Path
     made: list[Path]
     held: Path | None
     resumed: bool
+    shared: bool
+    leftovers: list[Path]
 
-    def _stored_work(self) -> bool:
-        from .store import FILENAME, OutcomeStore
-
-        if not (self.out / FILENAME).is_file():
-            return False
-        store = OutcomeStore(self.out)
-        try:
-            return store.holds_outcomes()
-        finally:
-            store.close()
-
-    def finish(self) -> None:
-        """The new run has stored its work: the replaced files go."""
-        if self.held is not None:
-            shutil.rmtree(self.held)
-            self.held = None
-
-    def settle(self) -> bool:
-        """After a failure: keeps a resumed run, and a new one that stored work (returns True); otherwise
-        removes what the new run wrote and puts back what it replaced (returns False)."""
-        if self.resumed or self._stored_work():
-            self.finish()
-            return True
-        for entry in self.out.iterdir() if self.out.is_dir() else ():
-            if entry == self.held or not _written_by_eval(entry):
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+    def restore(self) -> None:
+        """Undoes start_out_dir's own steps: the held files back, the directories it made gone."""
         if self.held is not None:
             for entry in self.held.iterdir():
                 entry.rename(self.out / entry.name)
@@ -434,30 +410,66 @@ class OutDirChange:
             if any(directory.iterdir()):
                 break
             directory.rmdir()
-        return False
+
+    def finish(self) -> None:
+        """The run has stored its work: the replaced files go (a failure to delete them only warns)."""
+        for directory in ([self.held] if self.held is not None else []) + self.leftovers:
+            try:
+                shutil.rmtree(directory)
+            except OSError as e:
+                print(f"lipkern eval: warning: could not delete the replaced run's files in {directory}: {e}",
+                      file=sys.stderr)
+        self.held, self.leftovers = None, []
+
+    def settle(self) -> str:
+        """After a failure: "stored" where the run (or the resumed one) stored work, which stays; "held" where
+        several processes ran and the replaced files wait in ``held``; otherwise "restored": what the run
+        wrote removed and what it replaced put back."""
+        from .store import holds_outcomes
+
+        if self.resumed or holds_outcomes(self.out):
+            self.finish()
+            return "stored"
+        if self.shared and self.held is not None:
+            return "held"
+        for entry in self.out.iterdir() if self.out.is_dir() else ():
+            if entry == self.held or not _written_by_eval(entry):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        self.restore()
+        return "restored"
 
 
-def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bool) -> OutDirChange:
+def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bool, shared: bool) -> OutDirChange:
     """Once every argument has been checked: makes ``--out`` and moves aside the earlier run's files that
-    --overwrite replaces; a resumed run must bring every model the stored run had started on (the
-    report would leave the others out, and their work behind)."""
+    --overwrite replaces (``shared``: several processes run); a failure here undoes what it did. A resumed
+    run must bring every model the stored run had started on (the report would leave the others out, and
+    their work behind)."""
     from .store import FILENAME, OutcomeStore
 
     out = Path(path)
-    change = OutDirChange(out, [p for p in (out, *out.parents) if not p.exists()], None, resume)
+    change = OutDirChange(out, [p for p in (out, *out.parents) if not p.exists()], None, resume, shared, [])
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / WRITE_PROBE
-        probe.write_bytes(b"")
-        probe.unlink()
         if replaced:
+            # Making the held directory in --out tests that --out is writable.
             change.held = Path(tempfile.mkdtemp(prefix=HELD_PREFIX, dir=out))
             for f in replaced:
                 f.rename(change.held / f.name)
-    except OSError as e:
-        change.settle()
-        raise EvalInputError(f"--out {out} is not writable: {e.strerror or e}") from None
+        else:
+            probe = out / WRITE_PROBE
+            probe.write_bytes(b"")
+            probe.unlink()
+    except BaseException as e:
+        change.restore()
+        if isinstance(e, OSError):
+            raise EvalInputError(f"--out {out} is not writable: {e.strerror or e}") from None
+        raise
     if resume:
+        change.leftovers = [e for e in out.iterdir() if e.is_dir() and e.name.startswith(HELD_PREFIX)]
         try:
             store = OutcomeStore(out)
             try:
@@ -471,6 +483,20 @@ def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bo
             raise EvalInputError(f"--resume: {out} holds a run of {', '.join(stored)}, and this one leaves out "
                                  f"{', '.join(left_out)}; resume with the same models, or start over with --overwrite")
     return change
+
+
+def _settle(change: OutDirChange | None) -> str | None:
+    """change.settle() after a failed run, reporting its own failure without hiding the run's."""
+    if change is None:
+        return None
+    try:
+        outcome = change.settle()
+    except OSError as e:
+        print(f"lipkern eval: warning: could not put {change.out} back as it was ({e})", file=sys.stderr)
+        outcome = "held"
+    if outcome == "held" and change.held is not None:
+        print(f"lipkern eval: the replaced run's files wait in {change.held}", file=sys.stderr)
+    return outcome
 
 
 def _check_sample_counts(jobs: list[Job], args) -> None:
@@ -521,7 +547,7 @@ def run_eval(args) -> int:
         jobs = _user_jobs(args) if (args.model or args.robustbench) else _embedded_jobs(args)
         _check_sample_counts(jobs, args)
         change = _on_main(processes, lambda: start_out_dir(args.out, replaced, [job.name for job in jobs],
-                                                           args.resume))
+                                                           args.resume, processes.world > 1))
         options = dict(ratios=args.ratios or DEFAULT_RATIOS, quick=args.quick, sigma=args.sigma, seed=args.seed,
                        progress=not args.no_progress, device=device, batch_size=args.batch_size,
                        chunk_size=args.chunk_size, out_dir=args.out, n_calib=args.n_calib)
@@ -541,21 +567,20 @@ def run_eval(args) -> int:
             files = result.save(args.out)
             change.finish()
     except (EvalInputError, SettingsMismatchError, FileNotFoundError) as e:
-        if change is not None:
-            change.settle()
+        _settle(change)
         print(f"lipkern eval: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if change is not None and change.settle():
+        outcome = _settle(change)
+        if outcome == "stored":
             print(f"lipkern eval: interrupted; finished work is stored in {args.out}, continue it with --resume",
                   file=sys.stderr)
-        elif processes.is_main:
+        elif processes.is_main and outcome != "held":
             print(f"lipkern eval: interrupted before any work was stored; {args.out} is as it was before the run",
                   file=sys.stderr)
         return 130
     except BaseException:
-        if change is not None:
-            change.settle()
+        _settle(change)
         raise
     finally:
         if processes.world > 1 and torch.distributed.is_initialized():

@@ -30,6 +30,24 @@ class SettingsMismatchError(ValueError):
     """A resumed run's settings differ from those the store was started with."""
 
 
+def holds_outcomes(out_dir) -> bool:
+    """Whether the store in ``out_dir`` holds a finished unit, read without writing or waiting on a lock;
+    a store that cannot be read counts as holding some (the caller then keeps it)."""
+    path = Path(out_dir) / FILENAME
+    if not path.is_file():
+        return False
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+        try:
+            return db.execute("SELECT 1 FROM units LIMIT 1").fetchone() is not None
+        finally:
+            db.close()
+    except sqlite3.OperationalError as e:
+        return "no such table" not in str(e)
+    except sqlite3.Error:
+        return True
+
+
 class OutcomeStore:
     def __init__(self, out_dir):
         self.path = Path(out_dir) / FILENAME
@@ -90,9 +108,6 @@ class OutcomeStore:
 
     def count(self, model: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM units WHERE model = ?", (model,)).fetchone()[0]
-
-    def holds_outcomes(self) -> bool:
-        return self._db.execute("SELECT 1 FROM units LIMIT 1").fetchone() is not None
 
 
 class _Transaction:
