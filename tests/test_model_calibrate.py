@@ -371,10 +371,12 @@ def test_state_dict_round_trip(tmp_path):
         assert torch.equal(fresh(data[0]), model(data[0]))
 
 
-def test_save_load_calibration_round_trip_and_mismatches(tmp_path):
+# Calibrated and saved through DataParallel, the file names the layers of the model inside.
+@pytest.mark.parametrize("wrap", [lambda m: m, nn.DataParallel], ids=["bare", "DataParallel"])
+def test_save_load_calibration_round_trip_and_mismatches(tmp_path, wrap):
     original = Blocks().eval()
     data = _token_data()
-    model = _converted(original, inputs_of=("*fc1",))
+    model = wrap(_converted(original, inputs_of=("*fc1",)))
     _calibrate(model, data, statistic="quantile:0.99")
     path = tmp_path / "calibration.safetensors"
     save_calibration(model, path)
@@ -386,6 +388,16 @@ def test_save_load_calibration_round_trip_and_mismatches(tmp_path):
     set_ratio(model, 2**-6)
     for (_, a), (_, b) in zip(remap_modules(model), remap_modules(fresh)):
         assert torch.equal(a.threshold, b.threshold)
+    # And back through wrappers: torch.compile's, then two DataParallels.
+    compiled = torch.compile(_converted(original, inputs_of=("*fc1",)))
+    load_calibration(compiled, path)
+    again = tmp_path / "again.safetensors"
+    save_calibration(compiled, again)
+    rewrapped = nn.DataParallel(nn.DataParallel(_converted(original, inputs_of=("*fc1",))))
+    load_calibration(rewrapped, again)
+    set_ratio(rewrapped, 2**-6)
+    for (name, a), (other, b) in zip(remap_modules(fresh), remap_modules(rewrapped.module.module)):
+        assert name == other and torch.equal(a.threshold, b.threshold)
 
     other_layers = _converted(original, inputs_of=("*fc2",))
     with pytest.raises(ValueError, match="first mismatching layer 'blocks.0.fc2.input_remap'"):
@@ -407,27 +419,6 @@ def test_save_load_calibration_round_trip_and_mismatches(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a lipkern calibration file"):
         load_calibration(fresh, tmp_path / "other.safetensors")
-
-
-def test_calibration_files_name_the_layers_inside_wrappers(tmp_path):
-    original = Blocks().eval()
-    data = _token_data()
-    wrapped = nn.DataParallel(_converted(original, inputs_of=("*fc1",)))
-    _calibrate(wrapped, data)
-    path = tmp_path / "calibration.safetensors"
-    save_calibration(wrapped, path)
-    bare = _converted(original, inputs_of=("*fc1",))
-    load_calibration(bare, path)
-    with torch.no_grad():
-        assert torch.equal(bare(data[0]), wrapped(data[0]))
-    compiled = torch.compile(_converted(original, inputs_of=("*fc1",)))
-    load_calibration(compiled, path)
-    again = tmp_path / "again.safetensors"
-    save_calibration(compiled, again)
-    rewrapped = nn.DataParallel(nn.DataParallel(_converted(original, inputs_of=("*fc1",))))
-    load_calibration(rewrapped, again)
-    for (name, a), (other, b) in zip(remap_modules(bare), remap_modules(rewrapped.module.module)):
-        assert name == other and torch.equal(a.threshold, b.threshold)
 
 
 @pytest.mark.parametrize("bpda", [False, True])
