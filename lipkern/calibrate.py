@@ -595,8 +595,8 @@ def load_calibration(model: nn.Module, path) -> None:
             }
             try:
                 module.check_state(layer_tensors, entry, exact_dtypes=True)
-            except ValueError as error:
-                raise _mismatch(name, str(error)) from None
+            except thresholds.LayerStateError as error:
+                raise _mismatch(name, error.reason) from None
         for name in saved:
             if name not in names:
                 raise _mismatch(name, "in the file but not converted in the model")

@@ -154,7 +154,7 @@ def test_load_calibration_checks_every_tensor_before_changing_anything(tmp_path)
 
     def corrupt(key, value):
         bad = dict(tensors, **{key: value})
-        bad_path = tmp_path / "bad.safetensors"
+        bad_path = tmp_path / f"bad{len(list(tmp_path.iterdir()))}.safetensors"  # one file per case
         save_file(bad, str(bad_path), metadata=metadata)
         return bad_path
 
@@ -170,7 +170,12 @@ def test_load_calibration_checks_every_tensor_before_changing_anything(tmp_path)
     for what, bad_path in cases.items():
         with pytest.raises(ValueError) as error:
             lipkern.load_calibration(target, bad_path)
-        assert layer in str(error.value), what
+        message = str(error.value)
+        if what == "stray tensor":
+            assert f"tensor '{layer}/bogus' belongs to no converted layer" in message
+        else:  # the layer named once
+            named = f"calibration file does not fit the model: first mismatching layer '{layer}': "
+            assert message.startswith(named) and not message[len(named):].startswith(layer), message
         _assert_same_state(target, before)
     lipkern.load_calibration(target, path)
     assert torch.equal(target[3].threshold, source[3].threshold)

@@ -163,6 +163,15 @@ def thresholds(
     return threshold, center
 
 
+class LayerStateError(ValueError):
+    """A layer's stored state that does not fit it; the message leads with the layer's name,
+    ``reason`` is the rest (for a caller that names the layer itself)."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
 def check_layer_state(
     tensors: dict,
     config: dict,
@@ -172,13 +181,13 @@ def check_layer_state(
     exact_dtypes: bool,
     where: str,
 ) -> None:
-    """Raise ValueError naming ``where`` unless ``tensors`` (buffer name -> tensor; absent ones
+    """Raise LayerStateError naming ``where`` unless ``tensors`` (buffer name -> tensor; absent ones
     are empty) and ``config`` make a valid stored calibration for a layer whose settings are
     ``layer`` and whose buffers have ``buffer_dtypes``. ``exact_dtypes``: buffers must have those
     dtypes (a calibration file is adopted as it is; a state_dict is copied, which converts)."""
 
     def fail(what: str):
-        raise ValueError(f"{where}: {what}")
+        raise LayerStateError(where, what)
 
     if not isinstance(config, dict):
         fail(f"the settings must be a dict, got {type(config).__name__}")
