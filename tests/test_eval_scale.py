@@ -483,6 +483,26 @@ def test_two_processes_give_the_one_process_outcomes(one_process_run, tmp_path):
     assert table(one_process_run) == table(out)
 
 
+def test_ctrl_c_stops_the_workers_and_leaks_nothing(tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "lipkern", "eval", "--quick", "--n-test", "20", "--jobs", "2", "--threads", "1",
+           "--no-progress", "--out", str(out)]
+    # A terminal's Ctrl-C: SIGINT to the whole process group, with SIGINT's default disposition.
+    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setpgrp()))
+    started = 0
+    for line in proc.stderr:  # each worker announces its work once it has begun
+        started += "already done" in line
+        if started == 2:
+            break
+    assert started == 2, "the workers did not start"
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, rest
+    assert "lipkern eval: interrupted" in rest and "leaked" not in rest, rest
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(one_process_run, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

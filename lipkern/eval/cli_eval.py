@@ -308,10 +308,18 @@ def _evaluate_job(job: Job, options: dict, threads: int, position: int):
                     n_test=job.n_test, calib_source=job.calib_source, **options)
 
 
-def _ignore_sigint():
+def _start_worker():
+    """Workers ignore SIGINT: the terminal sends it to the whole process group, and the parent decides. Their
+    progress bars take a thread lock: tqdm's default one adds a named semaphore, which is useless across
+    spawned processes (each would make its own) and, with the worker stopped by Ctrl-C, left the resource
+    tracker warning of "leaked semaphore objects" at exit."""
     import signal
+    import threading
+
+    from tqdm import tqdm
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
 
 
 def _evaluate_in_workers(jobs, options, threads, n_workers):
@@ -319,8 +327,7 @@ def _evaluate_in_workers(jobs, options, threads, n_workers):
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    # Workers ignore SIGINT: the terminal sends it to the whole process group, and the parent decides.
-    pool = ctx.Pool(n_workers, initializer=_ignore_sigint)
+    pool = ctx.Pool(n_workers, initializer=_start_worker)
     try:
         pending = [pool.apply_async(_evaluate_job, (job, options, threads, i)) for i, job in enumerate(jobs)]
         # Waiting in short slices keeps the parent responsive to Ctrl-C (a bare get() may not return to it).
