@@ -4,7 +4,8 @@
 // ATEN_CPU_CAPABILITY and prefers AVX2 on CPUs where AVX512 does not pay), limited to what the
 // CPU supports. AVX512_BF16 is AVX512 plus the bf16 conversion instructions, chosen where ATen
 // chooses AVX512 and the CPU has them. LIPKERN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512|AVX512_BF16
-// overrides the choice for lipkern alone.
+// overrides the choice for lipkern alone. The AVX-512 builds' evaluation of the 16-bit smooth
+// activations is chosen here too (cpu_16bit_method, LIPKERN_CPU_16BIT).
 
 #include "remap_act.h"
 
@@ -14,6 +15,7 @@
 #include <array>
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
 
 namespace lipkern {
 namespace {
@@ -132,6 +134,57 @@ std::string cpu_capability() {
 
 void set_cpu_capability(const std::string& name) {
   current().store(checked(name, "set_cpu_capability"));
+}
+
+namespace {
+
+// Which of the 16-bit smooth activations' two evaluations is faster depends on the CPU's
+// gathers: on an AMD EPYC the grid's polynomials took 0.70-0.86x the time of the table's
+// gathers, on an Intel Xeon with AMX the gathers 0.49-0.77x the polynomials' (bf16 and fp16,
+// forward and backward, inputs of std 1). So "auto" times both, once per build.
+constexpr std::array<const char*, 3> kMethods16{"grid", "table", "auto"};
+constexpr int kGrid = 0, kTable = 1, kAuto = 2;
+
+int method_16bit(const std::string& name, const char* source) {
+  for (size_t i = 0; i < kMethods16.size(); ++i) {
+    if (name == kMethods16[i]) return static_cast<int>(i);
+  }
+  TORCH_CHECK_VALUE(false, "lipkern: ", source, " names 16-bit method '", name,
+                    "', expected 'grid', 'table' or 'auto'");
+}
+
+std::atomic<int>& requested_16bit() {
+  static std::atomic<int> method{[] {
+    const char* env = std::getenv("LIPKERN_CPU_16BIT");
+    return env != nullptr && *env != '\0' ? method_16bit(env, "LIPKERN_CPU_16BIT") : kAuto;
+  }()};
+  return method;
+}
+
+bool timed_grid_beats_tables(int capability) {
+  static std::array<std::once_flag, kCapabilities.size()> once;
+  static std::array<bool, kCapabilities.size()> grid;
+  std::call_once(once[capability], [capability] {
+    grid[capability] = tables().tables[capability].grid_beats_tables();
+  });
+  return grid[capability];
+}
+
+}  // namespace
+
+bool sixteen_bit_on_grid() {
+  const int capability = current().load(std::memory_order_relaxed);
+  if (!tables().tables[capability].computes_16bit_on_grid) return false;
+  const int method = requested_16bit().load(std::memory_order_relaxed);
+  return method == kAuto ? timed_grid_beats_tables(capability) : method == kGrid;
+}
+
+std::string cpu_16bit_method() {
+  return sixteen_bit_on_grid() ? "grid" : "table";
+}
+
+std::string set_cpu_16bit_method(const std::string& name) {
+  return kMethods16[requested_16bit().exchange(method_16bit(name, "set_cpu_16bit_method"))];
 }
 
 }  // namespace lipkern

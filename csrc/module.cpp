@@ -12,4 +12,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_capability", &lipkern::set_cpu_capability, py::arg("name"),
         "Switch the kernel build (tests and benchmarks); raises ValueError if this CPU or build "
         "lacks it. The environment variable LIPKERN_CPU_CAPABILITY sets the initial choice.");
+  m.def("cpu_16bit_method", &lipkern::cpu_16bit_method,
+        "How the AVX-512 builds evaluate the 16-bit smooth activations: 'grid' (fp32 "
+        "polynomials) or 'table' (a gather from their tables); both give the same bits.");
+  m.def("set_cpu_16bit_method", &lipkern::set_cpu_16bit_method, py::arg("name"),
+        "'grid', 'table' or 'auto' (the faster on this CPU, timed once per build; the default, "
+        "or the environment variable LIPKERN_CPU_16BIT); returns the choice it replaces.");
 }

@@ -72,6 +72,11 @@ struct KernelTable {
   void (*forward)(const ForwardArgs&);
   void (*forward_stats)(const ForwardArgs&, const StatsOut&);
   void (*backward)(const BackwardArgs&);
+  // Whether this build can compute the 16-bit smooth activations on the fp32 grid (the
+  // AVX-512 builds; the others always read their tables), and whether that is faster than the
+  // tables on this CPU, timed.
+  bool computes_16bit_on_grid;
+  bool (*grid_beats_tables)();
 };
 
 // One table per compiled capability (each defined in its own build of remap_act_kernels.cpp).
@@ -97,5 +102,16 @@ const KernelTable& kernels();
 std::string cpu_capability();
 // Switches the capability (for tests and benchmarks); throws if this CPU or build lacks it.
 void set_cpu_capability(const std::string& name);
+
+// How the AVX-512 builds evaluate the 16-bit smooth activations on the fp32 grid's range:
+// "grid" (the polynomials, tables only for chunks with a lane off the grid), "table" (the
+// tables throughout) or "auto" (the faster of the two on this CPU, timed once per build).
+// Both give the same bits. The environment variable LIPKERN_CPU_16BIT sets the initial choice.
+// cpu_16bit_method gives the method in use ("grid" or "table"); set_cpu_16bit_method returns
+// the choice it replaces (so that a caller can restore it).
+std::string cpu_16bit_method();
+std::string set_cpu_16bit_method(const std::string& name);
+// The resolved choice for the capability in use: true for "grid".
+bool sixteen_bit_on_grid();
 
 }  // namespace lipkern

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -63,13 +64,14 @@ C10_NOINLINE void forward_chunk(const T* x, T* y, int64_t begin, int64_t end,
   forward_steps<T, A, kLanes, kComputed>(x, y, begin, end, rp, table);
 }
 
+// on_grid: whether the 16-bit smooth activations compute on the grid (sixteen_bit_on_grid).
 template <typename T, Act A, bool kLanes>
-void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp, const float* table) {
+void forward_run(const T* x, T* y, int64_t n, const RunParams<kLanes>& rp, const float* table,
+                 bool on_grid) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (uses_table<T, A>()) {
-    // The table holds what the fp32 code computes. On the grid the polynomial costs less than a
-    // gather (one thread: 0.70-0.86x the time at standard deviation 1), off it far more.
-    for_each_grid_chunk<T, A>(x, n, [&](int64_t begin, int64_t end, auto on_grid) {
+    // The table holds what the fp32 code computes, so either gives the same bits.
+    for_each_grid_chunk<T, A>(x, n, on_grid, [&](int64_t begin, int64_t end, auto on_grid) {
       forward_chunk<T, A, kLanes, decltype(on_grid)::value>(x, y, begin, end, rp, table);
     });
     return;
@@ -131,12 +133,15 @@ void forward_typed(const ForwardArgs& args) {
   T* y = static_cast<T*>(args.y);
   const Geometry& g = args.geometry;
   const float* table = activation_table_for<T, A>();
+  const bool on_grid = uses_table<T, A>() && sixteen_bit_on_grid();
   at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
     for_each_run(g, begin, end, [&](int64_t p, int64_t n, int64_t ch) {
       if (g.inner == 1) {
-        forward_run<T, A, true>(x + p, y + p, n, RunParams<true>(args.params, ch), table);
+        forward_run<T, A, true>(x + p, y + p, n, RunParams<true>(args.params, ch), table,
+                                on_grid);
       } else {
-        forward_run<T, A, false>(x + p, y + p, n, RunParams<false>(args.params, ch), table);
+        forward_run<T, A, false>(x + p, y + p, n, RunParams<false>(args.params, ch), table,
+                                 on_grid);
       }
     });
   });
@@ -420,6 +425,7 @@ struct BackwardTables {
   RemapKeyTable keys;           // MaskMode::Keys only
   const float* tail_keys[2];    // MaskMode::TailIntervals only
   const float* settle_bands;    // MaskMode::Centred where the activation is estimated
+  bool on_grid;                 // 16-bit GELU and tanh-GELU: sixteen_bit_on_grid()
 };
 
 // settle_band of a step's lanes; -1 (settled) in the lanes past a ragged end, whose padding
@@ -611,10 +617,11 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
                   const BackwardTables& tables) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (gathers_derivative<T, A>()) {
-    // As the 16-bit forward: chunks on the grid compute what the gathers would load (one
-    // thread, standard deviation 1: bf16 GELU 0.83x the time with per-channel thresholds, 0.78x
-    // without; at 3 and 10, where nearly every chunk gathers, the same time within noise).
-    for_each_grid_chunk<T, A>(x, n, [&](int64_t begin, int64_t end, auto on_grid) {
+    // As the 16-bit forward: chunks on the grid compute what the gathers would load, where that
+    // is faster (on an AMD EPYC, one thread, standard deviation 1: bf16 GELU 0.83x the time
+    // with per-channel thresholds, 0.78x without; at 3 and 10, where nearly every chunk
+    // gathers, the same time within noise).
+    for_each_grid_chunk<T, A>(x, n, tables.on_grid, [&](int64_t begin, int64_t end, auto on_grid) {
       constexpr bool kOnGrid = decltype(on_grid)::value;
       backward_chunk<T, G, A, kLanes, M, kOnGrid>(dy, x, dx, begin, end, rp, tables);
     });
@@ -699,7 +706,8 @@ void backward_typed(const BackwardArgs& args) {
       with_activation ? pair_table_for<T, A>() : nullptr,
       with_activation ? nullptr : derivative_table_for<T, A>(),
       A == Act::Silu && with_activation ? activation_table_for<T, A>() : nullptr, key_table,
-      {}, centred_estimates ? settle_bands.data() : nullptr};
+      {}, centred_estimates ? settle_bands.data() : nullptr,
+      gathers_derivative<T, A>() && sixteen_bit_on_grid()};
   if (tail_intervals) {
     tables.tail_keys[0] = &tail_keys[0];
     tables.tail_keys[1] = &tail_keys[C];
@@ -772,10 +780,50 @@ void backward(const BackwardArgs& args) {
   });
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kComputes16BitOnGrid = true;
+#else
+constexpr bool kComputes16BitOnGrid = false;
+#endif
+
+// Whether bf16 GELU's forward on the grid beats its gathers on this CPU: the 16-bit smooth
+// activations' forward and backward go the same way (GELU, tanh-GELU and SiLU, bf16 and fp16,
+// forward and backward, on an AMD EPYC and on an Intel Xeon). Inputs spread over the grid,
+// the best of nine alternated calls each, about 0.3 ms once per process and build.
+bool grid_beats_tables() {
+#if defined(CPU_CAPABILITY_AVX512)
+  using T = c10::BFloat16;
+  constexpr int64_t n = 16384;
+  std::vector<T> x(n), y(n);
+  for (int64_t i = 0; i < n; ++i) {
+    // A fixed scramble of [-3.5, 3.5): every chunk on the grid, table entries visited at random.
+    x[i] = T(-3.5f + 7.f * static_cast<float>((i * 40503) % n) / n);
+  }
+  const float threshold = 0.1f;
+  const RunParams<false> rp(ChannelParams{&threshold, nullptr}, 0);
+  const float* table = activation_table<T, Act::Gelu>();
+  const auto seconds = [&](auto on_grid) {
+    const auto start = std::chrono::steady_clock::now();
+    forward_chunk<T, Act::Gelu, false, decltype(on_grid)::value>(x.data(), y.data(), 0, n, rp,
+                                                                  table);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  double grid = std::numeric_limits<double>::infinity(), gathers = grid;
+  for (int round = 0; round < 9; ++round) {
+    grid = std::min(grid, seconds(std::true_type{}));
+    gathers = std::min(gathers, seconds(std::false_type{}));
+  }
+  return grid < gathers;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 KernelTable kernel_table() {
-  return {C10_STRINGIZE(CPU_CAPABILITY), &forward, &forward_stats, &backward};
+  return {C10_STRINGIZE(CPU_CAPABILITY), &forward, &forward_stats, &backward,
+          kComputes16BitOnGrid, &grid_beats_tables};
 }
 
 }  // namespace CPU_CAPABILITY

@@ -132,6 +132,12 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     assert status == 0
     report = json.loads(path.read_text())
     assert report["input_std"] == 6 and "inputs N(0, 6^2)" in out
+    if backend == "cpu":
+        from lipkern import _C
+
+        build = {"capability": _C.cpu_capability(), "16bit_method": _C.cpu_16bit_method()}
+        assert report["cpu_kernel_build"] == build
+        assert f"C++ build {build['capability']} (16-bit: {build['16bit_method']})" in out
     assert [c["shape"] for c in report["cpu"]] == ["64x32", "nchw_cl:2x8x4x4"]
     for config in report["cpu"]:
         ops = {row["op"] for row in config["comparisons"]}

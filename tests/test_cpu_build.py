@@ -1,5 +1,5 @@
 """The build of the C++ extension: lipkern._C registers the CPU kernels of every lipkern op, is
-compiled once per CPU capability, and honours LIPKERN_CPU_CAPABILITY."""
+compiled once per CPU capability, and honours LIPKERN_CPU_CAPABILITY and LIPKERN_CPU_16BIT."""
 
 from __future__ import annotations
 
@@ -32,16 +32,20 @@ def test_every_capability_has_a_wrapper_source():
         assert '#include "../remap_act_kernels.cpp"' in wrapper.read_text()
 
 
-def _capability_in_subprocess(value):
-    env = dict(os.environ, LIPKERN_CPU_CAPABILITY=value)
+def _in_subprocess(variable, value, report):
+    env = dict(os.environ, **{variable: value})
     return subprocess.run(
-        [sys.executable, "-c", "import lipkern._C as C; print(C.cpu_capability())"],
+        [sys.executable, "-c", f"import lipkern._C as C; print(C.{report}())"],
         env=env,
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=120,
     )
+
+
+def _capability_in_subprocess(value):
+    return _in_subprocess("LIPKERN_CPU_CAPABILITY", value, "cpu_capability")
 
 
 def test_environment_override_selects_the_build():
@@ -54,3 +58,22 @@ def test_bad_environment_override_is_a_clear_error():
     result = _capability_in_subprocess("AVX9000")
     assert result.returncode != 0
     assert "LIPKERN_CPU_CAPABILITY" in result.stderr
+
+
+def _avx512_in_use():
+    return _C.cpu_capability().startswith("AVX512")
+
+
+@pytest.mark.parametrize("method", ["grid", "table"])
+def test_environment_override_selects_the_16bit_method(method):
+    if method == "grid" and not _avx512_in_use():
+        pytest.skip("only the AVX-512 builds compute the 16-bit smooth activations on the grid")
+    result = _in_subprocess("LIPKERN_CPU_16BIT", method, "cpu_16bit_method")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == method
+
+
+def test_bad_16bit_method_override_is_a_clear_error():
+    result = _in_subprocess("LIPKERN_CPU_16BIT", "fastest", "cpu_16bit_method")
+    assert result.returncode != 0
+    assert "LIPKERN_CPU_16BIT" in result.stderr and "'grid', 'table' or 'auto'" in result.stderr

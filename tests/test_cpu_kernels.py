@@ -47,6 +47,15 @@ def capability(request):
     _C.set_cpu_capability(initial)
 
 
+@pytest.fixture
+def sixteen_bit_method(request):
+    """Run the test with the 16-bit smooth activations evaluated one way (set_cpu_16bit_method),
+    restoring the earlier choice afterwards."""
+    earlier = _C.set_cpu_16bit_method(request.param)
+    yield request.param
+    _C.set_cpu_16bit_method(earlier)
+
+
 def _case(shape, channel_dim, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=gen) * 3).to(dtype)
@@ -131,6 +140,28 @@ def test_unknown_capability_is_a_clear_error():
 
 def test_default_choice_is_reported():
     assert _C.cpu_capability() in CAPABILITIES
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+def test_16bit_method_is_chosen_reported_and_restored(capability):
+    """'grid' and 'table' are taken as asked where the build computes on the grid (AVX-512;
+    the others always read the tables); 'auto' settles on one of them, the same each time;
+    set_cpu_16bit_method returns the choice it replaced; a wrong name says what is expected."""
+    on_grid_build = capability.startswith("AVX512")
+    earlier = _C.set_cpu_16bit_method("grid")
+    try:
+        assert _C.cpu_16bit_method() == ("grid" if on_grid_build else "table")
+        assert _C.set_cpu_16bit_method("table") == "grid"
+        assert _C.cpu_16bit_method() == "table"
+        assert _C.set_cpu_16bit_method("auto") == "table"
+        timed = _C.cpu_16bit_method()
+        assert timed in (("grid", "table") if on_grid_build else ("table",))
+        assert _C.cpu_16bit_method() == timed
+        with pytest.raises(ValueError, match=r"set_cpu_16bit_method.*'grid', 'table' or 'auto'"):
+            _C.set_cpu_16bit_method("fastest")
+        assert _C.cpu_16bit_method() == timed
+    finally:
+        _C.set_cpu_16bit_method(earlier)
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])
@@ -722,14 +753,17 @@ def _finite_16bit_in_order(dtype):
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("sixteen_bit_method", ["grid", "table"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
-def test_16bit_forward_computes_on_the_grid_what_the_table_holds(capability, dtype, act):
-    """On AVX-512 a 16-bit forward computes the chunks whose inputs all lie on the fp32 grid and
-    reads the table elsewhere: over every finite 16-bit value in order (long runs on the grid,
-    then off it), as one 1-D run and as rows of 64 channels, without thresholds and with
-    per-channel ones and a centre, equal to the fp32 kernel on the upcast input, bit for bit; the
-    same with one far value in every 100."""
+def test_16bit_forward_computes_on_the_grid_what_the_table_holds(
+    capability, sixteen_bit_method, dtype, act
+):
+    """On AVX-512 with the "grid" method a 16-bit forward computes the chunks whose inputs all
+    lie on the fp32 grid and reads the table elsewhere ("table": everywhere): over every finite
+    16-bit value in order (long runs on the grid, then off it), as one 1-D run and as rows of 64
+    channels, without thresholds and with per-channel ones and a centre, equal to the fp32
+    kernel on the upcast input, bit for bit; the same with one far value in every 100."""
     x, far = _finite_16bit_in_order(dtype)
     ops = torch.ops.lipkern
     for values in (x, far):
@@ -744,16 +778,19 @@ def test_16bit_forward_computes_on_the_grid_what_the_table_holds(capability, dty
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("sixteen_bit_method", ["grid", "table"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
-def test_16bit_backward_computes_on_the_grid_what_the_tables_hold(capability, dtype, act):
+def test_16bit_backward_computes_on_the_grid_what_the_tables_hold(
+    capability, sixteen_bit_method, dtype, act
+):
     """The 16-bit backward of GELU and tanh-GELU computes act(x) and act'(x) on the chunks whose
-    inputs all lie on the fp32 grid (AVX-512) and reads the tables elsewhere. Over every finite
-    16-bit value in order (so that most chunks lie wholly on the grid), and with one far value in
-    every 100: as one ragged run, as rows of 64 channels and as planes of 37 per channel (row
-    mode, a partial step each), unmasked and masked with per-channel thresholds and a centre,
-    with 16-bit and fp32 dy, dx equals the fp32 kernel's on the upcast inputs, rounded, bit for
-    bit."""
+    inputs all lie on the fp32 grid (AVX-512, "grid" method) and reads the tables elsewhere
+    ("table": everywhere). Over every finite 16-bit value in order (so that most chunks lie
+    wholly on the grid), and with one far value in every 100: as one ragged run, as rows of 64
+    channels and as planes of 37 per channel (row mode, a partial step each), unmasked and masked
+    with per-channel thresholds and a centre, with 16-bit and fp32 dy, dx equals the fp32
+    kernel's on the upcast inputs, rounded, bit for bit."""
     x, far = _finite_16bit_in_order(dtype)
     gen = torch.Generator().manual_seed(0)
     ops = torch.ops.lipkern

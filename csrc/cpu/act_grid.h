@@ -590,12 +590,12 @@ inline std::vector<float> gelu_tail_intervals(const ChannelParams& p, int64_t ch
 // value table's row 0 only, the derivative's rows 0 and 2 being read for act'(x) anyway. Per grid
 // column, how far it can lie from the grid's own value: |lo|, each coefficient's difference from
 // the value table's (rows 2 and 3) and the value table's higher terms at |h| <= w / 2, plus both
-// evaluations' rounding: ten roundings, each within 2^-24 of its intermediate, whose bounds add up
-// to less than 8 M (M the sum of every term's bound; the intermediates of the polynomial's high
-// rows are small), so 2^-21 M for both, with room to spare; times 1 + 2^-20 for the rounding of
-// the band it makes (settle_grid_estimate). Per column, because the left end's columns, whose
-// values are near 0, have small higher terms: one bound for all (2.6e-4) left a threshold below
-// 2.1e-4 unsettled on a fortieth of the lanes at std 3, and the backward took 1.2x the time.
+// evaluations' rounding: ten roundings between them, each within 2^-24 of its intermediate, and
+// no term of M (the sum of every term's bound) in more than seven of those intermediates, so
+// together within 7 x 2^-24 M < 2^-21 M; times 1 + 2^-20 for the rounding of the band it makes
+// (settle_grid_estimate). Per column, because the left end's columns, whose values are near 0,
+// have small higher terms: one bound for all (2.6e-4) left a threshold below 2.1e-4 unsettled
+// on a fortieth of the lanes at std 3, and the backward took 1.2x the time.
 inline const float* gelu_estimate_errors() {
   static const std::array<float, kActGrid> errors = [] {
     const ActTable& value = act_table<Act::Gelu>();

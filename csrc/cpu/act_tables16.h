@@ -16,8 +16,9 @@ namespace {
 // A float16 or bfloat16 x has only 65536 values, so each smooth activation is tabulated once per
 // process (256 KB of fp32, built on first use by activate<A> itself, hence bit-identical to it),
 // and one gather replaces the grid polynomial: the 16-bit bits are the index. The backward's
-// act'(x) of GELU and tanh-GELU is tabulated the same way, by derivative<A>. On AVX-512 the
-// kernels gather only for chunks with a lane off the grid (for_each_grid_chunk below).
+// act'(x) of GELU and tanh-GELU is tabulated the same way, by derivative<A>. On AVX-512, where
+// the CPU's gathers cost more than the polynomials, the kernels gather only for chunks with a
+// lane off the grid (for_each_grid_chunk below).
 
 constexpr int64_t k16BitValues = 65536;
 
@@ -220,11 +221,13 @@ bool all_on_grid(const T* p, int64_t n) {
   return true;
 }
 
-// [0, n) of x in chunks of 1024 elements, each handed to chunk(begin, end, on_grid) with
-// on_grid a std::bool_constant: on the grid the fp32 polynomials cost less than the gathers, off
-// it far more, so the kernels compile one loop for each and pick per chunk.
+// [0, n) of x handed to chunk(begin, end, on_grid) with on_grid a std::bool_constant: where the
+// fp32 polynomials cost less than the gathers (`grid`, see cpu_16bit_method in remap_act.h) in
+// chunks of 1024 elements, computed where they lie on the grid (off it the polynomials cost far
+// more than the gathers); otherwise whole, gathered. The kernels compile one loop for each.
 template <typename T, Act A, typename F>
-C10_ALWAYS_INLINE void for_each_grid_chunk(const T* x, int64_t n, F&& chunk) {
+C10_ALWAYS_INLINE void for_each_grid_chunk(const T* x, int64_t n, bool grid, F&& chunk) {
+  if (!grid) return chunk(0, n, std::false_type{});
   constexpr int64_t kChunk = 32 * kStep;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);

@@ -39,6 +39,7 @@ import torch
 import torch._functorch.config
 
 import lipkern
+from lipkern import _ext
 from lipkern.ops import reference
 from lipkern.ops.activations import ACTIVATIONS, lookup
 from lipkern.tools.table import format_table
@@ -716,16 +717,27 @@ def warn_if_busy(load: float) -> None:
         )
 
 
+def cpu_kernel_build() -> dict:
+    """The C++ kernels' build in use and how it evaluates the 16-bit smooth activations (timed
+    per CPU, see ``lipkern._C.cpu_16bit_method``); empty where the extension is not built."""
+    if _ext.missing_reason() is not None:
+        return {}
+    module = _ext.load()
+    return {"capability": module.cpu_capability(), "16bit_method": module.cpu_16bit_method()}
+
+
 def run(args) -> dict:
     """Run the benchmark described by parsed ``args``; prints the tables, returns the results."""
     torch.set_num_threads(args.threads)
     steady = steady_allocator()
+    build = cpu_kernel_build()
     shapes = args.shape or (default_shapes(args.batch)[:1] if args.quick else default_shapes(args.batch))
     dtypes = args.dtype or (["fp32"] if args.quick else ["fp32", "bf16"])
     print(
         f"lipkern bench: CPU, {torch.get_num_threads()} threads, backend={args.backend}, act={args.act}, "
         f"threshold={THRESHOLD} per channel, inputs N(0, {args.input_std:g}^2), "
         f"torch {torch.__version__}"
+        + (f", C++ build {build['capability']} (16-bit: {build['16bit_method']})" if build else "")
         + ("" if steady else " (no glibc mallopt: timings may depend on candidate order)")
     )
     load_before = os.getloadavg()[0]
@@ -756,6 +768,7 @@ def run(args) -> dict:
         "threshold": THRESHOLD,
         "input_std": args.input_std,
         "torch": torch.__version__,
+        "cpu_kernel_build": build,
         "cpu": results,
         "targets_met": all(
             row["met"] for config in results for row in config["comparisons"] if row["met"] is not None
