@@ -425,7 +425,7 @@ struct BackwardTables {
   RemapKeyTable keys;           // MaskMode::Keys only
   const float* tail_keys[2];    // MaskMode::TailIntervals only
   const float* settle_bands;    // MaskMode::Centred where the activation is estimated
-  bool on_grid;                 // 16-bit GELU and tanh-GELU: sixteen_bit_on_grid()
+  bool computes;                // 16-bit smooth activations: sixteen_bit_on_grid()
 };
 
 // settle_band of a step's lanes; -1 (settled) in the lanes past a ragged end, whose padding
@@ -491,9 +491,10 @@ constexpr bool masks_by_keys() {
 #endif
 }
 
-// kOnGrid: every input lies on the grid (a chunk that for_each_grid_chunk tested), and the 16-bit
-// GELU and tanh-GELU evaluate act(x) and act'(x) there instead of gathering them.
-template <typename T, typename G, Act A, bool kLanes, MaskMode M, bool kOnGrid = false>
+// kComputes: a 16-bit input's act(x) and act'(x) are computed, not gathered: GELU's and
+// tanh-GELU's on the grid (every input of a chunk that for_each_grid_chunk tested lies on it),
+// SiLU's from its sigmoid; the fp32 kernels always compute.
+template <typename T, typename G, Act A, bool kLanes, MaskMode M, bool kComputes = false>
 C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t begin, int64_t end,
                                       const RunParams<kLanes>& rp, const BackwardTables& tables) {
   for (int64_t i = begin; i < end; i += kStep) {
@@ -505,16 +506,20 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
     // are all).
     F2 a = v, d = v, estimate_error;
     LanePair estimated{no_lanes(), no_lanes()}, off_grid{no_lanes(), no_lanes()};
-    if constexpr (A == Act::Silu) {
+    if constexpr (A == Act::Silu && uses_table<T, A>() && !kComputes) {
+      static_assert(!needs_activation(M));
+      const Indices index = load_indices(x + i, m);
+      d = {gather(tables.derivative, index.lo), gather(tables.derivative, index.hi)};
+    } else if constexpr (A == Act::Silu) {
       const ValueGrad lo = silu_from_sigmoid(v.lo), hi = silu_from_sigmoid(v.hi);
       a = {lo.value, hi.value};
       d = {lo.grad, hi.grad};
     } else if constexpr (M == MaskMode::SidedTails || M == MaskMode::TailIntervals) {
       static_assert(has_tail_intervals<T, A>());
       off_grid = gelu_estimate_and_derivative(v, a, estimate_error, d);
-    } else if constexpr (kOnGrid) {
+    } else if constexpr (kComputes) {
       // What the tables hold there, bit for bit (they were built by activate and derivative).
-      static_assert(gathers_derivative<T, A>());
+      static_assert(uses_table<T, A>() && A != Act::Silu);
       grid_value_and_derivative<A, needs_activation(M)>(v, a, d);
     } else if constexpr (uses_table<T, A>()) {
       const Indices index = load_indices(x + i, m);
@@ -606,29 +611,46 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
 }
 
 // backward_steps out of line per kind of chunk, as forward_chunk.
-template <typename T, typename G, Act A, bool kLanes, MaskMode M, bool kOnGrid>
+template <typename T, typename G, Act A, bool kLanes, MaskMode M, bool kComputes>
 C10_NOINLINE void backward_chunk(const G* dy, const T* x, T* dx, int64_t begin, int64_t end,
                                  const RunParams<kLanes>& rp, const BackwardTables& tables) {
-  backward_steps<T, G, A, kLanes, M, kOnGrid>(dy, x, dx, begin, end, rp, tables);
+  backward_steps<T, G, A, kLanes, M, kComputes>(dy, x, dx, begin, end, rp, tables);
 }
 
+// Every backward but 16-bit SiLU's.
 template <typename T, typename G, Act A, bool kLanes, MaskMode M>
-void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLanes>& rp,
-                  const BackwardTables& tables) {
+void backward_run_grid_or_table(const G* dy, const T* x, T* dx, int64_t n,
+                                const RunParams<kLanes>& rp, const BackwardTables& tables) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (gathers_derivative<T, A>()) {
+  if constexpr (uses_table<T, A>()) {
     // As the 16-bit forward: chunks on the grid compute what the gathers would load, where that
     // is faster (on an AMD EPYC, one thread, standard deviation 1: bf16 GELU 0.83x the time
     // with per-channel thresholds, 0.78x without; at 3 and 10, where nearly every chunk
     // gathers, the same time within noise).
-    for_each_grid_chunk<T, A>(x, n, tables.on_grid, [&](int64_t begin, int64_t end, auto on_grid) {
-      constexpr bool kOnGrid = decltype(on_grid)::value;
-      backward_chunk<T, G, A, kLanes, M, kOnGrid>(dy, x, dx, begin, end, rp, tables);
+    for_each_grid_chunk<T, A>(x, n, tables.computes, [&](int64_t begin, int64_t end, auto on_grid) {
+      backward_chunk<T, G, A, kLanes, M, decltype(on_grid)::value>(dy, x, dx, begin, end, rp,
+                                                                  tables);
     });
     return;
   }
 #endif
   backward_steps<T, G, A, kLanes, M>(dy, x, dx, 0, n, rp, tables);
+}
+
+template <typename T, typename G, Act A, bool kLanes, MaskMode M>
+void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLanes>& rp,
+                  const BackwardTables& tables) {
+  if constexpr (A == Act::Silu && uses_table<T, A>()) {
+    // SiLU's act'(x) is gathered only where its mask does not need act(x) (unmasked, or masked
+    // on x's bits), which one sigmoid gives with act'(x).
+    if (needs_activation(M) || tables.computes) {
+      backward_steps<T, G, A, kLanes, M, true>(dy, x, dx, 0, n, rp, tables);
+    } else if constexpr (!needs_activation(M)) {
+      backward_steps<T, G, A, kLanes, M, false>(dy, x, dx, 0, n, rp, tables);
+    }
+  } else {
+    backward_run_grid_or_table<T, G, A, kLanes, M>(dy, x, dx, n, rp, tables);
+  }
 }
 
 template <typename T, typename G, Act A>
@@ -702,12 +724,13 @@ void backward_typed(const BackwardArgs& args) {
   const bool with_activation = !unmasked && !by_keys;
   RemapKeyTable key_table{};
   if (by_keys) key_table = {{&keys[0], &keys[C], &keys[2 * C], &keys[3 * C]}};
+  const bool computes = uses_table<T, A>() && sixteen_bit_on_grid();
+  const bool computes_silu = A == Act::Silu && (with_activation || computes);
   BackwardTables tables{
       with_activation ? pair_table_for<T, A>() : nullptr,
-      with_activation ? nullptr : derivative_table_for<T, A>(),
+      with_activation || computes_silu ? nullptr : derivative_table_for<T, A>(),
       A == Act::Silu && with_activation ? activation_table_for<T, A>() : nullptr, key_table,
-      {}, centred_estimates ? settle_bands.data() : nullptr,
-      gathers_derivative<T, A>() && sixteen_bit_on_grid()};
+      {}, centred_estimates ? settle_bands.data() : nullptr, computes};
   if (tail_intervals) {
     tables.tail_keys[0] = &tail_keys[0];
     tables.tail_keys[1] = &tail_keys[C];

@@ -780,17 +780,18 @@ def test_16bit_forward_computes_on_the_grid_what_the_table_holds(
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("sixteen_bit_method", ["grid", "table"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
 def test_16bit_backward_computes_on_the_grid_what_the_tables_hold(
     capability, sixteen_bit_method, dtype, act
 ):
-    """The 16-bit backward of GELU and tanh-GELU computes act(x) and act'(x) on the chunks whose
-    inputs all lie on the fp32 grid (AVX-512, "grid" method) and reads the tables elsewhere
-    ("table": everywhere). Over every finite 16-bit value in order (so that most chunks lie
+    """With the "grid" method (AVX-512) the 16-bit backward computes act(x) and act'(x): GELU's
+    and tanh-GELU's on the chunks whose inputs all lie on the fp32 grid, reading the tables
+    elsewhere, SiLU's from its sigmoid; with "table" it reads them (SiLU's act'(x) where its mask
+    does not need act(x)). Over every finite 16-bit value in order (so that most chunks lie
     wholly on the grid), and with one far value in every 100: as one ragged run, as rows of 64
-    channels and as planes of 37 per channel (row mode, a partial step each), unmasked and masked
-    with per-channel thresholds and a centre, with 16-bit and fp32 dy, dx equals the fp32
-    kernel's on the upcast inputs, rounded, bit for bit."""
+    channels and of 4 (masked on x's bits), and as planes of 37 per channel (row mode, a partial
+    step each), unmasked and masked with per-channel thresholds and a centre, with 16-bit and
+    fp32 dy, dx equals the fp32 kernel's on the upcast inputs, rounded, bit for bit."""
     x, far = _finite_16bit_in_order(dtype)
     gen = torch.Generator().manual_seed(0)
     ops = torch.ops.lipkern
@@ -799,6 +800,7 @@ def test_16bit_backward_computes_on_the_grid_what_the_tables_hold(
         cases = (
             (ragged, 0),
             (values[: values.numel() // 64 * 64].reshape(-1, 64), 1),
+            (values[: values.numel() // 4 * 4].reshape(-1, 4), 1),
             (ragged[: ragged.numel() // 37 * 37].reshape(-1, 37), 0),
         )
         for v, channel_dim in cases:

@@ -81,14 +81,6 @@ const float* pair_table() {
   return table.data();
 }
 
-// Whether a 16-bit backward reads act'(x) from a table (on AVX-512, off the grid only): SiLU's
-// fp32 derivative (act_grid.h) computes faster than a gather loads it (0.63-0.80x ATen's time
-// against 0.78-1.14x without a mask).
-template <typename T, Act A>
-constexpr bool gathers_derivative() {
-  return uses_table<T, A>() && A != Act::Silu;
-}
-
 // The tables a kernel over T reads (null where none is used); fetched before the parallel
 // region, so that the one-time build happens on the calling thread.
 template <typename T, Act A>
@@ -97,15 +89,18 @@ const float* activation_table_for() {
   return nullptr;
 }
 
+// A 16-bit backward reads act'(x) from the derivative table wherever gathers are the faster
+// (sixteen_bit_on_grid), except SiLU's where its mask needs act(x) too, which one sigmoid gives
+// with act'(x); GELU and tanh-GELU read act(x) beside it from the pair table.
 template <typename T, Act A>
 const float* derivative_table_for() {
-  if constexpr (gathers_derivative<T, A>()) return derivative_table<T, A>();
+  if constexpr (uses_table<T, A>()) return derivative_table<T, A>();
   return nullptr;
 }
 
 template <typename T, Act A>
 const float* pair_table_for() {
-  if constexpr (gathers_derivative<T, A>()) return pair_table<T, A>();
+  if constexpr (uses_table<T, A>() && A != Act::Silu) return pair_table<T, A>();
   return nullptr;
 }
 
