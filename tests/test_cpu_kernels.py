@@ -168,15 +168,16 @@ def test_16bit_method_is_chosen_reported_and_restored(capability):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ["gelu", "relu", "identity"])
 def test_stats_of_rows_over_many_tiles_and_blocks_equal_the_reference(capability, act, dtype):
-    """Lanes-mode statistics walk tiles of rows and request the next tile while walking one: a
-    prime number of rows (blocks and tiles cut short) of 300 channels (a ragged last chunk), and
-    67 rows of 4000 channels, few enough blocks that each block's channels are split between
-    tasks; with and without centres (the bit-pattern walk and the fp32 one for 16-bit ReLU and
-    identity)."""
-    for shape in ((1031, 300), (67, 4000)):
+    """Lanes-mode statistics walk tiles of rows, a chunk of channels at a time: a prime number of
+    rows (blocks and tiles cut short) of 300 channels (a ragged last step), and 67 rows of 4010
+    channels, two blocks whose channels are split between tasks in chunks of 512 (the last one
+    ragged); with and without centres (the bit-pattern walk and the fp32 one for 16-bit ReLU and
+    identity). The y of the statistics pass is checked as well as its statistics."""
+    for shape in ((1031, 300), (67, 4010)):
         x, threshold, center = _case(shape, 1, dtype, seed=3)
         for c in (None, center):
             y, stats = _ops(x, threshold, c, act, 1)
+            assert torch.equal(stats[0], y)
             assert compare_forward(y, x, threshold, c, act, 1).ok
             verdict = compare_stats(stats[1:], x, threshold, c, act, 1)
             assert verdict.ok, (shape, c is None, verdict)
