@@ -15,6 +15,15 @@ struct ActTable {
   float coef[kActTableRows][kActGrid];
 };
 
+constexpr int kActTailRows = 4;  // c0 .. c3
+
+struct ActTailTable {
+  float step;      // w: |x| - w / 2 = q w + h
+  float inv_step;  // 1 / w
+  float end;       // |x| >= end takes the limits
+  float coef[kActTailRows][kActGrid];
+};
+
 // Worst error of the emulated fp32 evaluation: 1.28 ulp.
 inline constexpr ActTable kGeluTable = {
     0x1p-2f, 0x1p+2f, 0x1.fp+1f,
@@ -83,6 +92,16 @@ inline constexpr ActTable kGeluTanhGradTable = {
         {-0x1.468dc2p-9f, -0x1.f1e922p-9f, -0x1.26d57ap-8f, -0x1.b252fcp-9f, 0x1.3195e6p-10f, 0x1.3ffcf2p-7f, 0x1.6655ccp-6f, 0x1.1bacdcp-5f, 0x1.5c0fbap-5f, 0x1.36323ep-5f, 0x1.d0a73ep-7f, -0x1.d37d3ap-6f, -0x1.41ed84p-4f, -0x1.d38dc8p-4f, -0x1.d2af8cp-4f, -0x1.23abc6p-4f, 0x1.5b7d02p-40f, 0x1.23abc6p-4f, 0x1.d2af8cp-4f, 0x1.d38dc8p-4f, 0x1.41ed84p-4f, 0x1.d37d3ap-6f, -0x1.d0a73ep-7f, -0x1.36323ep-5f, -0x1.5c0fbap-5f, -0x1.1bacdcp-5f, -0x1.6655ccp-6f, -0x1.3ffcf2p-7f, -0x1.3195e6p-10f, 0x1.b252fcp-9f, 0x1.26d57ap-8f, 0x1.f1e922p-9f},
         {-0x1.114204p-10f, -0x1.ea51a2p-11f, 0x1.2b8b96p-17f, 0x1.146354p-9f, 0x1.5491dep-8f, 0x1.15cap-7f, 0x1.57d384p-7f, 0x1.294ebap-7f, 0x1.2eec12p-9f, -0x1.5f6a7ep-7f, -0x1.be0054p-6f, -0x1.427544p-5f, -0x1.3139cp-5f, -0x1.0ad3eap-6f, 0x1.1fba62p-6f, 0x1.8f40ep-5f, 0x1.f54dbcp-5f, 0x1.8f40ep-5f, 0x1.1fba62p-6f, -0x1.0ad3eap-6f, -0x1.3139cp-5f, -0x1.427544p-5f, -0x1.be0054p-6f, -0x1.5f6a7ep-7f, 0x1.2eec12p-9f, 0x1.294ebap-7f, 0x1.57d384p-7f, 0x1.15cap-7f, 0x1.5491dep-8f, 0x1.146354p-9f, 0x1.2b8b9ap-17f, -0x1.ea51a2p-11f},
         {-0x1.be9c9ap-14f, 0x1.3d2282p-12f, 0x1.069198p-10f, 0x1.d1c952p-10f, 0x1.27dbbp-9f, 0x1.00c142p-9f, 0x1.d283dep-12f, -0x1.485092p-9f, -0x1.b6fb8ep-8f, -0x1.575768p-7f, -0x1.5cda7cp-7f, -0x1.226ff6p-8f, 0x1.fc843p-8f, 0x1.4484fap-6f, 0x1.844fc6p-6f, 0x1.fb7f98p-7f, -0x1.e75f8ep-35f, -0x1.fb7f98p-7f, -0x1.844fc6p-6f, -0x1.4484fap-6f, -0x1.fc843p-8f, 0x1.226ff4p-8f, 0x1.5cda7cp-7f, 0x1.575768p-7f, 0x1.b6fb8ep-8f, 0x1.48509p-9f, -0x1.d283dep-12f, -0x1.00c144p-9f, -0x1.27dbaep-9f, -0x1.d1c94ep-10f, -0x1.06919ap-10f, -0x1.3d2288p-12f},
+    }};
+
+// Worst error of the emulated fp32 evaluation: 0.2062 (1 + |x|) 2^-24.
+inline constexpr ActTailTable kGeluGradTailTable = {
+    0x1p-4f, 0x1p+4f, 0x1.78p+2f,
+    {
+        {0x1.9ccdbp-18f, 0x1.30db92p-18f, 0x1.c070bep-19f, 0x1.487acp-19f, 0x1.df4234p-20f, 0x1.5c33d2p-20f, 0x1.f7e9ccp-21f, 0x1.6b25fp-21f, 0x1.04a4e2p-21f, 0x1.74a1a6p-22f, 0x1.094a2ep-22f, 0x1.783638p-23f, 0x1.09adc2p-23f, 0x1.75ba4ap-24f, 0x1.7477dep-11f, 0x1.287406p-11f, 0x1.d5e7c4p-12f, 0x1.72d972p-12f, 0x1.23714cp-12f, 0x1.c82776p-13f, 0x1.637b84p-13f, 0x1.13df2ap-13f, 0x1.aa654cp-14f, 0x1.4827bp-14f, 0x1.f70084p-15f, 0x1.7fe8bep-15f, 0x1.23cd62p-15f, 0x1.b9c1d6p-16f, 0x1.4d0264p-16f, 0x1.f40002p-17f, 0x1.75d2f8p-17f, 0x1.1657e6p-17f},
+        {-0x1.f12674p-16f, -0x1.7423a4p-16f, -0x1.155f0ap-16f, -0x1.9bb58ap-17f, -0x1.304138p-17f, -0x1.bfc828p-18f, -0x1.481caap-18f, -0x1.ded0c8p-19f, -0x1.5be546p-19f, -0x1.f76ac6p-20f, -0x1.6ab37cp-20f, -0x1.0439p-20f, -0x1.73d5acp-21f, -0x1.088c9ep-21f, -0x1.50ea42p-9f, -0x1.1131f8p-9f, -0x1.b9008p-10f, -0x1.624df2p-10f, -0x1.1b59bap-10f, -0x1.c32758p-11f, -0x1.658b3cp-11f, -0x1.1a159ap-11f, -0x1.bb1ca2p-12f, -0x1.5a7b96p-12f, -0x1.0db9cep-12f, -0x1.a21828p-13f, -0x1.429d7ep-13f, -0x1.efb3eap-14f, -0x1.7b2adcp-14f, -0x1.20c4d4p-14f, -0x1.b5f0e8p-15f, -0x1.4aa73cp-15f},
+        {0x1.1e4036p-14f, 0x1.b2f7aap-15f, 0x1.48f93ep-15f, 0x1.ef5fb2p-16f, 0x1.734b8ap-16f, 0x1.150ca6p-16f, 0x1.9b9d1cp-17f, 0x1.30691cp-17f, 0x1.c04496p-18f, 0x1.48991cp-18f, 0x1.dfa204p-19f, 0x1.5c83dp-19f, 0x1.f8461ep-20f, 0x1.6b3ae8p-20f, 0x1.178e7p-8f, 0x1.cf90a2p-9f, 0x1.7e55eap-9f, 0x1.39b298p-9f, 0x1.001106p-9f, 0x1.9fed2ap-10f, 0x1.501a32p-10f, 0x1.0e3ff4p-10f, 0x1.b07864p-11f, 0x1.5858dp-11f, 0x1.10dc4ep-11f, 0x1.ae5afep-12f, 0x1.51c428p-12f, 0x1.07d932p-12f, 0x1.9a47c8p-13f, 0x1.3d810ap-13f, 0x1.e923bep-14f, 0x1.770c5cp-14f},
+        {-0x1.9ed8acp-14f, -0x1.406d2cp-14f, -0x1.ec92cap-15f, -0x1.78c52ap-15f, -0x1.1ecc2p-15f, -0x1.b288fcp-16f, -0x1.47a4a8p-16f, -0x1.ebc376p-17f, -0x1.6f529ap-17f, -0x1.1114fcp-17f, -0x1.942524p-18f, -0x1.29af7cp-18f, -0x1.b48d3ap-19f, -0x1.3e9a94p-19f, -0x1.131822p-8f, -0x1.d5377ap-9f, -0x1.8da95ep-9f, -0x1.4edbbcp-9f, -0x1.18490cp-9f, -0x1.d266e6p-10f, -0x1.81cedep-10f, -0x1.3d4cdap-10f, -0x1.037fb8p-10f, -0x1.a6197ep-11f, -0x1.557418p-11f, -0x1.12b732p-11f, -0x1.b7b544p-12f, -0x1.5e14a8p-12f, -0x1.154436p-12f, -0x1.b4f1b2p-13f, -0x1.568e38p-13f, -0x1.0b3aacp-13f},
     }};
 
 }  // namespace lipkern

@@ -103,8 +103,8 @@ def test_capabilities_agree_bit_for_bit_on_exact_activations(capability):
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
 def test_a_lane_does_not_depend_on_its_neighbours(capability, act):
     """Lanes off the fp32 grid are packed together, across the two vectors of a step, for their
-    float64 evaluation (GELU's backward: its fp32 tail, packed only where at most 16 lanes of a
-    step are off). Vectors with every count of such lanes (0 to 16, so steps with 0 to 32), in
+    float64 evaluation (GELU's backward: its fp32 tail of the value, packed only where at most 16
+    lanes of a step are off; its derivative there is evaluated in every lane). Vectors with every count of such lanes (0 to 16, so steps with 0 to 32), in
     shuffled places: each element must get the same bits wherever it sits, forward and backward,
     masked and not."""
     gen = torch.Generator().manual_seed(3)
@@ -429,11 +429,12 @@ NATIVE_CAPABILITY = _C.cpu_capability()
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 def test_gelu_derivative_off_the_grid(capability):
-    """Off the grid GELU's backward evaluates act'(x) in fp32 (csrc/cpu/act_grid.h, gelu_tail):
-    over every fp32 of the tails (every 7th on the other builds), within 0.21 (1 + |x|) 2^-24 of
-    float64, which the rounding of act'(x) to fp32 alone reaches near x = 3.875, and a fortieth
-    of the backward's rule; the sign of a zero result is the truth's, and inf gives the limits,
-    as does every |x| from 5.875 on, in steps with any number of lanes off the grid."""
+    """Off the grid GELU's backward takes act'(x) from a second grid over |x| up to 5.875 and its
+    limits beyond (csrc/cpu/act_grid.h, gelu_grad_off_grid): over every fp32 of the tails (every
+    7th on the other builds), within 0.21 (1 + |x|) 2^-24 of float64, which the rounding of
+    act'(x) to fp32 alone reaches near x = 3.875, and a fortieth of the backward's rule; the sign
+    of a zero result is the truth's, and inf gives the limits, as does every |x| from 5.875 on,
+    in steps with any number of lanes off the grid."""
     stride = 1 if capability == NATIVE_CAPABILITY else 7
     x = _fp32_between(*GELU_TAIL, stride=stride)
     dx = torch.ops.lipkern.remap_act_backward(
@@ -449,8 +450,7 @@ def test_gelu_derivative_off_the_grid(capability):
         torch.ones(2), ends, torch.tensor(0.0), None, "gelu", 0, False
     )
     assert same_bits(limits, torch.tensor([1.0, -0.0])).all()
-    # From |x| = 5.875 on the derivative is its limit, whether the step evaluates its off-grid
-    # lanes or takes them at their limits (with more than 16 of them off the grid).
+    # From |x| = 5.875 on the derivative is its limit, whatever the step's other lanes.
     mixed = _steps_with_every_count_off_the_grid(x[::97], torch.Generator().manual_seed(3))
     d = torch.ops.lipkern.remap_act_backward(
         torch.ones_like(mixed), mixed, torch.tensor(0.0), None, "gelu", 0, False

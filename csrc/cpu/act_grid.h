@@ -24,7 +24,8 @@ namespace {
 // the activation is approximated around each grid point, so no term cancels, and the result is
 // within 1.32 fp32 ulps of the truth (tests/test_cpu_kernels.py), for every dtype. Inputs off
 // the grid (|x| >= bound, rare for activations, and +-inf) take the float64 path (act_eval.h),
-// except in GELU's backward (gelu_tail) and where GELU's value is known (gelu_value_at_the_ends).
+// except in GELU's backward (gelu_grad_off_grid, gelu_tail) and where GELU's value is known
+// (gelu_value_at_the_ends).
 
 template <Act A>
 constexpr const ActTable& act_table() {
@@ -100,7 +101,8 @@ struct GridPoint {
   fVec h;
 };
 
-C10_ALWAYS_INLINE GridPoint grid_point(const ActTable& T, const fVec& x) {
+template <typename Table>  // ActTable or ActTailTable
+C10_ALWAYS_INLINE GridPoint grid_point(const Table& T, const fVec& x) {
   // x / w is exact (w is a power of two); adding 1.5 * 2^23 rounds it to an integer (to nearest
   // even, the magic number being even) that sits in t's low mantissa bits, offset by
   // kActGrid / 2 so that they hold the grid column. Valid for |x / w| < 2^22, far beyond the
@@ -170,42 +172,52 @@ C10_ALWAYS_INLINE fVec exp_f(const fVec& y) {
 #endif
 }
 
-// From |x| = kGeluGradLimit on, GELU's act'(x) is within the backward's accuracy of its limit:
-// |act'(x) - [x > 0]| = |x| phi(x) - Q(|x|) is below 0.18 (1 + |x|) 2^-24 there (inside the 0.21
-// gelu_tail keeps), so the right side's derivative is 1 and the left's -0 (act' < 0 there, and
-// the sign of a zero result is the truth's).
-constexpr float kGeluGradLimit = 5.875f;
+// GELU's act'(x) off its grid (|x| >= 3.875), in every lane: with a = |x| and
+// s(a) = a phi(a) - Q(a) (Q = 1 - Phi), act'(x) is 1 + s(a) on the right and -s(a) on the left.
+// s falls from 8e-4 at the grid's end; for 3.875 <= a < 5.875 it comes from a second grid over a
+// (kGeluGradTailTable: 32 columns of w = 1/16 centred at (k + 1/2) w, a cubic in h each), within
+// a few 2^-24 relative, so that over every fp32 of that range act'(x) is within 0.21 (1 + |x|)
+// 2^-24 of float64, which the rounding of 1 + s to fp32 alone reaches near x = 3.875 (the
+// backward's rule allows 8). From a = 5.875 on, s is below 0.18 (1 + a) 2^-24 and the limits are
+// returned: 1 on the right, -0 on the left (act' < 0 there, and the sign of a zero result is the
+// truth's); so are they for +-inf. Unpacked and branch-free: an exp and a division per lane
+// (gelu_tail's form, on the step's packed off-grid lanes) cost the backward 1.3x ATen's time at
+// standard deviation 3, where a fifth of the lanes are off the grid.
+C10_ALWAYS_INLINE fVec gelu_grad_off_grid(const fVec& x) {
+  constexpr const ActTailTable& T = kGeluGradTailTable;
+  const fVec a = x.abs();
+  // a - w / 2 is exact over the range (both are multiples of a's ulp and the difference stays
+  // above 2), and puts the centres on the multiples of w that grid_point rounds to.
+  const GridPoint g = grid_point(T, a - fVec(T.step / 2));
+  fVec s = lookup(T.coef[kActTailRows - 1], g.col);
+  for (int k = kActTailRows - 2; k >= 0; --k) s = fused_madd(s, g.h, lookup(T.coef[k], g.col));
+  const Mask positive = less(fVec(0.f), x);
+  const fVec limit = select(positive, fVec(1.f), fVec(-0.f));
+  return select(at_least(a, fVec(T.end)), limit,
+                select(positive, fVec(1.f) + s, s.neg()));
+}
 
-// GELU off its grid (|x| >= 3.875) in fp32, from the Gaussian tail. With a = |x| and
-// Q(a) = 1 - Phi(a) = phi(a) M(a) (M: Mills' ratio),
-//   GELU(x)  = max(x, 0) - a Q(a)                = max(x, 0) - E F,
-//   GELU'(x) = [x > 0] + sign(x) phi(a) (a - M(a)) = [x > 0] +- E (a / sqrt(2 pi) - F / a),
+// GELU's value off its grid (|x| >= 3.875) in fp32, from the Gaussian tail: with a = |x| and
+// Q(a) = 1 - Phi(a) = phi(a) M(a) (M: Mills' ratio), GELU(x) = max(x, 0) - a Q(a) = max(x, 0) - E F,
 // where E = exp(-a^2 / 2) and F = a M(a) / sqrt(2 pi), a degree-6 polynomial in 1 / a^2 (a
 // least-squares fit, relative error 1.2e-8 over 3.875 <= a <= 15). No term cancels.
 // a is clamped at kTailEnd = 11.5, where every intermediate is still a normal fp32 (E > 2^-96):
-// beyond it the right tail has reached x and 1, and the left tail's value (below 2^-96) and
-// derivative (below 2^-92) are returned as -0, well inside the backward's rule and the absolute
-// 2^-90 settle_mask allows. Carried on to their subnormal values they took a microcode assist on
-// nearly every operation: 15x ATen's gelu_backward time for |x| in [14, 15], 8x at standard
-// deviation 10. a^2 = hi + lo
-// exactly (an fma), and E = exp(-hi / 2) (1 - lo / 2): a rounded a^2 would move E by up to
-// a^2 2^-25 relative, 2^-18 at a = 11.5.
-// Over every fp32 with 3.875 <= |x| < 15.5 the derivative is within 0.21 (1 + |x|) 2^-24 of the
-// truth, well inside the backward's rule (from kGeluGradLimit on it is the limit, as
-// gelu_grad_at_the_ends gives it without the evaluation). The value is within 2^-22.2
-// relative (2^-96 beyond
-// kTailEnd): not the forward's, which rounds the float64 value, but an estimate with which
-// the backward settles its mask, as SiLU's (act_tables16.h, settle_mask).
-C10_ALWAYS_INLINE ValueGrad gelu_tail(const fVec& x) {
+// beyond it the right tail has reached x, and the left tail's value (below 2^-96) is returned
+// as -0, well inside the absolute 2^-90 settle_mask allows. Carried on to their subnormal values
+// they took a microcode assist on nearly every operation (15x ATen's gelu_backward time for |x|
+// in [14, 15]). a^2 = hi + lo exactly (an fma), and E = exp(-hi / 2) (1 - lo / 2): a rounded a^2
+// would move E by up to a^2 2^-25 relative, 2^-18 at a = 11.5.
+// The value is within 2^-22.2 relative (2^-96 beyond kTailEnd) over every fp32 with
+// 3.875 <= |x| < 15.5: not the forward's, which rounds the float64 value, but an estimate with
+// which the backward settles its mask, as SiLU's (act_tables16.h, settle_mask).
+C10_ALWAYS_INLINE fVec gelu_tail(const fVec& x) {
   static constexpr float kPoly[] = {0x1.c23516p-22f, -0x1.1affbep-19f, 0x1.825ee4p-17f,
                                     -0x1.553c9ap-14f, 0x1.8505c2p-11f, -0x1.513222p-7f,
                                     0x1.8b548p-2f};
   // The polynomial's argument: 1 / a^2 mapped onto [-1, 1].
   constexpr float kScale = 0x1.016e0cp+5f, kOffset = -0x1.249cbcp+0f;
-  constexpr float kInvSqrt2Pi = 0.3989422804014327f;
   constexpr float kTailEnd = 11.5f;
-  const fVec magnitude = x.abs();
-  const fVec a = at::vec::minimum(magnitude, fVec(kTailEnd));
+  const fVec a = at::vec::minimum(x.abs(), fVec(kTailEnd));
   const fVec a2 = a * a;
   const fVec a2_lo = fused_madd(a, a, a2.neg());
   const fVec e_hi = exp_f(a2 * fVec(-0.5f));
@@ -215,19 +227,21 @@ C10_ALWAYS_INLINE ValueGrad gelu_tail(const fVec& x) {
   fVec f(kPoly[0]);
   for (int k = 1; k < 7; ++k) f = fused_madd(f, s, fVec(kPoly[k]));
   const fVec correction = e * f;
-  const fVec slope = e * fused_madd(f.neg(), inv_a, a * fVec(kInvSqrt2Pi));
   const Mask positive = less(fVec(0.f), x);
   const Mask vanished = less(x, fVec(-kTailEnd));
-  const Mask grad_at_limit = at_least(magnitude, fVec(kGeluGradLimit));
-  return {select(positive, x - correction, select(vanished, fVec(-0.f), correction.neg())),
-          select(grad_at_limit, select(positive, fVec(1.f), fVec(-0.f)),
-                 select(positive, fVec(1.f) + slope, slope.neg()))};
+  return select(positive, x - correction, select(vanished, fVec(-0.f), correction.neg()));
 }
 
-// Whether the backward evaluates act's off-grid lanes with an fp32 tail (gelu_tail) instead of
-// float64: its derivative directly, and its value as an estimate to settle the mask with.
+// Whether the backward takes act's off-grid lanes in fp32 instead of float64: its derivative
+// from gelu_grad_off_grid, and its value, an estimate to settle the mask with, from gelu_tail.
 constexpr bool has_fp32_tail(Act A) {
   return A == Act::Gelu;
+}
+
+// A step's off-grid lanes take GELU's act'(x) from gelu_grad_off_grid.
+C10_ALWAYS_INLINE void patch_gelu_grad_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2& grad) {
+  grad = {select(off_lo, gelu_grad_off_grid(x.lo), grad.lo),
+          select(off_hi, gelu_grad_off_grid(x.hi), grad.hi)};
 }
 
 // The first n lanes of packed (1 <= n <= 16) evaluated in float64 and rounded to fp32, into
@@ -246,15 +260,13 @@ C10_ALWAYS_INLINE void evaluate_packed(const fVec& packed, int n, fVec& value, f
   if constexpr (kGrad) narrow_parts(grad_lo, grad_hi, grad);
 }
 
-// The first n lanes of packed off the grid, into value (kValue) and grad (kGrad): by gelu_tail
-// where kFp32Tail, in float64 otherwise.
+// The first n lanes of packed off the grid, into value (kValue) and grad (kGrad): the value by
+// gelu_tail where kFp32Tail, in float64 otherwise.
 template <Act A, bool kValue, bool kGrad, bool kFp32Tail>
 C10_ALWAYS_INLINE void evaluate_off_grid(const fVec& packed, int n, fVec& value, fVec& grad) {
   if constexpr (kFp32Tail) {
-    static_assert(has_fp32_tail(A));
-    const ValueGrad tail = gelu_tail(packed);
-    value = tail.value;
-    grad = tail.grad;
+    static_assert(has_fp32_tail(A) && kValue && !kGrad);
+    value = gelu_tail(packed);
   } else {
     evaluate_packed<A, kValue, kGrad>(packed, n, value, grad);
   }
@@ -271,16 +283,6 @@ C10_ALWAYS_INLINE void gelu_value_at_the_ends(const fVec& x, Mask& off, fVec& va
   off = lanes_except(off, is_x | is_zero);
 }
 
-// GELU's act'(x) where it is its limit (from kGeluGradLimit on), as gelu_tail gives it, without
-// the evaluation; the lanes are taken out of `off`. At standard deviation 10 these are four
-// fifths of the lanes off the grid.
-C10_ALWAYS_INLINE void gelu_grad_at_the_ends(const fVec& x, Mask& off, fVec& grad) {
-  const Mask is_one = at_least(x, fVec(kGeluGradLimit));
-  const Mask is_zero = at_least(fVec(-kGeluGradLimit), x);
-  grad = select(is_zero, fVec(-0.f), select(is_one, fVec(1.f), grad));
-  off = lanes_except(off, is_one | is_zero);
-}
-
 // The lanes of a step off the fp32 grid (off_lo, off_hi) evaluated and rounded to fp32, into
 // value (kValue) and grad (kGrad); the other lanes keep theirs. On AVX-512 the step's off-grid
 // lanes are packed together first, so a step of 32 values with at most 8 of them pays one
@@ -289,11 +291,12 @@ C10_ALWAYS_INLINE void gelu_grad_at_the_ends(const fVec& x, Mask& off, fVec& gra
 // F.gelu's time (0.7x the time with this packing). Where more than 16 lanes are off (standard
 // deviation 10) the unpacked evaluation is faster: GELU's fp32 tail takes it; for float64 it
 // measured 0.77x the time there but 1.1-1.6x at standard deviations 1 and 3, the extra code
-// slowing the inlined loop around it.
+// slowing the inlined loop around it. kFp32Tail: GELU's value estimate only (gelu_tail).
 template <Act A, bool kValue, bool kGrad, bool kFp32Tail = false>
 C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2& value,
                                       F2& grad) {
-  constexpr bool kEnds = A == Act::Gelu && kValue && !kGrad;
+  static_assert(!kFp32Tail || (kValue && !kGrad), "GELU's derivative: gelu_grad_off_grid");
+  constexpr bool kEnds = A == Act::Gelu && kValue && !kGrad && !kFp32Tail;
   const auto take_the_ends = [&] {
     gelu_value_at_the_ends(x.lo, off_lo, value.lo);
     gelu_value_at_the_ends(x.hi, off_hi, value.hi);
@@ -321,22 +324,10 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
       return;
     }
   }
-  int n_lo = __builtin_popcount(off_lo), n_hi = __builtin_popcount(off_hi);
-  if constexpr (kFp32Tail) {
-    // The tail evaluates 16 lanes at a time: with more than 16 off the grid, packing saves no
-    // evaluation, and the unpacked form took 0.7x the time of the packed one (std 10), unless
-    // the derivative's limits leave at most 16 (taken only here: at std 3 they would cost their
-    // compares on nearly every step and save no evaluation).
-    if (n_lo + n_hi > kF) {
-      if constexpr (kGrad && !kValue) {
-        gelu_grad_at_the_ends(x.lo, off_lo, grad.lo);
-        gelu_grad_at_the_ends(x.hi, off_hi, grad.hi);
-        n_lo = __builtin_popcount(off_lo);
-        n_hi = __builtin_popcount(off_hi);
-      }
-      if (n_lo + n_hi > kF) return evaluate_unpacked();
-    }
-  }
+  const int n_lo = __builtin_popcount(off_lo), n_hi = __builtin_popcount(off_hi);
+  // The tail evaluates 16 lanes at a time: with more than 16 off the grid, packing saves no
+  // evaluation, and the unpacked form took 0.7x the time of the packed one (std 10).
+  if (kFp32Tail && n_lo + n_hi > kF) return evaluate_unpacked();
   const int n = n_lo + n_hi;
   const fVec packed_lo = _mm512_maskz_compress_ps(off_lo, x.lo);
   const fVec packed_hi = _mm512_maskz_compress_ps(off_hi, x.hi);
@@ -430,7 +421,11 @@ C10_ALWAYS_INLINE F2 derivative(const F2& x) {
     F2 d{grid_eval(grad_table<A>(), x.lo), grid_eval(grad_table<A>(), x.hi)};
     const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
     if (any(off_lo | off_hi)) {
-      patch_off_grid<A, false, true, has_fp32_tail(A)>(x, off_lo, off_hi, d, d);
+      if constexpr (has_fp32_tail(A)) {
+        patch_gelu_grad_off_grid(x, off_lo, off_hi, d);
+      } else {
+        patch_off_grid<A, false, true>(x, off_lo, off_hi, d, d);
+      }
     }
     return d;
   }
@@ -464,9 +459,14 @@ C10_ALWAYS_INLINE LanePair activate_with_derivative(const F2& x, F2& value, F2& 
   grid_value_and_derivative<A, true>(x, value, grad);
   const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
   if (!any(off_lo | off_hi)) return {no_lanes(), no_lanes()};
-  patch_off_grid<A, true, true, has_fp32_tail(A)>(x, off_lo, off_hi, value, grad);
-  if constexpr (has_fp32_tail(A)) return {off_lo, off_hi};
-  return {no_lanes(), no_lanes()};
+  if constexpr (has_fp32_tail(A)) {
+    patch_gelu_grad_off_grid(x, off_lo, off_hi, grad);
+    patch_off_grid<A, true, false, true>(x, off_lo, off_hi, value, value);
+    return {off_lo, off_hi};
+  } else {
+    patch_off_grid<A, true, true>(x, off_lo, off_hi, value, grad);
+    return {no_lanes(), no_lanes()};
+  }
 }
 
 // Off its grid GELU(x) = max(x, 0) - |x| Q(|x|) lies within 2.1e-4 of max(x, 0): |x| Q(|x|) falls
@@ -646,9 +646,7 @@ C10_ALWAYS_INLINE LanePair gelu_estimate_and_derivative(const F2& x, F2& estimat
   const GridCols col_hi = evaluate(x.hi, estimate.hi, grad.hi);
   error = {lookup(gelu_estimate_errors(), col_lo), lookup(gelu_estimate_errors(), col_hi)};
   const Mask off_lo = off_grid<Act::Gelu>(x.lo), off_hi = off_grid<Act::Gelu>(x.hi);
-  if (any(off_lo | off_hi)) {
-    patch_off_grid<Act::Gelu, false, true, true>(x, off_lo, off_hi, grad, grad);
-  }
+  if (any(off_lo | off_hi)) patch_gelu_grad_off_grid(x, off_lo, off_hi, grad);
   return {off_lo, off_hi};
 }
 
