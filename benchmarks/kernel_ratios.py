@@ -6,7 +6,8 @@ backward (`torch.ops.aten.*_backward`).
 
 Inputs are standard normal times --scale (default 1). The smooth activations' fp32 grid ends at
 |x| = 3.875 (GELU, tanh-GELU) and 7.75 (SiLU); lanes beyond it are evaluated in float64 (in
-GELU's backward by an fp32 tail), so their speed depends on how far the inputs spread.
+GELU's backward: act'(x) from a second grid, the value's estimate from an fp32 tail), so their
+speed depends on how far the inputs spread.
 
 Thresholds (the `thr` column): per channel, a per-tensor zero, per channel with centres, and per
 channel below 2.1e-4 (see `thresholds`); the statistics take the first two.

@@ -34,8 +34,9 @@ Off its grid GELU's derivative is [x > 0] + s(a) on the right and -s(a) on the l
 a = |x| and s(a) = a phi(a) - Q(a) (Q = 1 - Phi), which falls from 8e-4 at a = 3.875 to below
 0.18 (1 + a) 2^-24 from a = 5.875 on, where the kernels take the limits. In between a second
 grid over a (``GeluGradTail``: GRID columns of w = 1/16 centred at (k + 1/2) w, a cubic in h
-each, fitted for relative error) gives s within a few 2^-24 relative, so that only the rounding
-of 1 + s to fp32 shows: its error is reported over every fp32 of the range.
+each, fitted for relative error) gives s within 4.3e-6 relative, 0.0013 (1 + a) 2^-24 absolute,
+so that nearly only the rounding of 1 + s to fp32 shows: its error is reported over every fp32
+of the range.
 """
 
 from __future__ import annotations

@@ -104,9 +104,9 @@ def test_capabilities_agree_bit_for_bit_on_exact_activations(capability):
 def test_a_lane_does_not_depend_on_its_neighbours(capability, act):
     """Lanes off the fp32 grid are packed together, across the two vectors of a step, for their
     float64 evaluation (GELU's backward: its fp32 tail of the value, packed only where at most 16
-    lanes of a step are off; its derivative there is evaluated in every lane). Vectors with every count of such lanes (0 to 16, so steps with 0 to 32), in
-    shuffled places: each element must get the same bits wherever it sits, forward and backward,
-    masked and not."""
+    lanes of a step are off; its derivative there is evaluated in every lane). Vectors with
+    every count of such lanes (0 to 16, so steps with 0 to 32), in shuffled places: each element
+    must get the same bits wherever it sits, forward and backward, masked and not."""
     gen = torch.Generator().manual_seed(3)
     vectors = 17 * 8
     # |x| < 3 is on every activation's grid; 8 <= |x| < 20 is off all of them.

@@ -43,7 +43,7 @@ constexpr const ActTable& grad_table() {
 }
 
 // Each lane's grid column q + kActGrid / 2, which `t` holds in its low mantissa bits (see
-// smooth_grid), and one table row read at those columns. Lanes off the grid (and NaN) read some
+// grid_point), and one table row read at those columns. Lanes off the grid (and NaN) read some
 // column: their value is replaced (or stays NaN through h).
 #if defined(CPU_CAPABILITY_AVX512)
 using GridCols = __m512i;
@@ -172,11 +172,11 @@ C10_ALWAYS_INLINE fVec exp_f(const fVec& y) {
 #endif
 }
 
-// GELU's act'(x) off its grid (|x| >= 3.875), in every lane: with a = |x| and
-// s(a) = a phi(a) - Q(a) (Q = 1 - Phi), act'(x) is 1 + s(a) on the right and -s(a) on the left.
-// s falls from 8e-4 at the grid's end; for 3.875 <= a < 5.875 it comes from a second grid over a
-// (kGeluGradTailTable: 32 columns of w = 1/16 centred at (k + 1/2) w, a cubic in h each), within
-// a few 2^-24 relative, so that over every fp32 of that range act'(x) is within 0.21 (1 + |x|)
+// GELU's act'(x) off its grid (|x| >= 3.875), in every lane: with a = |x| and s(a) = a phi(a) -
+// Q(a) (Q = 1 - Phi), act'(x) is 1 + s(a) on the right and -s(a) on the left. s falls from 8e-4 at
+// the grid's end; for 3.875 <= a < 5.875 it comes from a second grid over a (kGeluGradTailTable: 32
+// columns of w = 1/16 centred at (k + 1/2) w, a cubic in h each), within 4.3e-6 relative and 0.0013
+// (1 + |x|) 2^-24 absolute, so that over every fp32 of that range act'(x) is within 0.21 (1 + |x|)
 // 2^-24 of float64, which the rounding of 1 + s to fp32 alone reaches near x = 3.875 (the
 // backward's rule allows 8). From a = 5.875 on, s is below 0.18 (1 + a) 2^-24 and the limits are
 // returned: 1 on the right, -0 on the left (act' < 0 there, and the sign of a zero result is the
@@ -185,6 +185,9 @@ C10_ALWAYS_INLINE fVec exp_f(const fVec& y) {
 // standard deviation 3, where a fifth of the lanes are off the grid.
 C10_ALWAYS_INLINE fVec gelu_grad_off_grid(const fVec& x) {
   constexpr const ActTailTable& T = kGeluGradTailTable;
+  static_assert(T.end - kActGrid * T.step == act_table<Act::Gelu>().bound &&
+                    T.step * T.inv_step == 1.f,
+                "the tail grid's 32 columns start where GELU's grid ends");
   const fVec a = x.abs();
   // a - w / 2 is exact over the range (both are multiples of a's ulp and the difference stays
   // above 2), and puts the centres on the multiples of w that grid_point rounds to.
@@ -193,23 +196,22 @@ C10_ALWAYS_INLINE fVec gelu_grad_off_grid(const fVec& x) {
   for (int k = kActTailRows - 2; k >= 0; --k) s = fused_madd(s, g.h, lookup(T.coef[k], g.col));
   const Mask positive = less(fVec(0.f), x);
   const fVec limit = select(positive, fVec(1.f), fVec(-0.f));
-  return select(at_least(a, fVec(T.end)), limit,
-                select(positive, fVec(1.f) + s, s.neg()));
+  // At least: a = T.end itself would wrap round to the first column.
+  return select(at_least(a, fVec(T.end)), limit, select(positive, fVec(1.f) + s, s.neg()));
 }
 
-// GELU's value off its grid (|x| >= 3.875) in fp32, from the Gaussian tail: with a = |x| and
-// Q(a) = 1 - Phi(a) = phi(a) M(a) (M: Mills' ratio), GELU(x) = max(x, 0) - a Q(a) = max(x, 0) - E F,
-// where E = exp(-a^2 / 2) and F = a M(a) / sqrt(2 pi), a degree-6 polynomial in 1 / a^2 (a
-// least-squares fit, relative error 1.2e-8 over 3.875 <= a <= 15). No term cancels.
-// a is clamped at kTailEnd = 11.5, where every intermediate is still a normal fp32 (E > 2^-96):
-// beyond it the right tail has reached x, and the left tail's value (below 2^-96) is returned
-// as -0, well inside the absolute 2^-90 settle_mask allows. Carried on to their subnormal values
-// they took a microcode assist on nearly every operation (15x ATen's gelu_backward time for |x|
-// in [14, 15]). a^2 = hi + lo exactly (an fma), and E = exp(-hi / 2) (1 - lo / 2): a rounded a^2
-// would move E by up to a^2 2^-25 relative, 2^-18 at a = 11.5.
-// The value is within 2^-22.2 relative (2^-96 beyond kTailEnd) over every fp32 with
-// 3.875 <= |x| < 15.5: not the forward's, which rounds the float64 value, but an estimate with
-// which the backward settles its mask, as SiLU's (act_tables16.h, settle_mask).
+// GELU's value off its grid (|x| >= 3.875) in fp32, from the Gaussian tail: with a = |x| and Q(a) =
+// 1 - Phi(a) = phi(a) M(a) (M: Mills' ratio), GELU(x) = max(x, 0) - a Q(a) = max(x, 0) - E F, where
+// E = exp(-a^2 / 2) and F = a M(a) / sqrt(2 pi), a degree-6 polynomial in 1 / a^2 (a least-squares
+// fit, relative error 1.2e-8 over 3.875 <= a <= 15). No term cancels. a is clamped at kTailEnd =
+// 11.5, where every intermediate is still a normal fp32 (E > 2^-96): beyond it the right tail has
+// reached x, and the left tail's value (below 2^-96) is returned as -0, well inside the absolute
+// 2^-90 settle_mask allows. Carried on to their subnormal values they took a microcode assist on
+// nearly every operation (15x ATen's gelu_backward time for |x| in [14, 15]). a^2 = hi + lo exactly
+// (an fma), and E = exp(-hi / 2) (1 - lo / 2): a rounded a^2 would move E by up to a^2 2^-25
+// relative, 2^-18 at a = 11.5. The value is within 2^-22.2 relative (2^-96 beyond kTailEnd) over
+// every fp32 with 3.875 <= |x| < 15.5: not the forward's, which rounds the float64 value, but an
+// estimate with which the backward settles its mask, as SiLU's (act_tables16.h, settle_mask).
 C10_ALWAYS_INLINE fVec gelu_tail(const fVec& x) {
   static constexpr float kPoly[] = {0x1.c23516p-22f, -0x1.1affbep-19f, 0x1.825ee4p-17f,
                                     -0x1.553c9ap-14f, 0x1.8505c2p-11f, -0x1.513222p-7f,
