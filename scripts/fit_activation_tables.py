@@ -87,10 +87,27 @@ DERIVATIVES = (
 )
 
 
+def chebyshev_nodes(w: float) -> np.ndarray:
+    """The offsets h in [-w/2, w/2] every column is fitted on."""
+    return np.cos(np.pi * (np.arange(400) + 0.5) / 400) * w / 2
+
+
+def fit_rounded(h: np.ndarray, target: np.ndarray, weight: np.ndarray, powers: range) -> list:
+    """Coefficients of h**p (p in powers) for target, weighted least squares, each rounded to
+    fp32 before the next ones are refitted, so later terms absorb earlier roundings."""
+    coefs: list[np.float32] = []
+    for j in powers:
+        fitted = sum(np.float64(c) * h**p for p, c in zip(powers, coefs))
+        basis = np.stack([h**p for p in range(j, powers.stop)], 1)
+        sol, *_ = np.linalg.lstsq(basis * weight[:, None], (target - fitted) * weight, rcond=None)
+        coefs.append(np.float32(sol[0]))
+    return coefs
+
+
 def fit_table(f, w: float, derivative: bool = False) -> np.ndarray:
     """Rows: hi, lo, c1 .. c_DEGREE; one column per grid point q = -GRID/2 .. GRID/2 - 1."""
     table = np.zeros((DEGREE + 2, GRID), np.float32)
-    h = np.cos(np.pi * (np.arange(400) + 0.5) / 400) * w / 2
+    h = chebyshev_nodes(w)
     for col in range(GRID):
         a = (col - GRID // 2) * w
         y = f(a + h)
@@ -98,13 +115,7 @@ def fit_table(f, w: float, derivative: bool = False) -> np.ndarray:
         hi = np.float32(fa) if a or derivative else np.float32(-0.0)
         lo = np.float32(fa - np.float64(hi)) if a or derivative else np.float32(-0.0)
         weight = 1 / (1 + np.abs(a + h)) if derivative else 1 / np.abs(y)
-        coefs: list[np.float32] = []
-        for j in range(1, DEGREE + 1):
-            fitted = sum(np.float64(c) * h ** (i + 1) for i, c in enumerate(coefs))
-            basis = np.stack([h**i for i in range(j, DEGREE + 1)], 1)
-            sol, *_ = np.linalg.lstsq(basis * weight[:, None], (y - fa - fitted) * weight, rcond=None)
-            coefs.append(np.float32(sol[0]))
-        table[:, col] = [hi, lo, *coefs]
+        table[:, col] = [hi, lo, *fit_rounded(h, y - fa, weight, range(1, DEGREE + 1))]
     return table
 
 
@@ -117,17 +128,10 @@ def fit_tail_table() -> np.ndarray:
     """Rows: c0 .. c_TAIL_DEGREE of s((k + 1/2) w + h); column k stored at (k + GRID/2) mod GRID,
     where the kernels' grid point (rounding x / w with an offset of GRID/2) reads it."""
     table = np.zeros((TAIL_DEGREE + 1, GRID), np.float32)
-    h = np.cos(np.pi * (np.arange(400) + 0.5) / 400) * TAIL_STEP / 2
+    h = chebyshev_nodes(TAIL_STEP)
     for k in range(TAIL_FIRST_K, TAIL_FIRST_K + GRID):
         y = gelu_grad_tail((k + 0.5) * TAIL_STEP + h)
-        weight = 1 / y
-        coefs: list[np.float32] = []
-        for j in range(TAIL_DEGREE + 1):
-            fitted = sum(np.float64(c) * h**i for i, c in enumerate(coefs))
-            basis = np.stack([h**i for i in range(j, TAIL_DEGREE + 1)], 1)
-            sol, *_ = np.linalg.lstsq(basis * weight[:, None], (y - fitted) * weight, rcond=None)
-            coefs.append(np.float32(sol[0]))
-        table[:, (k + GRID // 2) % GRID] = coefs
+        table[:, (k + GRID // 2) % GRID] = fit_rounded(h, y, 1 / y, range(TAIL_DEGREE + 1))
     return table
 
 
