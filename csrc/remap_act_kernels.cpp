@@ -467,24 +467,32 @@ struct BackwardTables {
   const float* activation;
   RemapKeyTable keys;           // MaskMode::Keys only
   const float* tail_keys[2];    // MaskMode::TailIntervals only
-  const float* settle_bands;    // MaskMode::Centred where the activation is estimated
+  const float* settle_bounds[2];  // settle_mask's lo and hi, arrays of channels, if estimated
   bool computes;                // 16-bit smooth activations: sixteen_bit_on_grid()
 };
 
-// settle_band of a step's lanes; -1 (settled) in the lanes past a ragged end, whose padding
-// (x = 0, t = 0, c = 0) would otherwise be unsettled at every row end.
+// settle_mask's bounds of a step's lanes; -1 (settled, not remapped) in the lanes past a ragged
+// end, whose padding (x = 0, t = 0, c = 0) would otherwise be unsettled at every row end.
 template <bool kLanes>
-C10_ALWAYS_INLINE F2 settle_band_at(const BackwardTables& tables, int64_t channel, int64_t i,
-                                    int64_t m) {
+C10_ALWAYS_INLINE void settle_bounds_at(const BackwardTables& tables, int64_t channel, int64_t i,
+                                        int64_t m, F2& lo, F2& hi) {
+  const float* lo_at = tables.settle_bounds[0] + channel + i;
+  const float* hi_at = tables.settle_bounds[1] + channel + i;
   if constexpr (kLanes) {
-    if (m >= kStep) return load(tables.settle_bands + channel + i, m);
-    float padded[kStep];
-    std::fill(padded, padded + kStep, -1.f);
-    std::copy(tables.settle_bands + channel + i, tables.settle_bands + channel + i + m, padded);
-    return load(padded, kStep);
+    if (m >= kStep) {
+      lo = load(lo_at, m);
+      hi = load(hi_at, m);
+      return;
+    }
+    float padded[2][kStep];
+    std::fill(&padded[0][0], &padded[0][0] + 2 * kStep, -1.f);
+    std::copy(lo_at, lo_at + m, padded[0]);
+    std::copy(hi_at, hi_at + m, padded[1]);
+    lo = load(padded[0], kStep);
+    hi = load(padded[1], kStep);
   } else {
-    const fVec band(tables.settle_bands[channel]);
-    return {band, band};
+    lo.lo = lo.hi = fVec(*lo_at);
+    hi.lo = hi.hi = fVec(*hi_at);
   }
 }
 
@@ -590,12 +598,12 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
       remap_hi = static_cast<Mask>(remap >> 16);
 #endif
     } else if constexpr (M != MaskMode::None) {
-      const StepParams p = rp.at(i, m);
+      const StepParams p = rp.template at<M != MaskMode::Uncentred>(i, m);
       // fp32 GELU estimates its off-grid values in the Centred mode only.
       constexpr bool kEstimates =
           A == Act::Silu || (has_tail_intervals<T, A>() && M == MaskMode::Centred);
       if constexpr (M == MaskMode::SidedTails || M == MaskMode::TailIntervals) {
-        if (any(off_grid.lo | off_grid.hi)) {
+        if (any(off_grid.lo, off_grid.hi)) {
           if constexpr (M == MaskMode::SidedTails) {
             a = {gelu_sided_values(v.lo, off_grid.lo, a.lo),
                  gelu_sided_values(v.hi, off_grid.hi, a.hi)};
@@ -612,24 +620,23 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
         const Settled hi = settle_grid_estimate(a.hi, estimate_error.hi, p.t.hi, p.c.hi);
         remap_lo = lo.remap;
         remap_hi = hi.remap;
-        if (any(lanes_except(lo.unsettled, off_grid.lo) |
+        if (any(lanes_except(lo.unsettled, off_grid.lo),
                 lanes_except(hi.unsettled, off_grid.hi))) {
           const F2 exact = gelu_grid_values(v, off_grid, a);
           remap_lo = remap_mask(exact.lo, p.t.lo, p.c.lo);
           remap_hi = remap_mask(exact.hi, p.t.hi, p.c.hi);
         }
-      } else if (kEstimates && (A == Act::Silu || any(estimated.lo | estimated.hi))) {
+      } else if (kEstimates && (A == Act::Silu || any(estimated.lo, estimated.hi))) {
         // The estimates settle nearly every lane; the forward's act(x) decides the rest. (GELU's
         // value is estimated only off its grid: most steps have exact values throughout.)
-        Settled lo, hi;
-        if constexpr (M == MaskMode::Uncentred) {
-          lo = settle_mask_uncentred(a.lo, p.t.lo);
-          hi = settle_mask_uncentred(a.hi, p.t.hi);
-        } else {
-          const F2 band = settle_band_at<kLanes>(tables, rp.channel, kLanes ? i : 0, m);
-          lo = settle_mask(a.lo, p.t.lo, p.c.lo, band.lo);
-          hi = settle_mask(a.hi, p.t.hi, p.c.hi, band.hi);
-        }
+        F2 bound_lo, bound_hi;
+        settle_bounds_at<kLanes>(tables, rp.channel, kLanes ? i : 0, m, bound_lo, bound_hi);
+        // |e - c|; without a centre the loop holds none.
+        const F2 distance = M == MaskMode::Uncentred
+                                ? F2{a.lo.abs(), a.hi.abs()}
+                                : F2{(a.lo - p.c.lo).abs(), (a.hi - p.c.hi).abs()};
+        Settled lo = settle_mask(distance.lo, p.t.lo, bound_lo.lo, bound_hi.lo);
+        Settled hi = settle_mask(distance.hi, p.t.hi, bound_lo.hi, bound_hi.hi);
         remap_lo = lo.remap;
         remap_hi = hi.remap;
         if constexpr (A != Act::Silu) {
@@ -637,7 +644,7 @@ C10_ALWAYS_INLINE void backward_steps(const G* dy, const T* x, T* dx, int64_t be
           lo.unsettled = lo.unsettled & estimated.lo;
           hi.unsettled = hi.unsettled & estimated.hi;
         }
-        if (any(lo.unsettled | hi.unsettled)) {
+        if (any(lo.unsettled, hi.unsettled)) {
           const F2 exact = load_activated<T, A>(x + i, m, tables.activation);
           remap_lo = remap_mask(exact.lo, p.t.lo, p.c.lo);
           remap_hi = remap_mask(exact.hi, p.t.hi, p.c.hi);
@@ -751,18 +758,15 @@ void backward_typed(const BackwardArgs& args) {
   }
   const bool tail_intervals = !tail_keys.empty();
   const bool by_keys = !keys.empty();
-  // The estimates of the Centred mode (SiLU's with a centre, fp32 GELU's off the grid where its
-  // tails are neither sided nor searched) settle by each channel's band.
-  const bool centred_estimates =
+  // SiLU's estimates, and fp32 GELU's off its grid where its tails are neither sided nor searched
+  // (the Centred mode), settle by each channel's bounds.
+  const bool estimates =
       !unmasked && !by_keys &&
-      (A == Act::Silu ? args.params.center != nullptr
-                      : has_tail_intervals<T, A>() && !sided_tails && !tail_intervals);
-  std::vector<float> settle_bands;
-  if (centred_estimates) {
-    settle_bands.resize(C);
-    for (int64_t ch = 0; ch < C; ++ch) {
-      settle_bands[ch] = settle_band(th[ch], args.params.center ? args.params.center[ch] : 0.f);
-    }
+      (A == Act::Silu || (has_tail_intervals<T, A>() && !sided_tails && !tail_intervals));
+  std::vector<float> settle_bounds;
+  if (estimates) {
+    settle_bounds.resize(2 * C);
+    fill_settle_bounds(th, args.params.center, C, &settle_bounds[0], &settle_bounds[C]);
   }
   const bool with_activation = !unmasked && !by_keys;
   RemapKeyTable key_table{};
@@ -773,7 +777,11 @@ void backward_typed(const BackwardArgs& args) {
       with_activation ? pair_table_for<T, A>() : nullptr,
       with_activation || computes_silu ? nullptr : derivative_table_for<T, A>(),
       A == Act::Silu && with_activation ? activation_table_for<T, A>() : nullptr, key_table,
-      {}, centred_estimates ? settle_bands.data() : nullptr, computes};
+      {}, {}, computes};
+  if (estimates) {
+    tables.settle_bounds[0] = &settle_bounds[0];
+    tables.settle_bounds[1] = &settle_bounds[C];
+  }
   if (tail_intervals) {
     tables.tail_keys[0] = &tail_keys[0];
     tables.tail_keys[1] = &tail_keys[C];

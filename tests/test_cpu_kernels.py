@@ -1072,3 +1072,38 @@ def test_silu_backward_masks_exactly_what_the_forward_remaps(capability, with_ce
                 grad_y.masked_fill(remapped, 0.0), xl, torch.zeros(8), c, "silu", 1, False
             )
             assert same_bits(dx, expected).all(), (dtype, layout)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_settled_masks_hold_at_extreme_thresholds_and_centres(capability, act):
+    """The bounds that settle an estimated mask (csrc/cpu/act_tables16.h, fill_settle_bounds) at
+    the ends of what a threshold and a centre can be: infinite, zero and subnormal thresholds,
+    centres near the largest float (the band overflows), alongside ordinary channels; 40
+    channels, so that the lanes walk takes a whole step and a ragged one per row, and one channel
+    per run. Around every flip of the forward's decision and at the specials, fp32 dx is the
+    unmasked dx with the forward's remapped elements zeroed, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    big = torch.finfo(torch.float32).max
+    pairs = [(math.inf, 0.0), (math.inf, 5.0), (0.0, 0.0), (0.0, 1.0), (1e-45, 0.0),
+             (1e-40, -1e-40), (1e-38, 0.0), (3e38, 0.0), (big, big), (1e30, -big), (0.5, big),
+             (big, -big), (0.1, 0.1), (0.3, -0.2), (2.0, 1.5), (1e-3, 0.0)]
+    threshold = torch.cat([torch.tensor([t for t, _ in pairs]), torch.rand(24, generator=gen)])
+    center = torch.cat([torch.tensor([c for _, c in pairs]), torch.randn(24, generator=gen)])
+    x = _points_where_the_mask_flips(act, threshold, center, around=32)
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, -1e-40, -88.8,
+                             -104.0, 90.0, 3.875, -3.875, 6.0, -6.0])
+    x = torch.cat([x, specials.view(-1, 1).expand(-1, threshold.numel())])
+    ops = torch.ops.lipkern
+    for layout in ("rows", "channels_first"):
+        xl = x if layout == "rows" else x.t().contiguous().unsqueeze(0)
+        shape = [1, -1] + [1] * (xl.dim() - 2)
+        grad_y = torch.randn(xl.shape, generator=gen)
+        a = ops.remap_act(xl, torch.tensor(0.0), None, act, 0, False)
+        remapped = (a - center.view(shape)).abs() < threshold.view(shape)
+        dx = ops.remap_act_backward(grad_y, xl, threshold, center, act, 1, False)
+        expected = ops.remap_act_backward(
+            grad_y.masked_fill(remapped, 0.0), xl, torch.zeros_like(threshold), center, act, 1,
+            False,
+        )
+        assert same_bits(dx, expected).all(), layout

@@ -95,6 +95,15 @@ C10_ALWAYS_INLINE fVec fused_madd(const fVec& a, const fVec& b, const fVec& c) {
 #endif
 }
 
+// a b - c rounded once, without a negation of its own.
+C10_ALWAYS_INLINE fVec fused_msub(const fVec& a, const fVec& b, const fVec& c) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return at::vec::fmsub(a, b, c);
+#else
+  return fused_madd(a, b, c.neg());
+#endif
+}
+
 // Where x lies on a grid of step w: its column and the offset h from the grid point.
 struct GridPoint {
   GridCols col;
@@ -136,19 +145,22 @@ struct ValueGrad {
   fVec value, grad;
 };
 
-// e^y for y in [-kSiluClamp, kSiluClamp] (or NaN), within about 1 ulp: y = n ln2 + r with
-// |r| <= ln2 / 2 (Cody-Waite), a degree-7 Taylor polynomial (remainder below 2^-27), times 2^n,
-// which overflows to inf and underflows to 0 as exp does.
+// e^y (e^-y with kNegated, bit for bit e^(-y), the negation folded into the reduction) for y in
+// [-kSiluClamp, kSiluClamp] (or NaN), within about 1 ulp: y = n ln2 + r with |r| <= ln2 / 2
+// (Cody-Waite), a degree-7 Taylor polynomial (remainder below 2^-27), times 2^n, which
+// overflows to inf and underflows to 0 as exp does.
+template <bool kNegated = false>
 C10_ALWAYS_INLINE fVec exp_f(const fVec& y) {
   constexpr float kLn2Hi = 0x1.62e4p-1f;  // few enough bits that n kLn2Hi is exact
   constexpr float kLn2Lo = 0x1.7f7d1cp-20f;
+  constexpr float kLog2e = kNegated ? -M_LOG2E : M_LOG2E;
 #if defined(CPU_CAPABILITY_AVX512)
-  const fVec n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(M_LOG2E)),
+  const fVec n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(kLog2e)),
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
-  const fVec n = (y * fVec(M_LOG2E)).round();
+  const fVec n = (y * fVec(kLog2e)).round();
 #endif
-  fVec r = fused_madd(n, fVec(-kLn2Hi), y);
+  fVec r = kNegated ? fused_msub(n, fVec(-kLn2Hi), y) : fused_madd(n, fVec(-kLn2Hi), y);
   r = fused_madd(n, fVec(-kLn2Lo), r);
   fVec p(1.f / 5040.f);
   for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) {
@@ -302,7 +314,7 @@ C10_ALWAYS_INLINE void patch_off_grid(const F2& x, Mask off_lo, Mask off_hi, F2&
   const auto take_the_ends = [&] {
     gelu_value_at_the_ends(x.lo, off_lo, value.lo);
     gelu_value_at_the_ends(x.hi, off_hi, value.hi);
-    return !any(off_lo | off_hi);
+    return !any(off_lo, off_hi);
   };
   // Both vectors evaluated whole, their off-grid lanes taken.
   const auto evaluate_unpacked = [&] {
@@ -389,7 +401,7 @@ C10_ALWAYS_INLINE F2 activate(const F2& x) {
     F2 a{grid_value(x.lo, grid_eval(act_table<A>(), x.lo)),
          grid_value(x.hi, grid_eval(act_table<A>(), x.hi))};
     const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
-    if (any(off_lo | off_hi)) patch_off_grid<A, true, false>(x, off_lo, off_hi, a, a);
+    if (any(off_lo, off_hi)) patch_off_grid<A, true, false>(x, off_lo, off_hi, a, a);
     return a;
   }
 }
@@ -408,7 +420,7 @@ C10_ALWAYS_INLINE F2 activate(const F2& x) {
 C10_ALWAYS_INLINE ValueGrad silu_from_sigmoid(const fVec& x) {
   constexpr float kSigmoidIsOne = 32.f;
   const fVec xc = at::vec::clamp(x, fVec(-kSiluClamp), fVec(kSigmoidIsOne));
-  const fVec s = fVec(1.f) / (fVec(1.f) + exp_f(xc.neg()));
+  const fVec s = fVec(1.f) / (fVec(1.f) + exp_f<true>(xc));
   return {at::vec::clamp_min(x, fVec(-kSiluClamp)) * s,
           s * fused_madd(xc, fVec(1.f) - s, fVec(1.f))};
 }
@@ -422,7 +434,7 @@ C10_ALWAYS_INLINE F2 derivative(const F2& x) {
     static_assert(act_table<A>().bound == grad_table<A>().bound);
     F2 d{grid_eval(grad_table<A>(), x.lo), grid_eval(grad_table<A>(), x.hi)};
     const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
-    if (any(off_lo | off_hi)) {
+    if (any(off_lo, off_hi)) {
       if constexpr (has_fp32_tail(A)) {
         patch_gelu_grad_off_grid(x, off_lo, off_hi, d);
       } else {
@@ -460,7 +472,7 @@ template <Act A>
 C10_ALWAYS_INLINE LanePair activate_with_derivative(const F2& x, F2& value, F2& grad) {
   grid_value_and_derivative<A, true>(x, value, grad);
   const Mask off_lo = off_grid<A>(x.lo), off_hi = off_grid<A>(x.hi);
-  if (!any(off_lo | off_hi)) return {no_lanes(), no_lanes()};
+  if (!any(off_lo, off_hi)) return {no_lanes(), no_lanes()};
   if constexpr (has_fp32_tail(A)) {
     patch_gelu_grad_off_grid(x, off_lo, off_hi, grad);
     patch_off_grid<A, true, false, true>(x, off_lo, off_hi, value, value);
@@ -648,7 +660,7 @@ C10_ALWAYS_INLINE LanePair gelu_estimate_and_derivative(const F2& x, F2& estimat
   const GridCols col_hi = evaluate(x.hi, estimate.hi, grad.hi);
   error = {lookup(gelu_estimate_errors(), col_lo), lookup(gelu_estimate_errors(), col_hi)};
   const Mask off_lo = off_grid<Act::Gelu>(x.lo), off_hi = off_grid<Act::Gelu>(x.hi);
-  if (any(off_lo | off_hi)) patch_gelu_grad_off_grid(x, off_lo, off_hi, grad);
+  if (any(off_lo, off_hi)) patch_gelu_grad_off_grid(x, off_lo, off_hi, grad);
   return {off_lo, off_hi};
 }
 

@@ -164,6 +164,10 @@ C10_ALWAYS_INLINE fVec select(Mask m, const fVec& yes, const fVec& no) {
 C10_ALWAYS_INLINE bool any(Mask m) {
   return m != 0;
 }
+// One kortest instead of two moves to general registers and an or.
+C10_ALWAYS_INLINE bool any(Mask a, Mask b) {
+  return _mm512_kortestz(a, b) == 0;
+}
 // m restricted to its first n lanes (0 <= n <= kF).
 C10_ALWAYS_INLINE Mask first_lanes(Mask m, int64_t n) {
   return m & static_cast<Mask>((1u << n) - 1);
@@ -193,6 +197,9 @@ C10_ALWAYS_INLINE fVec select(const Mask& m, const fVec& yes, const fVec& no) {
 }
 C10_ALWAYS_INLINE bool any(const Mask& m) {
   return m.zero_mask() != (1 << kF) - 1;
+}
+C10_ALWAYS_INLINE bool any(const Mask& a, const Mask& b) {
+  return any(a | b);
 }
 C10_ALWAYS_INLINE Mask first_lanes(const Mask& m, int64_t n) {
   return fVec::set(fVec(0.f), m, n);

@@ -48,10 +48,13 @@ struct RunParams {
     }
   }
 
+  // kCentred false: the caller knows there is no centre, and the loop holds no centre vectors.
+  template <bool kCentred = true>
   inline StepParams at(int64_t i, int64_t n) const {
     if constexpr (kLanes) {
       // A remap without centre is the remap towards 0: |a - 0| = |a| and the fill is +0.
-      return {load(t + i, n), c ? load(c + i, n) : F2{fVec(0.f), fVec(0.f)}};
+      const F2 zero{fVec(0.f), fVec(0.f)};
+      return {load(t + i, n), kCentred && c ? load(c + i, n) : zero};
     } else {
       return {{t_b, t_b}, {c_b, c_b}};
     }
