@@ -1078,21 +1078,24 @@ def test_silu_backward_masks_exactly_what_the_forward_remaps(capability, with_ce
 @pytest.mark.parametrize("act", ["silu", "gelu"])
 def test_settled_masks_hold_at_extreme_thresholds_and_centres(capability, act):
     """The bounds that settle an estimated mask (csrc/cpu/act_tables16.h, fill_settle_bounds) at
-    the ends of what a threshold and a centre can be: infinite, zero and subnormal thresholds,
-    centres near the largest float (the band overflows), alongside ordinary channels; 40
-    channels, so that the lanes walk takes a whole step and a ragged one per row, and one channel
-    per run. Around every flip of the forward's decision and at the specials, fp32 dx is the
-    unmasked dx with the forward's remapped elements zeroed, bit for bit."""
+    the ends of what a threshold and a centre can be: zero (bounds that settle every lane),
+    infinite (only an infinite |e - c| unsettled: x up to 3e38 against a centre of -3.4e38
+    overflows it) and subnormal thresholds, centres near the largest float (the band overflows:
+    every lane unsettled), alongside ordinary channels; 40 channels, so that the lanes walk takes
+    a whole step and a ragged one per row, and one channel per run. Around every flip of the
+    forward's decision and at the specials, fp32 dx is the unmasked dx with the forward's
+    remapped elements zeroed, bit for bit. (The bounds' width is what the tests around every
+    flip check, with ordinary thresholds.)"""
     gen = torch.Generator().manual_seed(3)
     big = torch.finfo(torch.float32).max
-    pairs = [(math.inf, 0.0), (math.inf, 5.0), (0.0, 0.0), (0.0, 1.0), (1e-45, 0.0),
+    pairs = [(math.inf, 0.0), (math.inf, -big), (0.0, 0.0), (0.0, 1.0), (1e-45, 0.0),
              (1e-40, -1e-40), (1e-38, 0.0), (3e38, 0.0), (big, big), (1e30, -big), (0.5, big),
              (big, -big), (0.1, 0.1), (0.3, -0.2), (2.0, 1.5), (1e-3, 0.0)]
     threshold = torch.cat([torch.tensor([t for t, _ in pairs]), torch.rand(24, generator=gen)])
     center = torch.cat([torch.tensor([c for _, c in pairs]), torch.randn(24, generator=gen)])
     x = _points_where_the_mask_flips(act, threshold, center, around=32)
     specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, -1e-40, -88.8,
-                             -104.0, 90.0, 3.875, -3.875, 6.0, -6.0])
+                             -104.0, 90.0, 3.875, -3.875, 6.0, -6.0, 1e31, 3e38, -3e38])
     x = torch.cat([x, specials.view(-1, 1).expand(-1, threshold.numel())])
     ops = torch.ops.lipkern
     for layout in ("rows", "channels_first"):

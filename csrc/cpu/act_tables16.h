@@ -393,15 +393,18 @@ C10_ALWAYS_INLINE Settled settle_mask(const fVec& distance, const fVec& t, const
 
 // settle_mask's bounds of every channel, kF channels at a time (they are computed on every masked
 // call: a scalar loop in double took 2 ns a channel, 1.1x the time of SiLU's masked backward of
-// 64 rows x 1024 channels); c null means no centre. Where it matters r(e) is at most
+// 64 rows x 1024 channels); c null means no centre. Thresholds are >= 0 and centres finite (the
+// op rejects others). Where it matters r(e) is at most
 // ((|c| + t) 2^-19 + t 2^-22 + 2^-90) / (1 - 2^-19 - 2^-22 - 2^-43), below
-// ((|c| + t) (2^-19 + 2^-22) + 2^-90) (1 + 2^-17), which band is at least: its constants carry
-// (1 + 2^-15), its sum and fma lose at most (1 - 2^-23). The ends t -+ band are moved outwards from
-// their rounded values v by |v| 2^-21 + 2^-146, more than the rounding of v, of the move and of
-// the last subtraction together (at most |v| 2^-23 + 2^-148). A channel with t <= 0 remaps
-// nothing, and one with an infinite t or c (or a NaN) decides every value alike whether
-// estimated or not (|e - c| < t holds for every finite e, or for none): its bounds are [t, t],
-// which leaves unsettled only distance = t. A band that overflows leaves every lane unsettled.
+// B = ((|c| + t) (2^-19 + 2^-22) + 2^-90) (1 + 2^-17), which band is at least: its constants
+// carry (1 + 2^-15), its sum and fma lose at most (1 - 2^-23) (a subnormal sum's absolute 2^-150,
+// far less than the margin on 2^-90). Each end v = fl(t -+ band) is then moved outwards by
+// |v| 2^-21, at least four of v's ulps, where v's rounding and the move's took half of one each;
+// below 2^-125, t -+ band was exact, and the monotone rounding keeps the moved end beyond it. So
+// lo <= t - B and hi >= t + B. A channel with t = 0 remaps nothing: its bounds -1 settle every
+// lane (distance >= 0). One with t = inf remaps every finite distance: its bounds [inf, inf] leave
+// unsettled only an infinite one (e infinite, or e - c overflowed), which act(x) decides. A band
+// that overflows leaves every lane unsettled.
 inline void fill_settle_bounds(const float* t, const float* c, int64_t channels, float* lo,
                                float* hi) {
   constexpr float kRelative = (0x1p-19f + 0x1p-22f) * (1 + 0x1p-15f);
@@ -413,12 +416,13 @@ inline void fill_settle_bounds(const float* t, const float* c, int64_t channels,
     const fVec cv = c ? fVec::loadu(c + ch, n) : fVec(0.f);
     const fVec band = fused_madd(cv.abs() + tv, fVec(kRelative), fVec(kAbsolute));
     const fVec below = tv - band, above = tv + band;
-    const fVec low = fused_madd(below.abs(), fVec(-0x1p-21f), below) - fVec(0x1p-146f);
-    const fVec high = fused_madd(above.abs(), fVec(0x1p-21f), above) + fVec(0x1p-146f);
-    // Compares that fail for NaN.
-    const Mask ordinary = less(fVec(0.f), tv) & less(tv, inf) & less(cv.abs(), inf);
-    select(ordinary, low, tv).store(lo + ch, n);
-    select(ordinary, high, tv).store(hi + ch, n);
+    const fVec low = fused_madd(below.abs(), fVec(-0x1p-21f), below);
+    const fVec high = fused_madd(above.abs(), fVec(0x1p-21f), above);
+    const Mask positive = less(fVec(0.f), tv);
+    const Mask finite_positive = positive & less(tv, inf);
+    const fVec unbanded = select(positive, tv, fVec(-1.f));
+    select(finite_positive, low, unbanded).store(lo + ch, n);
+    select(finite_positive, high, unbanded).store(hi + ch, n);
   }
 }
 
