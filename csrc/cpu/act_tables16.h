@@ -392,8 +392,8 @@ C10_ALWAYS_INLINE Settled settle_mask(const fVec& distance, const fVec& t, const
 }
 
 // settle_mask's bounds of every channel, kF channels at a time (they are computed on every masked
-// call: a scalar loop in double took 2 ns a channel, 1.1x the time of SiLU's masked backward of
-// 64 rows x 1024 channels); c null means no centre. Thresholds are >= 0 and centres finite (the
+// call: a scalar loop in double took 2 ns a channel, 2 us of the 28 us SiLU's masked backward of
+// 64 rows x 1024 channels takes); c null means no centre. Thresholds are >= 0 and centres finite (the
 // op rejects others). Where it matters r(e) is at most
 // ((|c| + t) 2^-19 + t 2^-22 + 2^-90) / (1 - 2^-19 - 2^-22 - 2^-43), below
 // B = ((|c| + t) (2^-19 + 2^-22) + 2^-90) (1 + 2^-17), which band is at least: its constants
