@@ -742,21 +742,23 @@ void backward_typed(const BackwardArgs& args) {
   }
   // Channels whose tails are not uniform have their intervals searched (31 evaluations of 32
   // lanes per bound, for 32 channels at once: per channel about what the backward of 100 to 300
-  // elements costs); calls with fewer than kElementsPerSearchedChannel elements per such channel
-  // take the tail's estimate and its settling instead (Centred), which took 1.2x the time of
-  // the intervals (4096 x 1024, standard deviation 3, per-channel thresholds).
+  // elements costs), once per parameter set (tail_interval_cache). A first call with fewer than
+  // kElementsPerSearchedChannel elements per such channel takes the tail's estimate and its
+  // settling instead (Centred), which took 1.2x the time of the intervals at 4096 x 1024 and
+  // 2x at 64 to 1024 rows (standard deviation 3, per-channel thresholds).
   bool sided_tails = false;
-  std::vector<float> tail_keys;
+  std::shared_ptr<const std::vector<float>> tail_keys;
   if constexpr (has_tail_intervals<T, A>()) {
     constexpr int64_t kElementsPerSearchedChannel = 4096;
     if (!unmasked) {
       sided_tails = gelu_tails_uniform(args.params, C);
       if (!sided_tails) {
-        tail_keys = gelu_tail_intervals(args.params, C, g.numel / kElementsPerSearchedChannel);
+        tail_keys = tail_interval_cache().intervals(args.params, C,
+                                                    g.numel / kElementsPerSearchedChannel);
       }
     }
   }
-  const bool tail_intervals = !tail_keys.empty();
+  const bool tail_intervals = tail_keys != nullptr;
   const bool by_keys = !keys.empty();
   // SiLU's estimates, and fp32 GELU's off its grid where its tails are neither sided nor searched
   // (the Centred mode), settle by each channel's bounds.
@@ -783,8 +785,8 @@ void backward_typed(const BackwardArgs& args) {
     tables.settle_bounds[1] = &settle_bounds[C];
   }
   if (tail_intervals) {
-    tables.tail_keys[0] = &tail_keys[0];
-    tables.tail_keys[1] = &tail_keys[C];
+    tables.tail_keys[0] = tail_keys->data();
+    tables.tail_keys[1] = tail_keys->data() + C;
   }
   const auto walk = [&](auto mode) {
     constexpr MaskMode M = decltype(mode)::value;

@@ -522,8 +522,9 @@ def test_gelu_backward_masks_the_tails_by_interval(capability, shape):
     the threshold and centre remap all or none of the left tail's values and none of the right
     one's (where every channel's are, by the lane's side), searched on the forward's own values
     otherwise. Every call has 4096 elements per
-    channel, enough for every channel to be searched (smaller calls with many channels that are
-    not uniform take the tail's estimate: test_gelu_backward_off_the_grid_masks_as_the_forward).
+    channel, enough for every channel to be searched (first calls with fewer and many channels
+    that are not uniform take the tail's estimate: test_gelu_backward_off_the_grid_masks_as_the_
+    forward).
     Per call, one pair for every channel: thresholds at and beside where the tails' values end
     (|GELU(-3.875)|, GELU(3.875)) and where their bounds do (2.1e-4, 3.875 - 2.1e-4), between
     and beyond (0 to inf); centres 0, -0, +-2^-13, 0.2, -0.1, 3.7, +-1e30 and none; per-tensor
@@ -574,6 +575,57 @@ def test_gelu_backward_masks_the_tails_by_interval(capability, shape):
         remapped = (a - centre.view(along_channels)).abs() < t.view(along_channels)
         dx = torch.ops.lipkern.remap_act_backward(dy, x, t, c, "gelu", 1, False)
         assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all(), (t, c)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("centred", [False, True], ids=["uncentred", "centred"])
+def test_gelu_backward_masks_alike_before_and_after_a_parameter_set_is_searched(
+    capability, centred
+):
+    """A small call whose channels' tails need a search masks them by the tail's estimate the
+    first time its thresholds and centres are met, and by their searched intervals (kept per
+    parameter set: csrc/cpu/act_grid.h, TailIntervalCache) from the second call on; both zero
+    exactly the elements the forward remaps. Thresholds changed in place are a new set, as are
+    other centres with the same thresholds, and each of 70 sets met between (more than the
+    cache keeps). Per channel a left-tail x0 and a
+    threshold of |fl(a - c)| there or one ulp below it (the interval ends just past x0 or at
+    it), x0 with its neighbours among tail and grid values, 16 rows of 48 channels; then, in
+    every other channel, one ulp above it (x0 remapped there)."""
+    gen = torch.Generator().manual_seed(13)
+    channels = 48
+    x0 = -3.875 - torch.rand(channels, generator=gen) * 8
+    a0 = torch.ops.lipkern.remap_act(x0, torch.tensor(0.0), None, "gelu", 0, False)
+    c = (torch.rand(channels, generator=gen) - 0.5) * 2e-4 if centred else torch.zeros(channels)
+    t = (a0 - c).abs()
+    t = torch.where(torch.arange(channels) % 2 == 0, torch.nextafter(t, torch.tensor(0.0)), t)
+    x = torch.randn(16, channels, generator=gen) * 6
+    x[:3] = torch.stack([x0, torch.nextafter(x0, x0 - 1), torch.nextafter(x0, x0 + 1)])
+    a = torch.ops.lipkern.remap_act(x, torch.tensor(0.0), None, "gelu", 0, False)
+    dy = torch.ones_like(x)
+    unmasked = torch.ops.lipkern.remap_act_backward(
+        dy, x, torch.tensor(0.0), None, "gelu", 0, False
+    )
+
+    def check(thresholds, centres=c):
+        remapped = (a - centres).abs() < thresholds
+        dx = torch.ops.lipkern.remap_act_backward(
+            dy, x, thresholds, centres if centred else None, "gelu", 1, False
+        )
+        assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all()
+
+    assert ((a[:3] - c).abs() < t).any() and not ((a[:3] - c).abs() < t).all()
+    for _ in range(3):
+        check(t)
+    # x0 remapped now in the odd channels.
+    t[1::2] = torch.nextafter(t[1::2], torch.tensor(1.0))
+    for _ in range(2):
+        check(t)
+    if centred:
+        for _ in range(2):
+            check(t, -c)
+    for k in range(70):
+        check(t * (1 + k * 2**-10))
+    check(t)
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)

@@ -8,10 +8,14 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 namespace lipkern {
@@ -597,6 +601,67 @@ inline std::vector<float> gelu_tail_intervals(const ChannelParams& p, int64_t ch
     std::memcpy(&keys[channels + ch], &intervals[ch].hi, sizeof(int32_t));
   }
   return keys;
+}
+
+// The tail intervals of the parameter sets the backward met last, so that a layer's repeated
+// calls (an attack's steps) search its channels once. Keyed by the thresholds' and centres' bits,
+// compared in full: a changed parameter never meets another's intervals.
+class TailIntervalCache {
+ public:
+  // p's intervals: cached, or searched now where at most max_searched channels need a search or
+  // p was met before (a repeat says more calls will share the search); else null (the caller
+  // masks the tails without them).
+  std::shared_ptr<const std::vector<float>> intervals(const ChannelParams& p, int64_t channels,
+                                                      int64_t max_searched) {
+    std::vector<float> key(p.threshold, p.threshold + channels);
+    if (p.center) key.insert(key.end(), p.center, p.center + channels);
+    bool met = false;
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      const auto found = find(key, p.center != nullptr);
+      if (found != entries_.end()) {
+        entries_.splice(entries_.begin(), entries_, found);
+        if (found->intervals) return found->intervals;
+        met = true;
+      }
+    }
+    std::vector<float> searched =
+        gelu_tail_intervals(p, channels, met ? channels : max_searched);
+    std::shared_ptr<const std::vector<float>> intervals;
+    if (!searched.empty()) {
+      intervals = std::make_shared<const std::vector<float>>(std::move(searched));
+    }
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = find(key, p.center != nullptr);
+    if (found != entries_.end()) entries_.erase(found);
+    entries_.push_front({std::move(key), p.center != nullptr, intervals});
+    if (entries_.size() > kEntries) entries_.pop_back();
+    return intervals;
+  }
+
+ private:
+  // More than the GELU layers of the models lipkern converts (Swin-L: 24).
+  static constexpr size_t kEntries = 64;
+  struct Entry {
+    std::vector<float> params;  // thresholds, then centres if any
+    bool centred;
+    std::shared_ptr<const std::vector<float>> intervals;  // null: met once, not searched
+  };
+
+  std::list<Entry>::iterator find(const std::vector<float>& params, bool centred) {
+    return std::find_if(entries_.begin(), entries_.end(), [&](const Entry& e) {
+      return e.centred == centred && e.params.size() == params.size() &&
+             std::memcmp(e.params.data(), params.data(), params.size() * sizeof(float)) == 0;
+    });
+  }
+
+  std::mutex mutex_;
+  std::list<Entry> entries_;  // most recently used first
+};
+
+inline TailIntervalCache& tail_interval_cache() {
+  static TailIntervalCache cache;
+  return cache;
 }
 
 // An estimate of GELU's grid value at x = q w + h from its value at the grid point and the
