@@ -3,6 +3,7 @@ forward, the forward over PyTorch's activation, and the backward over PyTorch's 
 backward (`torch.ops.aten.*_backward`).
 
     python benchmarks/kernel_ratios.py [stats|fwd|bwd|all] [--threads N] [--rounds R] [--scale S]
+                                       [--rows N]
 
 Inputs are standard normal times --scale (default 1). The smooth activations' fp32 grid ends at
 |x| = 3.875 (GELU, tanh-GELU) and 7.75 (SiLU); lanes beyond it are evaluated in float64 (in
@@ -11,6 +12,11 @@ speed depends on how far the inputs spread.
 
 Thresholds (the `thr` column): per channel, a per-tensor zero, per channel with centres, and per
 channel below 2.1e-4 (see `thresholds`); the statistics take the first two.
+
+The fwd and bwd tables take [rows, 1024] inputs, 4096 rows unless --rows says otherwise (an
+attack's backward on a small batch has far fewer). Their calls repeat one parameter set, as a
+layer's do: data the backward searches per channel and set is made once (see
+csrc/cpu/param_cache.h), not per call.
 
 Each ratio takes the 10th percentile of single calls, alternated between the two subjects, so
 that calls another process slowed down drop out; ratios move by about 10 % between runs on a
@@ -92,12 +98,12 @@ def stats(rounds: int, scale: float) -> None:
     print(format_table(header, rows), flush=True)
 
 
-def against_aten(rounds: int, scale: float, backward: bool) -> None:
+def against_aten(rounds: int, scale: float, rows_of_x: int, backward: bool) -> None:
     rows = []
     for act in ATEN_BACKWARD:
         for dtype in DTYPES:
             for kind in ("channel", "tensor0", "centred", "tiny"):
-                x = (torch.randn(4096, 1024) * scale).to(DTYPES[dtype])
+                x = (torch.randn(rows_of_x, 1024) * scale).to(DTYPES[dtype])
                 g = torch.randn_like(x)
                 t, c = thresholds(1024, kind)
                 if backward:
@@ -123,22 +129,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--scale", type=float, default=1.0, help="input standard deviation")
+    parser.add_argument("--rows", type=int, default=4096, help="rows of the fwd and bwd inputs")
     args = parser.parse_args()
     if not args.scale > 0:
         parser.error(f"--scale must be a positive number, got {args.scale}")
+    if args.rows < 1:
+        parser.error(f"--rows must be a positive number, got {args.rows}")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     # With glibc's defaults an output of 16 MB was at times page-faulted in anew on every call
     # (fp32 4096 x 1024 fwd+stats with a zero threshold: 4.5-5.2 ms, 1.0-1.6 ms otherwise).
     if not steady_allocator():
         print("no glibc mallopt: timings may include page faults of fresh outputs")
-    print(f"inputs: standard normal x {args.scale:g}, {args.threads} threads")
+    print(f"inputs: standard normal x {args.scale:g}, {args.threads} threads, "
+          f"fwd and bwd on {args.rows}x1024")
     if args.what in ("stats", "all"):
         stats(args.rounds, args.scale)
     if args.what in ("fwd", "all"):
-        against_aten(args.rounds, args.scale, backward=False)
+        against_aten(args.rounds, args.scale, args.rows, backward=False)
     if args.what in ("bwd", "all"):
-        against_aten(args.rounds, args.scale, backward=True)
+        against_aten(args.rounds, args.scale, args.rows, backward=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 
 #include "remap_act.h"
 #include "cpu/act_tables16.h"
+#include "cpu/param_cache.h"
 #include "cpu/remap_bits.h"
 #include "cpu/stats_blocks.h"
 #include "cpu/type_dispatch.h"
@@ -28,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -703,6 +705,11 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
   }
 }
 
+// The kinds of data kept per parameter set.
+template <typename T, Act A>
+struct RemapKeysOf {};
+struct TailIntervalsOf {};
+
 template <typename T, typename G, Act A>
 void backward_typed(const BackwardArgs& args) {
   const G* dy = static_cast<const G*>(args.grad_y);
@@ -715,51 +722,58 @@ void backward_typed(const BackwardArgs& args) {
   const bool unmasked =
       args.straight_through || std::none_of(th, th + g.channels, [](float v) { return v > 0.f; });
   const int64_t C = g.channels;
-  std::vector<int16_t> keys;
+  // Data searched per channel (masks_by_keys' keys, GELU's tail intervals) is kept per
+  // parameter set (param_cache.h): a first call makes it only where the call is large enough to
+  // pay for the search, a repeat of the set makes it, later calls reuse it.
+  std::shared_ptr<const std::vector<int16_t>> keys;
   if constexpr (masks_by_keys<T, A>()) {
     // A channel's four binary searches cost what masking on the keys saves on 700 (GELU) to
     // 1000 (SiLU) of its elements; smaller calls decide from act(x). Against that, one thread,
     // 768 channels, rows 256 / 1024 / 4096: GELU and tanh-GELU 1.4x / 0.85-0.91x / 0.73-0.81x
     // the time, SiLU 1.5x / 0.98-1.02x / 0.86-0.88x.
     constexpr int64_t kMinElementsPerChannel = 1024;
-    if (!unmasked && g.numel >= kMinElementsPerChannel * C) {
-      const Valley& shape = valley<T, A>();
-      if (shape.shaped) {
-        keys.resize(4 * C);
-        const float* a = activation_table<T, A>();
-        at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
-          for (int64_t c = c0; c < c1; ++c) {
-            const RemapKeys r =
-                remap_keys(a, shape, th[c], args.params.center ? args.params.center[c] : 0.f);
-            keys[c] = r.lo[0];
-            keys[C + c] = r.hi[0];
-            keys[2 * C + c] = r.lo[1];
-            keys[3 * C + c] = r.hi[1];
-          }
-        });
-      }
+    const Valley& shape = valley<T, A>();
+    if (!unmasked && shape.shaped) {
+      keys = parameter_set_cache<int16_t, RemapKeysOf<T, A>>().get(
+          args.params, C, g.numel >= kMinElementsPerChannel * C, [&] {
+            std::vector<int16_t> made(4 * C);
+            const float* a = activation_table<T, A>();
+            at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+              for (int64_t c = c0; c < c1; ++c) {
+                const RemapKeys r = remap_keys(a, shape, th[c],
+                                               args.params.center ? args.params.center[c] : 0.f);
+                made[c] = r.lo[0];
+                made[C + c] = r.hi[0];
+                made[2 * C + c] = r.lo[1];
+                made[3 * C + c] = r.hi[1];
+              }
+            });
+            return made;
+          });
     }
   }
   // Channels whose tails are not uniform have their intervals searched (31 evaluations of 32
   // lanes per bound, for 32 channels at once: per channel about what the backward of 100 to 300
-  // elements costs), once per parameter set (tail_interval_cache). A first call with fewer than
-  // kElementsPerSearchedChannel elements per such channel takes the tail's estimate and its
-  // settling instead (Centred), which took 1.2x the time of the intervals at 4096 x 1024 and
-  // 2x at 64 to 1024 rows (standard deviation 3, per-channel thresholds).
+  // elements costs). Where a first call has fewer than kElementsPerSearchedChannel elements per
+  // such channel, it takes the tail's estimate and its settling instead (Centred), which took
+  // 1.2x the time of the intervals at 4096 x 1024 and 2x at 64 to 1024 rows (standard
+  // deviation 3, per-channel thresholds).
   bool sided_tails = false;
   std::shared_ptr<const std::vector<float>> tail_keys;
   if constexpr (has_tail_intervals<T, A>()) {
     constexpr int64_t kElementsPerSearchedChannel = 4096;
     if (!unmasked) {
-      sided_tails = gelu_tails_uniform(args.params, C);
+      const int64_t to_search = gelu_tails_not_uniform(args.params, C);
+      sided_tails = to_search == 0;
       if (!sided_tails) {
-        tail_keys = tail_interval_cache().intervals(args.params, C,
-                                                    g.numel / kElementsPerSearchedChannel);
+        tail_keys = parameter_set_cache<float, TailIntervalsOf>().get(
+            args.params, C, to_search * kElementsPerSearchedChannel <= g.numel,
+            [&] { return gelu_tail_intervals(args.params, C); });
       }
     }
   }
   const bool tail_intervals = tail_keys != nullptr;
-  const bool by_keys = !keys.empty();
+  const bool by_keys = keys != nullptr;
   // SiLU's estimates, and fp32 GELU's off its grid where its tails are neither sided nor searched
   // (the Centred mode), settle by each channel's bounds.
   const bool estimates =
@@ -772,7 +786,10 @@ void backward_typed(const BackwardArgs& args) {
   }
   const bool with_activation = !unmasked && !by_keys;
   RemapKeyTable key_table{};
-  if (by_keys) key_table = {{&keys[0], &keys[C], &keys[2 * C], &keys[3 * C]}};
+  if (by_keys) {
+    const int16_t* k = keys->data();
+    key_table = {{k, k + C, k + 2 * C, k + 3 * C}};
+  }
   const bool computes = uses_table<T, A>() && sixteen_bit_on_grid();
   const bool computes_silu = A == Act::Silu && (with_activation || computes);
   BackwardTables tables{

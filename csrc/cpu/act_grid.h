@@ -8,14 +8,10 @@
 
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <list>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 namespace lipkern {
@@ -570,16 +566,14 @@ inline void search_tail_intervals(const float* t, const float* c, int64_t n, Key
 }
 
 // Each channel's tail interval, as two arrays of C keys (lo, then hi; stored in floats, as the
-// kernel loads them), or nothing where more than max_searched channels are not uniform.
-inline std::vector<float> gelu_tail_intervals(const ChannelParams& p, int64_t channels,
-                                              int64_t max_searched) {
+// kernel loads them).
+inline std::vector<float> gelu_tail_intervals(const ChannelParams& p, int64_t channels) {
   std::vector<KeyInterval> intervals(channels);
   std::vector<int64_t> searched;
   for (int64_t ch = 0; ch < channels; ++ch) {
     const float c = p.center ? p.center[ch] : 0.f;
     if (!uniform_tail_interval(p.threshold[ch], c, intervals[ch])) searched.push_back(ch);
   }
-  if (static_cast<int64_t>(searched.size()) > max_searched) return {};
   const int64_t batches = (static_cast<int64_t>(searched.size()) + kStep - 1) / kStep;
   at::parallel_for(0, batches, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -601,67 +595,6 @@ inline std::vector<float> gelu_tail_intervals(const ChannelParams& p, int64_t ch
     std::memcpy(&keys[channels + ch], &intervals[ch].hi, sizeof(int32_t));
   }
   return keys;
-}
-
-// The tail intervals of the parameter sets the backward met last, so that a layer's repeated
-// calls (an attack's steps) search its channels once. Keyed by the thresholds' and centres' bits,
-// compared in full: a changed parameter never meets another's intervals.
-class TailIntervalCache {
- public:
-  // p's intervals: cached, or searched now where at most max_searched channels need a search or
-  // p was met before (a repeat says more calls will share the search); else null (the caller
-  // masks the tails without them).
-  std::shared_ptr<const std::vector<float>> intervals(const ChannelParams& p, int64_t channels,
-                                                      int64_t max_searched) {
-    std::vector<float> key(p.threshold, p.threshold + channels);
-    if (p.center) key.insert(key.end(), p.center, p.center + channels);
-    bool met = false;
-    {
-      const std::lock_guard<std::mutex> lock(mutex_);
-      const auto found = find(key, p.center != nullptr);
-      if (found != entries_.end()) {
-        entries_.splice(entries_.begin(), entries_, found);
-        if (found->intervals) return found->intervals;
-        met = true;
-      }
-    }
-    std::vector<float> searched =
-        gelu_tail_intervals(p, channels, met ? channels : max_searched);
-    std::shared_ptr<const std::vector<float>> intervals;
-    if (!searched.empty()) {
-      intervals = std::make_shared<const std::vector<float>>(std::move(searched));
-    }
-    const std::lock_guard<std::mutex> lock(mutex_);
-    const auto found = find(key, p.center != nullptr);
-    if (found != entries_.end()) entries_.erase(found);
-    entries_.push_front({std::move(key), p.center != nullptr, intervals});
-    if (entries_.size() > kEntries) entries_.pop_back();
-    return intervals;
-  }
-
- private:
-  // More than the GELU layers of the models lipkern converts (Swin-L: 24).
-  static constexpr size_t kEntries = 64;
-  struct Entry {
-    std::vector<float> params;  // thresholds, then centres if any
-    bool centred;
-    std::shared_ptr<const std::vector<float>> intervals;  // null: met once, not searched
-  };
-
-  std::list<Entry>::iterator find(const std::vector<float>& params, bool centred) {
-    return std::find_if(entries_.begin(), entries_.end(), [&](const Entry& e) {
-      return e.centred == centred && e.params.size() == params.size() &&
-             std::memcmp(e.params.data(), params.data(), params.size() * sizeof(float)) == 0;
-    });
-  }
-
-  std::mutex mutex_;
-  std::list<Entry> entries_;  // most recently used first
-};
-
-inline TailIntervalCache& tail_interval_cache() {
-  static TailIntervalCache cache;
-  return cache;
 }
 
 // An estimate of GELU's grid value at x = q w + h from its value at the grid point and the
@@ -738,15 +671,14 @@ C10_ALWAYS_INLINE F2 gelu_grid_values(const F2& x, const LanePair& off, const F2
   return {on_grid(x.lo, off.lo, decided.lo), on_grid(x.hi, off.hi, decided.hi)};
 }
 
-// Whether every channel's tails are uniform.
-inline bool gelu_tails_uniform(const ChannelParams& p, int64_t channels) {
+// How many channels' tails are not uniform (and need a search).
+inline int64_t gelu_tails_not_uniform(const ChannelParams& p, int64_t channels) {
   KeyInterval unused;
+  int64_t count = 0;
   for (int64_t ch = 0; ch < channels; ++ch) {
-    if (!uniform_tail_interval(p.threshold[ch], p.center ? p.center[ch] : 0.f, unused)) {
-      return false;
-    }
+    count += !uniform_tail_interval(p.threshold[ch], p.center ? p.center[ch] : 0.f, unused);
   }
-  return true;
+  return count;
 }
 
 // Where x is off the grid, a value of its side (x on the right, -0 on the left), which decides

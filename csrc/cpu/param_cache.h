@@ -1,0 +1,100 @@
+// Per-channel data derived from a call's thresholds and centres by a search per channel, kept
+// for the parameter sets met last.
+// Included by csrc/remap_act_kernels.cpp only (see there): it lands in lipkern::<CAP>.
+#pragma once
+
+#include "remap_act.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace lipkern {
+namespace CPU_CAPABILITY {
+namespace {
+
+// A layer's backward is called again and again with one parameter set (an attack's steps, a
+// training run's), so a search per channel is paid once per set, not per call. Keyed by the
+// parameters' bits, compared in full, so a changed parameter never meets another set's data.
+template <typename Element>
+class ParameterSetCache {
+ public:
+  using Value = std::vector<Element>;
+
+  // p's data: kept, or made now (make() returns it) where `worth_making` or p was met before
+  // (a repeat says more calls will share it); else null, and p is remembered as met.
+  template <typename Make>
+  std::shared_ptr<const Value> get(const ChannelParams& p, int64_t channels, bool worth_making,
+                                   Make make) {
+    Entry wanted{std::vector<float>(p.threshold, p.threshold + channels), p.center != nullptr,
+                 nullptr};
+    if (p.center) wanted.params.insert(wanted.params.end(), p.center, p.center + channels);
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      const auto found = find(wanted);
+      if (found != entries_.end()) {
+        entries_.splice(entries_.begin(), entries_, found);
+        if (found->data) return found->data;
+        worth_making = true;
+      }
+    }
+    if (worth_making) wanted.data = std::make_shared<const Value>(make());
+    std::shared_ptr<const Value> data = wanted.data;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = find(wanted);
+    if (found != entries_.end()) {
+      bytes_ -= found->bytes();
+      entries_.erase(found);
+    }
+    bytes_ += wanted.bytes();
+    entries_.push_front(std::move(wanted));
+    while (entries_.size() > 1 && (entries_.size() > kEntries || bytes_ > kBytes)) {
+      bytes_ -= entries_.back().bytes();
+      entries_.pop_back();
+    }
+    return data;
+  }
+
+ private:
+  // More than the remapped layers of the models lipkern converts (a WideResNet-70-16: 69),
+  // within a bound on memory for the widest parameter sets.
+  static constexpr size_t kEntries = 128;
+  static constexpr size_t kBytes = size_t(32) << 20;
+  struct Entry {
+    std::vector<float> params;  // thresholds, then centres if any
+    bool centred;
+    std::shared_ptr<const Value> data;  // null: met once, not made
+
+    size_t bytes() const {
+      return params.size() * sizeof(float) + (data ? data->size() * sizeof(Element) : 0);
+    }
+  };
+
+  typename std::list<Entry>::iterator find(const Entry& wanted) {
+    return std::find_if(entries_.begin(), entries_.end(), [&](const Entry& e) {
+      return e.centred == wanted.centred && e.params.size() == wanted.params.size() &&
+             std::memcmp(e.params.data(), wanted.params.data(),
+                         wanted.params.size() * sizeof(float)) == 0;
+    });
+  }
+
+  std::mutex mutex_;
+  std::list<Entry> entries_;  // most recently used first
+  size_t bytes_ = 0;
+};
+
+// One cache per kind of data (Kind: a type naming it, with the dtype and activation it
+// depends on).
+template <typename Element, typename Kind>
+ParameterSetCache<Element>& parameter_set_cache() {
+  static ParameterSetCache<Element> cache;
+  return cache;
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace lipkern
