@@ -115,6 +115,51 @@ def test_store_round_trip_settings_and_rollback(tmp_path):
     assert not again.has("m", 9, "u") and again.count("m") == 1
 
 
+def test_store_ties_a_run_to_its_models_outputs(tmp_path):
+    """Outputs within numerical noise of those recorded resume (NaN matching NaN); other outputs, or another
+    number of them, are refused, saying by how much they differ."""
+    store = OutcomeStore(tmp_path)
+    outputs = np.array([[3.0, -1.0, float("nan")], [0.5, 20.0, 2.0]])
+    store.bind_outputs("m", outputs)
+    store.bind_outputs("m", outputs * (1 + 1e-6))
+    store.bind_outputs("other", -outputs)
+    with pytest.raises(SettingsMismatchError, match=r"outputs on the first 2 test samples differ .*by up to 0\.5"):
+        store.bind_outputs("m", outputs + np.array([[0.5, 0, 0], [0, 0, 0]]))
+    with pytest.raises(SettingsMismatchError, match=r"recorded shape \(2, 3\), now \(1, 3\)"):
+        store.bind_outputs("m", outputs[:1])
+
+
+class _FlippedInput(nn.Sequential):
+    """The same modules and weights as the Sequential it is built from; another forward."""
+
+    def forward(self, x):
+        return super().forward(x.flip(-1))
+
+
+def test_a_resumed_run_refuses_a_model_whose_code_changed(tmp_path):
+    """Same weights (the settings' model hash agrees), another forward: the resumed run stops before any work,
+    naming the outputs that differ; the model it started with resumes."""
+    model, calib, test = _tiny_model(), _tiny_data(), _tiny_data(seed=1)
+    run = dict(eps=8 / 255, ratios=(2 ** -6,), budget=MICRO, progress=False, device=torch.device("cpu"),
+               chunk_size=4, out_dir=tmp_path)
+    first = evaluate(model, calib, test, **run)
+    changed = _FlippedInput(*model)
+    assert changed.state_dict().keys() == model.state_dict().keys()
+    with pytest.raises(SettingsMismatchError, match="outputs on the first 16 test samples differ"):
+        evaluate(changed, calib, test, **run)
+    again = evaluate(model, calib, test, **run)
+    assert again.models[0]["configs"] == first.models[0]["configs"]
+
+
+def test_labels_must_be_integers_and_become_int64():
+    x, y = _tiny_data()
+    for dtype in (torch.int32, torch.uint8, torch.int16):
+        assert api._as_split((x, y.to(dtype)), "test_data", labelled=True).y.dtype == torch.long
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(EvalInputError, match=f"test_data: y must hold integer class labels, got dtype {dtype}"):
+            api._as_split((x, y.to(dtype)), "test_data", labelled=True)
+
+
 # --- the API: devices, stages, sample selection -----------------------------------------------------------------
 
 def _tiny_model():

@@ -110,6 +110,21 @@ def test_missing_checkpoint(tmp_path, tiny_model, capsys):
     assert "--checkpoint" in err and "nope.pt" in err
 
 
+def test_checkpoint_that_is_not_a_state_dict(tmp_path, tiny_model, capsys):
+    """Garbage, a bare tensor and a pickled module are refused naming the file, without a traceback."""
+    garbage, tensor, module = tmp_path / "garbage.pt", tmp_path / "tensor.pt", tmp_path / "module.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    torch.save(torch.zeros(3), tensor)
+    torch.save({"model": torch.nn.Linear(2, 2)}, module)
+    for path, says in ((garbage, "not a state dict that torch.load(weights_only=True) reads"),
+                       (tensor, "holds a Tensor, not a state dict"),
+                       (module, "not a state dict that torch.load(weights_only=True) reads")):
+        err = _error(["--model", tiny_model, "--checkpoint", str(path), "--data", str(_npz(tmp_path / "d.npz")),
+                      "--out", str(tmp_path / "out")], capsys)
+        assert f"--checkpoint {path}: {says}" in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+
+
 def test_missing_robustbench_checkpoint_says_where(tmp_path, capsys):
     err = _error(["--robustbench", "Wu2020Adversarial", "--model-dir", str(tmp_path)], capsys)
     assert str(tmp_path / "cifar10" / "Linf" / "Wu2020Adversarial.pt") in err

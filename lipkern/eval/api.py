@@ -49,6 +49,8 @@ DEFAULT_BATCH = 500
 # Small enough that a few hundred calibration samples still give each of 8 ranks a batch; the batches are the
 # same for any number of processes, so the thresholds are too.
 CALIB_BATCH = 16
+# Test samples whose outputs tie a resumed run to the model it started with (store.bind_outputs).
+PROBE_SAMPLES = 16
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 AA_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 
@@ -153,6 +155,11 @@ def _as_split(data, what: str, *, labelled: bool) -> Split:
     if split.x.dim() == 0 or split.y.shape != split.x.shape[:1]:
         raise EvalInputError(f"{what}: y must have shape (N,) for x of shape (N, C, H, W); got x "
                              f"{tuple(split.x.shape)}, y {tuple(split.y.shape)}")
+    if labelled and (split.y.is_floating_point() or split.y.is_complex() or split.y.dtype == torch.bool):
+        raise EvalInputError(f"{what}: y must hold integer class labels, got dtype {split.y.dtype}")
+    if split.y.dtype != torch.long:
+        # The attacks index and compare labels as int64.
+        split = Split(split.x, split.y.long())
     return split
 
 
@@ -192,8 +199,8 @@ def _check_data(model, calib: Split, test: Split, num_classes, device) -> int:
     if expected is not None and c != expected:
         hint = (" (the data looks channels-last, (N, H, W, C): transpose it to (N, C, H, W))"
                 if test.x.shape[-1] == expected else "")
-        raise EvalInputError(f"the data has {c} channels (x of shape (N, C, H, W) = {tuple(test.x.shape)}) but "
-                             f"the model's first convolution takes {expected}{hint}")
+        raise EvalInputError(f"the data has {c} channels (samples of shape (C, H, W) = {tuple(test.x.shape[1:])}) "
+                             f"but the model's first convolution takes {expected}{hint}")
     if calib.x.shape[1:] != test.x.shape[1:]:
         raise EvalInputError(f"calib_data has samples of shape {tuple(calib.x.shape[1:])}, test_data "
                              f"{tuple(test.x.shape[1:])}")
@@ -201,8 +208,8 @@ def _check_data(model, calib: Split, test: Split, num_classes, device) -> int:
         with torch.no_grad():
             n_out = model.eval()(test.x[:2].to(device)).shape[-1]
     except RuntimeError as e:
-        raise EvalInputError(f"the model cannot run on the data's samples of shape {tuple(test.x.shape[1:])}: "
-                             f"{str(e).splitlines()[0]}") from None
+        raise EvalInputError(f"the model cannot run on the data's samples (shape {tuple(test.x.shape[1:])}, "
+                             f"dtype {test.x.dtype}): {str(e).splitlines()[0]}") from None
     if n_out < 4:
         raise EvalInputError(f"the model outputs {n_out} logits; AutoAttack's targeted DLR loss needs at least "
                              "4 classes")
@@ -316,6 +323,7 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
         store = OutcomeStore(out_dir)
         cleanup.callback(store.close)
         store.bind_settings(name, settings)
+        store.bind_outputs(name, _probe_outputs(original, test, dev))
         with _in_stage("calibrate"):
             converted, _ = _remap.calibrated(converted, _my_batches(calib, processes, dev), ratios[0], progress=False)
         for p in converted.parameters():
@@ -335,6 +343,12 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
         result = _aggregate(plan, store, original, layer_info, aux_models, timings, calib_source, len(calib),
                             test.y.numpy()[order], dev)
     return EvalResult([result], {"quick": budget.name == "quick"})
+
+
+def _probe_outputs(model: nn.Module, test: Split, device) -> np.ndarray:
+    """``model``'s outputs on the first test samples, which a resumed run's model must still give."""
+    with torch.no_grad():
+        return model(test.x[:PROBE_SAMPLES].to(device)).double().cpu().numpy()
 
 
 def _digest(*arrays) -> str:

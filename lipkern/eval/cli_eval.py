@@ -13,10 +13,12 @@ import argparse
 import importlib
 import math
 import os
+import pickle
 import shutil
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,9 +200,16 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise EvalInputError(f"--checkpoint: no such file: {p}")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise EvalInputError(f"--checkpoint {p}: not a state dict that torch.load(weights_only=True) reads "
+                             f"({str(e).splitlines()[0]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise EvalInputError(f"--checkpoint {p}: holds a {type(state).__name__}, not a state dict (a mapping of "
+                             "parameter names to tensors, or one under 'state_dict')")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -5,8 +5,9 @@ transaction, so a killed process loses at most the unit in flight; ``synchronous
 transaction survive a power cut too. Several processes (torchrun ranks, model workers) write to the same file;
 SQLite's locking serialises them and ``timeout`` makes a writer wait for the lock instead of failing.
 
-The ``meta`` table holds the run's settings; a resumed run must bring the same settings, or its units would
-mix two different evaluations.
+The ``meta`` table holds the run's settings and each model's outputs on a few test samples; a resumed run must
+bring the same settings and a model that still gives those outputs, or its units would mix two different
+evaluations.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ import numpy as np
 
 FILENAME = "outcomes.sqlite"
 LOCK_TIMEOUT_S = 600
+# How far a resumed run's model may move the recorded outputs, relative to their largest magnitude (at least
+# 1): numerical noise (another thread count, another GPU of the same kind), far below what a change of the
+# model's code makes.
+OUTPUT_TOLERANCE = 1e-3
 
 
 def is_store_file(name: str) -> bool:
@@ -80,6 +85,29 @@ class OutcomeStore:
             details = "; ".join(f"{k}: recorded {recorded.get(k)!r}, now {settings.get(k)!r}" for k in differ)
             raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings ({details}); "
                                         "resume with the same arguments, or start over with --overwrite")
+
+    def bind_outputs(self, model: str, outputs: np.ndarray) -> None:
+        """Records ``model``'s outputs on a few fixed samples, or checks them against those already recorded:
+        the settings hash the weights, not the code that runs them."""
+        outputs = np.asarray(outputs, dtype=np.float64)
+        key = f"outputs:{model}"
+        with self._transaction():
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES (?, ?)", (key, json.dumps(outputs.tolist())))
+                return
+        recorded = np.asarray(json.loads(row[0]), dtype=np.float64)
+        finite = np.abs(recorded[np.isfinite(recorded)])
+        tolerance = OUTPUT_TOLERANCE * max(1.0, float(finite.max(initial=0.0)))
+        if recorded.shape != outputs.shape:
+            how = f"recorded shape {recorded.shape}, now {outputs.shape}"
+        elif not np.allclose(outputs, recorded, rtol=0, atol=tolerance, equal_nan=True):
+            how = f"by up to {float(np.nanmax(np.abs(outputs - recorded))):.3g}, tolerance {tolerance:.3g}"
+        else:
+            return
+        raise SettingsMismatchError(f"{self.path} holds a run of {model} whose outputs on the first {len(recorded)} "
+                                    f"test samples differ from this model's ({how}): its code or inputs changed; "
+                                    "resume with the same model, or start over with --overwrite")
 
     def models(self) -> list[str]:
         """The models whose settings the store holds (those a run had started on)."""
