@@ -138,7 +138,8 @@ class _FlippedInput(nn.Sequential):
 
 def test_a_resumed_run_refuses_a_model_whose_code_changed(tmp_path):
     """Same weights (the settings' model hash agrees), another forward: the resumed run stops before any work,
-    naming the outputs that differ; the model it started with resumes."""
+    naming the outputs that differ; the model it started with resumes, and its report's stage timings are the
+    stored units' (the first session's, although this one ran none)."""
     model, calib, test = _tiny_model(), _tiny_data(), _tiny_data(seed=1)
     run = dict(eps=8 / 255, ratios=(2 ** -6,), budget=MICRO, progress=False, device=torch.device("cpu"),
                chunk_size=4, out_dir=tmp_path)
@@ -149,6 +150,9 @@ def test_a_resumed_run_refuses_a_model_whose_code_changed(tmp_path):
         evaluate(changed, calib, test, **run)
     again = evaluate(model, calib, test, **run)
     assert again.models[0]["configs"] == first.models[0]["configs"]
+    timings = first.models[0]["timings_s"]
+    assert {"aa", "cw", "sweep", "adaptive", "smoothing", "layers", "weight", "ablation"} <= set(timings)
+    assert sum(timings.values()) > 0 and again.models[0]["timings_s"] == timings
 
 
 def test_labels_must_be_integers_and_become_int64():
@@ -180,7 +184,7 @@ def test_every_stage_runs_on_the_requested_device(tmp_path):
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append((api.current_stage(), args[0].device)))
     calib, test = _tiny_data(), _tiny_data(seed=1)
-    res = evaluate(model, calib, test, eps=8 / 255, ratios=(2 ** -6, 2 ** -4), budget=MICRO, progress=False,
+    res = evaluate(model, calib, test, eps=8 / 255, ratios=(2 ** -4, 2 ** -6), budget=MICRO, progress=False,
                    device=torch.device("cpu"), chunk_size=4, out_dir=tmp_path)
     stages = {s.split("/")[-1] if s and not s.startswith(("weight/", "ablation/")) else (s or "").split("/")[0]
               for s, _ in seen}
@@ -190,6 +194,7 @@ def test_every_stage_runs_on_the_requested_device(tmp_path):
     assert {d for _, d in seen} == {torch.device("cpu")}
     m = res.models[0]
     assert m["device"] == "cpu" and m["n_test"] == 6 and m["chunk_size"] == 4
+    assert m["ratios"] == [2 ** -6, 2 ** -4] and list(m["configs"]) == ["original", "2^-6", "2^-4"]
     assert m["smoothing"]["n_points"] == 3 and m["layers"]["n_samples"] == 4
 
 
@@ -228,6 +233,8 @@ def test_api_input_errors():
         evaluate(model, (x, y), (x, y), n_test=1000)
     with pytest.raises(EvalInputError, match="chunk_size"):
         evaluate(model, (x, y), (x, y), chunk_size=0)
+    with pytest.raises(EvalInputError, match=r"ratios must not repeat a value, got \[0.25, 0.125, 0.25\]"):
+        evaluate(model, (x, y), (x, y), ratios=(0.25, 0.125, 0.25))
     rgb = x.repeat(1, 3, 1, 1)
     with pytest.raises(EvalInputError, match="3 channels .* takes 1"):
         evaluate(model, (rgb, y), (rgb, y))

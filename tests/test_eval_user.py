@@ -125,6 +125,22 @@ def test_checkpoint_that_is_not_a_state_dict(tmp_path, tiny_model, capsys):
         assert not (tmp_path / "out").exists()
 
 
+def test_arguments_of_another_model_source_are_refused(tmp_path, tiny_model, capsys):
+    data = str(_npz(tmp_path / "d.npz"))
+    err = _error(["--model", tiny_model, "--model-dir", str(tmp_path), "--data", data], capsys)
+    assert "--model-dir needs --robustbench" in err
+    err = _error(["--robustbench", "Wu2020Adversarial", "--model-dir", str(tmp_path), "--checkpoint", data], capsys)
+    assert "--checkpoint needs --model" in err
+
+
+def test_duplicate_ratios_and_an_out_that_cannot_be_made(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--ratios", "2^-7,0.0078125"])
+    assert "c^r 0.0078125 is given twice" in capsys.readouterr().err
+    err = _error(["--out", "/proc/lipkern-never-made"], capsys)
+    assert "--out /proc/lipkern-never-made is not writable" in err
+
+
 def test_missing_robustbench_checkpoint_says_where(tmp_path, capsys):
     err = _error(["--robustbench", "Wu2020Adversarial", "--model-dir", str(tmp_path)], capsys)
     assert str(tmp_path / "cifar10" / "Linf" / "Wu2020Adversarial.pt") in err

@@ -51,6 +51,10 @@ DEFAULT_BATCH = 500
 CALIB_BATCH = 16
 # Test samples whose outputs tie a resumed run to the model it started with (store.bind_outputs).
 PROBE_SAMPLES = 16
+# A stored unit's own compute time, beside its outcomes.
+ELAPSED_KEY = "elapsed_s"
+# What a stored unit holds; a run stored in another format is not resumed.
+STORE_FORMAT = 2
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 AA_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 
@@ -274,6 +278,10 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     ratios = tuple(float(r) for r in ratios)
     if not ratios or any(not (0 < r < 1) for r in ratios):
         raise EvalInputError(f"ratios must be a non-empty list of values in (0, 1), got {list(ratios)}")
+    if len(set(ratios)) < len(ratios):
+        raise EvalInputError(f"ratios must not repeat a value, got {list(ratios)}")
+    # Ascending: tables and plots read left to right, and the largest ratio selects the remapped layers.
+    ratios = tuple(sorted(ratios))
     _check_number("sigma", sigma, 0, low_open=True)
     _check_number("batch_size", batch_size, 1, integer=True)
     _check_number("chunk_size", chunk_size, 1, integer=True)
@@ -304,7 +312,7 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     order = select_samples(len(test), n_test if n_test is not None else budget.n_test, seed)
     plan = _Plan(name, budget, ratios, order, chunk_size, eps, sigma, seed, n_cls, batch_size)
     # Everything a per-sample outcome depends on: a resumed run must match it, or the report would mix runs.
-    settings = {"eps": eps, "ratios": list(ratios), "budget": asdict(budget), "seed": seed, "sigma": sigma,
+    settings = {"store_format": STORE_FORMAT, "eps": eps, "ratios": list(ratios), "budget": asdict(budget), "seed": seed, "sigma": sigma,
                 "chunk_size": chunk_size, "batch_size": batch_size, "device_type": dev.type,
                 "model_sha": _digest(*(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()
                                        for t in original.state_dict().values() if t.numel())), "test_indices_sha": _digest(order), "n_calib": len(calib),
@@ -333,14 +341,14 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
             layer_info = _layer_selection(original, converted, calib, names, ratios, processes, dev)
         aux_models = _aux_models(original, layer_info, calib, ablation, budget, ratios, convert_kwargs,
                                  processes, dev)
-        error, timings = None, {}
+        error, store_writes = None, 0.0
         try:
-            timings = _run_chunks(plan, store, original, converted, layer_info, aux_models, test, processes, dev,
+            store_writes = _run_chunks(plan, store, original, converted, layer_info, aux_models, test, processes, dev,
                                   progress, progress_position, log if log is not None else sys.stderr)
         except Exception as caught:  # noqa: BLE001 -- re-raised by agree() once every rank knows
             error = caught
         processes.agree(error)
-        result = _aggregate(plan, store, original, layer_info, aux_models, timings, calib_source, len(calib),
+        result = _aggregate(plan, store, original, layer_info, aux_models, store_writes, calib_source, len(calib),
                             test.y.numpy()[order], dev)
     return EvalResult([result], {"quick": budget.name == "quick"})
 
@@ -465,7 +473,8 @@ class _Plan:
 
 
 def _run_chunks(plan: _Plan, store: OutcomeStore, original, converted, info: _LayerInfo, aux_models, test: Split,
-                processes, device, progress, position, log) -> dict[str, float]:
+                processes, device, progress, position, log) -> float:
+    """Runs this process's units that the store lacks; returns the seconds its store writes took."""
     mine = [k for k in range(plan.n_chunks) if processes.owns(k)]
     todo = [(k, u) for k in mine for u in plan.units(k, aux_models) if not store.has(plan.name, k, u)]
     total_units = sum(len(plan.units(k, aux_models)) for k in range(plan.n_chunks))
@@ -475,7 +484,7 @@ def _run_chunks(plan: _Plan, store: OutcomeStore, original, converted, info: _La
               f"{len(aux_models)} weight-variant/ablation models; {plan.n_chunks} chunk(s) of {plan.chunk_size} "
               f"on {processes.world} process(es), device {device}; {total_units} units, "
               f"{store.count(plan.name)} already done", file=log, flush=True)
-    timings: dict[str, float] = {}
+    store_writes = 0.0
     bar = tqdm(total=len(todo), desc=f"eval {plan.name}" + (f" [rank {processes.rank}]" if processes.world > 1
                                                              else ""), disable=not progress, unit="unit",
                position=position + processes.rank, dynamic_ncols=True)
@@ -491,11 +500,11 @@ def _run_chunks(plan: _Plan, store: OutcomeStore, original, converted, info: _La
         t0 = time.perf_counter()
         with _in_stage(unit):
             arrays = _run_unit(plan, store, unit, k, x, y, original, converted, info, aux_models)
-        kind = unit.split("/")[-1] if not unit.startswith(("weight/", "ablation/")) else unit.split("/")[0]
-        timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - t0
+        # Stored with the unit, so the report's timings cover every process and resumed session.
+        arrays[ELAPSED_KEY] = np.array(time.perf_counter() - t0)
         t1 = time.perf_counter()
         store.put(plan.name, k, unit, arrays)
-        timings["store writes"] = timings.get("store writes", 0.0) + time.perf_counter() - t1
+        store_writes += time.perf_counter() - t1
         bar.update(1)
         done_chunk = i + 1 == len(todo) or todo[i + 1][0] != k
         if done_chunk and not estimated and processes.is_main and i + 1 < len(todo):
@@ -504,7 +513,7 @@ def _run_chunks(plan: _Plan, store: OutcomeStore, original, converted, info: _La
             print(f"lipkern eval: {plan.name}: estimated time left {_duration(elapsed / (i + 1) * (len(todo) - i - 1))}"
                   f" (first chunk took {_duration(elapsed)})", file=log, flush=True)
     bar.close()
-    return timings
+    return store_writes
 
 
 def _duration(seconds: float) -> str:
@@ -574,7 +583,7 @@ def _run_unit(plan: _Plan, store, unit, k, x, y, original, converted, info, aux_
     raise AssertionError(f"unknown unit {unit}")
 
 
-def _aggregate(plan: _Plan, store: OutcomeStore, original, info: _LayerInfo, aux_models, timings, calib_source,
+def _aggregate(plan: _Plan, store: OutcomeStore, original, info: _LayerInfo, aux_models, store_writes, calib_source,
                n_calib, labels: np.ndarray, device) -> dict:
     """The results dictionary of one model, built from the store's per-sample outcomes of every chunk."""
     chunks = range(plan.n_chunks)
@@ -672,5 +681,17 @@ def _aggregate(plan: _Plan, store: OutcomeStore, original, info: _LayerInfo, aux
         "lipschitz": lip,
         "weight_variant": {"ratio": info.wv_ratio, "ratio_label": wv_label, "attack": aux_label, "rows": wv_rows},
         "calib_ablation": {"ratio": info.wv_ratio, "ratio_label": wv_label, "attack": aux_label, "rows": ab_rows},
-        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "timings_s": _stage_timings(plan, store, aux_models),
+        "store_writes_s_this_session": round(store_writes, 2),
     }
+
+
+def _stage_timings(plan: _Plan, store: OutcomeStore, aux_models) -> dict[str, float]:
+    """Seconds per kind of stage, summed over every stored unit: all processes and resumed sessions."""
+    timings: dict[str, float] = {}
+    for k in range(plan.n_chunks):
+        for unit in plan.units(k, aux_models):
+            kind = unit.split("/")[-1] if not unit.startswith(("weight/", "ablation/")) else unit.split("/")[0]
+            seconds = float(store.get(plan.name, k, unit, (ELAPSED_KEY,))[ELAPSED_KEY])
+            timings[kind] = timings.get(kind, 0.0) + seconds
+    return {kind: round(seconds, 2) for kind, seconds in timings.items()}

@@ -83,6 +83,8 @@ def parse_ratios(text: str) -> tuple[float, ...]:
             raise argparse.ArgumentTypeError(f"cannot parse {part!r}; give e.g. 2^-8,2^-7,2^-6") from None
         if not 0 < value < 1:
             raise argparse.ArgumentTypeError(f"each c^r must be in (0, 1), got {part}")
+        if value in out:
+            raise argparse.ArgumentTypeError(f"c^r {part} is given twice")
         out.append(value)
     if not out:
         raise argparse.ArgumentTypeError("empty list")
@@ -237,6 +239,8 @@ def _user_jobs(args) -> list[Job]:
     from .data import load_calibration_npz, load_npz
 
     if args.robustbench:
+        if args.checkpoint:
+            raise EvalInputError("--checkpoint needs --model (--robustbench reads its checkpoint from --model-dir)")
         if not args.model_dir:
             raise EvalInputError("--robustbench needs --model-dir DIR (checkpoint at <DIR>/<dataset>/Linf/<ID>.pt)")
         from lipkern.models.robustbench import checkpoint_files
@@ -249,6 +253,8 @@ def _user_jobs(args) -> list[Job]:
         if not args.data:
             raise EvalInputError(f"--robustbench needs --data FILE.npz with {args.dataset} images (x in [0, 1], "
                                  "y); nothing is downloaded")
+    elif args.model_dir:
+        raise EvalInputError("--model-dir needs --robustbench (a --model's weights come from --checkpoint FILE)")
     elif args.checkpoint and not Path(args.checkpoint).is_file():
         raise EvalInputError(f"--checkpoint: no such file: {args.checkpoint}")
     elif not args.data:
@@ -423,6 +429,8 @@ class OutDirChange:
             self.held.rmdir()
             self.held = None
         for directory in self.made:
+            if not directory.is_dir():
+                continue  # never made: the mkdir that failed
             if any(directory.iterdir()):
                 break
             directory.rmdir()

@@ -84,7 +84,8 @@ class OutcomeStore:
         if differ:
             details = "; ".join(f"{k}: recorded {recorded.get(k)!r}, now {settings.get(k)!r}" for k in differ)
             raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings ({details}); "
-                                        "resume with the same arguments, or start over with --overwrite")
+                                        "resume with the same arguments, or start over (--overwrite; from "
+                                        "Python, another out_dir)")
 
     def bind_outputs(self, model: str, outputs: np.ndarray) -> None:
         """Records ``model``'s outputs on a few fixed samples, or checks them against those already recorded:
@@ -107,7 +108,8 @@ class OutcomeStore:
             return
         raise SettingsMismatchError(f"{self.path} holds a run of {model} whose outputs on the first {len(recorded)} "
                                     f"test samples differ from this model's ({how}): its code or inputs changed; "
-                                    "resume with the same model, or start over with --overwrite")
+                                    "resume with the same model, or start over (--overwrite; from Python, another "
+                                    "out_dir)")
 
     def models(self) -> list[str]:
         """The models whose settings the store holds (those a run had started on)."""
