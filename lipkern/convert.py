@@ -432,12 +432,16 @@ def _check_remap_state(model, state_dict, prefix, *args) -> None:
     if foreign and prefixes:
         layers = ", ".join(repr(p.removesuffix(".")) for p in foreign)
         first = {p[len(prefix):].split(".", 1)[0] for p in foreign}
-        hint = (
-            f"; their names start with '{next(iter(first))}.', as a wrapper's (DataParallel's) "
-            "state dict does: strip that prefix"
-            if len(first) == 1 and not hasattr(model, next(iter(first)))
-            else " (convert both models alike; lipkern.describe lists a model's)"
-        )
+        own = {p for p in prefixes if any(key.startswith(p) for key in state_dict)}
+        if len(first) == 1 and not hasattr(model, next(iter(first))):
+            hint = (f"; their names start with '{next(iter(first))}.', as a wrapper's (DataParallel's) "
+                    "state dict does: strip that prefix")
+        elif not own and len(foreign) == len(prefixes):
+            hint = ("; it holds as many as this model has, under other names: its keys were renamed (Hugging "
+                    "Face's save_pretrained writes its checkpoint names): load the thresholds from a "
+                    "lipkern.save_calibration file with lipkern.load_calibration")
+        else:
+            hint = " (convert both models alike; lipkern.describe lists a model's)"
         raise ValueError(
             f"state_dict is from another conversion: it holds remap layers this model lacks: "
             f"{layers}{hint}"

@@ -224,6 +224,32 @@ def test_converted_models_save_with_tensor_only_formats(tmp_path):
         assert torch.equal(again(x).logits, model(x).logits)
 
 
+def test_a_hugging_face_model_comes_back_with_from_pretrained_and_its_calibration_file(tmp_path):
+    """save_pretrained's file renames the keys (transformers' checkpoint names): loaded into a
+    converted model it is refused saying so; from_pretrained, convert, load_calibration gives
+    the calibrated model back exactly."""
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    model, x = _tiny_vit()
+    lipkern.convert(model, preset="paper")
+    model.eval()
+    lipkern.calibrate(model, [x], c_r=C_R, granularity="channel", progress=False)
+    model.save_pretrained(tmp_path)
+    lipkern.save_calibration(model, tmp_path / "calibration.pt")
+    saved = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    assert set(saved) != set(model.state_dict())  # the pinned transformers renames on save
+    fresh, _ = _tiny_vit()
+    lipkern.convert(fresh, preset="paper")
+    with pytest.raises(ValueError, match="its keys were renamed"):
+        fresh.load_state_dict(saved)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    lipkern.convert(loaded, preset="paper")
+    lipkern.load_calibration(loaded, tmp_path / "calibration.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
 def test_whole_model_pickles_into_a_new_process_and_deepcopies(tmp_path):
     _, model = _converted_block()
     x = torch.randn(2, 3, 6, 6)
