@@ -28,6 +28,9 @@ def test_verify_quick_passes_on_every_backend(capsys):
     assert rows and all(row.split()[7] == "PASS" for row in rows), "\n".join(lines)
     summary = lines[lines.index("") + 1]
     assert " 0 FAIL" in summary and "cpu@cpu" in summary, summary
+    # bf16 GELU passes many ulps from PyTorch's reference where that reference cancels; the table says why.
+    assert max(int(row.split()[4]) for row in rows if row.split()[4].isdigit()) > 1
+    assert any(line.startswith("max ulp: the largest distance from PyTorch's fp32 reference") for line in lines)
     assert status == 0
 
 

@@ -402,6 +402,12 @@ def format_table(report: Report) -> str:
         f"{len(report.rows)} checks, {failed} FAIL, backends {', '.join(report.backends) or 'none'}"
         f", {report.seconds:.1f} s" + (" (quick)" if report.quick else "")
     )
+    if any(r.passed and 1 < r.max_ulp < NAN_MISMATCH for r in report.rows):
+        lines.append(
+            "max ulp: the largest distance from PyTorch's fp32 reference; a smooth activation also "
+            "passes where it is no further from the float64 value than that reference is (plus 1 ulp), "
+            "as where PyTorch's formula cancels, so a PASS row can show more than 1"
+        )
     for name, reason in report.skipped.items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)
