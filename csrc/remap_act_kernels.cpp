@@ -728,9 +728,9 @@ void backward_typed(const BackwardArgs& args) {
   std::shared_ptr<const std::vector<int16_t>> keys;
   if constexpr (masks_by_keys<T, A>()) {
     // A channel's four binary searches cost what masking on the keys saves on 700 (GELU) to
-    // 1000 (SiLU) of its elements; smaller calls decide from act(x). Against that, one thread,
-    // 768 channels, rows 256 / 1024 / 4096: GELU and tanh-GELU 1.4x / 0.85-0.91x / 0.73-0.81x
-    // the time, SiLU 1.5x / 0.98-1.02x / 0.86-0.88x.
+    // 1000 (SiLU) of its elements; a smaller first call decides from act(x). Against that, one
+    // thread, 768 channels, rows 256 / 1024 / 4096: GELU and tanh-GELU 1.4x / 0.85-0.91x /
+    // 0.73-0.81x the time, SiLU 1.5x / 0.98-1.02x / 0.86-0.88x.
     constexpr int64_t kMinElementsPerChannel = 1024;
     const Valley& shape = valley<T, A>();
     if (!unmasked && shape.shaped) {
