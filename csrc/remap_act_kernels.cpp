@@ -708,6 +708,7 @@ void backward_run(const G* dy, const T* x, T* dx, int64_t n, const RunParams<kLa
 // The kinds of data kept per parameter set.
 template <typename T, Act A>
 struct RemapKeysOf {};
+template <typename T, Act A>
 struct TailIntervalsOf {};
 
 template <typename T, typename G, Act A>
@@ -766,7 +767,7 @@ void backward_typed(const BackwardArgs& args) {
       const int64_t to_search = gelu_tails_not_uniform(args.params, C);
       sided_tails = to_search == 0;
       if (!sided_tails) {
-        tail_keys = parameter_set_cache<float, TailIntervalsOf>().get(
+        tail_keys = parameter_set_cache<float, TailIntervalsOf<T, A>>().get(
             args.params, C, to_search * kElementsPerSearchedChannel <= g.numel,
             [&] { return gelu_tail_intervals(args.params, C); });
       }

@@ -584,10 +584,10 @@ def test_gelu_backward_masks_alike_before_and_after_a_parameter_set_is_searched(
 ):
     """A small call whose channels' tails need a search masks them by the tail's estimate the
     first time its thresholds and centres are met, and by their searched intervals (kept per
-    parameter set: csrc/cpu/act_grid.h, TailIntervalCache) from the second call on; both zero
-    exactly the elements the forward remaps. Thresholds changed in place are a new set, as are
-    other centres with the same thresholds, and each of 70 sets met between (more than the
-    cache keeps). Per channel a left-tail x0 and a
+    parameter set: csrc/cpu/param_cache.h) from the second call on; both zero exactly the
+    elements the forward remaps. Thresholds changed in place are a new set, as are other
+    centres with the same thresholds, and each of 199 sets met between (more than the cache
+    keeps, so the first set is met anew after them). Per channel a left-tail x0 and a
     threshold of |fl(a - c)| there or one ulp below it (the interval ends just past x0 or at
     it), x0 with its neighbours among tail and grid values, 16 rows of 48 channels; then, in
     every other channel, one ulp above it (x0 remapped there)."""
@@ -623,7 +623,7 @@ def test_gelu_backward_masks_alike_before_and_after_a_parameter_set_is_searched(
     if centred:
         for _ in range(2):
             check(t, -c)
-    for k in range(70):
+    for k in range(1, 200):
         check(t * (1 + k * 2**-10))
     check(t)
 

@@ -127,6 +127,15 @@ def test_store_ties_a_run_to_its_models_outputs(tmp_path):
         store.bind_outputs("m", outputs + np.array([[0.5, 0, 0], [0, 0, 0]]))
     with pytest.raises(SettingsMismatchError, match=r"recorded shape \(2, 3\), now \(1, 3\)"):
         store.bind_outputs("m", outputs[:1])
+    with pytest.raises(SettingsMismatchError, match="1 of 6 values, NaN or infinite on one side"):
+        store.bind_outputs("m", np.nan_to_num(outputs))
+
+
+def test_a_store_of_another_format_is_not_resumed(tmp_path):
+    store = OutcomeStore(tmp_path)
+    store.bind_settings("m", {"eps": 0.1})
+    with pytest.raises(SettingsMismatchError, match="stored by another version of lipkern .*cannot be resumed"):
+        store.bind_settings("m", {"eps": 0.1, "store_format": api.STORE_FORMAT})
 
 
 class _FlippedInput(nn.Sequential):
@@ -233,8 +242,11 @@ def test_api_input_errors():
         evaluate(model, (x, y), (x, y), n_test=1000)
     with pytest.raises(EvalInputError, match="chunk_size"):
         evaluate(model, (x, y), (x, y), chunk_size=0)
-    with pytest.raises(EvalInputError, match=r"ratios must not repeat a value, got \[0.25, 0.125, 0.25\]"):
+    with pytest.raises(EvalInputError, match=r"ratios must not repeat a value .*got \[0.25, 0.125, 0.25\]"):
         evaluate(model, (x, y), (x, y), ratios=(0.25, 0.125, 0.25))
+    # Two values the report would label alike ("0.01") are one configuration.
+    with pytest.raises(EvalInputError, match=r"as the report labels them, \['0.01', '0.01'\]"):
+        evaluate(model, (x, y), (x, y), ratios=(0.01, 0.010000001))
     rgb = x.repeat(1, 3, 1, 1)
     with pytest.raises(EvalInputError, match="3 channels .* takes 1"):
         evaluate(model, (rgb, y), (rgb, y))

@@ -136,7 +136,10 @@ def test_arguments_of_another_model_source_are_refused(tmp_path, tiny_model, cap
 def test_duplicate_ratios_and_an_out_that_cannot_be_made(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _parse(["--ratios", "2^-7,0.0078125"])
-    assert "c^r 0.0078125 is given twice" in capsys.readouterr().err
+    assert "c^r 0.0078125 is given twice (the report labels it 2^-7)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse(["--ratios", "0.01,0.010000001"])
+    assert "c^r 0.010000001 is given twice (the report labels it 0.01)" in capsys.readouterr().err
     err = _error(["--out", "/proc/lipkern-never-made"], capsys)
     assert "--out /proc/lipkern-never-made is not writable" in err
 

@@ -30,28 +30,30 @@ class ParameterSetCache {
   template <typename Make>
   std::shared_ptr<const Value> get(const ChannelParams& p, int64_t channels, bool worth_making,
                                    Make make) {
-    Entry wanted{std::vector<float>(p.threshold, p.threshold + channels), p.center != nullptr,
-                 nullptr};
-    if (p.center) wanted.params.insert(wanted.params.end(), p.center, p.center + channels);
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      const auto found = find(wanted);
+      const auto found = find(p, channels);
       if (found != entries_.end()) {
         entries_.splice(entries_.begin(), entries_, found);
         if (found->data) return found->data;
         worth_making = true;
       }
     }
+    // Copied only here: a call that finds its set compares in place.
+    Entry wanted{std::vector<float>(p.threshold, p.threshold + channels), p.center != nullptr,
+                 nullptr};
+    if (p.center) wanted.params.insert(wanted.params.end(), p.center, p.center + channels);
     if (worth_making) wanted.data = std::make_shared<const Value>(make());
     std::shared_ptr<const Value> data = wanted.data;
     const std::lock_guard<std::mutex> lock(mutex_);
-    const auto found = find(wanted);
+    const auto found = find(p, channels);
     if (found != entries_.end()) {
       bytes_ -= found->bytes();
       entries_.erase(found);
     }
-    bytes_ += wanted.bytes();
+    const size_t added = wanted.bytes();
     entries_.push_front(std::move(wanted));
+    bytes_ += added;
     while (entries_.size() > 1 && (entries_.size() > kEntries || bytes_ > kBytes)) {
       bytes_ -= entries_.back().bytes();
       entries_.pop_back();
@@ -61,7 +63,7 @@ class ParameterSetCache {
 
  private:
   // More than the remapped layers of the models lipkern converts (a WideResNet-70-16: 69),
-  // within a bound on memory for the widest parameter sets.
+  // within a bound on memory for the widest parameter sets (per cache: one per kind of data).
   static constexpr size_t kEntries = 128;
   static constexpr size_t kBytes = size_t(32) << 20;
   struct Entry {
@@ -74,11 +76,13 @@ class ParameterSetCache {
     }
   };
 
-  typename std::list<Entry>::iterator find(const Entry& wanted) {
+  typename std::list<Entry>::iterator find(const ChannelParams& p, int64_t channels) {
+    const size_t n = static_cast<size_t>(channels);
+    const bool centred = p.center != nullptr;
     return std::find_if(entries_.begin(), entries_.end(), [&](const Entry& e) {
-      return e.centred == wanted.centred && e.params.size() == wanted.params.size() &&
-             std::memcmp(e.params.data(), wanted.params.data(),
-                         wanted.params.size() * sizeof(float)) == 0;
+      return e.centred == centred && e.params.size() == (centred ? 2 * n : n) &&
+             std::memcmp(e.params.data(), p.threshold, n * sizeof(float)) == 0 &&
+             (!centred || std::memcmp(e.params.data() + n, p.center, n * sizeof(float)) == 0);
     });
   }
 

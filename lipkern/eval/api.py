@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import _remap, attacks, audit, layers, lipschitz, parallel, smoothing, stats, weight_variant
 from .data import Split
-from .store import OutcomeStore
+from .store import OutcomeStore, SettingsMismatchError
 
 DEFAULT_RATIOS = (2 ** -8, 2 ** -7, 2 ** -6)
 DEFAULT_EPS = 32 / 255  # see lipkern/eval/train.py for why this suits 8x8 digits
@@ -51,8 +51,9 @@ DEFAULT_BATCH = 500
 CALIB_BATCH = 16
 # Test samples whose outputs tie a resumed run to the model it started with (store.bind_outputs).
 PROBE_SAMPLES = 16
-# A stored unit's own compute time, beside its outcomes.
-ELAPSED_KEY = "elapsed_s"
+# A stored unit's own compute time, beside its outcomes (no module path, which names the layers unit's
+# outcomes, starts with a dot).
+ELAPSED_KEY = ".elapsed_s"
 # What a stored unit holds; a run stored in another format is not resumed.
 STORE_FORMAT = 2
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -278,8 +279,9 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     ratios = tuple(float(r) for r in ratios)
     if not ratios or any(not (0 < r < 1) for r in ratios):
         raise EvalInputError(f"ratios must be a non-empty list of values in (0, 1), got {list(ratios)}")
-    if len(set(ratios)) < len(ratios):
-        raise EvalInputError(f"ratios must not repeat a value, got {list(ratios)}")
+    if len({ratio_label(r) for r in ratios}) < len(ratios):
+        raise EvalInputError(f"ratios must not repeat a value (as the report labels them, "
+                             f"{[ratio_label(r) for r in ratios]}), got {list(ratios)}")
     # Ascending: tables and plots read left to right, and the largest ratio selects the remapped layers.
     ratios = tuple(sorted(ratios))
     _check_number("sigma", sigma, 0, low_open=True)
@@ -330,8 +332,14 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
         # before the calibration: a resumed run with other settings stops here, and a run killed later resumes.
         store = OutcomeStore(out_dir)
         cleanup.callback(store.close)
-        store.bind_settings(name, settings)
-        store.bind_outputs(name, _probe_outputs(original, test, dev))
+        mismatch = None
+        try:
+            store.bind_settings(name, settings)
+            # Each rank compares its own outputs: one may differ where the others pass.
+            store.bind_outputs(name, _probe_outputs(original, test, dev))
+        except SettingsMismatchError as caught:
+            mismatch = caught
+        processes.agree(mismatch)
         with _in_stage("calibrate"):
             converted, _ = _remap.calibrated(converted, _my_batches(calib, processes, dev), ratios[0], progress=False)
         for p in converted.parameters():

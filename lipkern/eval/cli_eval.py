@@ -26,7 +26,7 @@ import torch
 
 from lipkern.cli import positive
 
-from .api import EvalInputError
+from .api import EvalInputError, ratio_label
 
 DEFAULT_OUT = "lipkern-eval-out"
 
@@ -83,8 +83,9 @@ def parse_ratios(text: str) -> tuple[float, ...]:
             raise argparse.ArgumentTypeError(f"cannot parse {part!r}; give e.g. 2^-8,2^-7,2^-6") from None
         if not 0 < value < 1:
             raise argparse.ArgumentTypeError(f"each c^r must be in (0, 1), got {part}")
-        if value in out:
-            raise argparse.ArgumentTypeError(f"c^r {part} is given twice")
+        if ratio_label(value) in map(ratio_label, out):
+            raise argparse.ArgumentTypeError(f"c^r {part} is given twice (the report labels it "
+                                             f"{ratio_label(value)})")
         out.append(value)
     if not out:
         raise argparse.ArgumentTypeError("empty list")

@@ -81,6 +81,11 @@ class OutcomeStore:
                 return
         recorded = json.loads(row[0])
         differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+        if "store_format" in differ:
+            raise SettingsMismatchError(f"{self.path} holds a run of {model} stored by another version of lipkern "
+                                        f"(store format {recorded.get('store_format')}, this one's "
+                                        f"{settings.get('store_format')}); it cannot be resumed: start over "
+                                        "(--overwrite; from Python, another out_dir)")
         if differ:
             details = "; ".join(f"{k}: recorded {recorded.get(k)!r}, now {settings.get(k)!r}" for k in differ)
             raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings ({details}); "
@@ -102,10 +107,15 @@ class OutcomeStore:
         tolerance = OUTPUT_TOLERANCE * max(1.0, float(finite.max(initial=0.0)))
         if recorded.shape != outputs.shape:
             how = f"recorded shape {recorded.shape}, now {outputs.shape}"
-        elif not np.allclose(outputs, recorded, rtol=0, atol=tolerance, equal_nan=True):
-            how = f"by up to {float(np.nanmax(np.abs(outputs - recorded))):.3g}, tolerance {tolerance:.3g}"
         else:
-            return
+            differs = ~np.isclose(outputs, recorded, rtol=0, atol=tolerance, equal_nan=True)
+            if not differs.any():
+                return
+            apart = np.abs(outputs - recorded)[differs]
+            finite = apart[np.isfinite(apart)]
+            how = (f"{int(differs.sum())} of {differs.size} values, "
+                   + (f"by up to {float(finite.max()):.3g}" if finite.size else "NaN or infinite on one side")
+                   + f"; tolerance {tolerance:.3g}")
         raise SettingsMismatchError(f"{self.path} holds a run of {model} whose outputs on the first {len(recorded)} "
                                     f"test samples differ from this model's ({how}): its code or inputs changed; "
                                     "resume with the same model, or start over (--overwrite; from Python, another "
