@@ -736,7 +736,7 @@ void backward_typed(const BackwardArgs& args) {
     const Valley& shape = valley<T, A>();
     if (!unmasked && shape.shaped) {
       keys = parameter_set_cache<int16_t, RemapKeysOf<T, A>>().get(
-          args.params, C, g.numel >= kMinElementsPerChannel * C, [&] {
+          args.params, C, [&] { return g.numel >= kMinElementsPerChannel * C; }, [&] {
             std::vector<int16_t> made(4 * C);
             const float* a = activation_table<T, A>();
             at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
@@ -764,11 +764,12 @@ void backward_typed(const BackwardArgs& args) {
   if constexpr (has_tail_intervals<T, A>()) {
     constexpr int64_t kElementsPerSearchedChannel = 4096;
     if (!unmasked) {
-      const int64_t to_search = gelu_tails_not_uniform(args.params, C);
-      sided_tails = to_search == 0;
+      sided_tails = gelu_tails_not_uniform(args.params, C, 1) == 0;
       if (!sided_tails) {
+        const int64_t affordable = g.numel / kElementsPerSearchedChannel;
         tail_keys = parameter_set_cache<float, TailIntervalsOf<T, A>>().get(
-            args.params, C, to_search * kElementsPerSearchedChannel <= g.numel,
+            args.params, C,
+            [&] { return gelu_tails_not_uniform(args.params, C, affordable + 1) <= affordable; },
             [&] { return gelu_tail_intervals(args.params, C); });
       }
     }

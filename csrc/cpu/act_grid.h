@@ -671,11 +671,11 @@ C10_ALWAYS_INLINE F2 gelu_grid_values(const F2& x, const LanePair& off, const F2
   return {on_grid(x.lo, off.lo, decided.lo), on_grid(x.hi, off.hi, decided.hi)};
 }
 
-// How many channels' tails are not uniform (and need a search).
-inline int64_t gelu_tails_not_uniform(const ChannelParams& p, int64_t channels) {
+// How many channels' tails are not uniform (and need a search), counted up to `limit`.
+inline int64_t gelu_tails_not_uniform(const ChannelParams& p, int64_t channels, int64_t limit) {
   KeyInterval unused;
   int64_t count = 0;
-  for (int64_t ch = 0; ch < channels; ++ch) {
+  for (int64_t ch = 0; ch < channels && count < limit; ++ch) {
     count += !uniform_tail_interval(p.threshold[ch], p.center ? p.center[ch] : 0.f, unused);
   }
   return count;

@@ -25,25 +25,27 @@ class ParameterSetCache {
  public:
   using Value = std::vector<Element>;
 
-  // p's data: kept, or made now (make() returns it) where `worth_making` or p was met before
-  // (a repeat says more calls will share it); else null, and p is remembered as met.
-  template <typename Make>
-  std::shared_ptr<const Value> get(const ChannelParams& p, int64_t channels, bool worth_making,
+  // p's data: kept, or made now (make() returns it) where p was met before (a repeat says more
+  // calls will share it) or worth_making() says this call alone pays for it; else null, and p
+  // is remembered as met. worth_making runs only where p's data is not kept.
+  template <typename Worth, typename Make>
+  std::shared_ptr<const Value> get(const ChannelParams& p, int64_t channels, Worth worth_making,
                                    Make make) {
+    bool met = false;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       const auto found = find(p, channels);
       if (found != entries_.end()) {
         entries_.splice(entries_.begin(), entries_, found);
         if (found->data) return found->data;
-        worth_making = true;
+        met = true;
       }
     }
     // Copied only here: a call that finds its set compares in place.
     Entry wanted{std::vector<float>(p.threshold, p.threshold + channels), p.center != nullptr,
                  nullptr};
     if (p.center) wanted.params.insert(wanted.params.end(), p.center, p.center + channels);
-    if (worth_making) wanted.data = std::make_shared<const Value>(make());
+    if (met || worth_making()) wanted.data = std::make_shared<const Value>(make());
     std::shared_ptr<const Value> data = wanted.data;
     const std::lock_guard<std::mutex> lock(mutex_);
     const auto found = find(p, channels);
