@@ -146,3 +146,12 @@ def test_split_head_and_batches():
     assert len(s.head(3)) == 3 and len(s.head(None)) == 10
     assert sum(len(b[1]) for b in s.batches(4)) == 10
 
+
+
+def test_robust_accuracy_plot_draws_one_original_line_where_two_would_coincide():
+    from lipkern.eval.report import original_lines
+
+    apart = original_lines({"autoattack": 0.5, "worst_case": 0.45})
+    assert [(key, title) for key, _, title in apart] == [("autoattack", "AutoAttack"), ("worst_case", "worst case")]
+    assert original_lines({"autoattack": 0.5, "worst_case": 0.5}) == [
+        ("autoattack", "tab:purple", "AutoAttack = worst case")]

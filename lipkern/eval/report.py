@@ -223,6 +223,14 @@ def _short(name: str, parts: int = 3) -> str:
     return ".".join(name.split(".")[-parts:])
 
 
+def original_lines(orig: dict) -> list[tuple[str, str, str]]:
+    """The original model's lines on the robust-accuracy plot (key, colour, legend title): AutoAttack and the
+    worst case, or one line for both where they are equal (the second would hide the first)."""
+    if orig["worst_case"] == orig["autoattack"]:
+        return [("autoattack", "tab:purple", "AutoAttack = worst case")]
+    return [("autoattack", "tab:blue", "AutoAttack"), ("worst_case", "tab:red", "worst case")]
+
+
 def _plot_main(m, path):
     """Robust accuracy against c^r with 95 % intervals; the original model as a line and band."""
     cfgs = m["configs"]
@@ -230,7 +238,7 @@ def _plot_main(m, path):
     xs = list(range(len(labels)))
     fig, ax = plt.subplots(figsize=(6, 4))
     orig = cfgs["original"]
-    for key, colour, title in (("autoattack", "tab:blue", "AutoAttack"), ("worst_case", "tab:red", "worst case")):
+    for key, colour, title in original_lines(orig):
         low, high = orig["intervals"][key]
         ax.axhspan(100 * low, 100 * high, color=colour, alpha=0.12)
         ax.axhline(100 * orig[key], color=colour, linestyle="--", linewidth=1, label=f"original, {title}")
