@@ -99,10 +99,12 @@ def test_verdicts_on_constructed_outcomes():
 def test_store_round_trip_settings_and_rollback(tmp_path):
     store = OutcomeStore(tmp_path)
     store.bind_settings("m", {"eps": 0.1, "seed": 0})
-    store.put("m", 3, "original/aa", {"aa": np.array([True, False]), "x_adv": np.ones((2, 1, 2, 2), np.float32)})
+    store.put("m", 3, "original/aa", {"aa": np.array([True, False]), "x_adv": np.ones((2, 1, 2, 2), np.float32)},
+              seconds=1.5)
     assert store.has("m", 3, "original/aa") and not store.has("m", 2, "original/aa")
     got = store.get("m", 3, "original/aa")
     assert got["aa"].tolist() == [True, False] and got["x_adv"].dtype == np.float32
+    assert store.unit_seconds("m") == [("original/aa", 1.5)]
     store.close()
     again = OutcomeStore(tmp_path)
     again.bind_settings("m", {"eps": 0.1, "seed": 0})
@@ -110,7 +112,7 @@ def test_store_round_trip_settings_and_rollback(tmp_path):
         again.bind_settings("m", {"eps": 0.1, "seed": 1})
     with pytest.raises(RuntimeError):
         with again._transaction():
-            again._db.execute("INSERT INTO units VALUES ('m', 9, 'u', x'00')")
+            again._db.execute("INSERT INTO units VALUES ('m', 9, 'u', x'00', 0.0)")
             raise RuntimeError("dies mid-transaction")
     assert not again.has("m", 9, "u") and again.count("m") == 1
 
@@ -351,7 +353,7 @@ def _store_one_unit_then(error):
     def evaluate(*args, out_dir, **kwargs):
         store = OutcomeStore(out_dir)
         store.bind_settings("preact_wrn", {"eps": 0.2})
-        store.put("preact_wrn", 0, "clean", {"correct": np.ones(3, dtype=bool)})
+        store.put("preact_wrn", 0, "clean", {"correct": np.ones(3, dtype=bool)}, seconds=0.1)
         store.close()
         raise error
     return evaluate

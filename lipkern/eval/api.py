@@ -51,9 +51,6 @@ DEFAULT_BATCH = 500
 CALIB_BATCH = 16
 # Test samples whose outputs tie a resumed run to the model it started with (store.bind_outputs).
 PROBE_SAMPLES = 16
-# A stored unit's own compute time, beside its outcomes (no module path, which names the layers unit's
-# outcomes, starts with a dot).
-ELAPSED_KEY = ".elapsed_s"
 # What a stored unit holds; a run stored in another format is not resumed.
 STORE_FORMAT = 2
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -314,8 +311,8 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     order = select_samples(len(test), n_test if n_test is not None else budget.n_test, seed)
     plan = _Plan(name, budget, ratios, order, chunk_size, eps, sigma, seed, n_cls, batch_size)
     # Everything a per-sample outcome depends on: a resumed run must match it, or the report would mix runs.
-    settings = {"store_format": STORE_FORMAT, "eps": eps, "ratios": list(ratios), "budget": asdict(budget), "seed": seed, "sigma": sigma,
-                "chunk_size": chunk_size, "batch_size": batch_size, "device_type": dev.type,
+    settings = {"store_format": STORE_FORMAT, "eps": eps, "ratios": list(ratios), "budget": asdict(budget),
+                "seed": seed, "sigma": sigma, "chunk_size": chunk_size, "batch_size": batch_size, "device_type": dev.type,
                 "model_sha": _digest(*(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()
                                        for t in original.state_dict().values() if t.numel())), "test_indices_sha": _digest(order), "n_calib": len(calib),
                 "convert_kwargs": _jsonable(convert_kwargs), "test_sha": _digest(test.x.numpy(), test.y.numpy()),
@@ -509,9 +506,9 @@ def _run_chunks(plan: _Plan, store: OutcomeStore, original, converted, info: _La
         with _in_stage(unit):
             arrays = _run_unit(plan, store, unit, k, x, y, original, converted, info, aux_models)
         # Stored with the unit, so the report's timings cover every process and resumed session.
-        arrays[ELAPSED_KEY] = np.array(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        store.put(plan.name, k, unit, arrays)
+        store.put(plan.name, k, unit, arrays, seconds)
         store_writes += time.perf_counter() - t1
         bar.update(1)
         done_chunk = i + 1 == len(todo) or todo[i + 1][0] != k
@@ -689,17 +686,15 @@ def _aggregate(plan: _Plan, store: OutcomeStore, original, info: _LayerInfo, aux
         "lipschitz": lip,
         "weight_variant": {"ratio": info.wv_ratio, "ratio_label": wv_label, "attack": aux_label, "rows": wv_rows},
         "calib_ablation": {"ratio": info.wv_ratio, "ratio_label": wv_label, "attack": aux_label, "rows": ab_rows},
-        "timings_s": _stage_timings(plan, store, aux_models),
+        "timings_s": _stage_timings(plan, store),
         "store_writes_s_this_session": round(store_writes, 2),
     }
 
 
-def _stage_timings(plan: _Plan, store: OutcomeStore, aux_models) -> dict[str, float]:
+def _stage_timings(plan: _Plan, store: OutcomeStore) -> dict[str, float]:
     """Seconds per kind of stage, summed over every stored unit: all processes and resumed sessions."""
     timings: dict[str, float] = {}
-    for k in range(plan.n_chunks):
-        for unit in plan.units(k, aux_models):
-            kind = unit.split("/")[-1] if not unit.startswith(("weight/", "ablation/")) else unit.split("/")[0]
-            seconds = float(store.get(plan.name, k, unit, (ELAPSED_KEY,))[ELAPSED_KEY])
-            timings[kind] = timings.get(kind, 0.0) + seconds
+    for unit, seconds in store.unit_seconds(plan.name):
+        kind = unit.split("/")[-1] if not unit.startswith(("weight/", "ablation/")) else unit.split("/")[0]
+        timings[kind] = timings.get(kind, 0.0) + seconds
     return {kind: round(seconds, 2) for kind, seconds in timings.items()}

@@ -60,8 +60,10 @@ class OutcomeStore:
         self._db.execute("PRAGMA synchronous=FULL")
         with self._transaction():
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            # `seconds`: the unit's own compute time, read without its outcomes' blob.
             self._db.execute("CREATE TABLE IF NOT EXISTS units (model TEXT NOT NULL, chunk INTEGER NOT NULL, "
-                             "unit TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (model, chunk, unit))")
+                             "unit TEXT NOT NULL, data BLOB NOT NULL, seconds REAL NOT NULL, "
+                             "PRIMARY KEY (model, chunk, unit))")
 
     def _transaction(self):
         return _Transaction(self._db)
@@ -130,12 +132,16 @@ class OutcomeStore:
         return self._db.execute("SELECT 1 FROM units WHERE model = ? AND chunk = ? AND unit = ?",
                                 (model, chunk, unit)).fetchone() is not None
 
-    def put(self, model: str, chunk: int, unit: str, arrays: dict[str, np.ndarray]) -> None:
+    def put(self, model: str, chunk: int, unit: str, arrays: dict[str, np.ndarray], seconds: float) -> None:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         with self._transaction():
-            self._db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?)",
-                             (model, chunk, unit, buffer.getvalue()))
+            self._db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?)",
+                             (model, chunk, unit, buffer.getvalue(), seconds))
+
+    def unit_seconds(self, model: str) -> list[tuple[str, float]]:
+        """Each stored unit of ``model`` and the seconds it took, whichever process or session ran it."""
+        return self._db.execute("SELECT unit, seconds FROM units WHERE model = ?", (model,)).fetchall()
 
     def get(self, model: str, chunk: int, unit: str, keys=None) -> dict[str, np.ndarray]:
         """The arrays of one unit (only ``keys`` when given: the others are not decoded)."""
