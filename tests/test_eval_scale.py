@@ -212,10 +212,12 @@ def test_every_stage_runs_on_the_requested_device(tmp_path):
 @no_gpu
 def test_cuda_without_a_gpu_is_a_clear_error_at_once(capsys):
     x, y = _tiny_data()
-    with pytest.raises(EvalInputError, match="no CUDA GPU"):
+    with pytest.raises(EvalInputError, match="^device=cuda: no CUDA GPU"):
         evaluate(_tiny_model(), (x, y), (x, y), device="cuda")
+    with pytest.raises(EvalInputError, match="^device: cannot parse 'tpu'"):
+        evaluate(_tiny_model(), (x, y), (x, y), device="tpu")
     assert cli_eval.main(["--device", "cuda:1", "--no-progress", "--out", "/nonexistent/never-written"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+    assert "--device=cuda:1: no CUDA GPU" in capsys.readouterr().err
 
 
 @needs_gpu

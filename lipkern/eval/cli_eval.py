@@ -561,7 +561,7 @@ def run_eval(args) -> int:
     try:
         if args.checkpoint and not args.model:
             raise EvalInputError("--checkpoint needs --model MODULE:CALLABLE")
-        device = parallel.resolve_device(args.device, processes.local_rank)
+        device = parallel.resolve_device(args.device, processes.local_rank, argument="--device")
     except (EvalInputError, parallel.DeviceError) as e:
         print(f"lipkern eval: error: {e}", file=sys.stderr)
         return 2

@@ -17,8 +17,9 @@ class DeviceError(ValueError):
     """The requested device does not exist on this machine."""
 
 
-def resolve_device(spec: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; a missing device is a clear error.
+def resolve_device(spec: str | torch.device | None, local_rank: int = 0, argument: str = "device") -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; a missing device is a clear error
+    naming ``argument`` as the caller spells it (``--device`` on the command line, ``device`` in Python).
 
     Under several processes, plain ``cuda`` / ``auto`` means ``cuda:LOCAL_RANK``.
     """
@@ -28,20 +29,20 @@ def resolve_device(spec: str | torch.device | None, local_rank: int = 0) -> torc
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise DeviceError(f"--device: cannot parse {text!r}; give auto, cpu, cuda or cuda:N") from None
+        raise DeviceError(f"{argument}: cannot parse {text!r}; give auto, cpu, cuda or cuda:N") from None
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type != "cuda":
-        raise DeviceError(f"--device: {text!r} is not supported; give auto, cpu, cuda or cuda:N")
+        raise DeviceError(f"{argument}: {text!r} is not supported; give auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise DeviceError(f"--device {text}: no CUDA GPU is available on this machine "
-                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        raise DeviceError(f"{argument}={text}: no CUDA GPU is available on this machine "
+                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use cpu")
     if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DeviceError(f"--device {text}: under several processes each rank takes cuda:LOCAL_RANK; give "
-                          "--device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
+        raise DeviceError(f"{argument}={text}: under several processes each rank takes cuda:LOCAL_RANK; give "
+                          "cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
     index = local_rank if device.index is None else device.index
     if index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+        raise DeviceError(f"{argument}={text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                           f"cuda:{index} does not exist")
     return torch.device("cuda", index)
 
