@@ -18,4 +18,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_16bit_method", &lipkern::set_cpu_16bit_method, py::arg("name"),
         "'grid', 'table' or 'auto' (the faster on this CPU, timed once per build; the default, "
         "or the environment variable LIPKERN_CPU_16BIT); returns the choice it replaces.");
+  m.def(
+      "parameter_set_counts",
+      [] {
+        const lipkern::ParameterSetCounts counts = lipkern::kernels().parameter_set_counts();
+        return py::dict(py::arg("made") = counts.made, py::arg("reused") = counts.reused);
+      },
+      "What the backward's per-parameter-set caches of the kernel build in use did since they "
+      "last forgot: {'made': per-channel searches made for a set, 'reused': calls that found "
+      "their set's search kept}.");
+  m.def(
+      "forget_parameter_sets", [] { lipkern::kernels().forget_parameter_sets(); },
+      "Empty the kernel build's per-parameter-set caches (their memory, up to 32 MiB per kind "
+      "of data) and zero their counts; later calls search again.");
 }

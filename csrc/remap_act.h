@@ -67,6 +67,13 @@ struct StatsOut {
   double* sumsq;
 };
 
+// What a build's parameter-set caches (cpu/param_cache.h) did since they last forgot their
+// sets: per-channel searches made, and calls that found a set's search kept.
+struct ParameterSetCounts {
+  int64_t made;
+  int64_t reused;
+};
+
 struct KernelTable {
   const char* name;
   void (*forward)(const ForwardArgs&);
@@ -77,6 +84,8 @@ struct KernelTable {
   // tables on this CPU, timed.
   bool computes_16bit_on_grid;
   bool (*grid_beats_tables)();
+  ParameterSetCounts (*parameter_set_counts)();
+  void (*forget_parameter_sets)();  // and zero the counts
 };
 
 // One table per compiled capability (each defined in its own build of remap_act_kernels.cpp).

@@ -918,7 +918,8 @@ bool grid_beats_tables() {
 
 KernelTable kernel_table() {
   return {C10_STRINGIZE(CPU_CAPABILITY), &forward, &forward_stats, &backward,
-          kComputes16BitOnGrid, &grid_beats_tables};
+          kComputes16BitOnGrid, &grid_beats_tables, &parameter_set_counts,
+          &forget_parameter_sets};
 }
 
 }  // namespace CPU_CAPABILITY

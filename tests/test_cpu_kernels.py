@@ -38,11 +38,14 @@ def _supported(capability):
 
 @pytest.fixture
 def capability(request):
-    """Run the test under one kernel build, restoring the initial choice afterwards."""
+    """Run the test under one kernel build, restoring the initial choice afterwards. The
+    build's per-parameter-set caches start empty, so the path each call takes (searched or not)
+    depends on the test alone, not on the tests run before it."""
     initial = _C.cpu_capability()
     if not _supported(request.param):
         _C.set_cpu_capability(initial)
         pytest.skip(f"{request.param} is not compiled in or not supported by this CPU")
+    _C.forget_parameter_sets()
     yield request.param
     _C.set_cpu_capability(initial)
 
@@ -587,10 +590,11 @@ def test_gelu_backward_masks_alike_before_and_after_a_parameter_set_is_searched(
     parameter set: csrc/cpu/param_cache.h) from the second call on; both zero exactly the
     elements the forward remaps. Thresholds changed in place are a new set, as are other
     centres with the same thresholds, and each of 199 sets met between (more than the cache
-    keeps, so the first set is met anew after them). Per channel a left-tail x0 and a
-    threshold of |fl(a - c)| there or one ulp below it (the interval ends just past x0 or at
-    it), x0 with its neighbours among tail and grid values, 16 rows of 48 channels; then, in
-    every other channel, one ulp above it (x0 remapped there)."""
+    keeps, so the first set is met anew after them). The cache's counts show which path each
+    call took. Per channel a left-tail x0 and a threshold of |fl(a - c)| there or one ulp below
+    it (the interval ends just past x0 or at it), x0 with its neighbours among tail and grid
+    values, 16 rows of 48 channels; then, in every other channel, one ulp above it (x0 remapped
+    there)."""
     gen = torch.Generator().manual_seed(13)
     channels = 48
     x0 = -3.875 - torch.rand(channels, generator=gen) * 8
@@ -613,19 +617,28 @@ def test_gelu_backward_masks_alike_before_and_after_a_parameter_set_is_searched(
         )
         assert same_bits(dx, torch.where(remapped, 0.0 * unmasked, unmasked)).all()
 
+    def counts_after(call, made, reused):
+        call()
+        assert _C.parameter_set_counts() == {"made": made, "reused": reused}
+
     assert ((a[:3] - c).abs() < t).any() and not ((a[:3] - c).abs() < t).all()
-    for _ in range(3):
-        check(t)
+    assert _C.parameter_set_counts() == {"made": 0, "reused": 0}
+    counts_after(lambda: check(t), 0, 0)
+    counts_after(lambda: check(t), 1, 0)
+    counts_after(lambda: check(t), 1, 1)
     # x0 remapped now in the odd channels.
     t[1::2] = torch.nextafter(t[1::2], torch.tensor(1.0))
-    for _ in range(2):
-        check(t)
+    counts_after(lambda: check(t), 1, 1)
+    counts_after(lambda: check(t), 2, 1)
+    made = 2
     if centred:
-        for _ in range(2):
-            check(t, -c)
+        counts_after(lambda: check(t, -c), 2, 1)
+        counts_after(lambda: check(t, -c), 3, 1)
+        made = 3
     for k in range(1, 200):
         check(t * (1 + k * 2**-10))
-    check(t)
+    counts_after(lambda: check(t), made, 1)
+    counts_after(lambda: check(t), made + 1, 1)
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
@@ -922,12 +935,15 @@ def test_16bit_backward_masks_exactly_where_the_forward_remaps(capability, dtype
     act(x) and zero where it remaps (|fl(act(x) - c)| < t), in lanes (ragged) and row mode; and
     first on every 67th pattern, under the 1024 elements per channel from which a first call
     uses the keys, twice: from act(x), then on the keys made when the parameter set is met
-    again (kept per set, csrc/cpu/param_cache.h)."""
+    again (kept per set, csrc/cpu/param_cache.h), as the cache's counts show."""
+    by_keys = capability in ("AVX512", "AVX512_BF16")
     ops = torch.ops.lipkern
     x, a = _every_16bit_value_and_table(dtype, act)
     lowest = a[x.isfinite()].min()
     gen = torch.Generator().manual_seed(0)
     for centres in (None, torch.tensor([float(lowest), -0.1, 0.05, 1.0])):
+        _C.forget_parameter_sets()
+        counts = []
         pairs = [
             (t, float(c))
             for c in (torch.zeros(1) if centres is None else centres)
@@ -957,6 +973,15 @@ def test_16bit_backward_masks_exactly_where_the_forward_remaps(capability, dtype
             expected = torch.where(remapped, torch.zeros_like(kept), kept)
             # A remapped lane is 0 * act'(x): -0 where act'(x) < 0.
             assert (same_bits(dx, expected) | ((dx == 0) & (expected == 0))).all()
+            counts.append(tuple(_C.parameter_set_counts().values()))
+        # A call of over 2^16 elements may be walked as rows of several rows' channels, whose
+        # parameters repeat the set's (csrc/ops.cpp): another set, which a large call makes at
+        # once. Either way each large call masks on keys, made or found kept.
+        if by_keys:
+            assert counts[:2] == [(0, 0), (1, 0)]
+            assert [sum(counts[k]) - sum(counts[k - 1]) for k in (2, 3)] == [1, 1]
+        else:
+            assert counts == [(0, 0)] * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -6,6 +6,7 @@
 #include "remap_act.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <list>
@@ -17,13 +18,47 @@ namespace lipkern {
 namespace CPU_CAPABILITY {
 namespace {
 
+// Every cache of this build, so that they can be counted and emptied together.
+class ForgettingCache {
+ public:
+  virtual void forget() = 0;
+
+ protected:
+  ~ForgettingCache() = default;
+};
+
+struct CacheRegistry {
+  std::mutex mutex;
+  std::vector<ForgettingCache*> caches;
+  std::atomic<int64_t> made{0};
+  std::atomic<int64_t> reused{0};
+};
+
+// Constructed before the first cache (whose constructor registers it), so destroyed after all.
+CacheRegistry& cache_registry() {
+  static CacheRegistry registry;
+  return registry;
+}
+
 // A layer's backward is called again and again with one parameter set (an attack's steps, a
 // training run's), so a search per channel is paid once per set, not per call. Keyed by the
 // parameters' bits, compared in full, so a changed parameter never meets another set's data.
 template <typename Element>
-class ParameterSetCache {
+class ParameterSetCache final : public ForgettingCache {
  public:
   using Value = std::vector<Element>;
+
+  ParameterSetCache() {
+    CacheRegistry& registry = cache_registry();
+    const std::lock_guard<std::mutex> lock(registry.mutex);
+    registry.caches.push_back(this);
+  }
+
+  void forget() override {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    entries_.clear();
+    bytes_ = 0;
+  }
 
   // p's data: kept, or made now (make() returns it) where p was met before (a repeat says more
   // calls will share it) or worth_making() says this call alone pays for it; else null, and p
@@ -37,7 +72,10 @@ class ParameterSetCache {
       const auto found = find(p, channels);
       if (found != entries_.end()) {
         entries_.splice(entries_.begin(), entries_, found);
-        if (found->data) return found->data;
+        if (found->data) {
+          cache_registry().reused.fetch_add(1, std::memory_order_relaxed);
+          return found->data;
+        }
         met = true;
       }
     }
@@ -45,7 +83,10 @@ class ParameterSetCache {
     Entry wanted{std::vector<float>(p.threshold, p.threshold + channels), p.center != nullptr,
                  nullptr};
     if (p.center) wanted.params.insert(wanted.params.end(), p.center, p.center + channels);
-    if (met || worth_making()) wanted.data = std::make_shared<const Value>(make());
+    if (met || worth_making()) {
+      wanted.data = std::make_shared<const Value>(make());
+      cache_registry().made.fetch_add(1, std::memory_order_relaxed);
+    }
     std::shared_ptr<const Value> data = wanted.data;
     const std::lock_guard<std::mutex> lock(mutex_);
     const auto found = find(p, channels);
@@ -99,6 +140,19 @@ template <typename Element, typename Kind>
 ParameterSetCache<Element>& parameter_set_cache() {
   static ParameterSetCache<Element> cache;
   return cache;
+}
+
+ParameterSetCounts parameter_set_counts() {
+  const CacheRegistry& registry = cache_registry();
+  return {registry.made.load(), registry.reused.load()};
+}
+
+void forget_parameter_sets() {
+  CacheRegistry& registry = cache_registry();
+  const std::lock_guard<std::mutex> lock(registry.mutex);
+  for (ForgettingCache* cache : registry.caches) cache->forget();
+  registry.made = 0;
+  registry.reused = 0;
 }
 
 }  // namespace
