@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, without a GPU.
 
 The kernels are compiled the way the launchers specialise them on a GPU (16-byte aligned
-pointers, sizes divisible by 16, float32 libdevice math), then the PTX is read: the main paths
+pointers, sizes divisible by 16, libdevice math in float32, or float64 where
+``forward_math_f64`` says), then the PTX is read: the main paths
 must use 128-bit global loads and stores, the forward must load each element of x once and store
 each element of y once, and ``ptxas -v`` must report no spill stores.
 
@@ -20,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -27,6 +29,7 @@ from lipkern.ops.activations import ACTIVATIONS  # noqa: E402
 
 ARCHS = (80, 90)
 DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ACTS = ACTIVATIONS
 # Representative per-channel shapes: [rows, C=1024] and NCHW with H*W = 56*56.
 COLS_C, ROWS_INNER = 1024, 3136
@@ -51,7 +54,7 @@ def _variants():
             # layouts with a centre.
             for act in ACTS:
                 flat = dict(base, ACT=K.ACT_CODES[act], LAYOUT=K.LAYOUT_FLAT, BLOCK_R=1,
-                            BLOCK_K=block)
+                            BLOCK_K=block, MATH_F64=K.forward_math_f64(act, TORCH_DTYPES[dtype]))
                 out.append((f"fwd-{act}-flat", "remap_fwd_kernel", dtype, arch,
                             {**io, **params, **sizes}, flat))
             for layout, width in ((K.LAYOUT_COLS, COLS_C), (K.LAYOUT_ROWS, ROWS_INNER)):
@@ -138,6 +141,7 @@ def _compile_one(case):
         "spill_loads": int(spill.group(2)), "registers": int(regs.group(1)),
         "libdevice_calls": sorted(set(re.findall(r"__nv_\w+", ptx))),
         "divisions": sorted(set(re.findall(r"\bdiv\.[a-z.]*f32\b", ptx))),
+        "f64_divisions": sorted(set(re.findall(r"\bdiv\.[a-z.]*f64\b", ptx))),
     }
 
 
@@ -242,10 +246,15 @@ def test_gpu_math_is_libdevice_and_ieee_division(compiled):
     """erf from libdevice, and float32 divisions correctly rounded (not div.full / div.approx)."""
     for arch in ARCHS:
         assert "__nv_erff" in compiled[("fwd-gelu-flat", "fp32", arch)]["libdevice_calls"]
-        for act in ("silu", "gelu_tanh"):
-            for kind in ("fwd", "bwd"):
-                name = f"{kind}-{act}-flat" if kind == "fwd" else f"{kind}-{act}-st0"
-                assert compiled[(name, "fp32", arch)]["divisions"] == ["div.rn.f32"]
+        for name in ("fwd-silu-flat", "bwd-silu-st0", "bwd-gelu_tanh-st0", "fwd-gelu_tanh-flat"):
+            for dtype in DTYPES:
+                if (name, dtype) == ("fwd-gelu_tanh-flat", "fp32"):
+                    continue
+                assert compiled[(name, dtype, arch)]["divisions"] == ["div.rn.f32"]
+        # float32 tanh-GELU's forward in float64 (forward_math_f64): libdevice's exp, IEEE division.
+        tanh_gelu = compiled[("fwd-gelu_tanh-flat", "fp32", arch)]
+        assert tanh_gelu["libdevice_calls"] == ["__nv_exp"]
+        assert tanh_gelu["divisions"] == [] and tanh_gelu["f64_divisions"] == ["div.rn.f64"]
 
 
 if __name__ == "__main__":
