@@ -240,3 +240,50 @@ def test_prechecked_inplace_refuses_a_tensor_that_requires_grad():
     with torch.no_grad():
         y = x.detach().clone()
         assert remap_act_prechecked(y, torch.tensor(0.1), None, "relu", -1, inplace=True) is y
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@pytest.mark.parametrize("act", lipkern.ACTIVATIONS)
+def test_forward_mode_and_torch_func_differentiate_by_the_backward_rule(backend, act):
+    """The ops' autograd is reverse mode only (registered in C++ for CPU tensors, which
+    forward-mode AD passed by with a zero tangent and functorch refused), so under forward-mode
+    AD and torch.func transforms every backend runs the reference: the tangent of y is
+    act'(x) * mask * v, the backward rule with v for dy, and torch.func.grad agrees with the
+    kernels' reverse mode."""
+    from lipkern.ops import reference
+    from lipkern.testing import compare_backward
+
+    x = torch.randn(5, 6) * 2
+    threshold, center = torch.rand(6) * 0.5, torch.randn(6) * 0.1
+    v = torch.randn(5, 6)
+
+    def f(z):
+        return lipkern.remap_act(z, threshold, act, center, -1, backend=backend)
+
+    rule = reference.remap_act_backward_reference(v, x, threshold, center, act, 1, False)
+    for tangent in (torch.func.jvp(f, (x,), (v,))[1],
+                    (torch.func.jacfwd(f)(x) * v).sum((2, 3))):
+        assert compare_backward(tangent, v, x, threshold, center, act, 1, False).ok
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, v)
+        y, _ = lipkern.remap_act_stats(dual, threshold, act, center, -1, backend=backend)
+        tangent = torch.autograd.forward_ad.unpack_dual(3 * y + dual).tangent
+    assert torch.allclose(tangent, 3 * rule + v, rtol=1e-6, atol=1e-6)
+    leaf = x.clone().requires_grad_(True)
+    (reverse,) = torch.autograd.grad(f(leaf), leaf, v)
+    assert torch.allclose(torch.func.vjp(f, x)[1](v)[0], reverse, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(torch.func.grad(lambda z: (f(z) * v).sum())(x), reverse,
+                          rtol=1e-6, atol=1e-6)
+
+
+def test_forward_mode_through_a_calibrated_model():
+    """torch.func.jvp of a converted, calibrated model is its Jacobian times v (it was 0)."""
+    torch.manual_seed(0)
+    model = lipkern.convert(torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2)))
+    lipkern.calibrate(model, [torch.randn(32, 8)], c_r=0.3, progress=False)
+    assert model[1].threshold.max() > 0
+    x, v = torch.randn(8), torch.randn(8)
+    jvp = torch.func.jvp(model, (x,), (v,))[1]
+    assert torch.allclose(jvp, torch.autograd.functional.jacobian(model, x) @ v, atol=1e-6)
+    assert jvp.abs().max() > 0

@@ -10,6 +10,9 @@ centre on ``x``'s device, non-negative ``channel_dim``) and must agree with
   tensors only under ``TRITON_INTERPRET=1`` (the Triton interpreter).
 - ``"auto"``: ``"cpu"`` for CPU tensors, ``"triton"`` for CUDA tensors.
 
+Under forward-mode AD or a ``torch.func`` transform every backend gives way to the reference
+(see :func:`_differentiated_by_transform`).
+
 Besides the public ops: :func:`normalise_arguments` (the normalisation above),
 :func:`remap_act_prechecked` / :func:`remap_act_stats_prechecked` (the entry for callers that
 hold checked buffers, such as :mod:`lipkern.nn`) and :func:`remap_act_traceable` (the remap as
@@ -24,6 +27,7 @@ import math
 from typing import Optional, Protocol
 
 import torch
+from torch.autograd import forward_ad
 
 from lipkern import _ext
 from lipkern.ops import library  # noqa: F401  (defines the lipkern::* ops)
@@ -157,8 +161,23 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _differentiated_by_transform() -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``)
+    or another ``torch.func`` transform (``grad``, ``vmap``, ...) is active. The ops' autograd
+    is reverse mode only, registered in C++ for CPU tensors, which forward-mode AD passes by with
+    a zero tangent and functorch refuses; the reference is plain PyTorch, which every transform
+    differentiates, by the rule the kernels' backward implements. (Neither runs inside a
+    compiled graph, where this is not asked.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return (forward_ad._current_level >= 0
+            or torch._C._functorch.maybe_current_level() is not None)
+
+
 def _resolve_backend(backend, x: torch.Tensor) -> Backend:
     check_backend(backend)
+    if _differentiated_by_transform():
+        return backend_object("reference")
     if backend == "auto":
         backend = _auto_backend(x)
     chosen = backend_object(backend)
@@ -176,6 +195,7 @@ def _runs_cpu_kernels(backend, x: torch.Tensor) -> bool:
         x.is_cpu
         and (backend == "cpu" or (backend == "auto" and _auto_backend(x) == "cpu"))
         and _ext.missing_reason() is None
+        and not _differentiated_by_transform()
     )
 
 
