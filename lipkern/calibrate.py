@@ -498,6 +498,23 @@ def _expected_channels(module: lnn.RemapAct) -> Optional[int]:
     return module.expected_channels
 
 
+# Modes a layer holds only while a scan runs (calibrate, measure_remapped): a model loaded in
+# one of them would gather statistics instead of remapping.
+_SCANNING_MODES = ("calibrate", "monitor")
+
+
+def _refuse_scanning(layers, what: str, remedy: str) -> None:
+    """A ValueError naming the first of ``layers`` ((name, mode) pairs or modules) that is in
+    the middle of a scan."""
+    for name, layer in layers:
+        mode = layer if isinstance(layer, str) else layer.mode
+        if mode in _SCANNING_MODES:
+            raise ValueError(
+                f"lipkern.{what}: layer {name!r} is in mode {mode!r}, the middle of a scan; "
+                f"{remedy}"
+            )
+
+
 def save_calibration(model: nn.Module, path) -> None:
     """Write every converted layer's thresholds, centres, statistics and settings to ``path``.
 
@@ -507,19 +524,23 @@ def save_calibration(model: nn.Module, path) -> None:
     from safetensors.torch import save_file
 
     modules = _converted(model)
-    # A file without a calibration would switch every layer off when loaded into a calibrated model.
-    if not any(module.holds_state for _, module in modules):
-        raise ValueError(
-            "no converted layer holds a calibration to save; run lipkern.calibrate (or "
-            "load_calibration) first"
-        )
-    tensors = {}
-    for name, module in modules:
-        for buffer in _SAVED_BUFFERS:
-            value = getattr(module, buffer)
-            if value.numel():
-                tensors[f"{name}/{buffer}"] = value.detach().cpu().contiguous()
-    layers = [_layer_metadata(name, m) for name, m in modules]
+    # Read while holding the layers, so that no other thread's scan is caught half done.
+    with _state_change(modules, "save_calibration"):
+        # A file without a calibration would switch every layer off when loaded into a
+        # calibrated model.
+        if not any(module.holds_state for _, module in modules):
+            raise ValueError(
+                "no converted layer holds a calibration to save; run lipkern.calibrate (or "
+                "load_calibration) first"
+            )
+        _refuse_scanning(modules, "save_calibration", "save it once the scan has finished")
+        tensors = {}
+        for name, module in modules:
+            for buffer in _SAVED_BUFFERS:
+                value = getattr(module, buffer)
+                if value.numel():
+                    tensors[f"{name}/{buffer}"] = value.detach().cpu().contiguous()
+        layers = [_layer_metadata(name, m) for name, m in modules]
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -574,6 +595,10 @@ def load_calibration(model: nn.Module, path) -> None:
     modules = _converted(model)
     with torch.inference_mode(False):
         saved, tensors = _read_calibration(path)
+    _refuse_scanning(
+        [(name, entry.get("mode")) for name, entry in saved.items()], "load_calibration",
+        f"{path} was saved mid-scan; save the calibration again once its scan has finished",
+    )
     # Checked while holding the layers, so no other thread's calibration changes them between
     # the checks and the load.
     with _state_change(modules, "load_calibration"):

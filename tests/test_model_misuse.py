@@ -365,7 +365,7 @@ def test_calibrate_mode_called_from_threads_keeps_every_call(frequent_thread_swi
     assert torch.equal(layer.amax, want)
 
 
-def test_concurrent_calibration_of_one_model_is_refused():
+def test_concurrent_calibration_of_one_model_is_refused(tmp_path):
     model = _model()
     started, release = threading.Event(), threading.Event()
     results = {}
@@ -386,11 +386,48 @@ def test_concurrent_calibration_of_one_model_is_refused():
             lipkern.calibrate(model, _data(), progress=False)
         with pytest.raises(RuntimeError, match="another thread"):
             lipkern.set_ratio(model, 2**-6)
+        # A file saved now would hold half a scan.
+        with pytest.raises(RuntimeError, match="another thread"):
+            lipkern.save_calibration(model, tmp_path / "mid-scan.safetensors")
+        assert not (tmp_path / "mid-scan.safetensors").exists()
     finally:
         release.set()
         thread.join()
     assert results["first"].batches == 3
     lipkern.set_ratio(model, 2**-6)  # free again once the first one finished
+
+
+def test_a_calibration_mid_scan_is_neither_saved_nor_loaded(tmp_path):
+    """A layer in the middle of a scan ("calibrate" or "monitor" mode) is not saved, and a file
+    that holds one (written before this check) is not loaded: the model would gather
+    statistics instead of remapping."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _calibrated()
+    good = tmp_path / "good.safetensors"
+    lipkern.save_calibration(model, good)
+    model[1].begin_calibration()
+    with pytest.raises(ValueError, match="layer '1' is in mode 'calibrate', the middle of a scan"):
+        lipkern.save_calibration(model, tmp_path / "mid-scan.safetensors")
+    assert not (tmp_path / "mid-scan.safetensors").exists()
+
+    with safe_open(str(good), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    layers = json.loads(metadata["layers"])
+    for mode in ("calibrate", "monitor"):
+        layers[-1]["mode"] = mode
+        mid_scan = tmp_path / f"{mode}.safetensors"
+        save_file(tensors, str(mid_scan), metadata={**metadata, "layers": json.dumps(layers)})
+        fresh = _calibrated()
+        before = _state(fresh)
+        with pytest.raises(ValueError, match=f"in mode '{mode}'.*was saved mid-scan"):
+            lipkern.load_calibration(fresh, mid_scan)
+        _assert_same_state(fresh, before)
+    lipkern.load_calibration(_model(), good)
 
 
 def test_concurrent_calibration_of_different_models_is_independent(frequent_thread_switches):
