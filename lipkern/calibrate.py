@@ -370,11 +370,12 @@ def calibrate(
     """
     c_r = thresholds.check_ratio(c_r)
     thresholds.check_settings(granularity, statistic, center)
-    # An iterator without max_batches is spent by the first pass (one cycled with it is not).
-    if measure and max_batches is None and isinstance(data, collections.abc.Iterator):
+    # The second pass over an iterator would find it spent, or (with max_batches) measure
+    # other batches than the calibration read.
+    if measure and isinstance(data, collections.abc.Iterator):
         raise ValueError(
-            "measure=True scans data twice and needs re-iterable data (a list, a DataLoader), "
-            f"got a one-shot iterator ({type(data).__name__}) and no max_batches"
+            "measure=True scans data twice, the same batches each time, and needs re-iterable "
+            f"data (a list, a DataLoader), got a one-shot iterator ({type(data).__name__})"
         )
     modules = _converted(model)
     with _state_change(modules, "calibrate"):

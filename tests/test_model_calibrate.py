@@ -260,13 +260,14 @@ def test_tuple_batches_max_batches_and_progress():
     batches = iter(data)
     assert _calibrate(model, batches, max_batches=2).batches == 2
     assert len(list(batches)) == 3
-    # A second pass over a one-shot iterator would find it spent: refused before any work.
+    # A second pass over a one-shot iterator would find it spent, or with max_batches measure
+    # the batches after those calibrated on: refused before any work.
     before = model.relu.threshold.clone()
-    with pytest.raises(ValueError, match="measure=True scans data twice and needs re-iterable data"):
-        _calibrate(model, iter(data), measure=True, c_r=2**-3)
-    assert torch.equal(model.relu.threshold, before)
-    # With max_batches each pass takes its own batches of an endless iterator.
-    report = _calibrate(model, itertools.cycle(data), measure=True, max_batches=2)
+    for batches, limit in ((iter(data), None), (iter(data), 2), (itertools.cycle(data), 2)):
+        with pytest.raises(ValueError, match="measure=True scans data twice, the same batches"):
+            _calibrate(model, batches, measure=True, c_r=2**-3, max_batches=limit)
+        assert torch.equal(model.relu.threshold, before)
+    report = _calibrate(model, data, measure=True, max_batches=2)
     assert report.batches == 2 and report["relu"].remapped_fraction is not None
 
 
