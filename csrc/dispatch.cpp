@@ -12,9 +12,12 @@
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 namespace lipkern {
@@ -60,10 +63,17 @@ const auto kCapabilities = std::array{
 #endif
 };
 
-// Index into kCapabilities, or -1 when `name` is not a capability of this build.
+// Index into kCapabilities, or -1 when `name` is not a capability of this build. Any case:
+// ATen's ATEN_CPU_CAPABILITY spells them in lower case.
 int find(const std::string& name) {
+  const auto same_letters = [&](const char* candidate) {
+    return name.size() == std::strlen(candidate) &&
+           std::equal(name.begin(), name.end(), candidate, [](char a, char b) {
+             return std::toupper(static_cast<unsigned char>(a)) == b;
+           });
+  };
   for (size_t i = 0; i < kCapabilities.size(); ++i) {
-    if (name == kCapabilities[i].name) return static_cast<int>(i);
+    if (same_letters(kCapabilities[i].name)) return static_cast<int>(i);
   }
   return -1;
 }

@@ -245,11 +245,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cpu_build_error() -> Optional[str]:
+    """Why the C++ kernels cannot run as the environment configures them
+    (``LIPKERN_CPU_CAPABILITY`` or ``LIPKERN_CPU_16BIT`` naming something this build or CPU
+    lacks), else None: said once before any work, not as a failure of every check or op."""
+    from lipkern import _ext
+
+    if _ext.missing_reason() is not None:
+        return None
+    module = _ext.load()
+    try:
+        module.cpu_capability()
+        module.cpu_16bit_method()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lipkern`` console script and ``python -m lipkern``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prefer_triton_interpreter()
     _quiet_cuda_home_warning()
+    if argv and argv[0] in ("verify", "bench", "eval"):
+        error = _cpu_build_error()
+        if error:
+            print(f"lipkern {argv[0]}: {error}", file=sys.stderr)
+            return 2
     if argv and argv[0] == "eval":
         return _run_eval(argv[1:])
     args = build_parser().parse_args(argv)

@@ -48,8 +48,10 @@ def _capability_in_subprocess(value):
     return _in_subprocess("LIPKERN_CPU_CAPABILITY", value, "cpu_capability")
 
 
-def test_environment_override_selects_the_build():
-    result = _capability_in_subprocess("DEFAULT")
+@pytest.mark.parametrize("spelling", ["DEFAULT", "default", "Default"])
+def test_environment_override_selects_the_build(spelling):
+    """In any case: ATen's ATEN_CPU_CAPABILITY spells the builds in lower case."""
+    result = _capability_in_subprocess(spelling)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "DEFAULT"
 
@@ -58,6 +60,22 @@ def test_bad_environment_override_is_a_clear_error():
     result = _capability_in_subprocess("AVX9000")
     assert result.returncode != 0
     assert "LIPKERN_CPU_CAPABILITY" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["verify", "--quick", "--act", "relu"],
+                                     ["bench", "--quick", "--act", "relu"]])
+@pytest.mark.parametrize("variable, value", [("LIPKERN_CPU_CAPABILITY", "AVX9000"),
+                                             ("LIPKERN_CPU_16BIT", "fastest")])
+def test_the_command_line_refuses_a_bad_override_once_before_any_work(command, variable, value):
+    """Said once, exit 2, rather than as a failure of every check (verify) or a traceback
+    (bench)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "lipkern", *command], env=dict(os.environ, **{variable: value}),
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"lipkern {command[0]}: lipkern: {variable}")
+    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def _avx512_in_use():
