@@ -707,13 +707,18 @@ def steady_allocator() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def warn_if_busy(load: float) -> None:
-    # With every core given to torch, one competing process stalls OpenMP's barriers and a
-    # 60 us kernel can take a scheduler time slice (~15 ms): such timings mean nothing.
-    if load > torch.get_num_threads() - 0.5:
+def warn_if_busy(load: float, includes_this_run: bool = False) -> None:
+    """Warn when other processes need more cores than torch's threads leave free: one process
+    competing for torch's cores stalls OpenMP's barriers, and a 60 us kernel can take a
+    scheduler time slice (~15 ms), so such timings mean nothing. ``includes_this_run``: the
+    load average was read after the timings, which count in it as torch's threads."""
+    threads = torch.get_num_threads()
+    cores = os.cpu_count() or threads
+    others = load - threads if includes_this_run else load
+    if others > cores - threads + 0.5:
         print(
-            f"warning: 1-minute load average {load:.1f} with {torch.get_num_threads()} torch "
-            "threads: other processes compete for the cores, timings are unreliable"
+            f"warning: 1-minute load average {load:.1f} on {cores} cores with {threads} torch "
+            "threads: other processes compete for torch's cores, timings are unreliable"
         )
 
 
@@ -758,7 +763,7 @@ def run(args) -> dict:
     print("\neffective bandwidth, GB/s (bytes an ideal kernel moves / median time; % of copy_'s):")
     print(format_bandwidth(results))
     load_after = os.getloadavg()[0]
-    warn_if_busy(load_after)
+    warn_if_busy(load_after, includes_this_run=True)
     report = {
         "load_average_1min": [load_before, load_after],
         "device": "cpu",
