@@ -364,3 +364,12 @@ def test_busy_warning_counts_the_cores_torch_leaves_free(monkeypatch, capsys, co
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     bench.warn_if_busy(load, includes_this_run=after)
     assert ("timings are unreliable" in capsys.readouterr().out) == warned
+
+
+def test_bench_does_not_time_the_triton_interpreter(capsys):
+    """bench times CPU tensors, which Triton runs only in its interpreter (Python, hundreds of
+    times slower than any kernel): refused, pointing at the GPU timings."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--quick", "--backend", "triton"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'triton'" in capsys.readouterr().err

@@ -634,8 +634,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", action="append", choices=tuple(DTYPES), help="repeatable")
     parser.add_argument("--act", default="gelu", choices=ACTIVATIONS)
     parser.add_argument(
-        "--backend", default="auto", choices=("auto", "cpu", "triton", "reference"),
-        help="lipkern backend timed on the CPU (auto: the C++ kernels)",
+        "--backend", default="auto", choices=("auto", "cpu", "reference"),
+        help="lipkern backend timed on the CPU (auto: the C++ kernels). Triton runs CPU tensors "
+             "only in its interpreter, whose timings say nothing of its kernels: --sweep times "
+             "them on a GPU, as does scripts/gpu_check.sh",
     )
     parser.add_argument(
         "--batch", type=positive(int), default=16, help="batch of the [N, L, C] and NCHW shapes (16)"
