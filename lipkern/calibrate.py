@@ -182,6 +182,12 @@ def _state_change(modules, what: str):
                 del _BUSY[key]
 
 
+def _is_compiled_wrapper(model: nn.Module) -> bool:
+    # Imported by torch.compile only: a model it wrapped comes after that import.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside DataParallel, DistributedDataParallel and torch.compile's wrapper, which
     prefix every name (``module.``, ``_orig_mod.``): calibrations name the layers of the model
@@ -189,13 +195,19 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-            continue
-        # Imported by torch.compile only: a model it wrapped comes after that import.
-        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-        if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        elif _is_compiled_wrapper(model):
             model = model._orig_mod
-            continue
-        return model
+        else:
+            return model
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """What a scan runs of a model wrapped by torch.compile: the original module. The graph was
+    compiled for the layers' apply mode; a scan's modes would recompile it for one pass, and
+    under fullgraph=True fail (the statistics merge under a lock, which dynamo cannot trace)."""
+    while _is_compiled_wrapper(model):
+        model = model._orig_mod
+    return model
 
 
 def _converted(model: nn.Module) -> list[tuple[str, lnn.RemapAct]]:
@@ -213,17 +225,29 @@ def _model_device(model: nn.Module) -> Optional[torch.device]:
     return None
 
 
-def _inputs(batch, index: int, device) -> torch.Tensor:
+def _on(device, value):
+    """A batch's tensor as the model takes it: on its device, and a normal tensor (scans run
+    outside inference mode, _state_change, where a model may not write into an inference
+    tensor); anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value if device is None else value.to(device)
+    return value.clone() if value.is_inference() else value
+
+
+def _run_batch(model: nn.Module, batch, index: int, device) -> None:
+    """``model(x)`` for a tensor or an ``(x, y, ...)`` tuple, ``model(**batch)`` for a mapping
+    (a Hugging Face ``BatchEncoding``: input ids with their attention mask)."""
+    if isinstance(batch, collections.abc.Mapping):
+        model(**{key: _on(device, value) for key, value in batch.items()})
+        return
     x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     if not isinstance(x, torch.Tensor):
         raise TypeError(
-            f"data batch {index}: expected a tensor or an (x, y, ...) tuple whose first item is "
-            f"a tensor, got {type(x).__name__}"
+            f"data batch {index}: expected a tensor, an (x, y, ...) tuple whose first item is "
+            f"a tensor, or a mapping of the model's keyword arguments, got {type(x).__name__}"
         )
-    x = x if device is None else x.to(device)
-    # Scans run outside inference mode (_state_change), where a model may not write into an
-    # inference tensor: give it a normal one.
-    return x.clone() if x.is_inference() else x
+    model(_on(device, x))
 
 
 def _batches(data, max_batches, progress: bool, desc: str):
@@ -269,6 +293,7 @@ def _scan(
     model, modules, data, max_batches, progress, desc, check_finite, group, tracker=None
 ) -> int:
     """Run ``model`` over ``data`` without gradients in eval mode; returns the batch count."""
+    model = _uncompiled(model)
     device = _model_device(model)
     # Each module's own flag: a frozen BatchNorm kept in eval inside a training model stays so.
     was_training = [(module, module.training) for module in model.modules()]
@@ -277,7 +302,7 @@ def _scan(
     try:
         with torch.no_grad():
             for index, batch in _batches(data, max_batches, progress, desc):
-                model(_inputs(batch, index, device))
+                _run_batch(model, batch, index, device)
                 if tracker is not None:
                     tracker.clear()
                 batches += 1
@@ -364,8 +389,10 @@ def calibrate(
 ) -> CalibrationReport:
     """Scan ``data`` once and set every converted layer's threshold (see module docstring).
 
-    ``data``: any iterable of tensors or of ``(x, y, ...)`` tuples (only ``x`` is used; it is
-    moved to the model's device). ``measure=True`` adds a second pass that fills the report's
+    ``data``: any iterable of tensors, of ``(x, y, ...)`` tuples (only ``x`` is used) or of
+    mappings of the model's keyword arguments (``model(**batch)``: a Hugging Face
+    ``BatchEncoding`` with its attention mask); tensors are moved to the model's device. A
+    model wrapped by ``torch.compile`` is scanned through its original module. ``measure=True`` adds a second pass that fills the report's
     remapped fractions (needs re-iterable data). ``group``: the torch.distributed process group.
     """
     c_r = thresholds.check_ratio(c_r)

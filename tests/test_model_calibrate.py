@@ -484,6 +484,30 @@ def test_compile_fullgraph_without_graph_breaks(make, data, inputs_of, compile_f
     assert_close_model_outputs(x.grad, eager_x.grad, exact=exact)
 
 
+def test_a_model_compiled_with_fullgraph_calibrates_through_its_original_module():
+    """calibrate and measure on torch.compile's wrapper scan the original module (the scan's
+    modes are not for compiling: dynamo cannot enter the statistics' lock), compiling nothing
+    new; the compiled model then runs the new thresholds."""
+    from torch._dynamo.utils import counters
+
+    batches = _token_data()
+    model = _converted(Blocks().eval(), inputs_of=("*fc1",))
+    _calibrate(model, batches)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        compiled(batches[0])
+    before = model.blocks[0].act.threshold.clone()
+    graphs = counters["stats"]["unique_graphs"]
+    report = _calibrate(compiled, batches, c_r=2**-3, measure=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert report.batches == len(batches)
+    assert all(layer.remapped_fraction is not None for layer in report.layers
+               if not model.get_submodule(layer.name).redundant)
+    assert not torch.equal(model.blocks[0].act.threshold, before)
+    with torch.no_grad():
+        assert_close_model_outputs(compiled(batches[1]), model(batches[1]), exact=False)
+
+
 def test_compile_inductor_matches_eager():
     original = Blocks().eval()
     batches = _token_data()

@@ -340,3 +340,37 @@ def test_paper_preset_places_input_remaps_on_mlp_blocks():
     assert "input of Linear" in str(describe(vit))
     with pytest.raises(ValueError, match="preset must be None or one of"):
         lipkern.convert(_tiny_bert()[0], preset="swin")
+
+
+def test_a_text_model_calibrates_on_batches_with_their_attention_mask():
+    """Mapping batches (a BatchEncoding, a plain dict) are passed as keyword arguments, so a text
+    model's padding is masked during the scan: its statistics are those of a model that applies
+    the mask itself, and not those of the ids alone."""
+    model, ids = _tiny_bert()
+    mask = torch.ones_like(ids)
+    mask[:, 5:] = 0
+    batch = transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask})
+
+    class WithMask(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids, attention_mask=mask)
+
+    def amax_after(scanned, data):
+        lipkern.calibrate(scanned, data, c_r=C_R, progress=False)
+        return {name.removeprefix("inner."): m.amax for name, m in remap_modules(scanned)}
+
+    def converted():
+        return lipkern.convert(copy.deepcopy(model), preset="paper").eval()
+
+    by_keywords = amax_after(converted(), [batch, dict(batch)])
+    masked_by_the_model = amax_after(WithMask(converted()), [ids])
+    ids_alone = amax_after(converted(), [ids])
+    assert by_keywords.keys() == masked_by_the_model.keys() == ids_alone.keys()
+    assert all(torch.equal(by_keywords[k], masked_by_the_model[k]) for k in by_keywords)
+    assert any(not torch.equal(by_keywords[k], ids_alone[k]) for k in by_keywords)
+    with pytest.raises(TypeError, match="or a mapping of the model's keyword arguments, got str"):
+        lipkern.calibrate(converted(), ["text"], progress=False)
