@@ -72,6 +72,7 @@ import sys
 import tempfile
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -290,7 +291,7 @@ def _agree(batches: int, error: Optional[BaseException], group) -> None:
 
 
 def _scan(
-    model, modules, data, max_batches, progress, desc, check_finite, group, tracker=None
+    model, modules, data, max_batches, progress, desc, check_finite, group, trackers=()
 ) -> int:
     """Run ``model`` over ``data`` without gradients in eval mode; returns the batch count."""
     model = _uncompiled(model)
@@ -303,7 +304,7 @@ def _scan(
         with torch.no_grad():
             for index, batch in _batches(data, max_batches, progress, desc):
                 _run_batch(model, batch, index, device)
-                if tracker is not None:
+                for tracker in trackers:
                     tracker.clear()
                 batches += 1
                 if check_finite:
@@ -322,6 +323,67 @@ def _scan(
             module.training = training
     _agree(batches, error, group)
     return batches
+
+
+class ChannelAxisError(ValueError):
+    """A per-channel layer's channel axis is not the one its input has its channels on."""
+
+
+class _ChannelAxes:
+    """For a per-channel scan: every converted activation whose input a module of a type that
+    fixes its output's channel axis produced (a linear, convolution or normalisation layer,
+    :func:`lipkern.convert.layout_of_type`) must read its channels on that axis. ``convert``
+    infers a layer's axis from the modules registered before it, an order the forward need not
+    follow (an ``nn.ReLU`` registered first, then applied to a convolution's output); per
+    channel, thresholds along an image's width instead of its channels would be silently
+    wrong, so the scan stops at the first such call, naming the layer and its input's maker.
+    Outputs are held as weak references, forgotten after every batch (``clear``)."""
+
+    def __init__(self, model: nn.Module, modules) -> None:
+        from lipkern.convert import layout_of_type
+
+        self._made: list[tuple[weakref.ref, str, type, int]] = []
+        self._handles = []
+        for name, module in _unwrapped(model).named_modules():
+            layout = layout_of_type(module)
+            if layout is not None:
+                self._handles.append(module.register_forward_hook(self._recorder(name, layout)))
+        for name, module in modules:
+            if module.kind == "act":
+                self._handles.append(module.register_forward_pre_hook(self._checker(name)))
+
+    def _recorder(self, name: str, layout: int):
+        def record(module, args, output):
+            if isinstance(output, torch.Tensor):
+                self._made.append((weakref.ref(output), name, type(module), layout))
+        return record
+
+    def _checker(self, layer_name: str):
+        def check(layer, args):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.dim() == 0:
+                return
+            for ref, maker, maker_type, layout in self._made:
+                if ref() is x:
+                    if layout % x.dim() != layer.channel_dim % x.dim():
+                        raise ChannelAxisError(
+                            f"layer {layer_name!r} reads its channels on axis "
+                            f"{layer.channel_dim}, but its input of shape {tuple(x.shape)} "
+                            f"comes from {maker_type.__name__} {maker!r}, whose channels are on "
+                            f"axis {layout} (convert infers a layer's axis from the modules "
+                            f"registered before it): set the layer's channel_dim = {layout} "
+                            "before calibrating (or convert with channel_dim=... where every "
+                            "activation reads one axis), or calibrate with granularity='tensor'"
+                        )
+                    return
+        return check
+
+    def clear(self) -> None:
+        self._made.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def _all_reduce_calibration(modules, group) -> None:
@@ -425,13 +487,17 @@ def _calibrate(
     tracker = lnn.ScanTracker()
     for _, module in modules:
         module.begin_calibration(granularity, statistic, center, tracker)
+    axes = _ChannelAxes(model, modules) if granularity == "channel" else None
     try:
         batches = _scan(
-            model, modules, data, max_batches, progress, "lipkern calibrate", True, group, tracker
+            model, modules, data, max_batches, progress, "lipkern calibrate", True, group,
+            (tracker,) if axes is None else (tracker, axes),
         )
     finally:
         for _, module in modules:
             module.end_scan()
+        if axes is not None:
+            axes.remove()
     if _distributed():
         _all_reduce_calibration(modules, group)
     unused, mixed = [], []
@@ -669,6 +735,7 @@ def load_calibration(model: nn.Module, path) -> None:
 
 __all__ = [
     "CalibrationReport",
+    "ChannelAxisError",
     "LayerReport",
     "NonFiniteActivationError",
     "calibrate",

@@ -200,9 +200,9 @@ def _norm_act_layout(module: nn.Module) -> Optional[int]:
     return None
 
 
-def _output_layout(module: nn.Module) -> Optional[int]:
-    """The channel axis of ``module``'s output: from its type, else from its last descendant
-    of known type (timm's ConvNormAct ends in a BatchNormAct2d); None when nothing tells."""
+def layout_of_type(module: nn.Module) -> Optional[int]:
+    """The channel axis of ``module``'s output where its type decides it (linear, convolution,
+    normalisation layers), else None."""
     if type(module).__name__ == "LayerNorm2d":  # timm's channels-first LayerNorm
         return 1
     layout = _norm_act_layout(module)
@@ -212,6 +212,15 @@ def _output_layout(module: nn.Module) -> Optional[int]:
         return -1
     if isinstance(module, _CHANNEL_FIRST_TYPES):
         return 1
+    return None
+
+
+def _output_layout(module: nn.Module) -> Optional[int]:
+    """The channel axis of ``module``'s output: from its type, else from its last descendant
+    of known type (timm's ConvNormAct ends in a BatchNormAct2d); None when nothing tells."""
+    layout = layout_of_type(module)
+    if layout is not None:
+        return layout
     for child in reversed(list(module.children())):
         layout = _output_layout(child)
         if layout is not None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lipkern
+from lipkern.calibrate import ChannelAxisError
 from lipkern.nn import RemapAct
 
 
@@ -448,3 +449,57 @@ def test_concurrent_calibration_of_different_models_is_independent(frequent_thre
         thread.join()
     for model in models:
         assert model[2].input_remap.redundant and model[2].input_remap.fed_by == "1"
+
+
+class _ActivationRegisteredFirst(nn.Module):
+    """A hand-written CNN whose ReLU is registered before the convolution it follows: convert's
+    registration-order rule gives it axis -1 (nothing before it tells)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x)).flatten(1))
+
+
+class _ActivationAfterTheHead(nn.Module):
+    """Its ReLU is registered after a Linear (axis -1) but applied to a convolution's output
+    whose width equals its channel count, so no shape error would ever show it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8 * 8 * 8, 2)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("make, layer, maker", [
+    (_ActivationRegisteredFirst, "act", "Conv2d 'conv'"),
+    (_ActivationAfterTheHead, "relu", "Conv2d 'conv'"),
+])
+def test_per_channel_calibration_stops_where_the_inferred_axis_is_not_the_inputs(make, layer,
+                                                                                  maker):
+    """Per channel, a layer whose inferred axis is not the one its input's maker (a convolution
+    here) puts the channels on stops the scan, naming both, and leaves the model as it was;
+    per tensor the axis does not matter; with the axis set, per channel calibrates."""
+    torch.manual_seed(0)
+    model = lipkern.convert(make())
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    assert model.get_submodule(layer).channel_dim == -1
+    state = _state(model)
+    with pytest.raises(ChannelAxisError,
+                       match=f"layer '{layer}' reads its channels on axis -1, .* comes from "
+                             f"{maker}, whose channels are on axis 1"):
+        lipkern.calibrate(model, data, granularity="channel", progress=False)
+    _assert_same_state(model, state)
+    lipkern.calibrate(model, data, granularity="tensor", progress=False)
+    model.get_submodule(layer).channel_dim = 1
+    lipkern.calibrate(model, data, granularity="channel", progress=False)
+    channels = model.conv.out_channels
+    assert model.get_submodule(layer).threshold.shape == (channels,)
