@@ -155,6 +155,8 @@ def test_load_calibration_checks_every_tensor_before_changing_anything(tmp_path)
 
     def corrupt(key, value):
         bad = dict(tensors, **{key: value})
+        if value is None:
+            del bad[key]
         bad_path = tmp_path / f"bad{len(list(tmp_path.iterdir()))}.safetensors"  # one file per case
         save_file(bad, str(bad_path), metadata=metadata)
         return bad_path
@@ -167,6 +169,8 @@ def test_load_calibration_checks_every_tensor_before_changing_anything(tmp_path)
         "float64": corrupt(f"{layer}/threshold", threshold.double()),
         "infinite centre": corrupt(f"{layer}/center", torch.full_like(threshold, float("inf"))),
         "stray tensor": corrupt(f"{layer}/bogus", threshold.clone()),
+        # Statistics and mode 'apply' but no thresholds: every call would refuse to run.
+        "no threshold": corrupt(f"{layer}/threshold", None),
     }
     for what, bad_path in cases.items():
         with pytest.raises(ValueError) as error:

@@ -261,6 +261,11 @@ def check_layer_state(
         )
     if threshold.numel() and (threshold.isnan().any() or (threshold < 0).any()):
         fail("threshold must be >= 0 and not NaN")
+    # A layer a scan reached gets thresholds from its statistics; applying without them, it
+    # would refuse every call as never calibrated.
+    if (config["mode"] in ("apply", "monitor") and channels and not config["redundant"]
+            and not threshold.numel()):
+        fail(f"mode {config['mode']!r} with statistics needs their thresholds, which are missing")
     if center.numel():
         if config["center"] != "mean" or center.shape != threshold.shape:
             fail(
