@@ -160,11 +160,12 @@ def _run_verify(args) -> int:
     from lipkern.ops.activations import ACTIVATIONS
     from lipkern.tools import verify
 
+    # A name given twice is checked once.
     report = verify.run_verify(
-        backends=args.backend,
-        acts=args.act or ACTIVATIONS,
-        dtypes=args.dtype or tuple(verify.DTYPES),
-        ops=args.op or verify.OPS,
+        backends=list(dict.fromkeys(args.backend)) if args.backend else args.backend,
+        acts=list(dict.fromkeys(args.act or ACTIVATIONS)),
+        dtypes=list(dict.fromkeys(args.dtype or verify.DTYPES)),
+        ops=list(dict.fromkeys(args.op or verify.OPS)),
         devices=list(dict.fromkeys(args.device)) if args.device else None,
         quick=args.quick,
         seed=args.seed,

@@ -373,3 +373,10 @@ def test_bench_does_not_time_the_triton_interpreter(capsys):
         cli.main(["bench", "--quick", "--backend", "triton"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'triton'" in capsys.readouterr().err
+
+
+def test_verify_checks_a_name_given_twice_once(capsys):
+    status, out = _verify(capsys, "--op", "fwd", "--op", "fwd", "--act", "relu", "--act", "relu",
+                          "--dtype", "fp32", "--backend", "reference")
+    rows = [line for line in out.splitlines() if line.startswith("fwd ")]
+    assert status == 0 and len(rows) == len(set(rows)) and rows, out

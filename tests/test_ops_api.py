@@ -30,7 +30,8 @@ X = torch.randn(4, 6)
         (dict(threshold=torch.tensor([0.1, float("nan"), 0, 0, 0, 0])), ValueError, "threshold must not contain NaN"),
         (dict(threshold=torch.zeros(5)), ValueError, r"threshold must have shape \(\) or \(6,\)"),
         (dict(threshold=torch.zeros(6, dtype=torch.int64)), TypeError, "threshold must be a floating-point"),
-        (dict(threshold="0.1"), TypeError, "threshold must be a float or a tensor"),
+        (dict(threshold="0.1"), TypeError, "threshold must be a real number or a tensor, got builtins.str"),
+        (dict(threshold=True), TypeError, "threshold must be a real number or a tensor, got builtins.bool"),
         (dict(center=torch.zeros(2, 3)), ValueError, r"center must have shape \(\) or \(6,\)"),
         (dict(center=float("inf")), ValueError, "center must be finite"),
         (dict(center=torch.tensor(float("nan"))), ValueError, "center must not contain NaN"),
@@ -287,3 +288,17 @@ def test_forward_mode_through_a_calibrated_model():
     jvp = torch.func.jvp(model, (x,), (v,))[1]
     assert torch.allclose(jvp, torch.autograd.functional.jacobian(model, x) @ v, atol=1e-6)
     assert jvp.abs().max() > 0
+
+
+def test_numbers_of_every_kind_are_thresholds_and_straight_through_is_a_bool():
+    """numpy's scalars are numbers (np.float32 is no Python float); straight_through="no"
+    would have meant True."""
+    import numpy as np
+
+    x = torch.randn(4, 6)
+    want = lipkern.remap_act(x, 0.25, "gelu")
+    for threshold in (np.float32(0.25), np.float64(0.25), np.float16(0.25)):
+        assert same_bits(lipkern.remap_act(x, threshold, "gelu"), want).all()
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="straight_through must be a bool"):
+            lipkern.remap_act(x, 0.25, "gelu", straight_through=bad)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 from typing import Optional, Protocol
 
 import torch
@@ -228,7 +229,8 @@ def _normalise_parameter(
     themselves, which saves this function's three small ops on every call.
     """
     is_threshold = name == "threshold"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    # numbers.Real: Python's int and float, and numpy's scalars (np.float32 is not a float).
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         try:
             number = float(value)
         except OverflowError:  # an int beyond float64
@@ -244,7 +246,10 @@ def _normalise_parameter(
             raise ValueError(f"center must be finite in float32, got {value}")
         return torch.full((), number, dtype=torch.float32, device=x.device)
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a real number or a tensor, got {type(value).__module__}."
+            f"{type(value).__qualname__}"
+        )
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.shape not in ((), (channels,)):
@@ -319,10 +324,13 @@ def remap_act(
 
     Returns ``y`` in ``x``'s dtype and memory format, differentiable with respect to ``x``.
     """
+    # bool("no") would be True.
+    if not isinstance(straight_through, bool):
+        raise TypeError(f"straight_through must be a bool, got {straight_through!r}")
     chosen, threshold, center, channel_dim = _prepare(
         x, threshold, act, center, channel_dim, backend
     )
-    return chosen.remap_act(x, threshold, center, act, channel_dim, bool(straight_through))
+    return chosen.remap_act(x, threshold, center, act, channel_dim, straight_through)
 
 
 def remap_act_stats(
