@@ -81,6 +81,51 @@ def test_stats_partition_depends_on_the_shape_only():
     assert grid == (n_parts * (1024 // block_k),)
 
 
+def test_stats_parts_are_capped_for_the_finaliser():
+    """The finaliser walks a channel's parts serially: a tall [rows, C] gets at most
+    STATS_MAX_PARTS parts, each a whole number of tiles, covering every row."""
+    layout, rows = triton_kernels.LAYOUT_COLS, 1 << 24
+    block_r, _, span, n_parts, _ = triton_kernels.stats_partition(
+        layout, rows, 64, 64, triton_kernels.GPU_CONFIG)
+    assert n_parts <= triton_kernels.STATS_MAX_PARTS and span % block_r == 0
+    assert n_parts * span >= rows > (n_parts - 1) * span
+
+
+@pytest.mark.parametrize("max_parts", [triton_kernels.STATS_MAX_PARTS, 3])
+@pytest.mark.parametrize("shape, channel_dim, how", [
+    ((5000, 200), -1, "contiguous"), ((9000, 130), -1, "contiguous"),
+    ((3000, 4, 50), 1, "contiguous"), ((40, 24, 9, 9), 1, "channels_last"),
+])
+def test_gpu_launch_shapes_run_exactly_under_the_interpreter(monkeypatch, shape, channel_dim, how,
+                                                            max_parts):
+    """The GPU's tiles and statistics partition (several column blocks, 512-row parts, a ragged
+    last part; with the part cap binding too), run by the interpreter: ReLU's forward, backward
+    and statistics are the reference's, the sums within float64 rounding."""
+    from lipkern.ops import reference
+    from lipkern.ops.api import normalise_arguments
+    from lipkern.testing import lay_out
+
+    monkeypatch.setattr(triton_kernels, "CONFIG", triton_kernels.GPU_CONFIG)
+    monkeypatch.setattr(triton_kernels, "STATS_MAX_PARTS", max_parts)
+    x = lay_out(torch.randn(shape) * 3, how)
+    channels = shape[channel_dim]
+    t, c, d = normalise_arguments(x, torch.rand(channels), "relu", torch.randn(channels) * 0.3,
+                                  channel_dim)
+    parts = triton_kernels.stats_partition(*triton_kernels._geometry(x, d)[1:])[3]
+    assert parts > 1 and parts <= max_parts
+    y_ref, *stats_ref = reference.remap_act_stats_reference(x, t, c, "relu", d)
+    y, *stats = triton_kernels.remap_stats(x, t, c, "relu", d)
+    assert same_bits(y, y_ref).all()
+    assert same_bits(triton_kernels.remap_forward(x, t, c, "relu", d), y_ref).all()
+    for got, want in zip(stats[:3], stats_ref[:3]):
+        assert torch.equal(got, want)
+    for got, want in zip(stats[3:], stats_ref[3:]):
+        assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    grad_y = torch.randn(shape)
+    assert same_bits(triton_kernels.remap_backward(grad_y, x, t, c, "relu", d, False),
+                     reference.remap_act_backward_reference(grad_y, x, t, c, "relu", d, False)).all()
+
+
 @pytest.mark.parametrize("shape, channel_dim, how", [
     ((301, 17), -1, "contiguous"), ((4, 6, 9, 5), 1, "contiguous"),
     ((4, 6, 9, 5), 1, "channels_last"), ((40, 12), 0, "transposed"),

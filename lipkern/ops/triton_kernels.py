@@ -407,6 +407,10 @@ INTERPRETER_CONFIG = LaunchConfig(tile=1 << 16, max_block_k=1 << 16, stats_tile=
                                   stats_min_rows=1, num_warps=1)
 CONFIG = INTERPRETER_CONFIG if INTERPRETED else GPU_CONFIG
 FINALIZE_BLOCK = 128
+# The finaliser walks a channel's partial results one part after another: [2^24, 64] made
+# 32768 parts at 512 rows each. Past this many parts a part takes more rows instead (still a
+# function of the shape alone); 1024 keeps several programs per SM on an H100/H200 (132 SMs).
+STATS_MAX_PARTS = 1024
 
 
 def _geometry(x, channel_dim):
@@ -555,7 +559,8 @@ def stats_partition(layout, n_rows, n_cols, C, config=None):
         per_step, column_blocks = block_k, triton.cdiv(n_cols, block_k)
     else:
         per_step, column_blocks = n_cols, C
-    span = max(min_span, config.stats_work // per_step, block_r)
+    span = max(min_span, config.stats_work // per_step, block_r,
+               triton.cdiv(extent, STATS_MAX_PARTS))
     span = triton.cdiv(span, block_r) * block_r
     n_parts = triton.cdiv(extent, span)
     return block_r, block_k, span, n_parts, (n_parts * column_blocks,)
