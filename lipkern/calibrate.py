@@ -283,6 +283,9 @@ def _agree(batches: int, error: Optional[BaseException], group) -> None:
             raise error
         if status[1]:
             raise RuntimeError("lipkern.calibrate failed on another rank (see its error)")
+        if batches and status[0] == 0:
+            raise ValueError("another rank's data is empty: calibration needs at least one "
+                             "batch on every rank")
         batches = -int(status[0])
     elif error is not None:
         raise error

@@ -117,6 +117,8 @@ def test_two_gloo_processes_equal_one_process(spawned):
 
 
 def test_error_on_one_rank_is_raised_on_every_rank(spawned):
+    """Each rank says whose data was empty: its own (rank 1) or another's."""
     for rank in range(WORLD):
         message = (spawned / f"rank{rank}.empty").read_text()
-        assert message.startswith("ValueError") and "empty" in message, (rank, message)
+        expected = "data is empty" if rank == 1 else "another rank's data is empty"
+        assert message.startswith(f"ValueError: {expected}"), (rank, message)
