@@ -2,7 +2,7 @@
 
 The kernels are compiled the way the launchers specialise them on a GPU (16-byte aligned
 pointers, sizes divisible by 16, libdevice math in float32, or float64 where
-``forward_math_f64`` says), then the PTX is read: the main paths
+``math_f64`` says), then the PTX is read: the main paths
 must use 128-bit global loads and stores, the forward must load each element of x once and store
 each element of y once, and ``ptxas -v`` must report no spill stores.
 
@@ -54,7 +54,7 @@ def _variants():
             # layouts with a centre.
             for act in ACTS:
                 flat = dict(base, ACT=K.ACT_CODES[act], LAYOUT=K.LAYOUT_FLAT, BLOCK_R=1,
-                            BLOCK_K=block, MATH_F64=K.forward_math_f64(act, TORCH_DTYPES[dtype]))
+                            BLOCK_K=block, MATH_F64=K.math_f64(act, TORCH_DTYPES[dtype]))
                 out.append((f"fwd-{act}-flat", "remap_fwd_kernel", dtype, arch,
                             {**io, **params, **sizes}, flat))
             for layout, width in ((K.LAYOUT_COLS, COLS_C), (K.LAYOUT_ROWS, ROWS_INNER)):
@@ -68,19 +68,21 @@ def _variants():
             for act, straight in [(a, False) for a in ACTS] + [("gelu", True)]:
                 flags = dict(base, ACT=K.ACT_CODES[act], LAYOUT=K.LAYOUT_FLAT,
                              STRAIGHT_THROUGH=straight, DY_BF16_BITS=False, BLOCK_R=1,
-                             BLOCK_K=block)
+                             BLOCK_K=block, MATH_F64=K.math_f64(act, TORCH_DTYPES[dtype]))
                 out.append((f"bwd-{act}-st{int(straight)}", "remap_bwd_kernel", dtype, arch,
                             {**bwd_io, **params, **sizes}, flags))
             # Forward + statistics, both per-channel layouts (the int64 loop bounds included).
             ws = {"ws_amax_ptr": "*i32", "ws_remapped_ptr": "*i64", "ws_sum_ptr": "*fp64",
                   "ws_sumsq_ptr": "*fp64"}
-            for layout, width in ((K.LAYOUT_COLS, COLS_C), (K.LAYOUT_ROWS, ROWS_INNER)):
-                block_r, block_k = K.stats_partition(layout, 4096, width, 4, config)[:2]
-                flags = dict(base, ACT=K.ACT_CODES["gelu"], LAYOUT=layout, HAS_CENTER=True,
-                             PER_CHANNEL=True, BLOCK_R=block_r, BLOCK_K=block_k)
-                sig = {**io, **params, **ws, **sizes, "span": "i32", "n_parts": "i32"}
-                out.append((f"stats-gelu-layout{layout}", "remap_stats_kernel", dtype, arch, sig,
-                            flags))
+            for act in ("gelu", "gelu_tanh"):
+                for layout, width in ((K.LAYOUT_COLS, COLS_C), (K.LAYOUT_ROWS, ROWS_INNER)):
+                    block_r, block_k = K.stats_partition(layout, 4096, width, 4, config)[:2]
+                    flags = dict(base, ACT=K.ACT_CODES[act], LAYOUT=layout, HAS_CENTER=True,
+                                 PER_CHANNEL=True, BLOCK_R=block_r, BLOCK_K=block_k,
+                                 MATH_F64=K.math_f64(act, TORCH_DTYPES[dtype]))
+                    sig = {**io, **params, **ws, **sizes, "span": "i32", "n_parts": "i32"}
+                    out.append((f"stats-{act}-layout{layout}", "remap_stats_kernel", dtype, arch,
+                                sig, flags))
         out.append(("finalize", "stats_finalize_kernel", "fp32", arch,
                     {"ws_amax_ptr": "*i32", "ws_remapped_ptr": "*i64", "ws_sum_ptr": "*fp64",
                      "ws_sumsq_ptr": "*fp64", "amax_ptr": "*fp32", "remapped_ptr": "*i64",
@@ -246,15 +248,17 @@ def test_gpu_math_is_libdevice_and_ieee_division(compiled):
     """erf from libdevice, and float32 divisions correctly rounded (not div.full / div.approx)."""
     for arch in ARCHS:
         assert "__nv_erff" in compiled[("fwd-gelu-flat", "fp32", arch)]["libdevice_calls"]
-        for name in ("fwd-silu-flat", "bwd-silu-st0", "bwd-gelu_tanh-st0", "fwd-gelu_tanh-flat"):
+        tanh_gelu = ("fwd-gelu_tanh-flat", "bwd-gelu_tanh-st0", "stats-gelu_tanh-layout1",
+                     "stats-gelu_tanh-layout2")
+        for name in ("fwd-silu-flat", "bwd-silu-st0") + tanh_gelu:
             for dtype in DTYPES:
-                if (name, dtype) == ("fwd-gelu_tanh-flat", "fp32"):
-                    continue
-                assert compiled[(name, dtype, arch)]["divisions"] == ["div.rn.f32"]
-        # float32 tanh-GELU's forward in float64 (forward_math_f64): libdevice's exp, IEEE division.
-        tanh_gelu = compiled[("fwd-gelu_tanh-flat", "fp32", arch)]
-        assert tanh_gelu["libdevice_calls"] == ["__nv_exp"]
-        assert tanh_gelu["divisions"] == [] and tanh_gelu["f64_divisions"] == ["div.rn.f64"]
+                if name in tanh_gelu and dtype == "fp32":
+                    # In float64 (math_f64): libdevice's exp, IEEE division.
+                    result = compiled[(name, dtype, arch)]
+                    assert result["libdevice_calls"] == ["__nv_exp"], name
+                    assert result["divisions"] == [] and result["f64_divisions"] == ["div.rn.f64"]
+                else:
+                    assert compiled[(name, dtype, arch)]["divisions"] == ["div.rn.f32"], name
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Memory layouts. A normalised ``x`` (see :mod:`lipkern.ops.api`) is dense, so it 
   row rather than once per element (an int64 division is costly on a GPU).
 
 Numerics. The activation is evaluated in the compute type chosen by ``MATH_F64``. On a GPU it is
-float32 (float64 for a float32 tanh-GELU forward: see ``forward_math_f64``) with libdevice's
+float32 (float64 for float32 tanh-GELU: see ``math_f64``) with libdevice's
 ``expf`` / ``erff`` and correctly rounded division (Triton's own
 ``tl.exp`` is ``ex2.approx`` of a rounded ``x * log2(e)``, which loses ulps as ``|x|`` grows, and
 its float32 ``/`` is ``div.full``). Under the interpreter, libdevice does not exist, so the same
@@ -452,9 +452,11 @@ def _bf16_bits(t):
     return INTERPRETED and t.dtype == torch.bfloat16
 
 
-def forward_math_f64(act, dtype):
-    """Whether the forward evaluates ``act`` in float64: always under the interpreter (it has no
-    libdevice), and on a GPU for float32 tanh-GELU. Its float32 ``exp(-2u)`` carries u's
+def math_f64(act, dtype):
+    """Whether the kernels evaluate ``act`` in float64: always under the interpreter (it has no
+    libdevice), and on a GPU for float32 tanh-GELU, in the forward, the statistics and the
+    backward alike (the backward's mask must be the forward's decision, on the same value).
+    Its float32 ``exp(-2u)`` carries u's
     rounding magnified by ``|2u|``: evaluated so with a correctly rounded expf, 1.1-1.4 % of
     ``randn * 3`` inputs came out over an ulp from PyTorch's (CPU) result and over an ulp less
     accurate (its formula, ``0.5 x (1 + tanh(u))``, errs elsewhere), all at x in [-3, 1.06].
@@ -512,7 +514,7 @@ def remap_forward(x, threshold, center, act, channel_dim, out=None):
         threshold if center is None else center, n_rows, n_cols, C,
         ACT=ACT_CODES[act], LAYOUT=layout, HAS_CENTER=center is not None,
         PER_CHANNEL=per_channel, BF16_BITS=_bf16_bits(dense),
-        MATH_F64=forward_math_f64(act, dense.dtype),
+        MATH_F64=math_f64(act, dense.dtype),
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=CONFIG.num_warps,
     )
     if target is not y:
@@ -535,7 +537,8 @@ def remap_backward(grad_y, x, threshold, center, act, channel_dim, straight_thro
         threshold if center is None else center, n_rows, n_cols, C,
         ACT=ACT_CODES[act], LAYOUT=layout, HAS_CENTER=center is not None,
         PER_CHANNEL=per_channel, STRAIGHT_THROUGH=bool(straight_through),
-        BF16_BITS=_bf16_bits(dense), DY_BF16_BITS=_bf16_bits(grad_y), MATH_F64=INTERPRETED,
+        BF16_BITS=_bf16_bits(dense), DY_BF16_BITS=_bf16_bits(grad_y),
+        MATH_F64=math_f64(act, dense.dtype),
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=CONFIG.num_warps,
     )
     if target is not dx:
@@ -591,7 +594,7 @@ def remap_stats(x, threshold, center, act, channel_dim):
         n_rows, n_cols, C, span, n_parts,
         ACT=ACT_CODES[act], LAYOUT=layout, HAS_CENTER=center is not None,
         PER_CHANNEL=per_channel, BF16_BITS=_bf16_bits(dense),
-        MATH_F64=forward_math_f64(act, dense.dtype),
+        MATH_F64=math_f64(act, dense.dtype),
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=CONFIG.num_warps,
     )
     stats_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK),)](
