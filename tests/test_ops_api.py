@@ -302,3 +302,21 @@ def test_numbers_of_every_kind_are_thresholds_and_straight_through_is_a_bool():
     for bad in ("no", 1, None):
         with pytest.raises(TypeError, match="straight_through must be a bool"):
             lipkern.remap_act(x, 0.25, "gelu", straight_through=bad)
+
+
+def test_forward_mode_under_torch_compile():
+    """Compiled, torch.func.jvp and grad take the reference too (the compiled jvp gave zero
+    tangents, the compiled grad refused the C++ autograd)."""
+    from lipkern.ops import reference
+
+    x, v = torch.randn(5, 6) * 2, torch.randn(5, 6)
+    threshold = torch.rand(6) * 0.5
+
+    def f(z):
+        return lipkern.remap_act(z, threshold, "gelu", None, -1)
+
+    rule = reference.remap_act_backward_reference(v, x, threshold, None, "gelu", 1, False)
+    jvp = torch.compile(lambda a, b: torch.func.jvp(f, (a,), (b,))[1], backend="aot_eager")
+    assert torch.allclose(jvp(x, v), rule, rtol=1e-6, atol=1e-6)
+    grad = torch.compile(torch.func.grad(lambda z: (f(z) * v).sum()), backend="aot_eager")
+    assert torch.allclose(grad(x), rule, rtol=1e-6, atol=1e-6)
