@@ -167,9 +167,9 @@ def _differentiated_by_transform() -> bool:
     or another ``torch.func`` transform (``grad``, ``vmap``, ...) is active. The ops' autograd
     is reverse mode only, registered in C++ for CPU tensors, which forward-mode AD passes by with
     a zero tangent and functorch refuses; the reference is plain PyTorch, which every transform
-    differentiates, by the rule the kernels' backward implements. Dynamo traces both reads
-    (a compiled ``torch.func.jvp`` takes the reference too), without a graph break, in about
-    70 ns."""
+    differentiates, by the rule the kernels' backward implements. The two reads cost about 70 ns
+    a call; dynamo traces them without a graph break (a compiled ``torch.func.jvp`` takes the
+    reference too)."""
     return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
