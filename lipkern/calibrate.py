@@ -595,17 +595,12 @@ def _expected_channels(module: lnn.RemapAct) -> Optional[int]:
     return module.expected_channels
 
 
-# Modes a layer holds only while a scan runs (calibrate, measure_remapped): a model loaded in
-# one of them would gather statistics instead of remapping.
-_SCANNING_MODES = ("calibrate", "monitor")
-
-
-def _refuse_scanning(layers, what: str, remedy: str) -> None:
-    """A ValueError naming the first of ``layers`` ((name, mode) pairs or modules) that is in
-    the middle of a scan."""
-    for name, layer in layers:
-        mode = layer if isinstance(layer, str) else layer.mode
-        if mode in _SCANNING_MODES:
+def _refuse_scanning(modes, what: str, remedy: str) -> None:
+    """A ValueError naming the first layer of ``modes`` ((name, mode) pairs) in mode
+    "calibrate", which a layer holds only while a calibration scan runs: loaded so, a model would
+    gather statistics instead of remapping."""
+    for name, mode in modes:
+        if mode == "calibrate":
             raise ValueError(
                 f"lipkern.{what}: layer {name!r} is in mode {mode!r}, the middle of a scan; "
                 f"{remedy}"
@@ -630,7 +625,8 @@ def save_calibration(model: nn.Module, path) -> None:
                 "no converted layer holds a calibration to save; run lipkern.calibrate (or "
                 "load_calibration) first"
             )
-        _refuse_scanning(modules, "save_calibration", "save it once the scan has finished")
+        _refuse_scanning([(name, module.mode) for name, module in modules], "save_calibration",
+                         "save it once the scan has finished")
         tensors = {}
         for name, module in modules:
             for buffer in _SAVED_BUFFERS:

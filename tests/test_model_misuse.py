@@ -403,9 +403,9 @@ def test_concurrent_calibration_of_one_model_is_refused(tmp_path):
 
 
 def test_a_calibration_mid_scan_is_neither_saved_nor_loaded(tmp_path):
-    """A layer in the middle of a scan ("calibrate" or "monitor" mode) is not saved, and a file
-    that holds one (written before this check) is not loaded: the model would gather
-    statistics instead of remapping."""
+    """A layer in the middle of a scan (mode "calibrate") is not saved, and a file that holds
+    one (written before this check) is not loaded: the model would gather statistics instead
+    of remapping. A malformed mode is refused as such."""
     import json
 
     from safetensors import safe_open
@@ -423,13 +423,14 @@ def test_a_calibration_mid_scan_is_neither_saved_nor_loaded(tmp_path):
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     layers = json.loads(metadata["layers"])
-    for mode in ("calibrate", "monitor"):
+    for mode, message in (("calibrate", "in mode 'calibrate'.*was saved mid-scan"),
+                          (None, "mode must be one of"), (7, "mode must be one of")):
         layers[-1]["mode"] = mode
         mid_scan = tmp_path / f"{mode}.safetensors"
         save_file(tensors, str(mid_scan), metadata={**metadata, "layers": json.dumps(layers)})
         fresh = _calibrated()
         before = _state(fresh)
-        with pytest.raises(ValueError, match=f"in mode '{mode}'.*was saved mid-scan"):
+        with pytest.raises(ValueError, match=message):
             lipkern.load_calibration(fresh, mid_scan)
         _assert_same_state(fresh, before)
     lipkern.load_calibration(_model(), good)
