@@ -191,14 +191,17 @@ class RemapAct(nn.Module):
             raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
         if compile_form not in COMPILE_FORMS:
             raise ValueError(f"compile_form must be one of {COMPILE_FORMS}, got {compile_form!r}")
+        for name, flag in (("inplace", inplace), ("straight_through", straight_through)):
+            if not isinstance(flag, bool):  # bool("no") would be True
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         # Checked here, not at the first call: a layer in "off" mode would never report it.
         check_backend(backend)
         self.act = act
         self.channel_dim = channel_dim
         self.mode = mode
-        self.inplace = bool(inplace)
+        self.inplace = inplace
         self.backend = backend
-        self.straight_through = bool(straight_through)
+        self.straight_through = straight_through
         self.compile_form = compile_form
         self.layer_name = layer_name or type(self).__name__
         # The channel count a layer is known to read before any calibration (an input remap's

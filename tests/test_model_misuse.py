@@ -508,3 +508,12 @@ def test_per_channel_calibration_stops_where_the_inferred_axis_is_not_the_inputs
     lipkern.calibrate(model, data, granularity="channel", progress=False)
     channels = model.conv.out_channels
     assert model.get_submodule(layer).threshold.shape == (channels,)
+
+
+@pytest.mark.parametrize("flag", ["inplace", "straight_through"])
+def test_layer_flags_must_be_bools(flag):
+    """bool("no") would be True."""
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool, got"):
+            RemapAct("relu", **{flag: bad})
+    assert getattr(RemapAct("relu", **{flag: True}), flag) is True
