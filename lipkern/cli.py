@@ -268,7 +268,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prefer_triton_interpreter()
     _quiet_cuda_home_warning()
-    if argv and argv[0] in ("verify", "bench", "eval"):
+    asks_for_help = any(arg in ("-h", "--help") for arg in argv)
+    if argv and argv[0] in ("verify", "bench", "eval") and not asks_for_help:
         error = _cpu_build_error()
         if error:
             print(f"lipkern {argv[0]}: {error}", file=sys.stderr)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU validation kit, for a CUDA machine with nothing but this repository:
 #   bash scripts/gpu_check.sh OUTDIR [--dry-run]
-# 1. picks the Python: LIPKERN_GPU_PYTHON if set; else python3 where it already has triton and a
-#    torch that sees a CUDA GPU (a GPU image, offline too: nothing is installed and the C++
-#    extension is not built, since the Triton path does not need it); else sets up .venv as
-#    scripts/run.sh does (pinned requirements and the extension: a first set-up downloads
-#    several GB, outside the time below). It prints the versions in use and stops (exit 4)
-#    unless torch sees a CUDA GPU;
+# 1. picks the Python: LIPKERN_GPU_PYTHON if set; else python3 where it already has triton,
+#    pytest-xdist and a torch that sees a CUDA GPU (a GPU image, offline too: nothing is
+#    installed and the C++ extension is not built, since the Triton path does not need it);
+#    else sets up .venv as scripts/run.sh does (pinned requirements and the extension: a
+#    first set-up downloads several GB, outside the time below). It prints the versions in
+#    use and stops (exit 4) unless torch sees a CUDA GPU;
 # 2. runs the GPU tests (tests/test_triton_gpu.py), JUnit XML and log in OUTDIR; the log names
 #    each test as it finishes, so one cut off by the time limit still says how far it got, and
 #    a run in which no test passed (all skipped, say) fails (exit 5);
@@ -41,10 +41,11 @@ if [ -n "$dry_run" ]; then
   export TRITON_INTERPRET=1
 fi
 
-has_triton_and_a_gpu='import torch, triton; raise SystemExit(0 if torch.cuda.is_available() else 1)'
+# What the kit runs: torch seeing a GPU, triton, and pytest with xdist for the tests.
+ready='import torch, triton, pytest, xdist; raise SystemExit(0 if torch.cuda.is_available() else 1)'
 if [ -n "${LIPKERN_GPU_PYTHON:-}" ]; then
   python=$LIPKERN_GPU_PYTHON
-elif [ -z "$dry_run" ] && python3 -c "$has_triton_and_a_gpu" 2>/dev/null; then
+elif [ -z "$dry_run" ] && python3 -c "$ready" 2>/dev/null; then
   python=python3
 else
   MAX_JOBS=${MAX_JOBS:-$(nproc)} bash scripts/run.sh setup
@@ -81,8 +82,10 @@ if [ -n "$dry_run" ]; then
   "$python" -m pytest -q -p no:cacheprovider --collect-only tests/test_triton_gpu.py \
     > "$out/gpu_tests.log" 2>&1 || tests=$?
 else
-  # Workers compile the many kernel specialisations of the tests in parallel.
-  timeout 240 "$python" -m pytest -v -p no:cacheprovider -n "$(nproc)" tests/test_triton_gpu.py \
+  # Workers compile the many kernel specialisations of the tests in parallel; each holds a
+  # CUDA context, so not one per core of a large node.
+  workers=$(( $(nproc) < 16 ? $(nproc) : 16 ))
+  timeout 240 "$python" -m pytest -v -p no:cacheprovider -n "$workers" tests/test_triton_gpu.py \
     --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || tests=$?
   if [ "$tests" -eq 0 ] && ! grep -q " PASSED " "$out/gpu_tests.log"; then
     echo "gpu_check.sh: no GPU test passed (all skipped?): see $out/gpu_tests.log" >&2

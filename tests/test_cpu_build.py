@@ -95,3 +95,12 @@ def test_bad_16bit_method_override_is_a_clear_error():
     result = _in_subprocess("LIPKERN_CPU_16BIT", "fastest", "cpu_16bit_method")
     assert result.returncode != 0
     assert "LIPKERN_CPU_16BIT" in result.stderr and "'grid', 'table' or 'auto'" in result.stderr
+
+
+def test_help_works_whatever_the_override():
+    result = subprocess.run(
+        [sys.executable, "-m", "lipkern", "bench", "--help"],
+        env=dict(os.environ, LIPKERN_CPU_CAPABILITY="AVX9000"), capture_output=True, text=True,
+        cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 0 and "--backend" in result.stdout, result.stderr

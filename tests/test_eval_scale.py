@@ -217,7 +217,8 @@ def test_cuda_without_a_gpu_is_a_clear_error_at_once(capsys):
     with pytest.raises(EvalInputError, match="^device: cannot parse 'tpu'"):
         evaluate(_tiny_model(), (x, y), (x, y), device="tpu")
     assert cli_eval.main(["--device", "cuda:1", "--no-progress", "--out", "/nonexistent/never-written"]) == 2
-    assert "--device=cuda:1: no CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--device=cuda:1: no CUDA GPU" in err and err.rstrip().endswith("use --device=cpu")
 
 
 @needs_gpu

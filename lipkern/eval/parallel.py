@@ -36,7 +36,7 @@ def resolve_device(spec: str | torch.device | None, local_rank: int = 0, argumen
         raise DeviceError(f"{argument}: {text!r} is not supported; give auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         raise DeviceError(f"{argument}={text}: no CUDA GPU is available on this machine "
-                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use cpu")
+                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use {argument}=cpu")
     if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DeviceError(f"{argument}={text}: under several processes each rank takes cuda:LOCAL_RANK; give "
                           "cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
