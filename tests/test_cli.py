@@ -351,18 +351,19 @@ def test_bad_arguments_fail_before_any_work(monkeypatch, capsys, argv, message):
 
 
 
-@pytest.mark.parametrize("cores, threads, load, after, warned", [
-    (2, 1, 0.8, False, False),   # another process on the core torch leaves free
-    (2, 1, 1.7, False, True),    # ... and more, on torch's core too
-    (2, 1, 1.8, True, False),    # read after the run: its own thread counts in the load
-    (2, 2, 0.7, False, True),    # every core is torch's: any other process competes
-    (16, 4, 8.0, False, False),
+@pytest.mark.parametrize("cores, threads, load, seconds, warned", [
+    (2, 1, 0.8, 0, False),     # another process on the core torch leaves free
+    (2, 1, 1.7, 0, True),      # ... and more, on torch's core too
+    (2, 1, 1.8, 600, False),   # read after a long run: its own thread counts in full
+    (2, 1, 1.8, 10, True),     # after 10 s the average holds 15 % of it: others compete
+    (2, 2, 0.7, 0, True),      # every core is torch's: any other process competes
+    (16, 4, 8.0, 0, False),
 ])
 def test_busy_warning_counts_the_cores_torch_leaves_free(monkeypatch, capsys, cores, threads,
-                                                        load, after, warned):
+                                                        load, seconds, warned):
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    bench.warn_if_busy(load, includes_this_run=after)
+    bench.warn_if_busy(load, seconds_of_this_run=seconds)
     assert ("timings are unreliable" in capsys.readouterr().out) == warned
 
 

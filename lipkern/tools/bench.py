@@ -709,14 +709,15 @@ def steady_allocator() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def warn_if_busy(load: float, includes_this_run: bool = False) -> None:
+def warn_if_busy(load: float, seconds_of_this_run: float = 0.0) -> None:
     """Warn when other processes need more cores than torch's threads leave free: one process
     competing for torch's cores stalls OpenMP's barriers, and a 60 us kernel can take a
-    scheduler time slice (~15 ms), so such timings mean nothing. ``includes_this_run``: the
-    load average was read after the timings, which count in it as torch's threads."""
+    scheduler time slice (~15 ms), so such timings mean nothing. ``seconds_of_this_run``: the
+    load average was read after timings that ran this long, which count in it as torch's
+    threads weighted by how far the 1-minute average has caught up with them."""
     threads = torch.get_num_threads()
     cores = os.cpu_count() or threads
-    others = load - threads if includes_this_run else load
+    others = load - threads * (1.0 - math.exp(-seconds_of_this_run / 60.0))
     if others > cores - threads + 0.5:
         print(
             f"warning: 1-minute load average {load:.1f} on {cores} cores with {threads} torch "
@@ -747,7 +748,7 @@ def run(args) -> dict:
         + (f", C++ build {build['capability']} (16-bit: {build['16bit_method']})" if build else "")
         + ("" if steady else " (no glibc mallopt: timings may depend on candidate order)")
     )
-    load_before = os.getloadavg()[0]
+    load_before, started = os.getloadavg()[0], time.perf_counter()
     warn_if_busy(load_before)
     results = []
     for shape in shapes:
@@ -765,7 +766,7 @@ def run(args) -> dict:
     print("\neffective bandwidth, GB/s (bytes an ideal kernel moves / median time; % of copy_'s):")
     print(format_bandwidth(results))
     load_after = os.getloadavg()[0]
-    warn_if_busy(load_after, includes_this_run=True)
+    warn_if_busy(load_after, seconds_of_this_run=time.perf_counter() - started)
     report = {
         "load_average_1min": [load_before, load_after],
         "device": "cpu",
