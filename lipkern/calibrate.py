@@ -237,12 +237,13 @@ def _on(device, value):
 
 
 def _run_batch(model: nn.Module, batch, index: int, device) -> None:
-    """``model(x)`` for a tensor or an ``(x, y, ...)`` tuple, ``model(**batch)`` for a mapping
-    (a Hugging Face ``BatchEncoding``: input ids with their attention mask)."""
-    if isinstance(batch, collections.abc.Mapping):
-        model(**{key: _on(device, value) for key, value in batch.items()})
-        return
+    """``model(x)`` for a tensor ``x`` or an ``(x, y, ...)`` tuple, ``model(**x)`` for a mapping
+    (a Hugging Face ``BatchEncoding``: input ids with their attention mask), alone or first in a
+    tuple."""
     x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(x, collections.abc.Mapping):
+        model(**{key: _on(device, value) for key, value in x.items()})
+        return
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"data batch {index}: expected a tensor, an (x, y, ...) tuple whose first item is "
@@ -349,7 +350,10 @@ class _ChannelAxes:
         self._handles = []
         for name, module in _unwrapped(model).named_modules():
             layout = layout_of_type(module)
-            if layout is not None:
+            # A LayerNorm over [C, H, W] normalises no one axis: its output's channels are
+            # where the model has them.
+            spans_axes = isinstance(module, nn.LayerNorm) and len(module.normalized_shape) > 1
+            if layout is not None and not spans_axes:
                 self._handles.append(module.register_forward_hook(self._recorder(name, layout)))
         for name, module in modules:
             if module.kind == "act":
@@ -490,8 +494,10 @@ def _calibrate(
     tracker = lnn.ScanTracker()
     for _, module in modules:
         module.begin_calibration(granularity, statistic, center, tracker)
-    axes = _ChannelAxes(model, modules) if granularity == "channel" else None
+    axes = None
     try:
+        if granularity == "channel":
+            axes = _ChannelAxes(model, modules)
         batches = _scan(
             model, modules, data, max_batches, progress, "lipkern calibrate", True, group,
             (tracker,) if axes is None else (tracker, axes),

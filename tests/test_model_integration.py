@@ -343,7 +343,8 @@ def test_paper_preset_places_input_remaps_on_mlp_blocks():
 
 
 def test_a_text_model_calibrates_on_batches_with_their_attention_mask():
-    """Mapping batches (a BatchEncoding, a plain dict) are passed as keyword arguments, so a text
+    """Mapping batches (a BatchEncoding, a plain dict, first in a tuple with labels) are passed as
+    keyword arguments, so a text
     model's padding is masked during the scan: its statistics are those of a model that applies
     the mask itself, and not those of the ids alone."""
     model, ids = _tiny_bert()
@@ -366,7 +367,7 @@ def test_a_text_model_calibrates_on_batches_with_their_attention_mask():
     def converted():
         return lipkern.convert(copy.deepcopy(model), preset="paper").eval()
 
-    by_keywords = amax_after(converted(), [batch, dict(batch)])
+    by_keywords = amax_after(converted(), [batch, dict(batch), (batch, torch.zeros(2))])
     masked_by_the_model = amax_after(WithMask(converted()), [ids])
     ids_alone = amax_after(converted(), [ids])
     assert by_keywords.keys() == masked_by_the_model.keys() == ids_alone.keys()

@@ -510,6 +510,16 @@ def test_per_channel_calibration_stops_where_the_inferred_axis_is_not_the_inputs
     assert model.get_submodule(layer).threshold.shape == (channels,)
 
 
+def test_a_layer_norm_over_several_axes_fixes_no_channel_axis():
+    """LayerNorm([C, H, W]) normalises no one axis: an activation after it may read channels on
+    axis 1 (set by hand) without the per-channel scan objecting."""
+    torch.manual_seed(0)
+    model = lipkern.convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm([4, 8, 8]), nn.ReLU()))
+    model[2].channel_dim = 1
+    lipkern.calibrate(model, [torch.randn(2, 3, 8, 8)], granularity="channel", progress=False)
+    assert model[2].threshold.shape == (4,)
+
+
 @pytest.mark.parametrize("flag", ["inplace", "straight_through"])
 def test_layer_flags_must_be_bools(flag):
     """bool("no") would be True."""
