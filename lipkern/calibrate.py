@@ -460,9 +460,12 @@ def calibrate(
 
     ``data``: any iterable of tensors, of ``(x, y, ...)`` tuples (only ``x`` is used) or of
     mappings of the model's keyword arguments (``model(**batch)``: a Hugging Face
-    ``BatchEncoding`` with its attention mask); tensors are moved to the model's device. A
-    model wrapped by ``torch.compile`` is scanned through its original module. ``measure=True`` adds a second pass that fills the report's
+    ``BatchEncoding`` with its attention mask), alone or first in a tuple; tensors are moved to
+    the model's device. A model wrapped by ``torch.compile`` is scanned through its original
+    module. ``measure=True`` adds a second pass over the same batches that fills the report's
     remapped fractions (needs re-iterable data). ``group``: the torch.distributed process group.
+    With ``granularity="channel"`` each activation's input is checked against the channel axis
+    of the layer that made it (:class:`ChannelAxisError`).
     """
     c_r = thresholds.check_ratio(c_r)
     thresholds.check_settings(granularity, statistic, center)
