@@ -462,8 +462,9 @@ def calibrate(
     mappings of the model's keyword arguments (``model(**batch)``: a Hugging Face
     ``BatchEncoding`` with its attention mask), alone or first in a tuple; tensors are moved to
     the model's device. A model wrapped by ``torch.compile`` is scanned through its original
-    module. ``measure=True`` adds a second pass over the same batches that fills the report's
-    remapped fractions (needs re-iterable data). ``group``: the torch.distributed process group.
+    module. ``measure=True`` adds a second pass over data (the same batches unless a loader
+    shuffles them) that fills the report's remapped fractions (needs re-iterable data).
+    ``group``: the torch.distributed process group.
     With ``granularity="channel"`` each activation's input is checked against the channel axis
     of the layer that made it (:class:`ChannelAxisError`).
     """
