@@ -497,9 +497,10 @@ class RemapAct(nn.Module):
             "never calibrated; run lipkern.calibrate(model, data) or load_calibration first"
         )
 
-    def _named(self, error: TypeError) -> TypeError:
-        """The kernels' dtype error with this layer's name: a model moved to float64 reaches it."""
-        return TypeError(f"{self.layer_name} ({type(self).__name__}): {error}")
+    def _named(self, error: Exception) -> Exception:
+        """The ops' error with this layer's name: a model moved to float64 reaches their dtype
+        error, a layer given a channel_dim its input lacks their range error."""
+        return type(error)(f"{self.layer_name} ({type(self).__name__}): {error}")
 
     def _check_channels(self, x: torch.Tensor, error: ValueError) -> None:
         """Raise an error naming this layer when x's channel count is not the calibrated one."""
@@ -539,6 +540,10 @@ class RemapAct(nn.Module):
                 return self._calibrate(x)
             except TypeError as error:
                 raise self._named(error) from None
+            except ValueError as error:
+                if -x.dim() <= self.channel_dim < x.dim():
+                    raise
+                raise self._named(error) from None
         threshold = self._buffers["threshold"]
         if threshold.numel() == 0:
             raise self._not_calibrated()
@@ -564,6 +569,8 @@ class RemapAct(nn.Module):
             )
         except ValueError as error:
             self._check_channels(x, error)
+            if not -x.dim() <= self.channel_dim < x.dim():
+                raise self._named(error) from None
             raise
         except TypeError as error:
             raise self._named(error) from None

@@ -527,3 +527,14 @@ def test_layer_flags_must_be_bools(flag):
         with pytest.raises(TypeError, match=f"{flag} must be a bool, got"):
             RemapAct("relu", **{flag: bad})
     assert getattr(RemapAct("relu", **{flag: True}), flag) is True
+
+
+def test_a_channel_dim_the_input_lacks_names_the_layer():
+    model = lipkern.convert(nn.Sequential(nn.Linear(6, 8), nn.GELU()), channel_dim=5)
+    with pytest.raises(ValueError, match=r"^1 \(RemapAct\): channel_dim=5 is out of range"):
+        lipkern.calibrate(model, [torch.randn(2, 6)], progress=False)
+    model[1].channel_dim = -1
+    lipkern.calibrate(model, [torch.randn(2, 6)], progress=False)
+    model[1].channel_dim = 5
+    with pytest.raises(ValueError, match=r"^1 \(RemapAct\): channel_dim=5 is out of range"):
+        model(torch.randn(2, 6))
