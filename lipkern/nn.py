@@ -118,15 +118,16 @@ class ScanTracker:
     """
 
     def __init__(self):
-        self._outputs: list[tuple[weakref.ref, str]] = []
+        self._outputs: list[tuple[weakref.ref, int, str]] = []
 
     def record(self, y: torch.Tensor, layer_name: str) -> None:
-        self._outputs.append((weakref.ref(y), layer_name))
+        self._outputs.append((weakref.ref(y), y._version, layer_name))
 
     def source_of(self, x: torch.Tensor) -> Optional[str]:
-        """The name of the converted activation whose output ``x`` is, if any."""
-        for ref, name in self._outputs:
-            if ref() is x:
+        """The name of the converted activation whose output ``x`` is, unchanged since (an
+        in-place op between, such as a LayerScale's ``mul_``, makes it another input), if any."""
+        for ref, version, name in self._outputs:
+            if ref() is x and x._version == version:
                 return name
         return None
 

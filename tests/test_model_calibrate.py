@@ -521,3 +521,29 @@ def test_compile_inductor_matches_eager():
 def test_ratio_validation_message_mentions_interval():
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         _calibrate(_converted(_convnet()), _conv_data(1), c_r=math.pi)
+
+
+class _LayerScaledMlp(nn.Module):
+    """fc1 -> GELU -> a LayerScale applied in place -> fc2: fc2's input is the activation's
+    output tensor, but no longer its values."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
+        self.gamma = nn.Parameter(torch.full((width,), 3.0))
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        return self.fc2(h.mul_(self.gamma))
+
+
+def test_an_input_changed_in_place_after_the_activation_is_remapped_again():
+    """An input remap is redundant only where its input is a converted activation's output
+    unchanged since: after an in-place LayerScale it is scanned and remaps with thresholds of
+    its own."""
+    model = _converted(_LayerScaledMlp().eval(), inputs_of=("fc2",))
+    with torch.no_grad():
+        _calibrate(model, _token_data())
+    remap = model.fc2.input_remap
+    assert not remap.redundant and remap.threshold.numel() == 1
+    assert float(remap.threshold) > float(model.act.threshold)
