@@ -68,7 +68,6 @@ import contextlib
 import itertools
 import json
 import os
-import sys
 import tempfile
 import threading
 import warnings
@@ -183,36 +182,17 @@ def _state_change(modules, what: str):
                 del _BUSY[key]
 
 
-def _is_compiled_wrapper(model: nn.Module) -> bool:
-    # Imported by torch.compile only: a model it wrapped comes after that import.
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside DataParallel, DistributedDataParallel and torch.compile's wrapper, which
-    prefix every name (``module.``, ``_orig_mod.``): calibrations name the layers of the model
-    inside, so a file saved from a wrapped model loads into the bare one, and back."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif _is_compiled_wrapper(model):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _uncompiled(model: nn.Module) -> nn.Module:
     """What a scan runs of a model wrapped by torch.compile: the original module. The graph was
     compiled for the layers' apply mode; a scan's modes would recompile it for one pass, and
     under fullgraph=True fail (the statistics merge under a lock, which dynamo cannot trace)."""
-    while _is_compiled_wrapper(model):
+    while lnn.is_compiled_wrapper(model):
         model = model._orig_mod
     return model
 
 
 def _converted(model: nn.Module) -> list[tuple[str, lnn.RemapAct]]:
-    modules = lnn.remap_modules(_unwrapped(model))
+    modules = lnn.remap_modules(lnn.unwrapped(model))
     if not modules:
         raise ValueError("model has no lipkern RemapAct layers; call lipkern.convert(model) first")
     for name, module in modules:
@@ -348,7 +328,7 @@ class _ChannelAxes:
 
         self._made: list[tuple[weakref.ref, str, type, int]] = []
         self._handles = []
-        for name, module in _unwrapped(model).named_modules():
+        for name, module in lnn.unwrapped(model).named_modules():
             layout = layout_of_type(module)
             # A LayerNorm over [C, H, W] normalises no one axis: its output's channels are
             # where the model has them.

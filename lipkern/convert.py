@@ -90,6 +90,7 @@ from lipkern.nn import (
     is_linear,
     remap_modules,
     remove_input_remap,
+    unwrapped,
 )
 
 ACT_FAMILIES = tuple(act for act in ACTIVATIONS if act != "identity")
@@ -535,7 +536,9 @@ class Description(list):
 
 
 def describe(model: nn.Module) -> Description:
-    """What :func:`convert` did to ``model``: one :class:`LayerInfo` per RemapAct / InputRemap."""
+    """What :func:`convert` did to ``model``: one :class:`LayerInfo` per RemapAct / InputRemap,
+    named as calibrations name them (inside DataParallel's and torch.compile's wrappers)."""
+    model = unwrapped(model)
     layers = remap_modules(model)
     infos = Description()
     wrapped_by = {

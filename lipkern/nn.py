@@ -715,6 +715,27 @@ def remove_input_remap(module: nn.Module) -> None:
     del module.input_remap
 
 
+def is_compiled_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is torch.compile's wrapper (``OptimizedModule``)."""
+    # Imported by torch.compile only: a model it wrapped comes after that import.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel, DistributedDataParallel and torch.compile's wrapper, which
+    prefix every name (``module.``, ``_orig_mod.``): calibrations, reports and ``describe``
+    name the layers of the model inside, so a file saved from a wrapped model loads into the
+    bare one, and back."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif is_compiled_wrapper(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def remap_modules(model: nn.Module) -> list[tuple[str, RemapAct]]:
     """``(qualified name, module)`` of every RemapAct in ``model``, each object once."""
     if not isinstance(model, nn.Module):

@@ -273,3 +273,11 @@ def test_apply_mode_calls_the_cpu_kernels_directly(monkeypatch, inplace, straigh
     layer.threshold = torch.zeros(0)
     with pytest.raises(RuntimeError, match="never calibrated"):
         layer(x)
+
+
+def test_describe_names_the_layers_inside_wrappers():
+    """As calibrations and reports do: no module. or _orig_mod. prefix."""
+    model = convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    names = [info.name for info in describe(model)]
+    for wrapped in (nn.DataParallel(model), torch.compile(model)):
+        assert [info.name for info in describe(wrapped)] == names == ["1"]
