@@ -189,10 +189,12 @@ def _resolve_backend(backend, x: torch.Tensor) -> Backend:
 
 def _runs_cpu_kernels(backend, x: torch.Tensor) -> bool:
     """Whether ``backend`` runs ``x`` on the C++ kernels, which check x, the thresholds and the
-    centres themselves (so a pre-checked caller may skip the API's checks)."""
+    centres themselves (so a pre-checked caller may skip the API's checks). ``"auto"`` means
+    the C++ kernels for every CPU tensor (:func:`_auto_backend`), asked here without building
+    its answer on every layer call."""
     return (
         x.is_cpu
-        and (backend == "cpu" or (backend == "auto" and _auto_backend(x) == "cpu"))
+        and (backend == "cpu" or backend == "auto")
         and _ext.missing_reason() is None
         and not _differentiated_by_transform()
     )
