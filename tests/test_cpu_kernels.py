@@ -186,6 +186,34 @@ def test_stats_of_rows_over_many_tiles_and_blocks_equal_the_reference(capability
             assert verdict.ok, (shape, c is None, verdict)
 
 
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
+def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, act, dtype):
+    """The sums add at most 16 steps in fp32 before widening to float64 (csrc/cpu/stats_blocks.h,
+    LaneSums). Magnitudes from 2^60 on would overflow 16 fp32 squares, so their steps widen at
+    once: one channel of 2^62, one mixing 2^62 into ordinary values (its other steps stay in
+    fp32). One channel's squares fall below fp32's normal range. The last starts with 2^24 and
+    continues with 1.0: fp32 sums that went on past 16 terms would drop every later 1.0 (an
+    error of 2^-17 of the sum or more), 16-term ones drop at most 15 of them, within the rule.
+    [rows, C] (the lanes walk) and NCHW (the row walk, 32 lanes per channel)."""
+    rows = 4099
+    x = torch.randn(rows, 4, generator=torch.Generator().manual_seed(7))
+    x[:, 0] = 2.0**62  # 16 squares: 2^128, beyond fp32
+    x[::37, 1] = 2.0**62
+    x[:, 2] = 3e-25 * x[:, 2]
+    x[:, 3] = 1.0
+    x[0, 3] = 2.0**24
+    threshold = torch.tensor([0.5, 0.5, 1e-25, 0.5])
+    x = x.to(dtype)
+    for case, channel_dim in ((x, 1), (x.t().reshape(1, 4, rows, 1).contiguous(), 1)):
+        for center in (None, torch.tensor([0.0, 0.25, 0.0, 0.0])):
+            stats = torch.ops.lipkern.remap_act_stats(case, threshold, center, act, channel_dim)
+            verdict = compare_stats(stats[1:], case, threshold, center, act, channel_dim)
+            assert verdict.ok, (case.shape, center is None, verdict)
+            assert stats[5][:2].isfinite().all()  # sumsq of the 2^62 channels
+
+
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 @pytest.mark.parametrize("channel_dim", [1, 3])
 def test_stats_do_not_depend_on_thread_count(act, channel_dim):
