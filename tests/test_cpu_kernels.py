@@ -191,27 +191,30 @@ def test_stats_of_rows_over_many_tiles_and_blocks_equal_the_reference(capability
 @pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
 def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, act, dtype):
     """The sums add at most 16 steps in fp32 before widening to float64 (csrc/cpu/stats_blocks.h,
-    LaneSums). Magnitudes from 2^60 on would overflow 16 fp32 squares, so their steps widen at
-    once: one channel of 2^62, one mixing 2^62 into ordinary values (its other steps stay in
-    fp32). One channel's squares fall below fp32's normal range. The last starts with 2^24 and
-    continues with 1.0: fp32 sums that went on past 16 terms would drop every later 1.0 (an
-    error of 2^-17 of the sum or more), 16-term ones drop at most 15 of them, within the rule.
-    [rows, C] (the lanes walk) and NCHW (the row walk, 32 lanes per channel)."""
+    LaneSums). Magnitudes from 2^60 on could overflow 16 fp32 squares, so their steps widen at
+    once: a channel of 2^62 (16 squares: 2^128, beyond fp32), and one mixing 2^62 into ordinary
+    values, whose other steps stay in fp32. Then a channel whose squares fall below fp32's normal
+    range, and one that starts with 2^24 and continues with 1.0: fp32 sums that went on past 16
+    terms would drop every later 1.0 (2^-17 of the sum or more), 16-term ones drop at most 15 of
+    them, within the rule. Each kind apart, so that no other kind's 2^62 widens its steps, in two
+    channels ([rows, 1] is walked flat): [rows, 2] (the lanes walk) and NCHW (the row walk, 32
+    lanes per channel)."""
     rows = 4099
-    x = torch.randn(rows, 4, generator=torch.Generator().manual_seed(7))
-    x[:, 0] = 2.0**62  # 16 squares: 2^128, beyond fp32
-    x[::37, 1] = 2.0**62
-    x[:, 2] = 3e-25 * x[:, 2]
-    x[:, 3] = 1.0
-    x[0, 3] = 2.0**24
-    threshold = torch.tensor([0.5, 0.5, 1e-25, 0.5])
-    x = x.to(dtype)
-    for case, channel_dim in ((x, 1), (x.t().reshape(1, 4, rows, 1).contiguous(), 1)):
-        for center in (None, torch.tensor([0.0, 0.25, 0.0, 0.0])):
-            stats = torch.ops.lipkern.remap_act_stats(case, threshold, center, act, channel_dim)
-            verdict = compare_stats(stats[1:], case, threshold, center, act, channel_dim)
-            assert verdict.ok, (case.shape, center is None, verdict)
-            assert stats[5][:2].isfinite().all()  # sumsq of the 2^62 channels
+    base = torch.randn(rows, generator=torch.Generator().manual_seed(7))
+    mixed = base.clone()
+    mixed[::37] = 2.0**62
+    stall = torch.ones(rows)
+    stall[0] = 2.0**24
+    channels = (torch.full((rows,), 2.0**62), mixed, 3e-25 * base, stall)
+    for values, threshold in zip(channels, (0.5, 0.5, 1e-25, 0.5)):
+        x = torch.stack([values, values], 1).to(dtype)
+        threshold = torch.tensor([threshold, threshold])
+        for case in (x, x.t().reshape(1, 2, rows, 1).contiguous()):
+            for center in (None, torch.tensor([0.25, 0.25])):
+                stats = torch.ops.lipkern.remap_act_stats(case, threshold, center, act, 1)
+                verdict = compare_stats(stats[1:], case, threshold, center, act, 1)
+                assert verdict.ok, (case.shape, float(values[1]), center is None, verdict)
+                assert stats[5].isfinite().all()
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])
@@ -1052,7 +1055,7 @@ def test_remap_on_bit_patterns_equals_the_reference(capability, dtype, act):
     stores x's own bits as the forward does, NaN payloads too (elsewhere the round trip through
     fp32 quiets a signalling NaN). Its statistics, which AVX-512 also takes on the 16-bit bits,
     equal the reference's: the magnitude max and the remap counts exactly (NaN, -0, subnormals
-    and values at the bounds included), the sums within the float64 rule."""
+    and values at the bounds included), the sums within the rule (SUM_RTOL)."""
     finfo = torch.finfo(dtype)
     tie = torch.tensor(0.1, dtype=dtype)
     between = (float(tie) + float(tie.nextafter(torch.tensor(1.0, dtype=dtype)))) / 2

@@ -79,11 +79,12 @@ C10_ALWAYS_INLINE double lane_sum(const dVec& v) {
 
 // A chunk's lane sums and sums of squares of the activations, 32 lanes (a step's two fp32
 // vectors): in fp32 over at most kPartialTerms steps, then widened into fp64 lanes (METHOD.md
-// section 4: fp32 inside a block, fp64 across). The fp32 part adds at most 16 terms from zero,
-// so it errs by less than 16 x 2^-24 of their sum of |a| (of a^2), plus 2^-150 a term where a
-// square falls below fp32's normal range; fp64 carries everything longer, so a scan's sums do
-// not stall the way fp32 ones do. A step with a lane of |a| >= kPartialBound (inf included) is
-// widened at once, since 16 squares of it could overflow fp32. Widening every step (the sums
+// section 4: fp32 inside a block, fp64 across). The fp32 part adds at most 16 terms from zero
+// (15 roundings for the sums, 16 for the squares' fmadd chain), so it errs by at most 16 x 2^-24
+// of their sum of |a| (of a^2), plus 2^-150 a term where a square falls below fp32's normal
+// range; fp64 carries everything longer, so a scan's sums do not stall the way fp32 ones do. A
+// step with a lane of |a| >= kPartialBound is widened at once, since 16 squares of it could
+// overflow fp32 (fp16 never gets there; an fp16 inf gives inf either way). Widening every step (the sums
 // within 1e-12 of fp64) took 19 of the 33 vector instructions of bf16 ReLU's step and left
 // fwd+stats 1.3-1.6x the forward for 16 bits.
 constexpr int kPartialTerms = 16;
@@ -161,8 +162,8 @@ struct BlockSlots {
 
 // The amax accumulators' max. It may drop a NaN operand (AVX-512's vmaxps returns its second
 // operand then), which costs less than propagating it: a NaN activation also makes the channel's
-// fp64 sum of squares NaN (nothing else can: squares are >= 0 and cannot overflow fp64), and the
-// final combine sets amax to NaN from there.
+// fp64 sum of squares NaN (nothing else can: squares are >= 0, and LaneSums keeps their fp32
+// partials finite), and the final combine sets amax to NaN from there.
 C10_ALWAYS_INLINE fVec max_of_finite(const fVec& a, const fVec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_max_ps(a, b);
