@@ -26,8 +26,8 @@ live in ``state_dict``. Their shapes are only known after calibration, so loadin
 resizes them. A layer that holds no calibration may be absent from a state dict it loads (the
 original model's, strictly), and keeps its uncalibrated state. ``Module.to(dtype)`` /
 ``.half()`` move them between devices but never change their dtypes: thresholds and maxima stay
-float32, counts int64 and sums float64 (contract: statistics never accumulate in the storage
-dtype).
+float32, counts int64 and sums float64 (contract: a model's dtype never becomes its statistics'
+dtype; batches and processes merge in float64).
 
 Statistics layout: ``granularity="channel"`` keeps one entry per channel of ``channel_dim``;
 ``granularity="tensor"`` pools every call's statistics into one entry (so a module object shared by
