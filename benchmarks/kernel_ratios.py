@@ -31,6 +31,7 @@ import time
 import torch
 
 import lipkern  # noqa: F401  (registers torch.ops.lipkern)
+from lipkern import _ext
 from lipkern.tools.bench import steady_allocator
 from lipkern.tools.table import format_table
 
@@ -141,6 +142,10 @@ def main() -> None:
     # (fp32 4096 x 1024 fwd+stats with a zero threshold: 4.5-5.2 ms, 1.0-1.6 ms otherwise).
     if not steady_allocator():
         print("no glibc mallopt: timings may include page faults of fresh outputs")
+    # Which build runs: an editable install's finder can load another checkout's extension than
+    # the lipkern on PYTHONPATH (an A/B of two builds then times one build twice).
+    kernels = _ext.load()
+    print(f"kernels: {kernels.__file__} ({kernels.cpu_capability()})")
     print(f"inputs: standard normal x {args.scale:g}, {args.threads} threads, "
           f"fwd and bwd on {args.rows}x1024")
     if args.what in ("stats", "all"):
