@@ -15,8 +15,7 @@ namespace {
 // The flat range is cut into blocks whose size depends only on numel; each block accumulates
 // into its own per-channel slots (fp64 sums of short fp32 partials, see LaneSums; fp32 max;
 // remap counts in fp32, exact below 2^24), and the slots are combined block by block in index
-// order. The result is therefore the same
-// for any thread count, bit for bit.
+// order. The result is therefore the same for any thread count, bit for bit.
 
 // A block is one parallel task, so a tensor is cut into at least kStatsBlocksForBalance of them
 // where it can be: with 5 blocks on 2 threads (ViT-tiny's MLP at batch 8, 1.2 M elements) one
@@ -84,9 +83,9 @@ C10_ALWAYS_INLINE double lane_sum(const dVec& v) {
 // of their sum of |a| (of a^2), plus 2^-150 a term where a square falls below fp32's normal
 // range; fp64 carries everything longer, so a scan's sums do not stall the way fp32 ones do. A
 // step with a lane of |a| >= kPartialBound is widened at once, since 16 squares of it could
-// overflow fp32 (fp16 never gets there; an fp16 inf gives inf either way). Widening every step (the sums
-// within 1e-12 of fp64) took 19 of the 33 vector instructions of bf16 ReLU's step and left
-// fwd+stats 1.3-1.6x the forward for 16 bits.
+// overflow fp32 (fp16 never gets there; an fp16 inf gives inf either way). Widening every step
+// (the sums within 1e-12 of fp64) took 19 of the 33 vector instructions of bf16 ReLU's step and
+// left fwd+stats 1.3-1.6x the forward for 16 bits.
 constexpr int kPartialTerms = 16;
 constexpr float kPartialBound = 0x1p60f;
 
