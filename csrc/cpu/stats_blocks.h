@@ -104,27 +104,27 @@ struct LaneSums {
     if (++terms == kPartialTerms) widen_partials();
   }
 
+  // v's 16 lanes widened and added into the float64 lanes acc[0] (its first 8) and acc[1], or
+  // their squares, exact in float64, where `square`.
+  C10_ALWAYS_INLINE static void add_wide(const fVec& v, dVec* acc, bool square) {
+    dVec lo, hi;
+    widen(v, lo, hi);
+    acc[0] = square ? at::vec::fmadd(lo, lo, acc[0]) : acc[0] + lo;
+    acc[1] = square ? at::vec::fmadd(hi, hi, acc[1]) : acc[1] + hi;
+  }
+
   C10_ALWAYS_INLINE void add_widened(const F2& a) {
     const fVec halves[2] = {a.lo, a.hi};
     for (int k = 0; k < 2; ++k) {
-      dVec lo, hi;
-      widen(halves[k], lo, hi);
-      sum[2 * k] = sum[2 * k] + lo;
-      sum[2 * k + 1] = sum[2 * k + 1] + hi;
-      sumsq[2 * k] = at::vec::fmadd(lo, lo, sumsq[2 * k]);
-      sumsq[2 * k + 1] = at::vec::fmadd(hi, hi, sumsq[2 * k + 1]);
+      add_wide(halves[k], sum + 2 * k, false);
+      add_wide(halves[k], sumsq + 2 * k, true);
     }
   }
 
   C10_ALWAYS_INLINE void widen_partials() {
     for (int k = 0; k < 2; ++k) {
-      dVec lo, hi;
-      widen(part_sum[k], lo, hi);
-      sum[2 * k] = sum[2 * k] + lo;
-      sum[2 * k + 1] = sum[2 * k + 1] + hi;
-      widen(part_sumsq[k], lo, hi);
-      sumsq[2 * k] = sumsq[2 * k] + lo;
-      sumsq[2 * k + 1] = sumsq[2 * k + 1] + hi;
+      add_wide(part_sum[k], sum + 2 * k, false);
+      add_wide(part_sumsq[k], sumsq + 2 * k, false);
       part_sum[k] = fVec(0.f);
       part_sumsq[k] = fVec(0.f);
     }
