@@ -84,6 +84,31 @@ C10_ALWAYS_INLINE F2 widen_counts(__m512i v) {
           _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)))};
 }
 
+// The largest of 32 unsigned 16-bit lanes: two halvings, then phminposuw on the complements
+// (the least of 8), 7 instructions where a tree of shuffles and maxima takes 10.
+C10_ALWAYS_INLINE uint16_t lane_max_u16(__m512i v) {
+  const __m256i quarters =
+      _mm256_max_epu16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  const __m128i eighths = _mm_max_epu16(_mm256_castsi256_si128(quarters),
+                                        _mm256_extracti128_si256(quarters, 1));
+  const __m128i complement = _mm_xor_si128(eighths, _mm_set1_epi16(-1));
+  return static_cast<uint16_t>(~_mm_cvtsi128_si32(_mm_minpos_epu16(complement)));
+}
+
+// A 16-bit value's bits as the fp32 value they hold.
+template <typename T>
+C10_ALWAYS_INLINE float bits_to_float(uint16_t bits) {
+  return static_cast<float>(T(bits, T::from_bits()));
+}
+
+// 32 bf16 values as fp32 (exact), the even lanes then the odd ones: bf16 is fp32's upper half,
+// so a shift and a mask widen a 32-bit lane's pair, where widen_bits' in-order widening takes
+// two zero-extensions, their shifts and an extract.
+C10_ALWAYS_INLINE F2 widen_bf16_even_odd(__m512i v) {
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+          _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xffff0000u))))};
+}
+
 // 32 16-bit values as fp32 (exact).
 template <typename T>
 C10_ALWAYS_INLINE F2 widen_bits(__m512i v) {

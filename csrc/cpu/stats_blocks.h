@@ -76,6 +76,39 @@ C10_ALWAYS_INLINE double lane_sum(const dVec& v) {
   return d[0];
 }
 
+// 32 lanes in float64: lo's 16 lanes of an F2 in d0 (its first 8) and d1, hi's in d2 and d3.
+// Named, not an array: GCC keeps an aggregate in registers only where every access has a constant
+// offset, and an array walked in a loop left LaneSums on the stack, a store and a reload per
+// partial and step.
+struct D4 {
+  dVec d0{0.0}, d1{0.0}, d2{0.0}, d3{0.0};
+};
+
+// v's 32 lanes widened and added into acc (exact in float64), or their squares, where `square`.
+C10_ALWAYS_INLINE void add_wide(const F2& v, D4& acc, bool square) {
+  dVec w0, w1, w2, w3;
+  widen(v.lo, w0, w1);
+  widen(v.hi, w2, w3);
+  if (square) {
+    acc.d0 = at::vec::fmadd(w0, w0, acc.d0);
+    acc.d1 = at::vec::fmadd(w1, w1, acc.d1);
+    acc.d2 = at::vec::fmadd(w2, w2, acc.d2);
+    acc.d3 = at::vec::fmadd(w3, w3, acc.d3);
+  } else {
+    acc.d0 = acc.d0 + w0;
+    acc.d1 = acc.d1 + w1;
+    acc.d2 = acc.d2 + w2;
+    acc.d3 = acc.d3 + w3;
+  }
+}
+
+// v's lanes added into slots [first, m) of a run of channels' slots (none where first >= m).
+C10_ALWAYS_INLINE void add_to_slots(double* slots, const dVec& v, int64_t first, int64_t m) {
+  if (first >= m) return;
+  const int64_t n = std::min<int64_t>(dVec::size(), m - first);
+  (dVec::loadu(slots + first, n) + v).store(slots + first, n);
+}
+
 // A chunk's lane sums and sums of squares of the activations, 32 lanes (a step's two fp32
 // vectors): in fp32 over at most kPartialTerms steps, then widened into fp64 lanes (METHOD.md
 // section 4: fp32 inside a block, fp64 across). The fp32 part adds at most 16 terms from zero
@@ -90,56 +123,47 @@ constexpr int kPartialTerms = 16;
 constexpr float kPartialBound = 0x1p60f;
 
 struct LaneSums {
-  fVec part_sum[2], part_sumsq[2];
+  F2 part_sum{fVec(0.f), fVec(0.f)}, part_sumsq{fVec(0.f), fVec(0.f)};
   int terms = 0;
-  dVec sum[4], sumsq[4];
+  D4 sum, sumsq;
 
   // wide: whether a lane of a is at least kPartialBound in magnitude.
   C10_ALWAYS_INLINE void add(const F2& a, bool wide) {
-    if (C10_UNLIKELY(wide)) return add_widened(a);
-    part_sum[0] = part_sum[0] + a.lo;
-    part_sum[1] = part_sum[1] + a.hi;
-    part_sumsq[0] = at::vec::fmadd(a.lo, a.lo, part_sumsq[0]);
-    part_sumsq[1] = at::vec::fmadd(a.hi, a.hi, part_sumsq[1]);
+    if (C10_UNLIKELY(wide)) {
+      add_wide(a, sum, false);
+      add_wide(a, sumsq, true);
+      return;
+    }
+    part_sum = {part_sum.lo + a.lo, part_sum.hi + a.hi};
+    part_sumsq = {at::vec::fmadd(a.lo, a.lo, part_sumsq.lo),
+                  at::vec::fmadd(a.hi, a.hi, part_sumsq.hi)};
     if (++terms == kPartialTerms) widen_partials();
   }
 
-  // v's 16 lanes widened and added into the float64 lanes acc[0] (its first 8) and acc[1], or
-  // their squares, exact in float64, where `square`.
-  C10_ALWAYS_INLINE static void add_wide(const fVec& v, dVec* acc, bool square) {
-    dVec lo, hi;
-    widen(v, lo, hi);
-    acc[0] = square ? at::vec::fmadd(lo, lo, acc[0]) : acc[0] + lo;
-    acc[1] = square ? at::vec::fmadd(hi, hi, acc[1]) : acc[1] + hi;
-  }
-
-  C10_ALWAYS_INLINE void add_widened(const F2& a) {
-    const fVec halves[2] = {a.lo, a.hi};
-    for (int k = 0; k < 2; ++k) {
-      add_wide(halves[k], sum + 2 * k, false);
-      add_wide(halves[k], sumsq + 2 * k, true);
-    }
-  }
-
   C10_ALWAYS_INLINE void widen_partials() {
-    for (int k = 0; k < 2; ++k) {
-      add_wide(part_sum[k], sum + 2 * k, false);
-      add_wide(part_sumsq[k], sumsq + 2 * k, false);
-      part_sum[k] = fVec(0.f);
-      part_sumsq[k] = fVec(0.f);
-    }
+    add_wide(part_sum, sum, false);
+    add_wide(part_sumsq, sumsq, false);
+    part_sum = part_sumsq = {fVec(0.f), fVec(0.f)};
     terms = 0;
   }
 
   // Lane i into slot i of m consecutive channels' slots.
   C10_ALWAYS_INLINE void fold_lanes(double* sum_slots, double* sumsq_slots, int64_t m) {
     widen_partials();
+    add_lanes_to_slots(sum_slots, sumsq_slots, m);
+  }
+
+  // The float64 lanes (widen_partials first) into the slots, lane i into slot i.
+  C10_ALWAYS_INLINE void add_lanes_to_slots(double* sum_slots, double* sumsq_slots, int64_t m) {
     constexpr int64_t kD = dVec::size();
-    for (int64_t k = 0; k < 4 && k * kD < m; ++k) {
-      const int64_t mk = std::min(kD, m - k * kD);
-      (dVec::loadu(sum_slots + k * kD, mk) + sum[k]).store(sum_slots + k * kD, mk);
-      (dVec::loadu(sumsq_slots + k * kD, mk) + sumsq[k]).store(sumsq_slots + k * kD, mk);
-    }
+    add_to_slots(sum_slots, sum.d0, 0, m);
+    add_to_slots(sum_slots, sum.d1, kD, m);
+    add_to_slots(sum_slots, sum.d2, 2 * kD, m);
+    add_to_slots(sum_slots, sum.d3, 3 * kD, m);
+    add_to_slots(sumsq_slots, sumsq.d0, 0, m);
+    add_to_slots(sumsq_slots, sumsq.d1, kD, m);
+    add_to_slots(sumsq_slots, sumsq.d2, 2 * kD, m);
+    add_to_slots(sumsq_slots, sumsq.d3, 3 * kD, m);
   }
 
   // All lanes into one channel's slots, in a fixed order, as trees: a run can be as short as
@@ -147,10 +171,24 @@ struct LaneSums {
   // more than the run.
   C10_ALWAYS_INLINE void fold_run(double& sum_slot, double& sumsq_slot) {
     widen_partials();
-    sum_slot += lane_sum((sum[0] + sum[1]) + (sum[2] + sum[3]));
-    sumsq_slot += lane_sum((sumsq[0] + sumsq[1]) + (sumsq[2] + sumsq[3]));
+    sum_slot += lane_sum((sum.d0 + sum.d1) + (sum.d2 + sum.d3));
+    sumsq_slot += lane_sum((sumsq.d0 + sumsq.d1) + (sumsq.d2 + sumsq.d3));
   }
 };
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Float64 lanes of 32 channels added even channels first (d0, d1: 0, 2, ..., 30; d2, d3: 1, 3,
+// ..., 31; see widen_bf16_even_odd), put back in channel order.
+C10_ALWAYS_INLINE void even_odd_to_channel_order(D4& acc) {
+  const __m512i first = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i second = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  const __m512d even_lo = acc.d0, even_hi = acc.d1, odd_lo = acc.d2, odd_hi = acc.d3;
+  acc.d0 = _mm512_permutex2var_pd(even_lo, first, odd_lo);
+  acc.d1 = _mm512_permutex2var_pd(even_lo, second, odd_lo);
+  acc.d2 = _mm512_permutex2var_pd(even_hi, first, odd_hi);
+  acc.d3 = _mm512_permutex2var_pd(even_hi, second, odd_hi);
+}
+#endif
 
 struct BlockSlots {
   double* sum;
@@ -191,10 +229,15 @@ C10_ALWAYS_INLINE void fold_max_and_count(const BlockSlots& s, int64_t ch, float
   s.remapped[ch] += count;
 }
 
-// A vector's lanes reduced: their max (NaN propagating) and their total (exact for counts).
-C10_ALWAYS_INLINE float lane_max(const fVec& v) {
+// A vector's lanes reduced: their max, which may drop a NaN as max_of_finite does (its channel's
+// sum of squares keeps it), and their total (exact for counts).
+C10_ALWAYS_INLINE float lane_max_of_finite(const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_max_ps(v);
+#else
   return at::vec::vec_reduce_all<float>(
       [](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, v);
+#endif
 }
 C10_ALWAYS_INLINE float lane_total(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, v);
