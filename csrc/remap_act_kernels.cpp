@@ -210,8 +210,18 @@ struct FloatStats {
     amax1 = max_of_finite(amax1, m1);
     count0 = add_one_where(k0, count0);
     count1 = add_one_where(k1, count1);
+    sums.add(a);
+  }
+
+  // Whether a magnitude reached kPartialBound (a max that dropped a NaN may miss one, but that
+  // lane's sums are NaN either way).
+  C10_ALWAYS_INLINE bool large() const {
     const fVec bound(kPartialBound);
-    sums.add(a, any(at_least(m0, bound), at_least(m1, bound)));
+    return any(at_least(amax0, bound), at_least(amax1, bound));
+  }
+
+  C10_ALWAYS_INLINE void add_wide(const T* x, int64_t m) {
+    sums.add_wide(load_activated<T, A>(x, m, table));
   }
 
   C10_ALWAYS_INLINE void fold_lanes(const BlockSlots& s, int64_t c0, int64_t m) {
@@ -260,13 +270,25 @@ struct BitsStats {
     } else {
       run_count += std::popcount(static_cast<uint32_t>(remap));
     }
-    bool wide = false;  // fp16 stays below kPartialBound
+    sums.add(sum_lanes(b.a));
+  }
+
+  C10_ALWAYS_INLINE static F2 sum_lanes(__m512i a) {
+    return kEvenOdd ? widen_bf16_even_odd(a) : widen_bits<T>(a);
+  }
+
+  // Whether a magnitude reached kPartialBound (fp16 stays below it).
+  C10_ALWAYS_INLINE bool large() const {
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       constexpr int16_t kBoundBits = 0x5d80;  // kPartialBound in bf16
-      wide = _mm512_mask_cmpge_epu16_mask(b.lanes, b.magnitude,
-                                          _mm512_set1_epi16(kBoundBits)) != 0;
+      return _mm512_cmpge_epu16_mask(amax, _mm512_set1_epi16(kBoundBits)) != 0;
+    } else {
+      return false;
     }
-    sums.add(kEvenOdd ? widen_bf16_even_odd(b.a) : widen_bits<T>(b.a), wide);
+  }
+
+  C10_ALWAYS_INLINE void add_wide(const T* x, int64_t m) {
+    sums.add_wide(sum_lanes(act_bits<T, A>(x, m).a));
   }
 
   C10_ALWAYS_INLINE void fold_lanes(const BlockSlots& s, int64_t c0, int64_t m) {
@@ -361,6 +383,10 @@ C10_NOINLINE void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, in
         next.advance(kStepBytes);
         acc.step(x + r * C + c0, y + r * C + c0, m);
       }
+      if (C10_UNLIKELY(acc.large())) {
+        acc.sums = LaneSums{};
+        for (int64_t r = r0; r < r1; ++r) acc.add_wide(x + r * C + c0, m);
+      }
       acc.fold_lanes(s, c0, m);
     }
   }
@@ -371,6 +397,10 @@ void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const StatsInputs& i
                    const BlockSlots& s) {
   Acc acc(in, ch, kStep);
   for (int64_t i = 0; i < n; i += kStep) acc.step(x + i, y + i, std::min(kStep, n - i));
+  if (C10_UNLIKELY(acc.large())) {
+    acc.sums = LaneSums{};
+    for (int64_t i = 0; i < n; i += kStep) acc.add_wide(x + i, std::min(kStep, n - i));
+  }
   acc.fold_run(s, ch);
 }
 

@@ -191,22 +191,25 @@ def test_stats_of_rows_over_many_tiles_and_blocks_equal_the_reference(capability
 @pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
 def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, act, dtype):
     """The sums add at most 16 steps in fp32 before widening to float64 (csrc/cpu/stats_blocks.h,
-    LaneSums). Magnitudes from 2^60 on could overflow 16 fp32 squares, so their steps widen at
-    once: a channel of 2^62 (16 squares: 2^128, beyond fp32), and one mixing 2^62 into ordinary
-    values, whose other steps stay in fp32. Then a channel whose squares fall below fp32's normal
-    range, and one that starts with 2^24 and continues with 1.0: fp32 sums that went on past 16
-    terms would drop every later 1.0 (2^-17 of the sum or more), 16-term ones drop at most 15 of
-    them, within the rule. Each kind apart, so that no other kind's 2^62 widens its steps, in two
-    channels ([rows, 1] is walked flat): [rows, 2] (the lanes walk) and NCHW (the row walk, 32
-    lanes per channel)."""
+    LaneSums). Magnitudes from 2^60 on could overflow 16 fp32 squares, so a chunk (a tile of rows,
+    a run) whose max reaches 2^60 has its sums redone with every step in float64: a channel of
+    2^62 (16 squares: 2^128, beyond fp32), one mixing 2^62 into ordinary values, and one whose
+    only 2^62 is its last value, after partials of earlier steps were widened (the redo must drop
+    them). Then a channel whose squares fall below fp32's normal range, and one that starts with
+    2^24 and continues with 1.0: fp32 sums that went on past 16 terms would drop every later 1.0
+    (2^-17 of the sum or more), 16-term ones drop at most 15 of them, within the rule. Each kind
+    apart, so that no other kind's 2^62 redoes its chunks, in two channels ([rows, 1] is walked
+    flat): [rows, 2] (the lanes walk) and NCHW (the row walk, 32 lanes per channel)."""
     rows = 4099
     base = torch.randn(rows, generator=torch.Generator().manual_seed(7))
     mixed = base.clone()
     mixed[::37] = 2.0**62
+    late = base.clone()
+    late[-1] = 2.0**62
     stall = torch.ones(rows)
     stall[0] = 2.0**24
-    channels = (torch.full((rows,), 2.0**62), mixed, 3e-25 * base, stall)
-    for values, threshold in zip(channels, (0.5, 0.5, 1e-25, 0.5)):
+    channels = (torch.full((rows,), 2.0**62), mixed, late, 3e-25 * base, stall)
+    for values, threshold in zip(channels, (0.5, 0.5, 0.5, 1e-25, 0.5)):
         x = torch.stack([values, values], 1).to(dtype)
         threshold = torch.tensor([threshold, threshold])
         for case in (x, x.t().reshape(1, 2, rows, 1).contiguous()):

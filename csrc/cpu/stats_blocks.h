@@ -85,7 +85,7 @@ struct D4 {
 };
 
 // v's 32 lanes widened and added into acc (exact in float64), or their squares, where `square`.
-C10_ALWAYS_INLINE void add_wide(const F2& v, D4& acc, bool square) {
+C10_ALWAYS_INLINE void widen_into(const F2& v, D4& acc, bool square) {
   dVec w0, w1, w2, w3;
   widen(v.lo, w0, w1);
   widen(v.hi, w2, w3);
@@ -114,11 +114,14 @@ C10_ALWAYS_INLINE void add_to_slots(double* slots, const dVec& v, int64_t first,
 // section 4: fp32 inside a block, fp64 across). The fp32 part adds at most 16 terms from zero
 // (15 roundings for the sums, 16 for the squares' fmadd chain), so it errs by at most 16 x 2^-24
 // of their sum of |a| (of a^2), plus 2^-150 a term where a square falls below fp32's normal
-// range; fp64 carries everything longer, so a scan's sums do not stall the way fp32 ones do. A
-// step with a lane of |a| >= kPartialBound is widened at once, since 16 squares of it could
-// overflow fp32 (fp16 never gets there; an fp16 inf gives inf either way). Widening every step
-// (the sums within 1e-12 of fp64) took 19 of the 33 vector instructions of bf16 ReLU's step and
-// left fwd+stats 1.3-1.6x the forward for 16 bits.
+// range; fp64 carries everything longer, so a scan's sums do not stall the way fp32 ones do.
+// Widening every step (the sums within 1e-12 of fp64) took 19 of the 33 vector instructions of
+// bf16 ReLU's step and left fwd+stats 1.3-1.6x the forward for 16 bits.
+//
+// 16 squares of 2^62 overflow fp32, so a chunk whose magnitude max (kept anyway) reaches
+// kPartialBound has its sums redone from x with every step widened at once (add_wide, by the
+// walks of csrc/remap_act_kernels.cpp): the steps test nothing. fp16 never gets there; inf and NaN redo a chunk
+// and give what they gave before.
 constexpr int kPartialTerms = 16;
 constexpr float kPartialBound = 0x1p60f;
 
@@ -127,22 +130,22 @@ struct LaneSums {
   int terms = 0;
   D4 sum, sumsq;
 
-  // wide: whether a lane of a is at least kPartialBound in magnitude.
-  C10_ALWAYS_INLINE void add(const F2& a, bool wide) {
-    if (C10_UNLIKELY(wide)) {
-      add_wide(a, sum, false);
-      add_wide(a, sumsq, true);
-      return;
-    }
+  C10_ALWAYS_INLINE void add(const F2& a) {
     part_sum = {part_sum.lo + a.lo, part_sum.hi + a.hi};
     part_sumsq = {at::vec::fmadd(a.lo, a.lo, part_sumsq.lo),
                   at::vec::fmadd(a.hi, a.hi, part_sumsq.hi)};
     if (++terms == kPartialTerms) widen_partials();
   }
 
+  // a in float64 at once, not through the fp32 partials.
+  C10_ALWAYS_INLINE void add_wide(const F2& a) {
+    widen_into(a, sum, false);
+    widen_into(a, sumsq, true);
+  }
+
   C10_ALWAYS_INLINE void widen_partials() {
-    add_wide(part_sum, sum, false);
-    add_wide(part_sumsq, sumsq, false);
+    widen_into(part_sum, sum, false);
+    widen_into(part_sumsq, sumsq, false);
     part_sum = part_sumsq = {fVec(0.f), fVec(0.f)};
     terms = 0;
   }
