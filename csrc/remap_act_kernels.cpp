@@ -280,7 +280,7 @@ struct BitsStats {
   // Whether a magnitude reached kPartialBound (fp16 stays below it).
   C10_ALWAYS_INLINE bool large() const {
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      constexpr int16_t kBoundBits = 0x5d80;  // kPartialBound in bf16
+      constexpr int16_t kBoundBits = 0x5d00;  // kPartialBound in bf16
       return _mm512_cmpge_epu16_mask(amax, _mm512_set1_epi16(kBoundBits)) != 0;
     } else {
       return false;

@@ -191,15 +191,15 @@ def test_stats_of_rows_over_many_tiles_and_blocks_equal_the_reference(capability
 @pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
 def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, act, dtype):
     """The sums add at most 16 steps in fp32 before widening to float64 (csrc/cpu/stats_blocks.h,
-    LaneSums). Magnitudes from 2^60 on could overflow 16 fp32 squares, so a chunk (a tile of rows,
-    a run) whose max reaches 2^60 has its sums redone with every step in float64: a channel of
-    2^62 (16 squares: 2^128, beyond fp32), one mixing 2^62 into ordinary values, and one whose
-    only 2^62 is its last value, after partials of earlier steps were widened (the redo must drop
-    them). Then a channel whose squares fall below fp32's normal range, and one that starts with
-    2^24 and continues with 1.0: fp32 sums that went on past 16 terms would drop every later 1.0
-    (2^-17 of the sum or more), 16-term ones drop at most 15 of them, within the rule. Each kind
-    apart, so that no other kind's 2^62 redoes its chunks, in two channels ([rows, 1] is walked
-    flat): [rows, 2] (the lanes walk) and NCHW (the row walk, 32 lanes per channel)."""
+    LaneSums). Large magnitudes overflow fp32 squares, so a chunk (a tile of rows, a run) whose
+    max reaches the kernels' bound (2^59) has its sums redone with every step in float64: a
+    channel of 2^62 (16 squares: 2^128, beyond fp32), one mixing 2^62 into ordinary values, and
+    one whose only 2^62 is its last value, after partials of earlier steps were widened (the redo
+    must drop them). Then a channel whose squares fall below fp32's normal range, and one that
+    starts with 2^24 and continues with 1.0: fp32 sums that went on past 16 terms would drop every
+    later 1.0 (2^-17 of the sum or more), 16-term ones drop at most 15 of them, within the rule.
+    Each kind apart, so that no other kind's 2^62 redoes its chunks, in two channels ([rows, 1] is
+    walked flat): [rows, 2] (the lanes walk) and NCHW (the row walk, 32 lanes per channel)."""
     rows = 4099
     base = torch.randn(rows, generator=torch.Generator().manual_seed(7))
     mixed = base.clone()
@@ -218,6 +218,26 @@ def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, ac
                 verdict = compare_stats(stats[1:], case, threshold, center, act, 1)
                 assert verdict.ok, (case.shape, float(values[1]), center is None, verdict)
                 assert stats[5].isfinite().all()
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
+def test_short_runs_of_large_values_equal_the_reference(capability, act, dtype):
+    """A run of at most 11 steps that no large value redid adds its fp32 partials up in fp32
+    (csrc/cpu/stats_blocks.h, kFp32FoldTerms): its squares must not overflow, whatever the bound
+    that sends a run to float64. Planes of 7x7, 14x14 and 352 elements (11 steps) of the largest
+    values below 2^54 ... 2^66."""
+    below_one = 1.0 - (2.0**-24 if dtype == torch.float32 else 2.0**-8)
+    for plane in (49, 196, 352):
+        for k in range(54, 67):
+            x = torch.full((2, 2, plane, 1), 2.0**k * below_one, dtype=torch.float64).to(dtype)
+            threshold = torch.tensor([0.5, 0.5])
+            for center in (None, torch.tensor([0.25, 0.25])):
+                stats = torch.ops.lipkern.remap_act_stats(x, threshold, center, act, 1)
+                verdict = compare_stats(stats[1:], x, threshold, center, act, 1)
+                assert verdict.ok, (plane, k, center is None, verdict)
+                assert stats[5].isfinite().all(), (plane, k)
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])

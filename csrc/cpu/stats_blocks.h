@@ -123,11 +123,33 @@ C10_ALWAYS_INLINE void add_to_slots(double* slots, const dVec& v, int64_t first,
 // walks of csrc/remap_act_kernels.cpp): the steps test nothing. fp16 never gets there; inf and NaN redo a chunk
 // and give what they gave before.
 constexpr int kPartialTerms = 16;
-constexpr float kPartialBound = 0x1p60f;
+constexpr float kPartialBound = 0x1p59f;
+
+// A run of at most this many steps, none widened, folds its partials into one sum in fp32: a tree
+// over a step's lanes adds 5 roundings (32 lanes; 4 for the 16 of AVX2 and DEFAULT) to the 11 of
+// the partials, within the 16 above; its 352 squares below kPartialBound^2 stay below 2^127. A
+// 7x7 or 14x14 plane is a run of 2 or 7 steps, and widening its partials into float64 lanes to
+// add them there cost about a quarter of its time.
+constexpr int kFp32FoldTerms = 11;
+
+// A vector's lanes added as a pairwise tree (a fixed order and depth: log2 of its lanes).
+C10_ALWAYS_INLINE float lane_sum(const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#else
+  float f[fVec::size()];
+  v.store(f);
+  for (int64_t width = fVec::size() / 2; width >= 1; width /= 2) {
+    for (int64_t i = 0; i < width; ++i) f[i] += f[i + width];
+  }
+  return f[0];
+#endif
+}
 
 struct LaneSums {
   F2 part_sum{fVec(0.f), fVec(0.f)}, part_sumsq{fVec(0.f), fVec(0.f)};
   int terms = 0;
+  bool widened = false;  // whether sum and sumsq hold anything
   D4 sum, sumsq;
 
   C10_ALWAYS_INLINE void add(const F2& a) {
@@ -141,6 +163,7 @@ struct LaneSums {
   C10_ALWAYS_INLINE void add_wide(const F2& a) {
     widen_into(a, sum, false);
     widen_into(a, sumsq, true);
+    widened = true;
   }
 
   C10_ALWAYS_INLINE void widen_partials() {
@@ -148,6 +171,7 @@ struct LaneSums {
     widen_into(part_sumsq, sumsq, false);
     part_sum = part_sumsq = {fVec(0.f), fVec(0.f)};
     terms = 0;
+    widened = true;
   }
 
   // Lane i into slot i of m consecutive channels' slots.
@@ -173,6 +197,11 @@ struct LaneSums {
   // one 7x7 plane, and a sequential fold of the 32 sums (a chain of 32 dependent adds) then cost
   // more than the run.
   C10_ALWAYS_INLINE void fold_run(double& sum_slot, double& sumsq_slot) {
+    if (!widened && terms <= kFp32FoldTerms) {
+      sum_slot += lane_sum(part_sum.lo + part_sum.hi);
+      sumsq_slot += lane_sum(part_sumsq.lo + part_sumsq.hi);
+      return;
+    }
     widen_partials();
     sum_slot += lane_sum((sum.d0 + sum.d1) + (sum.d2 + sum.d3));
     sumsq_slot += lane_sum((sumsq.d0 + sumsq.d1) + (sumsq.d2 + sumsq.d3));
