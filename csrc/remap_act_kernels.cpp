@@ -274,13 +274,19 @@ struct BitsStats {
   }
 
   C10_ALWAYS_INLINE static F2 sum_lanes(__m512i a) {
-    return kEvenOdd ? widen_bf16_even_odd(a) : widen_bits<T>(a);
+    if constexpr (kEvenOdd) {
+      return widen_bf16_even_odd(a);
+    } else {
+      return widen_bits<T>(a);
+    }
   }
 
   // Whether a magnitude reached kPartialBound (fp16 stays below it).
   C10_ALWAYS_INLINE bool large() const {
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      constexpr int16_t kBoundBits = 0x5d00;  // kPartialBound in bf16
+      constexpr int16_t kBoundBits = 0x5d00;
+      static_assert(std::bit_cast<uint32_t>(kPartialBound) == uint32_t(kBoundBits) << 16,
+                    "kPartialBound in bf16");
       return _mm512_cmpge_epu16_mask(amax, _mm512_set1_epi16(kBoundBits)) != 0;
     } else {
       return false;
@@ -293,12 +299,7 @@ struct BitsStats {
 
   C10_ALWAYS_INLINE void fold_lanes(const BlockSlots& s, int64_t c0, int64_t m) {
     fold_max_and_counts(s, c0, m, widen_bits<T>(amax), widen_counts(lane_count));
-    sums.widen_partials();
-    if constexpr (kEvenOdd) {
-      even_odd_to_channel_order(sums.sum);
-      even_odd_to_channel_order(sums.sumsq);
-    }
-    sums.add_lanes_to_slots(s.sum + c0, s.sumsq + c0, m);
+    sums.fold_lanes(s.sum + c0, s.sumsq + c0, m, kEvenOdd);
   }
 
   C10_ALWAYS_INLINE void fold_run(const BlockSlots& s, int64_t ch) {
@@ -368,6 +369,16 @@ struct TilePrefetch {
 // 1.38-1.60x. 32 rows (kStatsTileRows) measured a little faster than 64 and 128, like 16.
 // Not inlined into the task loop: inlined there (identity's was, ReLU's not), the prefetch's
 // cursor was spilled and bf16 fwd+stats took 1.5-1.6x the forward on 4096 x 1024 against 1.3x.
+// Where a chunk's magnitudes reached kPartialBound, its sums dropped and redone in float64 (see
+// LaneSums); each_step(add) calls add(x, m) for each of the chunk's steps. x must still hold the
+// input: the statistics never run in place (forward_stats_typed).
+template <typename Acc, typename EachStep>
+C10_ALWAYS_INLINE void redo_sums_if_large(Acc& acc, EachStep&& each_step) {
+  if (C10_LIKELY(!acc.large())) return;
+  acc.sums = LaneSums{};
+  each_step([&](const auto* x, int64_t m) { acc.add_wide(x, m); });
+}
+
 template <typename Acc, typename T>
 C10_NOINLINE void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, int64_t c_begin,
                                    int64_t c_end, const StatsInputs& in, const BlockSlots& s) {
@@ -383,10 +394,9 @@ C10_NOINLINE void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, in
         next.advance(kStepBytes);
         acc.step(x + r * C + c0, y + r * C + c0, m);
       }
-      if (C10_UNLIKELY(acc.large())) {
-        acc.sums = LaneSums{};
-        for (int64_t r = r0; r < r1; ++r) acc.add_wide(x + r * C + c0, m);
-      }
+      redo_sums_if_large(acc, [&](auto add) {
+        for (int64_t r = r0; r < r1; ++r) add(x + r * C + c0, m);
+      });
       acc.fold_lanes(s, c0, m);
     }
   }
@@ -397,15 +407,16 @@ void stats_run_row(const T* x, T* y, int64_t n, int64_t ch, const StatsInputs& i
                    const BlockSlots& s) {
   Acc acc(in, ch, kStep);
   for (int64_t i = 0; i < n; i += kStep) acc.step(x + i, y + i, std::min(kStep, n - i));
-  if (C10_UNLIKELY(acc.large())) {
-    acc.sums = LaneSums{};
-    for (int64_t i = 0; i < n; i += kStep) acc.add_wide(x + i, std::min(kStep, n - i));
-  }
+  redo_sums_if_large(acc, [&](auto add) {
+    for (int64_t i = 0; i < n; i += kStep) add(x + i, std::min(kStep, n - i));
+  });
   acc.fold_run(s, ch);
 }
 
 template <typename T, Act A>
 void forward_stats_typed(const ForwardArgs& args, const StatsOut& out) {
+  // A chunk whose sums overflowed fp32 redoes them from x (redo_sums_if_large).
+  TORCH_INTERNAL_ASSERT(args.x != args.y, "the statistics pass does not run in place");
   const T* x = static_cast<const T*>(args.x);
   T* y = static_cast<T*>(args.y);
   const Geometry& g = args.geometry;

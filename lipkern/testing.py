@@ -39,8 +39,9 @@ TIE_BAND_ULPS = 4
 # Bounds on the statistics' sums (METHOD.md section 4: fp32 inside a block, float64 across): the
 # C++ kernels round a term at most 16 times in fp32 before widening (16 steps' partials, or 11
 # and a tree over a step's lanes), which errs by at most 16 x 2^-24 of their sum of |a| (of
-# a^2), plus, for squares below fp32's normal range, half fp32's smallest subnormal a term. One more 2^-24 covers the float64 part (n x 2^-53 for every size a test
-# uses) and the reference's own rounding.
+# a^2), plus, for squares below fp32's normal range, half fp32's smallest subnormal a term. One
+# more 2^-24 covers the float64 part (n x 2^-53 for every size a test uses) and the reference's
+# own rounding.
 SUM_RTOL = 17 * 2.0**-24
 SUMSQ_ATOL_PER_ELEMENT = 2.0**-150
 # fp16's largest finite value: it overflows in intermediate fp16 arithmetic that a kernel must

@@ -193,9 +193,9 @@ def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, ac
     """The sums add at most 16 steps in fp32 before widening to float64 (csrc/cpu/stats_blocks.h,
     LaneSums). Large magnitudes overflow fp32 squares, so a chunk (a tile of rows, a run) whose
     max reaches the kernels' bound (2^59) has its sums redone with every step in float64: a
-    channel of 2^62 (16 squares: 2^128, beyond fp32), one mixing 2^62 into ordinary values, and
-    one whose only 2^62 is its last value, after partials of earlier steps were widened (the redo
-    must drop them). Then a channel whose squares fall below fp32's normal range, and one that
+    channel of 2^62 (16 squares: 2^128, beyond fp32), one mixing 2^62 into ordinary values (in
+    [rows, 2], tiles whose first 16 rows were widened before their 2^62: the redo must drop
+    them), and one whose only 2^62 is its last value (the same in NCHW's one long run). Then a channel whose squares fall below fp32's normal range, and one that
     starts with 2^24 and continues with 1.0: fp32 sums that went on past 16 terms would drop every
     later 1.0 (2^-17 of the sum or more), 16-term ones drop at most 15 of them, within the rule.
     Each kind apart, so that no other kind's 2^62 redoes its chunks, in two channels ([rows, 1] is
@@ -226,10 +226,10 @@ def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, ac
 def test_short_runs_of_large_values_equal_the_reference(capability, act, dtype):
     """A run of at most 11 steps that no large value redid adds its fp32 partials up in fp32
     (csrc/cpu/stats_blocks.h, kFp32FoldTerms): its squares must not overflow, whatever the bound
-    that sends a run to float64. Planes of 7x7, 14x14 and 352 elements (11 steps) of the largest
-    values below 2^54 ... 2^66."""
+    that sends a run to float64. Planes of 7x7, 14x14, 176 and 352 elements (11 steps of AVX2 and
+    DEFAULT, of AVX-512) of the largest values below 2^54 ... 2^66."""
     below_one = 1.0 - (2.0**-24 if dtype == torch.float32 else 2.0**-8)
-    for plane in (49, 196, 352):
+    for plane in (49, 176, 196, 352):
         for k in range(54, 67):
             x = torch.full((2, 2, plane, 1), 2.0**k * below_one, dtype=torch.float64).to(dtype)
             threshold = torch.tensor([0.5, 0.5])
@@ -238,6 +238,25 @@ def test_short_runs_of_large_values_equal_the_reference(capability, act, dtype):
                 verdict = compare_stats(stats[1:], x, threshold, center, act, 1)
                 assert verdict.ok, (plane, k, center is None, verdict)
                 assert stats[5].isfinite().all(), (plane, k)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
+def test_redone_tiles_keep_their_channels(capability, act, dtype):
+    """A tile of the lanes walk whose max reaches the bound redoes its sums (bf16 lanes added even
+    channels first and put back in order at the fold): distinct channels, 67 of them (a chunk of
+    32, one of 32 and one of 3), one of which holds 2^62 (fp16: inf) in some tiles, must each
+    keep their own sums."""
+    rows = 100
+    x = torch.randn(rows, 67, generator=torch.Generator().manual_seed(3)) + torch.arange(67) / 8
+    x[5::7, 40] = 2.0**62 if dtype != torch.float16 else float("inf")
+    x = x.to(dtype)
+    threshold = torch.rand(67, generator=torch.Generator().manual_seed(4))
+    for center in (None, torch.rand(67, generator=torch.Generator().manual_seed(5))):
+        stats = torch.ops.lipkern.remap_act_stats(x, threshold, center, act, 1)
+        verdict = compare_stats(stats[1:], x, threshold, center, act, 1)
+        assert verdict.ok, (center is None, verdict)
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])

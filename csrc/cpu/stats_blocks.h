@@ -6,7 +6,9 @@
 #include "cpu/vec_io.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 
 namespace lipkern {
 namespace CPU_CAPABILITY {
@@ -66,17 +68,24 @@ int64_t stats_channel_chunk(int64_t block_rows, int64_t blocks, int64_t channels
   return std::min(ceil_div(chunk, kWidestStep) * kWidestStep, channels);
 }
 
-// The lanes of v added as a pairwise tree (a fixed order, with a short dependency chain).
-C10_ALWAYS_INLINE double lane_sum(const dVec& v) {
-  double d[dVec::size()];
-  v.store(d);
-  for (int64_t width = dVec::size() / 2; width >= 1; width /= 2) {
-    for (int64_t i = 0; i < width; ++i) d[i] += d[i + width];
+// The lanes of v added as a pairwise tree (a fixed order, log2 of the lanes deep, with a short
+// dependency chain): lane i and lane i + size / 2, and so on down.
+template <typename V>
+C10_ALWAYS_INLINE typename V::value_type lane_tree_sum(const V& v) {
+  typename V::value_type lanes[V::size()];
+  v.store(lanes);
+  for (int64_t width = V::size() / 2; width >= 1; width /= 2) {
+    for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
   }
-  return d[0];
+  return lanes[0];
 }
 
-// 32 lanes in float64: lo's 16 lanes of an F2 in d0 (its first 8) and d1, hi's in d2 and d3.
+C10_ALWAYS_INLINE double lane_sum(const dVec& v) {
+  return lane_tree_sum(v);
+}
+
+// An F2's lanes in float64: lo's in d0 (its first half) and d1, hi's in d2 and d3 (on AVX-512,
+// 32 lanes: 8 in each).
 // Named, not an array: GCC keeps an aggregate in registers only where every access has a constant
 // offset, and an array walked in a loop left LaneSums on the stack, a store and a reload per
 // partial and step.
@@ -84,7 +93,7 @@ struct D4 {
   dVec d0{0.0}, d1{0.0}, d2{0.0}, d3{0.0};
 };
 
-// v's 32 lanes widened and added into acc (exact in float64), or their squares, where `square`.
+// v's lanes widened and added into acc (exact in float64), or their squares, where `square`.
 C10_ALWAYS_INLINE void widen_into(const F2& v, D4& acc, bool square) {
   dVec w0, w1, w2, w3;
   widen(v.lo, w0, w1);
@@ -109,8 +118,22 @@ C10_ALWAYS_INLINE void add_to_slots(double* slots, const dVec& v, int64_t first,
   (dVec::loadu(slots + first, n) + v).store(slots + first, n);
 }
 
-// A chunk's lane sums and sums of squares of the activations, 32 lanes (a step's two fp32
-// vectors): in fp32 over at most kPartialTerms steps, then widened into fp64 lanes (METHOD.md
+#if defined(CPU_CAPABILITY_AVX512)
+// Float64 lanes of 32 channels added even channels first (d0, d1: 0, 2, ..., 30; d2, d3: 1, 3,
+// ..., 31; see widen_bf16_even_odd), put back in channel order.
+C10_ALWAYS_INLINE void even_odd_to_channel_order(D4& acc) {
+  const __m512i first = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i second = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  const __m512d even_lo = acc.d0, even_hi = acc.d1, odd_lo = acc.d2, odd_hi = acc.d3;
+  acc.d0 = _mm512_permutex2var_pd(even_lo, first, odd_lo);
+  acc.d1 = _mm512_permutex2var_pd(even_lo, second, odd_lo);
+  acc.d2 = _mm512_permutex2var_pd(even_hi, first, odd_hi);
+  acc.d3 = _mm512_permutex2var_pd(even_hi, second, odd_hi);
+}
+#endif
+
+// A chunk's lane sums and sums of squares of the activations, a step's two fp32 vectors of
+// lanes: in fp32 over at most kPartialTerms steps, then widened into fp64 lanes (METHOD.md
 // section 4: fp32 inside a block, fp64 across). The fp32 part adds at most 16 terms from zero
 // (15 roundings for the sums, 16 for the squares' fmadd chain), so it errs by at most 16 x 2^-24
 // of their sum of |a| (of a^2), plus 2^-150 a term where a square falls below fp32's normal
@@ -119,30 +142,39 @@ C10_ALWAYS_INLINE void add_to_slots(double* slots, const dVec& v, int64_t first,
 // bf16 ReLU's step and left fwd+stats 1.3-1.6x the forward for 16 bits.
 //
 // 16 squares of 2^62 overflow fp32, so a chunk whose magnitude max (kept anyway) reaches
-// kPartialBound has its sums redone from x with every step widened at once (add_wide, by the
-// walks of csrc/remap_act_kernels.cpp): the steps test nothing. fp16 never gets there; inf and NaN redo a chunk
-// and give what they gave before.
+// kPartialBound has its sums redone from x with every step widened at once (redo_sums_if_large
+// in csrc/remap_act_kernels.cpp): the steps test nothing. An inf reaches the bound and gives inf
+// either way; so does fp16's, which is the only value of fp16 that can. A NaN need not be seen by
+// the max (see max_of_finite) and needs no redo: its lane's sums are NaN either way.
 constexpr int kPartialTerms = 16;
 constexpr float kPartialBound = 0x1p59f;
 
 // A run of at most this many steps, none widened, folds its partials into one sum in fp32: a tree
 // over a step's lanes adds 5 roundings (32 lanes; 4 for the 16 of AVX2 and DEFAULT) to the 11 of
-// the partials, within the 16 above; its 352 squares below kPartialBound^2 stay below 2^127. A
-// 7x7 or 14x14 plane is a run of 2 or 7 steps, and widening its partials into float64 lanes to
-// add them there cost about a quarter of its time.
+// the partials, within the 16 above; its squares (352 on AVX-512) below kPartialBound^2 stay
+// below 2^127. On AVX-512 a 7x7 or 14x14 plane is a run of 2 or 7 steps, and widening its
+// partials into float64 lanes to add them there cost about a quarter of its time.
 constexpr int kFp32FoldTerms = 11;
+static_assert(kFp32FoldTerms + std::bit_width(static_cast<uint64_t>(kStep)) - 1 <=
+                  kPartialTerms,
+              "a short run's fold rounds a term at most kPartialTerms times");
+static_assert(double(kFp32FoldTerms) * kStep * double(kPartialBound) * double(kPartialBound) <
+                  0x1p127,
+              "a short run's squares cannot overflow its fp32 fold");
 
-// A vector's lanes added as a pairwise tree (a fixed order and depth: log2 of its lanes).
+// lane_tree_sum's tree, written out on AVX-512 (_mm512_reduce_add_ps leaves the order to the
+// compiler, and the rounding count above rests on the depth).
 C10_ALWAYS_INLINE float lane_sum(const fVec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_reduce_add_ps(v);
+  const __m512 w = v;
+  const __m256 halves = _mm256_add_ps(
+      _mm512_castps512_ps256(w), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1)));
+  const __m128 quarters =
+      _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps(halves, 1));
+  const __m128 eighths = _mm_add_ps(quarters, _mm_movehl_ps(quarters, quarters));
+  return _mm_cvtss_f32(_mm_add_ss(eighths, _mm_movehdup_ps(eighths)));
 #else
-  float f[fVec::size()];
-  v.store(f);
-  for (int64_t width = fVec::size() / 2; width >= 1; width /= 2) {
-    for (int64_t i = 0; i < width; ++i) f[i] += f[i + width];
-  }
-  return f[0];
+  return lane_tree_sum(v);
 #endif
 }
 
@@ -174,14 +206,17 @@ struct LaneSums {
     widened = true;
   }
 
-  // Lane i into slot i of m consecutive channels' slots.
-  C10_ALWAYS_INLINE void fold_lanes(double* sum_slots, double* sumsq_slots, int64_t m) {
+  // Lane i into slot i of m consecutive channels' slots; even_odd: the lanes were added even
+  // channels first (see widen_bf16_even_odd; AVX-512 only).
+  C10_ALWAYS_INLINE void fold_lanes(double* sum_slots, double* sumsq_slots, int64_t m,
+                                    bool even_odd = false) {
     widen_partials();
-    add_lanes_to_slots(sum_slots, sumsq_slots, m);
-  }
-
-  // The float64 lanes (widen_partials first) into the slots, lane i into slot i.
-  C10_ALWAYS_INLINE void add_lanes_to_slots(double* sum_slots, double* sumsq_slots, int64_t m) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (even_odd) {
+      even_odd_to_channel_order(sum);
+      even_odd_to_channel_order(sumsq);
+    }
+#endif
     constexpr int64_t kD = dVec::size();
     add_to_slots(sum_slots, sum.d0, 0, m);
     add_to_slots(sum_slots, sum.d1, kD, m);
@@ -208,20 +243,6 @@ struct LaneSums {
   }
 };
 
-#if defined(CPU_CAPABILITY_AVX512)
-// Float64 lanes of 32 channels added even channels first (d0, d1: 0, 2, ..., 30; d2, d3: 1, 3,
-// ..., 31; see widen_bf16_even_odd), put back in channel order.
-C10_ALWAYS_INLINE void even_odd_to_channel_order(D4& acc) {
-  const __m512i first = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
-  const __m512i second = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
-  const __m512d even_lo = acc.d0, even_hi = acc.d1, odd_lo = acc.d2, odd_hi = acc.d3;
-  acc.d0 = _mm512_permutex2var_pd(even_lo, first, odd_lo);
-  acc.d1 = _mm512_permutex2var_pd(even_lo, second, odd_lo);
-  acc.d2 = _mm512_permutex2var_pd(even_hi, first, odd_hi);
-  acc.d3 = _mm512_permutex2var_pd(even_hi, second, odd_hi);
-}
-#endif
-
 struct BlockSlots {
   double* sum;
   double* sumsq;
@@ -231,8 +252,8 @@ struct BlockSlots {
 
 // The amax accumulators' max. It may drop a NaN operand (AVX-512's vmaxps returns its second
 // operand then), which costs less than propagating it: a NaN activation also makes the channel's
-// fp64 sum of squares NaN (nothing else can: squares are >= 0, and LaneSums keeps their fp32
-// partials finite), and the final combine sets amax to NaN from there.
+// fp64 sum of squares NaN (nothing else can: squares are >= 0, so an overflow gives inf, never
+// NaN), and the final combine sets amax to NaN from there.
 C10_ALWAYS_INLINE fVec max_of_finite(const fVec& a, const fVec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_max_ps(a, b);
