@@ -354,6 +354,16 @@ struct TilePrefetch {
   }
 };
 
+// Where a chunk's magnitudes reached kPartialBound, its sums dropped and redone in float64 (see
+// LaneSums); each_step(add) calls add(x, m) for each of the chunk's steps. x must still hold the
+// input: the statistics never run in place (forward_stats_typed).
+template <typename Acc, typename EachStep>
+C10_ALWAYS_INLINE void redo_sums_if_large(Acc& acc, EachStep&& each_step) {
+  if (C10_LIKELY(!acc.large())) return;
+  acc.sums = LaneSums{};
+  each_step([&](const auto* x, int64_t m) { acc.add_wide(x, m); });
+}
+
 // Lanes mode: whole rows of C channels. A tile of rows is accumulated in registers per chunk of
 // channels before touching the block's slots, so the slots' loads and stores are amortised.
 // Measured before any prefetch, on 4096 x 1024 and channels_last 16 x 256 x 28 x 28 (fwd+stats
@@ -369,16 +379,6 @@ struct TilePrefetch {
 // 1.38-1.60x. 32 rows (kStatsTileRows) measured a little faster than 64 and 128, like 16.
 // Not inlined into the task loop: inlined there (identity's was, ReLU's not), the prefetch's
 // cursor was spilled and bf16 fwd+stats took 1.5-1.6x the forward on 4096 x 1024 against 1.3x.
-// Where a chunk's magnitudes reached kPartialBound, its sums dropped and redone in float64 (see
-// LaneSums); each_step(add) calls add(x, m) for each of the chunk's steps. x must still hold the
-// input: the statistics never run in place (forward_stats_typed).
-template <typename Acc, typename EachStep>
-C10_ALWAYS_INLINE void redo_sums_if_large(Acc& acc, EachStep&& each_step) {
-  if (C10_LIKELY(!acc.large())) return;
-  acc.sums = LaneSums{};
-  each_step([&](const auto* x, int64_t m) { acc.add_wide(x, m); });
-}
-
 template <typename Acc, typename T>
 C10_NOINLINE void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, int64_t c_begin,
                                    int64_t c_end, const StatsInputs& in, const BlockSlots& s) {
