@@ -153,8 +153,8 @@ void forward_typed(const ForwardArgs& args) {
 // Forward + per-channel statistics, over the block partition of cpu/stats_blocks.h.
 //
 // A chunk's accumulator takes one step (up to kStep elements) at a time, stores its y and folds
-// into a block's slots: per channel in lanes mode (fold_lanes, a chunk being up to kStep
-// channels of a tile of rows), into the run's one channel in row mode (fold_run). FloatStats
+// into a block's slots: per channel in lanes mode (a chunk being up to kStep channels of a tile
+// of rows, see stats_rows_lanes), into the run's one channel in row mode (fold_run). FloatStats
 // computes in fp32 and serves every activation and dtype; on AVX-512 BitsStats decides 16-bit
 // identity and ReLU without a centre on their bit patterns, as forward_bits does.
 
@@ -170,8 +170,19 @@ C10_ALWAYS_INLINE Mask stats_remap_mask(const fVec& a, const fVec& t, const fVec
   }
 }
 
-// Rows of a lanes-mode tile (see stats_rows_lanes).
-constexpr int64_t kStatsTileRows = 32;
+// Rows of a lanes-mode tile (see stats_rows_lanes): 8 of fp32, whose tiles' sums then add up in
+// fp32 partials per channel across kStatsTilesPerWiden tiles before they widen into float64 (a
+// term is rounded at most once per row of its tile and once per tile after it: at most
+// kPartialTerms times, as LaneSums allows); 32 of 16-bit types, whose tiles' sums widen at once.
+template <typename T>
+constexpr bool kStatsFp32Partials = sizeof(T) == 4;
+template <typename T>
+constexpr int64_t kStatsTileRows = kStatsFp32Partials<T> ? 8 : 32;
+constexpr int kStatsTilesPerWiden = kPartialTerms - kStatsTileRows<float>;
+static_assert(kStatsTilesPerWiden >= 1);
+static_assert(double(kStatsTileRows<float> * kStatsTilesPerWiden) * double(kPartialBound) *
+                      double(kPartialBound) < 0x1p127,
+              "the squares a tile's partial sums add up cannot overflow fp32");
 
 // What an accumulator is built from: the thresholds and centres, the 16-bit activation table,
 // and the 16-bit remap bounds (remap_bound, one per channel; BitsStats only).
@@ -188,6 +199,7 @@ struct FloatStats {
   const float* table;
   fVec amax0{0.f}, amax1{0.f}, count0{0.f}, count1{0.f};
   LaneSums sums;
+  static constexpr bool kEvenOdd = false;  // lane i is channel i (see BitsStats)
 
   // Lanes mode: channels first .. first + m - 1; padding lanes load t = c = 0, so act(0) = 0 is
   // never remapped. Row mode: the run's channel, broadcast.
@@ -224,9 +236,8 @@ struct FloatStats {
     sums.add_wide(load_activated<T, A>(x, m, table));
   }
 
-  C10_ALWAYS_INLINE void fold_lanes(const BlockSlots& s, int64_t c0, int64_t m) {
+  C10_ALWAYS_INLINE void fold_lane_max_and_counts(const BlockSlots& s, int64_t c0, int64_t m) {
     fold_max_and_counts(s, c0, m, {amax0, amax1}, {count0, count1});
-    sums.fold_lanes(s.sum + c0, s.sumsq + c0, m);
   }
 
   C10_ALWAYS_INLINE void fold_run(const BlockSlots& s, int64_t ch) {
@@ -248,7 +259,7 @@ struct BitsStats {
   __m512i amax = _mm512_setzero_si512();  // |a|'s bits: ordered like |a|, NaN above +inf
   // Remap counts: per lane in lanes mode (a tile's rows fit in 16 bits), the run's in row mode
   // (a run may be a whole block, up to kMaxStatsBlock elements).
-  static_assert(kStatsTileRows < 65536);
+  static_assert(kStatsTileRows<T> < 65536);
   __m512i lane_count = _mm512_setzero_si512();
   int64_t run_count = 0;
   LaneSums sums;
@@ -297,9 +308,8 @@ struct BitsStats {
     sums.add_wide(sum_lanes(act_bits<T, A>(x, m).a));
   }
 
-  C10_ALWAYS_INLINE void fold_lanes(const BlockSlots& s, int64_t c0, int64_t m) {
+  C10_ALWAYS_INLINE void fold_lane_max_and_counts(const BlockSlots& s, int64_t c0, int64_t m) {
     fold_max_and_counts(s, c0, m, widen_bits<T>(amax), widen_counts(lane_count));
-    sums.fold_lanes(s.sum + c0, s.sumsq + c0, m, kEvenOdd);
   }
 
   C10_ALWAYS_INLINE void fold_run(const BlockSlots& s, int64_t ch) {
@@ -358,35 +368,54 @@ struct TilePrefetch {
 // LaneSums); each_step(add) calls add(x, m) for each of the chunk's steps. x must still hold the
 // input: the statistics never run in place (forward_stats_typed).
 template <typename Acc, typename EachStep>
-C10_ALWAYS_INLINE void redo_sums_if_large(Acc& acc, EachStep&& each_step) {
-  if (C10_LIKELY(!acc.large())) return;
+C10_ALWAYS_INLINE bool redo_sums_if_large(Acc& acc, EachStep&& each_step) {
+  if (C10_LIKELY(!acc.large())) return false;
   acc.sums = LaneSums{};
   each_step([&](const auto* x, int64_t m) { acc.add_wide(x, m); });
+  return true;
 }
 
 // Lanes mode: whole rows of C channels. A tile of rows is accumulated in registers per chunk of
-// channels before touching the block's slots, so the slots' loads and stores are amortised.
-// Measured before any prefetch, on 4096 x 1024 and channels_last 16 x 256 x 28 x 28 (fwd+stats
-// over fwd, one thread): 64 rows against 16 took GELU fp32 from 2.7x to 2.3x and 2.4x to 1.9x,
-// bf16 from 1.2-1.3x to 1.0-1.2x; 2 or 4 rows were far slower.
+// channels; its max and counts then go to the block's slots, and its sums either to fp32 partial
+// sums per channel (a load, an add and a store each), which widen into the float64 slots once per
+// kStatsTilesPerWiden tiles, or straight into float64 (4 conversions and 4 float64 loads, adds and
+// stores per sum). A column of a tile goes down its rows, C apart: with fp32 and 32-row tiles
+// that took 1.9-2.2x the forward's time on 4096 x 1024 (one thread, AMD EPYC Zen 4) where the
+// same operations in address order took 1.0x. So fp32 takes tiles of 8 rows, whose sums only
+// pay for themselves through the fp32 partials; 16-bit steps cost more in vector operations
+// than in memory (identity and ReLU: about 17 for 32 elements against the forward's 7), and
+// their 32-row tiles amortise the fold better. Against 32-row tiles with the float64 fold for
+// every dtype, alternated builds, fwd+stats over fwd: one thread, 4096 x 1024 fp32 ReLU
+// 1.90-2.16x -> 1.50-1.51x, identity 1.65-1.80x -> 1.15-1.33x, channels_last 16 x 256 x 28 x 28
+// fp32 identity 1.64-1.71x -> 1.04-1.13x, GELU within noise; the same 8-row tiles for 16-bit
+// took its stats 5-20 % longer (channels_last ReLU and identity, 2 threads), 4-row tiles took
+// fp32 ReLU to 1.21x but fp32 GELU up by 10 %.
 //
 // The walk goes down the tile's rows, C apart: the hardware prefetchers follow a few dozen
 // pages at most, and a column of the tile touches one line in each of 2 x kStatsTileRows rows
 // of x and y. So the next tile is requested into L2 in address order, which the walk of this
 // one then paces. Against requesting each row's next chunk into L1 a column ahead (2 threads,
-// builds interleaved, fwd+stats / fwd): channels_last 16 x 256 x 28 x 28 fp32 GELU 1.25-1.44x ->
-// 1.04-1.17x, bf16 ReLU 1.45-1.68x -> 1.22-1.37x, 4096 x 1024 16-bit ReLU 1.61-2.78x ->
-// 1.38-1.60x. 32 rows (kStatsTileRows) measured a little faster than 64 and 128, like 16.
+// builds interleaved, fwd+stats / fwd, 32-row tiles): channels_last 16 x 256 x 28 x 28 fp32 GELU
+// 1.25-1.44x -> 1.04-1.17x, bf16 ReLU 1.45-1.68x -> 1.22-1.37x, 4096 x 1024 16-bit ReLU
+// 1.61-2.78x -> 1.38-1.60x.
 // Not inlined into the task loop: inlined there (identity's was, ReLU's not), the prefetch's
 // cursor was spilled and bf16 fwd+stats took 1.5-1.6x the forward on 4096 x 1024 against 1.3x.
 template <typename Acc, typename T>
 C10_NOINLINE void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, int64_t c_begin,
                                    int64_t c_end, const StatsInputs& in, const BlockSlots& s) {
   constexpr int64_t kStepBytes = kStep * int64_t(sizeof(T));
-  for (int64_t r0 = 0; r0 < rows; r0 += kStatsTileRows) {
-    const int64_t r1 = std::min(rows, r0 + kStatsTileRows);
-    TilePrefetch<T> next(x, y, r1 * C + c_begin, C, c_end - c_begin,
-                         std::min(rows, r1 + kStatsTileRows) - r1);
+  constexpr int64_t kTileRows = kStatsTileRows<T>;
+  constexpr bool kFp32Partials = kStatsFp32Partials<T>;
+  // A tile's rows stay below the LaneSums widening, and its lanes are its channels in order.
+  static_assert(!kFp32Partials || (kTileRows < kPartialTerms && !Acc::kEvenOdd));
+  const int64_t width = c_end - c_begin;
+  std::vector<float> partials(kFp32Partials ? 2 * width : 0, 0.f);
+  float* const partial_sum = partials.data();
+  float* const partial_sumsq = partial_sum + (kFp32Partials ? width : 0);
+  int tiles = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+    const int64_t r1 = std::min(rows, r0 + kTileRows);
+    TilePrefetch<T> next(x, y, r1 * C + c_begin, C, width, std::min(rows, r1 + kTileRows) - r1);
     for (int64_t c0 = c_begin; c0 < c_end; c0 += kStep) {
       const int64_t m = std::min(kStep, c_end - c0);
       Acc acc(in, c0, m);
@@ -394,10 +423,20 @@ C10_NOINLINE void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, in
         next.advance(kStepBytes);
         acc.step(x + r * C + c0, y + r * C + c0, m);
       }
-      redo_sums_if_large(acc, [&](auto add) {
+      acc.fold_lane_max_and_counts(s, c0, m);
+      const bool redone = redo_sums_if_large(acc, [&](auto add) {
         for (int64_t r = r0; r < r1; ++r) add(x + r * C + c0, m);
       });
-      acc.fold_lanes(s, c0, m);
+      if (kFp32Partials && !redone) {
+        acc.sums.add_partials_to(partial_sum + (c0 - c_begin), partial_sumsq + (c0 - c_begin), m);
+      } else {
+        acc.sums.fold_lanes(s.sum + c0, s.sumsq + c0, m, Acc::kEvenOdd);
+      }
+    }
+    if (kFp32Partials && (++tiles == kStatsTilesPerWiden || r1 == rows)) {
+      widen_partials_into(partial_sum, s.sum + c_begin, width);
+      widen_partials_into(partial_sumsq, s.sumsq + c_begin, width);
+      tiles = 0;
     }
   }
 }

@@ -193,13 +193,16 @@ def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, ac
     """The sums add at most 16 steps in fp32 before widening to float64 (csrc/cpu/stats_blocks.h,
     LaneSums). Large magnitudes overflow fp32 squares, so a chunk (a tile of rows, a run) whose
     max reaches the kernels' bound (2^59) has its sums redone with every step in float64: a
-    channel of 2^62 (16 squares: 2^128, beyond fp32), one mixing 2^62 into ordinary values (in
-    [rows, 2], tiles whose first 16 rows were widened before their 2^62: the redo must drop
-    them), and one whose only 2^62 is its last value (the same in NCHW's one long run). Then a channel whose squares fall below fp32's normal range, and one that
-    starts with 2^24 and continues with 1.0: fp32 sums that went on past 16 terms would drop every
-    later 1.0 (2^-17 of the sum or more), 16-term ones drop at most 15 of them, within the rule.
-    Each kind apart, so that no other kind's 2^62 redoes its chunks, in two channels ([rows, 1] is
-    walked flat): [rows, 2] (the lanes walk) and NCHW (the row walk, 32 lanes per channel)."""
+    channel of 2^62 (16 squares: 2^128, beyond fp32), one mixing 2^62 into ordinary values, and
+    one whose only 2^62 is its last value (the same in NCHW's one long run). Then a channel whose
+    squares fall below fp32's normal range, and one that starts with 2^24 and continues with 1.0:
+    fp32 sums that went on past 16 terms would drop every later 1.0 (2^-17 of the sum or more),
+    16-term ones drop at most 15 of them, within the rule. The lanes walk adds its tiles' partials
+    in fp32 across a few tiles before they widen: in a channel of 2^15 then 2^-12s, each tile of 8
+    rows adds half an fp32 ulp of 2^15 (a tie, rounded to even: dropped) until the partials widen
+    and start again from zero. Each kind apart, so that no other kind's 2^62 redoes its chunks,
+    in two channels ([rows, 1] is walked flat): [rows, 2] (the lanes walk) and NCHW (the row
+    walk, 32 lanes per channel)."""
     rows = 4099
     base = torch.randn(rows, generator=torch.Generator().manual_seed(7))
     mixed = base.clone()
@@ -208,8 +211,10 @@ def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, ac
     late[-1] = 2.0**62
     stall = torch.ones(rows)
     stall[0] = 2.0**24
-    channels = (torch.full((rows,), 2.0**62), mixed, late, 3e-25 * base, stall)
-    for values, threshold in zip(channels, (0.5, 0.5, 0.5, 1e-25, 0.5)):
+    tiles_tie = torch.full((rows,), 2.0**-12)
+    tiles_tie[0] = 2.0**15
+    channels = (torch.full((rows,), 2.0**62), mixed, late, 3e-25 * base, stall, tiles_tie)
+    for values, threshold in zip(channels, (0.5, 0.5, 0.5, 1e-25, 0.5, 1e-25)):
         x = torch.stack([values, values], 1).to(dtype)
         threshold = torch.tensor([threshold, threshold])
         for case in (x, x.t().reshape(1, 2, rows, 1).contiguous()):
@@ -246,11 +251,11 @@ def test_short_runs_of_large_values_equal_the_reference(capability, act, dtype):
 def test_redone_tiles_keep_their_channels(capability, act, dtype):
     """A tile of the lanes walk whose max reaches the bound redoes its sums (bf16 lanes added even
     channels first and put back in order at the fold): distinct channels, 67 of them (a chunk of
-    32, one of 32 and one of 3), one of which holds 2^62 (fp16: inf) in some tiles, must each
-    keep their own sums."""
+    32, one of 32 and one of 3), one of which holds 2^62 (fp16: inf) in some of its tiles of 8
+    rows (the others add up in fp32 partials), must each keep their own sums."""
     rows = 100
     x = torch.randn(rows, 67, generator=torch.Generator().manual_seed(3)) + torch.arange(67) / 8
-    x[5::7, 40] = 2.0**62 if dtype != torch.float16 else float("inf")
+    x[5::23, 40] = 2.0**62 if dtype != torch.float16 else float("inf")
     x = x.to(dtype)
     threshold = torch.rand(67, generator=torch.Generator().manual_seed(4))
     for center in (None, torch.rand(67, generator=torch.Generator().manual_seed(5))):

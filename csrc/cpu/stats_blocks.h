@@ -132,12 +132,22 @@ C10_ALWAYS_INLINE void even_odd_to_channel_order(D4& acc) {
 }
 #endif
 
+// Channels' fp32 partial sums added into their float64 slots, and zeroed.
+inline void widen_partials_into(float* partials, double* slots, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    slots[i] += static_cast<double>(partials[i]);
+    partials[i] = 0.f;
+  }
+}
+
 // A chunk's lane sums and sums of squares of the activations, a step's two fp32 vectors of
 // lanes: in fp32 over at most kPartialTerms steps, then widened into fp64 lanes (METHOD.md
 // section 4: fp32 inside a block, fp64 across). The fp32 part adds at most 16 terms from zero
 // (15 roundings for the sums, 16 for the squares' fmadd chain), so it errs by at most 16 x 2^-24
 // of their sum of |a| (of a^2), plus 2^-150 a term where a square falls below fp32's normal
 // range; fp64 carries everything longer, so a scan's sums do not stall the way fp32 ones do.
+// The lanes walk (stats_rows_lanes) adds its short tiles' partials per channel in fp32 across a
+// few tiles before they widen, within the same 16 roundings and the same overflow bound.
 // Widening every step (the sums within 1e-12 of fp64) took 19 of the 33 vector instructions of
 // bf16 ReLU's step and left fwd+stats 1.3-1.6x the forward for 16 bits.
 //
@@ -226,6 +236,14 @@ struct LaneSums {
     add_to_slots(sumsq_slots, sumsq.d1, kD, m);
     add_to_slots(sumsq_slots, sumsq.d2, 2 * kD, m);
     add_to_slots(sumsq_slots, sumsq.d3, 3 * kD, m);
+  }
+
+  // The fp32 partials added into m consecutive channels' fp32 partial sums, lane i into channel
+  // i (nothing widened: see stats_rows_lanes).
+  C10_ALWAYS_INLINE void add_partials_to(float* sum_partials, float* sumsq_partials, int64_t m) {
+    const F2 sums = load(sum_partials, m), sumsqs = load(sumsq_partials, m);
+    store(sum_partials, m, sums.lo + part_sum.lo, sums.hi + part_sum.hi);
+    store(sumsq_partials, m, sumsqs.lo + part_sumsq.lo, sumsqs.hi + part_sumsq.hi);
   }
 
   // All lanes into one channel's slots, in a fixed order, as trees: a run can be as short as
