@@ -39,7 +39,7 @@ if [ "$(cat "$requirements_stamp" 2>/dev/null)" != "$requirements_hash" ]; then
   echo "$requirements_hash" > "$requirements_stamp"
 fi
 
-# Rebuild the extension only when its sources change (three CPU-capability variants compile).
+# Rebuild the extension only when its sources change (four CPU-capability variants compile).
 build_stamp=$venv/.lipkern-build.sha256
 build_hash=$(find setup.py csrc -type f | sort | xargs cat | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$build_stamp" 2>/dev/null)" != "$build_hash" ] || ! "$venv_python" -c "import lipkern._C" 2>/dev/null; then
