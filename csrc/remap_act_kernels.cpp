@@ -172,8 +172,9 @@ C10_ALWAYS_INLINE Mask stats_remap_mask(const fVec& a, const fVec& t, const fVec
 
 // Rows of a lanes-mode tile (see stats_rows_lanes): 8 of fp32, whose tiles' sums then add up in
 // fp32 partials per channel across kStatsTilesPerWiden tiles before they widen into float64 (a
-// term is rounded at most once per row of its tile and once per tile after it: at most
-// kPartialTerms times, as LaneSums allows); 32 of 16-bit types, whose tiles' sums widen at once.
+// term is rounded at most once per row of its tile and once per tile added to the partials from
+// its own on: 8 + 8 = kPartialTerms times, as LaneSums allows); 32 of 16-bit types, whose tiles'
+// sums widen at once.
 template <typename T>
 constexpr bool kStatsFp32Partials = sizeof(T) == 4;
 template <typename T>
@@ -385,11 +386,11 @@ C10_ALWAYS_INLINE bool redo_sums_if_large(Acc& acc, EachStep&& each_step) {
 // pay for themselves through the fp32 partials; 16-bit steps cost more in vector operations
 // than in memory (identity and ReLU: about 17 for 32 elements against the forward's 7), and
 // their 32-row tiles amortise the fold better. Against 32-row tiles with the float64 fold for
-// every dtype, alternated builds, fwd+stats over fwd: one thread, 4096 x 1024 fp32 ReLU
-// 1.90-2.16x -> 1.50-1.51x, identity 1.65-1.80x -> 1.15-1.33x, channels_last 16 x 256 x 28 x 28
-// fp32 identity 1.64-1.71x -> 1.04-1.13x, GELU within noise; the same 8-row tiles for 16-bit
-// took its stats 5-20 % longer (channels_last ReLU and identity, 2 threads), 4-row tiles took
-// fp32 ReLU to 1.21x but fp32 GELU up by 10 %.
+// every dtype, alternated builds, fwd+stats over fwd, one thread: fp32 ReLU 4096 x 1024
+// 1.72-1.88x -> 1.29-1.48x, 16384 x 256 1.29-1.73x -> 1.05-1.21x, identity 1.61-1.70x ->
+// 1.19-1.39x and 1.34-1.75x -> 0.94-1.27x, GELU within noise (README, "What the statistics
+// cost"). The same 8-row tiles for 16-bit took its statistics 5-20 % longer (channels_last ReLU
+// and identity, 2 threads); 4-row tiles took fp32 ReLU to 1.21x but fp32 GELU up by 10 %.
 //
 // The walk goes down the tile's rows, C apart: the hardware prefetchers follow a few dozen
 // pages at most, and a column of the tile touches one line in each of 2 x kStatsTileRows rows
