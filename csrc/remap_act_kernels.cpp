@@ -183,7 +183,8 @@ constexpr int kStatsTilesPerWiden = kPartialTerms - kStatsTileRows<float>;
 static_assert(kStatsTilesPerWiden >= 1);
 static_assert(double(kStatsTileRows<float> * kStatsTilesPerWiden) * double(kPartialBound) *
                       double(kPartialBound) < 0x1p127,
-              "the squares a tile's partial sums add up cannot overflow fp32");
+              "the squares that kStatsTilesPerWiden tiles' partial sums add up cannot overflow "
+              "fp32");
 
 // What an accumulator is built from: the thresholds and centres, the 16-bit activation table,
 // and the 16-bit remap bounds (remap_bound, one per channel; BitsStats only).
@@ -366,8 +367,8 @@ struct TilePrefetch {
 };
 
 // Where a chunk's magnitudes reached kPartialBound, its sums dropped and redone in float64 (see
-// LaneSums); each_step(add) calls add(x, m) for each of the chunk's steps. x must still hold the
-// input: the statistics never run in place (forward_stats_typed).
+// LaneSums), and true returned; each_step(add) calls add(x, m) for each of the chunk's steps. x
+// must still hold the input: the statistics never run in place (forward_stats_typed).
 template <typename Acc, typename EachStep>
 C10_ALWAYS_INLINE bool redo_sums_if_large(Acc& acc, EachStep&& each_step) {
   if (C10_LIKELY(!acc.large())) return false;
@@ -390,10 +391,11 @@ C10_ALWAYS_INLINE bool redo_sums_if_large(Acc& acc, EachStep&& each_step) {
 // 1.72-1.88x -> 1.29-1.48x, 16384 x 256 1.29-1.73x -> 1.05-1.21x, identity 1.61-1.70x ->
 // 1.19-1.39x and 1.34-1.75x -> 0.94-1.27x, GELU within noise (README, "What the statistics
 // cost"). The same 8-row tiles for 16-bit took its statistics 5-20 % longer (channels_last ReLU
-// and identity, 2 threads); 4-row tiles took fp32 ReLU to 1.21x but fp32 GELU up by 10 %.
+// and identity, 2 threads); 4-row tiles took fp32 ReLU to 1.21x but fp32 GELU up by 10 %. (On
+// two threads fp32 GELU's 4096 x 1024 median moved 1.59x -> 1.46x, within its spread.)
 //
 // The walk goes down the tile's rows, C apart: the hardware prefetchers follow a few dozen
-// pages at most, and a column of the tile touches one line in each of 2 x kStatsTileRows rows
+// pages at most, and a column of the tile touches one line in each of 2 x kStatsTileRows<T> rows
 // of x and y. So the next tile is requested into L2 in address order, which the walk of this
 // one then paces. Against requesting each row's next chunk into L1 a column ahead (2 threads,
 // builds interleaved, fwd+stats / fwd, 32-row tiles): channels_last 16 x 256 x 28 x 28 fp32 GELU
@@ -428,16 +430,21 @@ C10_NOINLINE void stats_rows_lanes(const T* x, T* y, int64_t rows, int64_t C, in
       const bool redone = redo_sums_if_large(acc, [&](auto add) {
         for (int64_t r = r0; r < r1; ++r) add(x + r * C + c0, m);
       });
-      if (kFp32Partials && !redone) {
-        acc.sums.add_partials_to(partial_sum + (c0 - c_begin), partial_sumsq + (c0 - c_begin), m);
-      } else {
-        acc.sums.fold_lanes(s.sum + c0, s.sumsq + c0, m, Acc::kEvenOdd);
+      if constexpr (kFp32Partials) {
+        if (!redone) {
+          acc.sums.add_partials_to(partial_sum + (c0 - c_begin), partial_sumsq + (c0 - c_begin),
+                                   m);
+          continue;
+        }
       }
+      acc.sums.fold_lanes(s.sum + c0, s.sumsq + c0, m, Acc::kEvenOdd);
     }
-    if (kFp32Partials && (++tiles == kStatsTilesPerWiden || r1 == rows)) {
-      widen_partials_into(partial_sum, s.sum + c_begin, width);
-      widen_partials_into(partial_sumsq, s.sumsq + c_begin, width);
-      tiles = 0;
+    if constexpr (kFp32Partials) {
+      if (++tiles == kStatsTilesPerWiden || r1 == rows) {
+        flush_partials_to_slots(partial_sum, s.sum + c_begin, width);
+        flush_partials_to_slots(partial_sumsq, s.sumsq + c_begin, width);
+        tiles = 0;
+      }
     }
   }
 }

@@ -193,16 +193,15 @@ def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, ac
     """The sums add at most 16 steps in fp32 before widening to float64 (csrc/cpu/stats_blocks.h,
     LaneSums). Large magnitudes overflow fp32 squares, so a chunk (a tile of rows, a run) whose
     max reaches the kernels' bound (2^59) has its sums redone with every step in float64: a
-    channel of 2^62 (16 squares: 2^128, beyond fp32), one mixing 2^62 into ordinary values, and
-    one whose only 2^62 is its last value (the same in NCHW's one long run). Then a channel whose
-    squares fall below fp32's normal range, and one that starts with 2^24 and continues with 1.0:
-    fp32 sums that went on past 16 terms would drop every later 1.0 (2^-17 of the sum or more),
-    16-term ones drop at most 15 of them, within the rule. The lanes walk adds its tiles' partials
-    in fp32 across a few tiles before they widen: in a channel of 2^15 then 2^-12s, each tile of 8
-    rows adds half an fp32 ulp of 2^15 (a tie, rounded to even: dropped) until the partials widen
-    and start again from zero. Each kind apart, so that no other kind's 2^62 redoes its chunks,
-    in two channels ([rows, 1] is walked flat): [rows, 2] (the lanes walk) and NCHW (the row
-    walk, 32 lanes per channel)."""
+    channel of 2^62 (16 squares: 2^128, beyond fp32), one mixing 2^62 into ordinary values (in
+    [rows, 2], 16-bit's tiles of 32 rows whose first 16 were widened before their 2^62: the redo
+    must drop them), and one whose only 2^62 is its last value (the same in NCHW's one long run).
+    Then a channel whose squares fall below fp32's normal range, and one that starts with 2^24
+    and continues with 1.0: fp32 sums that went on past 16 terms would drop every later 1.0
+    (2^-17 of the sum or more), 16-term ones drop at most 15 of them, within the rule (the lanes
+    walk's partials across tiles: test_lanes_partial_sums_widen_within_64_rows). Each kind apart,
+    so that no other kind's 2^62 redoes its chunks, in two channels ([rows, 1] is walked flat):
+    [rows, 2] (the lanes walk) and NCHW (the row walk, 32 lanes per channel)."""
     rows = 4099
     base = torch.randn(rows, generator=torch.Generator().manual_seed(7))
     mixed = base.clone()
@@ -211,10 +210,8 @@ def test_sums_outside_the_fp32_partials_range_equal_the_reference(capability, ac
     late[-1] = 2.0**62
     stall = torch.ones(rows)
     stall[0] = 2.0**24
-    tiles_tie = torch.full((rows,), 2.0**-12)
-    tiles_tie[0] = 2.0**15
-    channels = (torch.full((rows,), 2.0**62), mixed, late, 3e-25 * base, stall, tiles_tie)
-    for values, threshold in zip(channels, (0.5, 0.5, 0.5, 1e-25, 0.5, 1e-25)):
+    channels = (torch.full((rows,), 2.0**62), mixed, late, 3e-25 * base, stall)
+    for values, threshold in zip(channels, (0.5, 0.5, 0.5, 1e-25, 0.5)):
         x = torch.stack([values, values], 1).to(dtype)
         threshold = torch.tensor([threshold, threshold])
         for case in (x, x.t().reshape(1, 2, rows, 1).contiguous()):
@@ -251,17 +248,40 @@ def test_short_runs_of_large_values_equal_the_reference(capability, act, dtype):
 def test_redone_tiles_keep_their_channels(capability, act, dtype):
     """A tile of the lanes walk whose max reaches the bound redoes its sums (bf16 lanes added even
     channels first and put back in order at the fold): distinct channels, 67 of them (a chunk of
-    32, one of 32 and one of 3), one of which holds 2^62 (fp16: inf) in some of its tiles of 8
-    rows (the others add up in fp32 partials), must each keep their own sums."""
-    rows = 100
-    x = torch.randn(rows, 67, generator=torch.Generator().manual_seed(3)) + torch.arange(67) / 8
-    x[5::23, 40] = 2.0**62 if dtype != torch.float16 else float("inf")
-    x = x.to(dtype)
-    threshold = torch.rand(67, generator=torch.Generator().manual_seed(4))
-    for center in (None, torch.rand(67, generator=torch.Generator().manual_seed(5))):
-        stats = torch.ops.lipkern.remap_act_stats(x, threshold, center, act, 1)
-        verdict = compare_stats(stats[1:], x, threshold, center, act, 1)
-        assert verdict.ok, (center is None, verdict)
+    32, one of 32 and one of 3), one of which holds 2^62 (fp16: inf) in some of its tiles (fp32's
+    tiles of 8 rows between them add up in fp32 partials), must each keep their own sums; and the
+    same in 67 rows of 4010 channels, which tasks split in chunks of 512 (the large channel in the
+    second)."""
+    large = 2.0**62 if dtype != torch.float16 else float("inf")
+    for rows, channels, large_channel in ((100, 67, 40), (67, 4010, 600)):
+        x = torch.randn(rows, channels, generator=torch.Generator().manual_seed(3))
+        x = x + torch.arange(channels) / 8
+        x[5::23, large_channel] = large
+        x = x.to(dtype)
+        threshold = torch.rand(channels, generator=torch.Generator().manual_seed(4))
+        for center in (None, torch.rand(channels, generator=torch.Generator().manual_seed(5))):
+            stats = torch.ops.lipkern.remap_act_stats(x, threshold, center, act, 1)
+            verdict = compare_stats(stats[1:], x, threshold, center, act, 1)
+            assert verdict.ok, (rows, channels, center is None, verdict)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ["identity", "relu"])
+def test_lanes_partial_sums_widen_within_64_rows(capability, act, dtype):
+    """The lanes walk's fp32 partials (8-row tiles for fp32, adding up across 8 tiles; 32-row tiles
+    for 16-bit, widened at once) reach float64 within 64 rows, so a channel of 2^15 and then
+    2^-12s, each of which (and each tile's 8 of them: half an ulp, a tie rounded to even) the
+    fp32 partial of 2^15 drops, loses at most the 2^-12s of its first 64 rows; every later one is
+    added exactly. Partials widened every 9 tiles would lose 71 of them."""
+    rows = 1000
+    values = torch.full((rows,), 2.0**-12, dtype=torch.float64)
+    values[0] = 2.0**15
+    x = torch.stack([values, values], 1).to(dtype)
+    stats = torch.ops.lipkern.remap_act_stats(x, torch.tensor([1e-25, 1e-25]), None, act, 1)
+    exact = values.sum()
+    assert ((exact - stats[4]).abs() <= 64 * 2.0**-12).all(), (exact, stats[4])
+    assert (stats[4] <= exact).all()
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])

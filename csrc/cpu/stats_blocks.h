@@ -133,7 +133,7 @@ C10_ALWAYS_INLINE void even_odd_to_channel_order(D4& acc) {
 #endif
 
 // Channels' fp32 partial sums added into their float64 slots, and zeroed.
-inline void widen_partials_into(float* partials, double* slots, int64_t n) {
+inline void flush_partials_to_slots(float* partials, double* slots, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     slots[i] += static_cast<double>(partials[i]);
     partials[i] = 0.f;
@@ -147,7 +147,8 @@ inline void widen_partials_into(float* partials, double* slots, int64_t n) {
 // of their sum of |a| (of a^2), plus 2^-150 a term where a square falls below fp32's normal
 // range; fp64 carries everything longer, so a scan's sums do not stall the way fp32 ones do.
 // The lanes walk (stats_rows_lanes) adds its short tiles' partials per channel in fp32 across a
-// few tiles before they widen, within the same 16 roundings and the same overflow bound.
+// few tiles before they widen, within the same 16 roundings (the overflow margin for its squares:
+// kStatsTilesPerWiden in csrc/remap_act_kernels.cpp).
 // Widening every step (the sums within 1e-12 of fp64) took 19 of the 33 vector instructions of
 // bf16 ReLU's step and left fwd+stats 1.3-1.6x the forward for 16 bits.
 //
@@ -239,8 +240,10 @@ struct LaneSums {
   }
 
   // The fp32 partials added into m consecutive channels' fp32 partial sums, lane i into channel
-  // i (nothing widened: see stats_rows_lanes).
+  // i. Only for a chunk too short to have widened anything (stats_rows_lanes), which would be
+  // dropped.
   C10_ALWAYS_INLINE void add_partials_to(float* sum_partials, float* sumsq_partials, int64_t m) {
+    TORCH_INTERNAL_ASSERT_DEBUG_ONLY(!widened);
     const F2 sums = load(sum_partials, m), sumsqs = load(sumsq_partials, m);
     store(sum_partials, m, sums.lo + part_sum.lo, sums.hi + part_sum.hi);
     store(sumsq_partials, m, sumsqs.lo + part_sumsq.lo, sumsqs.hi + part_sumsq.hi);
