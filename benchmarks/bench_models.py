@@ -182,8 +182,8 @@ def test_calibration_scan(benchmark, model, variant):
 @pytest.mark.parametrize("variant", ["nn.GELU", "apply", "calibrate"])
 def test_layer_call(benchmark, variant):
     """One layer's call on a tiny input (8x192): what a model pays per converted layer besides
-    the kernel. Inside a model this Python costs several times what it costs here (the README's
-    "Performance" section has the measured figures), so it is worth watching."""
+    the kernel. Inside a model this Python costs several times what it costs here
+    (benchmarks/RESULTS.md has the measured figures), so it is worth watching."""
     benchmark.group = "layer-call-8x192"
     x = torch.randn(8, 192)
     layer = torch.nn.Sequential(torch.nn.GELU())

@@ -389,10 +389,11 @@ C10_ALWAYS_INLINE bool redo_sums_if_large(Acc& acc, EachStep&& each_step) {
 // their 32-row tiles amortise the fold better. Against 32-row tiles with the float64 fold for
 // every dtype, alternated builds, fwd+stats over fwd, one thread: fp32 ReLU 4096 x 1024
 // 1.72-1.88x -> 1.29-1.48x, 16384 x 256 1.29-1.73x -> 1.05-1.21x, identity 1.61-1.70x ->
-// 1.19-1.39x and 1.34-1.75x -> 0.94-1.27x, GELU within noise (README, "What the statistics
-// cost"). The same 8-row tiles for 16-bit took its statistics 5-20 % longer (channels_last ReLU
-// and identity, 2 threads); 4-row tiles took fp32 ReLU to 1.21x but fp32 GELU up by 10 %. (On
-// two threads fp32 GELU's 4096 x 1024 median moved 1.59x -> 1.46x, within its spread.)
+// 1.19-1.39x and 1.34-1.75x -> 0.94-1.27x, GELU within noise (benchmarks/RESULTS.md, "What
+// the statistics cost"). The same 8-row tiles for 16-bit took its statistics 5-20 % longer
+// (channels_last ReLU and identity, 2 threads); 4-row tiles took fp32 ReLU to 1.21x but fp32
+// GELU up by 10 %. (On two threads fp32 GELU's 4096 x 1024 median moved 1.59x -> 1.46x, within
+// its spread.)
 //
 // The walk goes down the tile's rows, C apart: the hardware prefetchers follow a few dozen
 // pages at most, and a column of the tile touches one line in each of 2 x kStatsTileRows<T> rows

@@ -409,7 +409,7 @@ def remap_act_prechecked(
 
     Where the C++ kernels run, they check x and the parameters themselves, so the op is called
     directly: inside a model, a microsecond of Python between two multi-threaded ops costs
-    several (see the README's performance notes), and the public API's checks and dispatch
+    several (see benchmarks/RESULTS.md), and the public API's checks and dispatch
     are about 3 us per call. Elsewhere, and for a ``channel_dim`` that ``x`` lacks (whose error
     the checked API raises), the checked API runs.
     """
