@@ -1,5 +1,6 @@
 """End-to-end: `lipkern eval --quick` on the embedded digits default (the run CI makes)."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ def test_report_structure(quick_run):
     for heading in ("Main table", "Gradient-masking audit", "Randomized smoothing", "Weight variant",
                     "Calibration-set size", "Empirical Lipschitz constant", "FGSM / PGD"):
         assert heading in md
+    # Every accuracy in every table carries its interval: the sweep's rows included.
+    assert re.search(r"\| 2\^-8 \| PGD \| \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\] \|", md)
+    assert "40 test samples (seed 0, 1 chunk of 40)" in md  # the quick budget's 40 samples, in one chunk
     for m in res["models"]:
         assert list(m["configs"]) == ["original", "2^-8", "2^-7", "2^-6"]
         for kind in ("smoothing", "remapped", "lipschitz", "sweep"):
@@ -43,6 +47,9 @@ def test_accuracies_in_unit_interval(quick_run):
             assert c["worst_case"] <= min(c["clean"], c["autoattack"], c["cw"])
             assert c["audit"]["verdict"] in ("PASS", "WARN")
             assert c["audit"]["verdict"] == "PASS" or c["audit"]["reasons"]
+        for row in m["weight_variant"]["rows"] + m["calib_ablation"]["rows"]:
+            low, high = row["robust_interval"]
+            assert 0.0 <= low <= row["robust"] <= high <= 1.0, (m["name"], row)
 
 
 def test_original_attack_sanity(quick_run):

@@ -140,6 +140,18 @@ def test_a_store_of_another_format_is_not_resumed(tmp_path):
         store.bind_settings("m", {"eps": 0.1, "store_format": api.STORE_FORMAT})
 
 
+def test_a_store_keeps_the_models_its_run_was_started_with(tmp_path):
+    store = OutcomeStore(tmp_path)
+    assert store.run_models() is None
+    store.bind_run_models(["tiny_vit", "preact_wrn"])
+    store.bind_run_models(["preact_wrn", "tiny_vit", "tiny_vit"])  # the same run, named in another order
+    assert store.run_models() == ["preact_wrn", "tiny_vit"]
+    with pytest.raises(SettingsMismatchError, match="holds a run of preact_wrn, tiny_vit, and this one is of "
+                                                    "preact_wrn;"):
+        store.bind_run_models(["preact_wrn"])
+    store.close()
+
+
 class _FlippedInput(nn.Sequential):
     """The same modules and weights as the Sequential it is built from; another forward."""
 
@@ -471,6 +483,24 @@ def test_resume_needs_the_same_run(tmp_path, monkeypatch, capsys):
     assert cli_eval.main(["--no-progress", "--embedded", "tiny_vit", "--out", str(used), "--resume"]) == 2
     assert "holds a run of preact_wrn, and this one leaves out preact_wrn" in capsys.readouterr().err
     assert sorted(p.name for p in used.iterdir()) == earlier
+    # A run killed on its first model has started only that one: resuming it without the second model, or
+    # adding a model the run was not started with, is refused; the original command resumes.
+    first_of_two, one = tmp_path / "first_of_two", tmp_path / "one"
+    for path, started_with in ((first_of_two, ["preact_wrn", "tiny_vit"]), (one, ["preact_wrn"])):
+        _earlier_run(path)
+        store = OutcomeStore(path)
+        store.bind_run_models(started_with)
+        store.close()
+    assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(first_of_two), "--resume"]) == 2
+    assert ("holds a run of preact_wrn, tiny_vit, and this one leaves out tiny_vit;"
+            in capsys.readouterr().err)
+    assert cli_eval.main(["--no-progress", "--out", str(one), "--resume"]) == 2
+    assert "holds a run of preact_wrn, and this one adds tiny_vit;" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="the evaluation started"):
+        cli_eval.main(["--no-progress", "--jobs", "1", "--out", str(first_of_two), "--resume"])
+    # A store that did not record its models tells only those it had started on: adding one passes.
+    with pytest.raises(AssertionError, match="the evaluation started"):
+        cli_eval.main(["--no-progress", "--jobs", "1", "--out", str(used), "--resume"])
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "outcomes.sqlite").write_text("not a database")
@@ -596,7 +626,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(one_process_run, tmp_pa
     assert refused.returncode == 2 and "--resume" in refused.stderr
     changed = subprocess.run(_cli(out, "--resume", "--seed", "1"), env=ENV, capture_output=True, text=True,
                              timeout=120)
-    assert changed.returncode == 2 and "other settings" in changed.stderr
+    assert changed.returncode == 2 and ("other settings (seed: recorded 0, now 1; the test samples drawn (n_test, "
+                                        "seed) differ)") in changed.stderr
     resumed = subprocess.run(_cli(out, "--resume"), env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     already = int(re.search(r"(\d+) already done", resumed.stderr).group(1))

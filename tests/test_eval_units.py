@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lipkern.eval import _remap, audit, layers, lipschitz, smoothing, weight_variant
+from lipkern.eval import _remap, audit, layers, lipschitz, smoothing, stats, weight_variant
 from lipkern.eval.data import Split
 
 
@@ -155,3 +155,21 @@ def test_robust_accuracy_plot_draws_one_original_line_where_two_would_coincide()
     assert [(key, title) for key, _, title in apart] == [("autoattack", "AutoAttack"), ("worst_case", "worst case")]
     assert original_lines({"autoattack": 0.5, "worst_case": 0.5}) == [
         ("autoattack", "tab:purple", "AutoAttack = worst case")]
+
+
+def test_chunk_phrase_gives_the_sizes_a_run_has():
+    from lipkern.eval.report import chunk_phrase
+
+    assert chunk_phrase(40, 100) == "1 chunk of 40"
+    assert chunk_phrase(200, 100) == "2 chunks of 100"
+    assert chunk_phrase(250, 100) == "3 chunks of 100 (the last of 50)"
+
+
+def test_report_accuracies_carry_the_wilson_interval_of_their_count():
+    from lipkern.eval.report import _acc
+
+    low, high = stats.wilson_interval(37, 80)
+    assert _acc(37 / 80, 80) == f"46.25 [{100 * low:.2f}, {100 * high:.2f}]"
+    assert _acc(None, 80) == "-"
+    with pytest.raises(ValueError, match="no count of 7 samples"):
+        _acc(0.1, 7)

@@ -175,6 +175,47 @@ def test_bad_eps(eps, capsys):
     assert "--eps" in capsys.readouterr().err
 
 
+def test_an_infinite_eps_is_not_offered_a_hint(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--eps=inf"])
+    err = capsys.readouterr().err
+    assert "--eps: must be < 1" in err and "/255" not in err
+
+
+def test_data_with_nan_says_how_many(tmp_path, tiny_model, capsys):
+    x = np.random.default_rng(0).random((32, 1, 6, 6), dtype=np.float32)
+    x[3, 0, 1, 2], x[5, 0, 0, 0] = np.nan, np.inf
+    path = tmp_path / "nan.npz"
+    np.savez(path, x=x, y=np.zeros(32, np.int64))
+    err = _error(["--model", tiny_model, "--data", str(path)], capsys)
+    assert "'x' must be finite and in [0, 1]; it holds 2 NaN or infinite value(s) of 1152" in err
+    x[3, 0, 1, 2], x[5, 0, 0, 0] = 1.5, 0.0
+    np.savez(path, x=x, y=np.zeros(32, np.int64))
+    assert "'x' must be in [0, 1] (min 0, max 1.5)" in _error(["--model", tiny_model, "--data", str(path)], capsys)
+
+
+@pytest.mark.filterwarnings("ignore:lipkern.convert. nothing was converted")
+def test_a_conversion_that_cannot_be_placed_is_refused_before_any_work(tmp_path, tiny_model, monkeypatch, capsys):
+    from lipkern.eval import api
+
+    def boom(*a, **k):
+        raise AssertionError("the evaluation started")
+    monkeypatch.setattr(api, "evaluate", boom)
+    out = tmp_path / "out"
+    data = str(_npz(tmp_path / "d.npz"))
+    err = _error(["--model", tiny_model, "--data", data, "--inputs-of", "3,nomatch.*", "--out", str(out)], capsys)
+    assert ("make: inputs_of 'nomatch.*' names no module of the model (fnmatch globs on qualified module names, "
+            "such as '5')") in err
+    err = _error(["--model", tiny_model, "--data", data, "--inputs-of", "[12]", "--out", str(out)], capsys)
+    assert "make: inputs_of '[12]' matched '1': input remaps go on nn.Linear" in err and "Traceback" not in err
+    err = _error(["--model", tiny_model, "--data", data, "--acts", "silu", "--out", str(out)], capsys)
+    assert "make: lipkern.convert with {'acts': ('silu',)} placed no remap" in err
+    # A pattern of one embedded model's layers, given for both, names the model it misses and the way out.
+    err = _error(["--inputs-of", "*.mlp.fc1", "--out", str(out)], capsys)
+    assert "preact_wrn: inputs_of '*.mlp.fc1' names no module" in err and "name one with --embedded" in err
+    assert not out.exists()
+
+
 def test_api_rejects_bad_arguments():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 5))
     x, y = torch.rand(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
@@ -182,6 +223,9 @@ def test_api_rejects_bad_arguments():
         evaluate(model, (x, y), (x, y), eps=-1.0)
     with pytest.raises(EvalInputError, match="ratios"):
         evaluate(model, (x, y), (x, y), ratios=(1.5,))
+    for run_models in ("model", ["other"]):
+        with pytest.raises(EvalInputError, match="run_models must be a list of the names of every model of the run"):
+            evaluate(model, (x, y), (x, y), run_models=run_models)
     with pytest.raises(EvalInputError, match="at least 4 classes"):
         evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), (x, y), (x, y))
     with pytest.raises(EvalInputError, match="labels out of range"):
@@ -204,7 +248,10 @@ def test_api_refuses_a_conversion_before_any_work(tmp_path):
     for kwargs, message in [({"acts": ("tanh",)}, "acts entries must be among"),
                             ({"act": "relu"}, "unexpected keyword argument 'act'"),
                             ({"preset": "fast"}, "preset must be"),
-                            ({"acts": ("gelu",)}, "placed no remap in the model")]:
+                            ({"acts": ("gelu",)}, "placed no remap in the model"),
+                            ({"inputs_of": ("1", "fc*")}, "inputs_of 'fc\\*' names no module"),
+                            ({"inputs_of": ("fc*", "x")}, "inputs_of 'fc\\*', 'x' name no module"),
+                            ({"inputs_of": "0"}, "inputs_of '0' matched '0': input remaps go on nn.Linear")]:
         with pytest.raises(EvalInputError, match=message):
             evaluate(model, (x, y), (x, y), convert_kwargs=kwargs, out_dir=tmp_path, progress=False)
         assert not any(tmp_path.iterdir())

@@ -3,28 +3,58 @@ straight_through), so the rest of lipkern.eval does not depend on how conversion
 from __future__ import annotations
 
 import copy
+import fnmatch
 
 import torch.nn as nn
 
 from lipkern.calibrate import calibrate, set_ratio
 from lipkern.convert import check_convert_arguments, convert, straight_through
-from lipkern.nn import has_input_remap, remap_modules
+from lipkern.nn import has_input_remap, input_channel_dim, remap_modules
 
-__all__ = ["NothingToRemapError", "calibrated", "check_convert_arguments", "converted_copy", "has_input_remap",
+__all__ = ["UnusableConversionError", "calibrated", "check_convert_arguments", "converted_copy", "has_input_remap",
            "remapped_copy", "set_ratio", "straight_through"]
 
 
-class NothingToRemapError(ValueError):
-    """The conversion placed no remap: the model has no selected activation and no input layer matched."""
+class UnusableConversionError(ValueError):
+    """The conversion cannot place the remaps it was asked for: a pattern of ``inputs_of`` names no module or
+    a module that takes no input remap, or the model has none of the selected activations and no input layer
+    matched."""
+
+
+def _remappable_inputs(model: nn.Module) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        try:
+            input_channel_dim(module)
+        except TypeError:
+            continue
+        names.append(name)
+    return names
 
 
 def converted_copy(model: nn.Module, convert_kwargs: dict) -> nn.Module:
-    """A converted deep copy of ``model`` (``model`` is untouched); NothingToRemapError where the
-    conversion placed no remap."""
-    m = convert(copy.deepcopy(model), **convert_kwargs)
+    """A converted deep copy of ``model`` (``model`` is untouched); UnusableConversionError where the
+    conversion cannot place what it was asked to. ``lipkern.convert`` only warns of an ``inputs_of`` pattern
+    that names no module, but an evaluation that left out a layer it was asked to remap answers another
+    question."""
+    inputs_of = convert_kwargs.get("inputs_of", ())
+    patterns = (inputs_of,) if isinstance(inputs_of, str) else tuple(inputs_of)
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        usable = _remappable_inputs(model)
+        example = f", such as {usable[-1]!r}" if usable else "; the model has no Linear or convolution layer"
+        raise UnusableConversionError(
+            f"inputs_of {', '.join(map(repr, unmatched))} {'names' if len(unmatched) == 1 else 'name'} no module "
+            f"of the model (fnmatch globs on qualified module names{example})")
+    try:
+        m = convert(copy.deepcopy(model), **convert_kwargs)
+    except TypeError as e:  # a pattern that matched a module without an input remap, named by convert
+        raise UnusableConversionError(str(e)) from None
     if not remap_modules(m):
-        raise NothingToRemapError(f"lipkern.convert with {convert_kwargs or 'its defaults'} placed no remap in the "
-                                  "model: it has none of the selected activations and no layer matched inputs_of")
+        raise UnusableConversionError(f"lipkern.convert with {convert_kwargs or 'its defaults'} placed no remap in "
+                                      "the model: it has none of the selected activations and no layer matched "
+                                      "inputs_of")
     return m
 
 

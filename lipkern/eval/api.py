@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from . import _remap, attacks, audit, layers, lipschitz, parallel, smoothing, stats, weight_variant
 from .data import Split
+from .report import chunk_phrase
 from .store import OutcomeStore, SettingsMismatchError
 
 DEFAULT_RATIOS = (2 ** -8, 2 ** -7, 2 ** -6)
@@ -45,6 +46,9 @@ SWEEP_EPS_255 = (1, 2, 4, 8, 16, 32, 64, 96)
 DEFAULT_SIGMA = 0.25
 CERT_RADII = tuple(round(0.05 * i, 2) for i in range(0, 21))
 DEFAULT_CHUNK = 100
+# The settings a resumed run is checked on by digest, and what each digests (a refusal names them in words).
+HASHED_SETTINGS = {"model_sha": "the model's weights", "test_indices_sha": "the test samples drawn (n_test, seed)",
+                   "test_sha": "the test data", "calib_sha": "the calibration data"}
 DEFAULT_BATCH = 500
 # Small enough that a few hundred calibration samples still give each of 8 ranks a batch; the batches are the
 # same for any number of processes, so the thresholds are too.
@@ -245,7 +249,7 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
              progress: bool = True, progress_position: int = 0, budget: Budget | None = None,
              device: str | torch.device | None = "auto", n_test: int | None = None, n_calib: int | None = None,
              batch_size: int = DEFAULT_BATCH, chunk_size: int = DEFAULT_CHUNK, out_dir=None,
-             calib_source: str = "given by the caller", log=None) -> EvalResult:
+             calib_source: str = "given by the caller", run_models=None, log=None) -> EvalResult:
     """Evaluate ``model`` and its remapped versions (one calibration scan, then ``set_ratio`` per c^r).
 
     ``calib_data`` (training data, never test data) calibrates the thresholds; ``test_data`` is ``(x, y)`` with x
@@ -258,6 +262,8 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     ``n_calib`` calibration samples. ``out_dir``: where per-sample outcomes are stored as they finish; work already
     stored there by an identical earlier call is reused (default: a temporary directory). Under an initialised
     ``torch.distributed`` process group, every rank must make the same call; chunks are shared among the ranks.
+    ``run_models``: the names of every model evaluated into the same ``out_dir`` (``name`` among them); the store
+    records them, and a resumed call must name the same ones (None: no such check).
     ``log``: where the one-line work summary and time estimate go (default stderr, main rank only).
     """
     budget = budget or (QUICK if quick else FULL)
@@ -271,6 +277,12 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     except (TypeError, ValueError) as e:
         raise EvalInputError(f"convert_kwargs: {e}") from None
     check_name(name)
+    if run_models is not None:
+        if isinstance(run_models, str) or name not in list(run_models):
+            raise EvalInputError(f"run_models must be a list of the names of every model of the run, {name!r} "
+                                 f"among them, got {run_models!r}")
+        for model_name in run_models:
+            check_name(model_name)
     _check_number("seed", seed, 0, integer=True)
     check_eps(eps)
     ratios = tuple(float(r) for r in ratios)
@@ -320,7 +332,7 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
 
     try:
         converted = _remap.converted_copy(original, convert_kwargs)
-    except _remap.NothingToRemapError as e:
+    except _remap.UnusableConversionError as e:
         raise EvalInputError(f"{name}: {e}") from None
     with contextlib.ExitStack() as cleanup:
         if out_dir is None:
@@ -331,7 +343,10 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
         cleanup.callback(store.close)
         mismatch = None
         try:
-            store.bind_settings(name, settings)
+            # The settings first: a store of another format is refused as such, before anything is recorded in it.
+            store.bind_settings(name, settings, HASHED_SETTINGS)
+            if run_models is not None:
+                store.bind_run_models(run_models)
             # Each rank compares its own outputs: one may differ where the others pass.
             store.bind_outputs(name, _probe_outputs(original, test, dev))
         except SettingsMismatchError as caught:
@@ -486,7 +501,7 @@ def _run_chunks(plan: _Plan, store: OutcomeStore, original, converted, info: _La
     if processes.is_main:
         print(f"lipkern eval: {plan.name}: {len(plan.order)} test samples x {len(plan.configs)} configurations "
               f"(AutoAttack, CW, FGSM/PGD at {len(SWEEP_EPS_255)} eps, adaptive+transfer, smoothing, layers) + "
-              f"{len(aux_models)} weight-variant/ablation models; {plan.n_chunks} chunk(s) of {plan.chunk_size} "
+              f"{len(aux_models)} weight-variant/ablation models; {chunk_phrase(len(plan.order), plan.chunk_size)} "
               f"on {processes.world} process(es), device {device}; {total_units} units, "
               f"{store.count(plan.name)} already done", file=log, flush=True)
     store_writes = 0.0
@@ -670,7 +685,7 @@ def _aggregate(plan: _Plan, store: OutcomeStore, original, info: _LayerInfo, aux
     if wv_label in configs:
         main = configs[wv_label]
         ab_rows.append({"n_calib": n_calib, "clean": main["clean"], "robust": main["aux_robust"],
-                        "robust_interval": None})
+                        "robust_interval": list(stats.wilson_interval(round(main["aux_robust"] * n), n))})
     ab_rows.sort(key=lambda r: r["n_calib"])
 
     return {

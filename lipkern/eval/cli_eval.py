@@ -41,10 +41,10 @@ def parse_eps(text: str) -> float:
             value = float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"cannot parse {text!r}; give a number like 0.03 or 8/255") from None
-    if not math.isfinite(value) or value <= 0:
+    if math.isnan(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (an L-inf radius in [0, 1] input units), got {text}")
     if value >= 1:
-        hint = f"; did you mean {text}/255?" if "/" not in text else ""
+        hint = f"; did you mean {text}/255?" if "/" not in text and math.isfinite(value) else ""
         raise argparse.ArgumentTypeError(f"must be < 1 (an L-inf radius in [0, 1] input units), got {text}{hint}")
     return value
 
@@ -471,8 +471,8 @@ class OutDirChange:
 def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bool, shared: bool) -> OutDirChange:
     """Once every argument has been checked: makes ``--out`` and moves aside the earlier run's files that
     --overwrite replaces (``shared``: several processes run); a failure here undoes what it did. A resumed
-    run must bring every model the stored run had started on (the report would leave the others out, and
-    their work behind)."""
+    run must bring the models the stored run was started with: with one left out, the report would miss it
+    and its work would stay behind; with one added, the original command could no longer resume."""
     from .store import FILENAME, OutcomeStore
 
     out = Path(path)
@@ -498,15 +498,21 @@ def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bo
         try:
             store = OutcomeStore(out)
             try:
-                stored = store.models()
+                stored, recorded = store.models(), store.run_models()
             finally:
                 store.close()
         except sqlite3.Error as e:
             raise EvalInputError(f"--resume: {out / FILENAME} is not a readable outcome store: {e}") from None
-        left_out = sorted(set(stored) - set(models))
-        if left_out:
-            raise EvalInputError(f"--resume: {out} holds a run of {', '.join(stored)}, and this one leaves out "
-                                 f"{', '.join(left_out)}; resume with the same models, or start over with --overwrite")
+        # A store whose starter did not record its models tells only those it had started on.
+        planned = recorded if recorded is not None else stored
+        differences = [f"{how} {', '.join(names)}" for how, names in
+                       (("leaves out", sorted(set(planned) - set(models))),
+                        ("adds", sorted(set(models) - set(planned)) if recorded is not None else []))
+                       if names]
+        if differences:
+            raise EvalInputError(f"--resume: {out} holds a run of {', '.join(planned)}, and this one "
+                                 f"{' and '.join(differences)}; resume with the same models, or start over "
+                                 "with --overwrite")
     return change
 
 
@@ -531,6 +537,22 @@ def _check_sample_counts(jobs: list[Job], args) -> None:
                                           ("--n-calib", args.n_calib, job.calib, "calibration")):
             if wanted is not None and wanted > len(split):
                 raise EvalInputError(f"{flag} {wanted}: {job.name}'s {what} data holds {len(split)} samples")
+
+
+def _check_conversions(jobs: list[Job]) -> None:
+    """Each model's conversion (--acts, --inputs-of), tried on a copy before --out is touched or the first model
+    runs: a refusal would otherwise come only when the evaluation reaches that model."""
+    from ._remap import UnusableConversionError, converted_copy
+    from .embedded import load_embedded
+
+    for job in jobs:
+        model = job.model if job.model is not None else load_embedded(job.name)
+        try:
+            converted_copy(model, job.convert_kwargs)
+        except UnusableConversionError as e:
+            hint = "; --inputs-of applies to every embedded model, name one with --embedded" if (
+                job.model is None and len(jobs) > 1 and "inputs_of" in str(e)) else ""
+            raise EvalInputError(f"{job.name}: {e}{hint}") from None
 
 
 def _on_main(processes, step):
@@ -571,11 +593,13 @@ def run_eval(args) -> int:
         replaced = _on_main(processes, lambda: check_out_dir(args.out, args.resume, args.overwrite)) or []
         jobs = _user_jobs(args) if (args.model or args.robustbench) else _embedded_jobs(args)
         _check_sample_counts(jobs, args)
+        _check_conversions(jobs)
         change = _on_main(processes, lambda: start_out_dir(args.out, replaced, [job.name for job in jobs],
                                                            args.resume, processes.world > 1))
         options = dict(ratios=args.ratios or DEFAULT_RATIOS, quick=args.quick, sigma=args.sigma, seed=args.seed,
                        progress=not args.no_progress, device=device, batch_size=args.batch_size,
-                       chunk_size=args.chunk_size, out_dir=args.out, n_calib=args.n_calib)
+                       chunk_size=args.chunk_size, out_dir=args.out, n_calib=args.n_calib,
+                       run_models=[job.name for job in jobs])
         n_workers = 1 if processes.world > 1 else min(args.jobs, len(jobs))
         if n_workers > 1:
             parts = _evaluate_in_workers(jobs, options, args.threads, n_workers)

@@ -158,8 +158,12 @@ def _check_xy(x: np.ndarray, y: np.ndarray, what: str, num_classes: int | None) 
         raise ValueError(f"{what}: 'y' must hold integer labels, got dtype {y.dtype}")
     if x.shape[0] == 0:
         raise ValueError(f"{what}: no samples")
-    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        raise ValueError(f"{what}: 'x' must be finite and in [0, 1] (min {np.nanmin(x):.4g}, max {np.nanmax(x):.4g})")
+    non_finite = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    if non_finite:
+        raise ValueError(f"{what}: 'x' must be finite and in [0, 1]; it holds {non_finite} NaN or infinite "
+                         f"value(s) of {np.size(x)}")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"{what}: 'x' must be in [0, 1] (min {x.min():.4g}, max {x.max():.4g})")
     if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
         hi = "" if num_classes is None else f" and < {num_classes} (the model's number of classes)"
         raise ValueError(f"{what}: labels out of range: min {y.min()}, max {y.max()}; labels must be >= 0{hi}")

@@ -13,7 +13,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .stats import wilson_interval  # noqa: E402
+
 SHOWN_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def chunk_phrase(n_samples: int, chunk_size: int) -> str:
+    """How ``n_samples`` split into chunks of ``chunk_size``, as a run's summary and report say it."""
+    n_chunks = -(-n_samples // chunk_size)
+    if n_chunks == 1:
+        return f"1 chunk of {n_samples}"
+    last = n_samples - (n_chunks - 1) * chunk_size
+    return f"{n_chunks} chunks of {chunk_size}" + ("" if last == chunk_size else f" (the last of {last})")
 
 
 def _pct(v) -> str:
@@ -32,6 +43,18 @@ def _ci(c: dict, key: str) -> str:
         return "-"
     low, high = c["intervals"][key]
     return f"{_pct(c[key])} [{_pct(low)}, {_pct(high)}]"
+
+
+def _acc(p, n: int) -> str:
+    """An accuracy over ``n`` samples, ``acc [low, high]`` in %, for the tables whose results store only the
+    accuracy (the interval follows from it: acc x n is the count of correct samples)."""
+    if p is None:
+        return "-"
+    correct = round(p * n)
+    if abs(p * n - correct) > 1e-6:
+        raise ValueError(f"an accuracy of {p!r} is no count of {n} samples")
+    low, high = wilson_interval(correct, n)
+    return f"{_pct(p)} [{_pct(low)}, {_pct(high)}]"
 
 
 def _signed(v: float) -> str:
@@ -98,9 +121,10 @@ def _model_sections(m: dict) -> list[str]:
     aa = ("standard" if (b["aa_targets"], b["aa_square_queries"]) == (9, 5000) else
           f"standard attacks, reduced: {b['aa_targets']} target classes, Square {b['aa_square_queries']} queries")
     s = [f"## {m['name']}",
-         f"L-inf eps {m['eps_label']} ({m['eps']:.4f}); {m['n_test']} test samples (seed {m['seed']}, chunks of "
-         f"{m['chunk_size']}), {m['n_calib']} calibration samples: {m['calib_source']}; budget `{b['name']}`; "
-         f"AutoAttack {aa}; device {m['device']}. Accuracies in %; [..] are 95 % Wilson intervals."]
+         f"L-inf eps {m['eps_label']} ({m['eps']:.4f}); {m['n_test']} test samples (seed {m['seed']}, "
+         f"{chunk_phrase(m['n_test'], m['chunk_size'])}), {m['n_calib']} calibration samples: "
+         f"{m['calib_source']}; budget `{b['name']}`; AutoAttack {aa}; device {m['device']}. Accuracies in %; "
+         "[..] are 95 % Wilson intervals."]
 
     s.append(f"### Paired comparison with the original model ({m['n_test']} test samples)")
     s.append(paired_table(m))
@@ -116,7 +140,7 @@ def _model_sections(m: dict) -> list[str]:
         ["c^r", "clean", "AutoAttack", "adaptive APGD-CE+T (BPDA)", f"CW-Linf (PGD-{b['cw_steps']})",
          "transfer from original (AA)", "APGD-CE (AA stage 1)", "Square's extra breaks", "worst case"],
         [[k, _ci(c, "clean"), _ci(c, "autoattack"), _ci(c, "adaptive"), _ci(c, "cw"), _ci(c, "transfer"),
-          _pct(c["apgd_ce"]), _pct(c["square_gain"]), _ci(c, "worst_case")] for k, c in cfgs.items()]))
+          _acc(c["apgd_ce"], c["n"]), _pct(c["square_gain"]), _ci(c, "worst_case")] for k, c in cfgs.items()]))
     s.append("worst case = correct under AutoAttack and CW at once (per sample), and for a remapped model also under "
              "the adaptive and transfer attacks. Square's extra "
              "breaks = accuracy Square removes after APGD-CE, APGD-T and FAB-T inside AutoAttack.")
@@ -125,8 +149,8 @@ def _model_sections(m: dict) -> list[str]:
     s.append(f"### FGSM / PGD-{b['pgd_steps']} accuracy vs eps (paper Tables 7-8; {m['n_test']} test samples)")
     rows = []
     for k, c in cfgs.items():
-        rows.append([k, "FGSM", *(_pct(c["fgsm"][e]) for e in eps_keys)])
-        rows.append([k, "PGD", *(_pct(c["pgd"][e]) for e in eps_keys)])
+        rows.append([k, "FGSM", *(_acc(c["fgsm"][e], c["n"]) for e in eps_keys)])
+        rows.append([k, "PGD", *(_acc(c["pgd"][e], c["n"]) for e in eps_keys)])
     s.append(_table(["c^r", "attack", *(f"{e}/255" for e in eps_keys)], rows))
 
     s.append("### Gradient-masking audit")
@@ -147,7 +171,7 @@ def _model_sections(m: dict) -> list[str]:
              f"alpha {sm['alpha']}, {sm['n_points']} test points; paper Figure 1)")
     idx = [sm["radii"].index(r) for r in SHOWN_RADII if r in sm["radii"]]
     s.append(_table(["c^r", *(f"r={sm['radii'][i]}" for i in idx)],
-                    [[k, *(_pct(v[i]) for i in idx)] for k, v in sm["certified_accuracy"].items()]))
+                    [[k, *(_acc(v[i], sm["n_points"]) for i in idx)] for k, v in sm["certified_accuracy"].items()]))
 
     ly = m["layers"]
     s.append(f"### Proportion of layer inputs equal to 0 (remapped; paper Figure 2; {ly['n_samples']} test samples)")
@@ -171,12 +195,14 @@ def _model_sections(m: dict) -> list[str]:
     attack = wv["attack"]
     s.append(f"### Weight variant (Lemma 2, paper Table 5; masks at c^r = {wv['ratio_label']} from the calibration "
              f"data; {attack}; {m['n_test']} test samples)")
-    rows = [["original", "0", _pct(cfgs["original"]["clean"]), _pct(cfgs["original"]["aux_robust"])]]
+    n = m["n_test"]
+    rows = [["original", "0", _acc(cfgs["original"]["clean"], n), _acc(cfgs["original"]["aux_robust"], n)]]
     if wv["ratio_label"] in cfgs:
         runtime = cfgs[wv["ratio_label"]]
-        rows.append([f"runtime remap {wv['ratio_label']}", "-", _pct(runtime["clean"]), _pct(runtime["aux_robust"])])
-    rows += [[f"weight, fraction >= {r['fraction']}", sum(r["pruned_columns"].values()), _pct(r["clean"]),
-              _pct(r["robust"])] for r in wv["rows"]]
+        rows.append([f"runtime remap {wv['ratio_label']}", "-", _acc(runtime["clean"], n),
+                     _acc(runtime["aux_robust"], n)])
+    rows += [[f"weight, fraction >= {r['fraction']}", sum(r["pruned_columns"].values()), _acc(r["clean"], n),
+              _acc(r["robust"], n)] for r in wv["rows"]]
     s.append(_table(["model", "zeroed columns", "clean", attack], rows))
 
     ab = m["calib_ablation"]
@@ -184,7 +210,7 @@ def _model_sections(m: dict) -> list[str]:
     s.append(f"### Calibration-set size (paper Table 3; c^r = {ab['ratio_label']}; {attack}; {m['n_test']} test "
              "samples)")
     s.append(_table(["calibration samples", "clean", attack],
-                    [[r["n_calib"], _pct(r["clean"]), _pct(r["robust"])] for r in ab["rows"]]))
+                    [[r["n_calib"], _acc(r["clean"], n), _acc(r["robust"], n)] for r in ab["rows"]]))
     return s
 
 

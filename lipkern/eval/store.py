@@ -71,8 +71,9 @@ class OutcomeStore:
     def close(self) -> None:
         self._db.close()
 
-    def bind_settings(self, model: str, settings: dict) -> None:
-        """Records ``settings`` for ``model``, or checks them against those already recorded."""
+    def bind_settings(self, model: str, settings: dict, hashed: dict[str, str] | None = None) -> None:
+        """Records ``settings`` for ``model``, or checks them against those already recorded; a refusal names
+        the settings that differ, those in ``hashed`` (a digest's key -> what it digests) in words."""
         text = json.dumps(settings, sort_keys=True)
         settings = json.loads(text)  # compared as stored: tuples come back as lists
         key = f"settings:{model}"
@@ -89,10 +90,31 @@ class OutcomeStore:
                                         f"{settings.get('store_format')}); it cannot be resumed: start over "
                                         "(--overwrite; from Python, another out_dir)")
         if differ:
-            details = "; ".join(f"{k}: recorded {recorded.get(k)!r}, now {settings.get(k)!r}" for k in differ)
+            hashed = hashed or {}
+            details = "; ".join(f"{hashed[k]} differ" if k in hashed else
+                                f"{k}: recorded {recorded.get(k)!r}, now {settings.get(k)!r}" for k in differ)
             raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings ({details}); "
                                         "resume with the same arguments, or start over (--overwrite; from "
                                         "Python, another out_dir)")
+
+    def bind_run_models(self, models) -> None:
+        """Records the names of every model of the run sharing this store, or checks them against those
+        already recorded: a resumed run that brought a model more (or fewer) would report a different run."""
+        models = sorted(set(models))
+        with self._transaction():
+            recorded = self.run_models()
+            if recorded is None:
+                self._db.execute("INSERT INTO meta VALUES ('run_models', ?)", (json.dumps(models),))
+                return
+        if recorded != models:
+            raise SettingsMismatchError(f"{self.path} holds a run of {', '.join(recorded)}, and this one is of "
+                                        f"{', '.join(models)}; resume with the same models, or start over "
+                                        "(--overwrite; from Python, another out_dir)")
+
+    def run_models(self) -> list[str] | None:
+        """The models the run was started with (None where its starter did not record them)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'run_models'").fetchone()
+        return None if row is None else json.loads(row[0])
 
     def bind_outputs(self, model: str, outputs: np.ndarray) -> None:
         """Records ``model``'s outputs on a few fixed samples, or checks them against those already recorded:
