@@ -175,6 +175,12 @@ def test_bad_eps(eps, capsys):
     assert "--eps" in capsys.readouterr().err
 
 
+def test_too_many_test_samples_says_where_the_rest_went(tmp_path, tiny_model, capsys):
+    err = _error(["--model", tiny_model, "--data", str(_npz(tmp_path / "d.npz")), "--n-test", "20"], capsys)
+    assert ("--n-test 20: make's test data holds 16 samples (the calibration data: a random 16 of the 32 samples "
+            "of") in err
+
+
 def test_an_infinite_eps_is_not_offered_a_hint(capsys):
     with pytest.raises(SystemExit):
         _parse(["--eps=inf"])

@@ -536,7 +536,9 @@ def _check_sample_counts(jobs: list[Job], args) -> None:
         for flag, wanted, split, what in (("--n-test", args.n_test, job.test, "test"),
                                           ("--n-calib", args.n_calib, job.calib, "calibration")):
             if wanted is not None and wanted > len(split):
-                raise EvalInputError(f"{flag} {wanted}: {job.name}'s {what} data holds {len(split)} samples")
+                # Where --data is split, the test data is only what the calibration left.
+                source = f" (the calibration data: {job.calib_source})" if what == "test" else ""
+                raise EvalInputError(f"{flag} {wanted}: {job.name}'s {what} data holds {len(split)} samples{source}")
 
 
 def _check_conversions(jobs: list[Job]) -> None:
