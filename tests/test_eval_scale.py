@@ -143,12 +143,22 @@ def test_a_store_of_another_format_is_not_resumed(tmp_path):
 def test_a_store_keeps_the_models_its_run_was_started_with(tmp_path):
     store = OutcomeStore(tmp_path)
     assert store.run_models() is None
-    store.bind_run_models(["tiny_vit", "preact_wrn"])
-    store.bind_run_models(["preact_wrn", "tiny_vit", "tiny_vit"])  # the same run, named in another order
+    store.bind_settings("tiny_vit", {"eps": 0.1}, run_models=["tiny_vit", "preact_wrn"])
+    # The same run, named in another order, with a model the run had not started on yet.
+    store.bind_settings("preact_wrn", {"eps": 0.1}, run_models=["preact_wrn", "tiny_vit", "tiny_vit"])
     assert store.run_models() == ["preact_wrn", "tiny_vit"]
     with pytest.raises(SettingsMismatchError, match="holds a run of preact_wrn, tiny_vit, and this one is of "
-                                                    "preact_wrn;"):
-        store.bind_run_models(["preact_wrn"])
+                                                    "preact_wrn, wrn;"):
+        store.bind_settings("wrn", {"eps": 0.1}, run_models=["preact_wrn", "wrn"])
+    # A refused call records nothing: not the new model's settings, not its run.
+    assert store.models() == ["preact_wrn", "tiny_vit"] and store.run_models() == ["preact_wrn", "tiny_vit"]
+    (tmp_path / "other").mkdir()
+    other_format = OutcomeStore(tmp_path / "other")
+    other_format.bind_settings("m", {"eps": 0.1})
+    with pytest.raises(SettingsMismatchError, match="stored by another version"):
+        other_format.bind_settings("m", {"eps": 0.1, "store_format": api.STORE_FORMAT}, run_models=["m"])
+    assert other_format.run_models() is None
+    other_format.close()
     store.close()
 
 
@@ -489,7 +499,7 @@ def test_resume_needs_the_same_run(tmp_path, monkeypatch, capsys):
     for path, started_with in ((first_of_two, ["preact_wrn", "tiny_vit"]), (one, ["preact_wrn"])):
         _earlier_run(path)
         store = OutcomeStore(path)
-        store.bind_run_models(started_with)
+        store.bind_settings("preact_wrn", {"eps": 0.1}, run_models=started_with)
         store.close()
     assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(first_of_two), "--resume"]) == 2
     assert ("holds a run of preact_wrn, tiny_vit, and this one leaves out tiny_vit;"

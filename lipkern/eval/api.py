@@ -343,10 +343,7 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
         cleanup.callback(store.close)
         mismatch = None
         try:
-            # The settings first: a store of another format is refused as such, before anything is recorded in it.
-            store.bind_settings(name, settings, HASHED_SETTINGS)
-            if run_models is not None:
-                store.bind_run_models(run_models)
+            store.bind_settings(name, settings, HASHED_SETTINGS, run_models)
             # Each rank compares its own outputs: one may differ where the others pass.
             store.bind_outputs(name, _probe_outputs(original, test, dev))
         except SettingsMismatchError as caught:

@@ -505,10 +505,13 @@ def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bo
             raise EvalInputError(f"--resume: {out / FILENAME} is not a readable outcome store: {e}") from None
         # A store whose starter did not record its models tells only those it had started on.
         planned = recorded if recorded is not None else stored
-        differences = [f"{how} {', '.join(names)}" for how, names in
-                       (("leaves out", sorted(set(planned) - set(models))),
-                        ("adds", sorted(set(models) - set(planned)) if recorded is not None else []))
-                       if names]
+        left_out = sorted(set(planned) - set(models))
+        added = sorted(set(models) - set(planned)) if recorded is not None else []
+        differences = []
+        if left_out:
+            differences.append(f"leaves out {', '.join(left_out)}")
+        if added:
+            differences.append(f"adds {', '.join(added)}")
         if differences:
             raise EvalInputError(f"--resume: {out} holds a run of {', '.join(planned)}, and this one "
                                  f"{' and '.join(differences)}; resume with the same models, or start over "

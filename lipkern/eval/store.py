@@ -71,18 +71,31 @@ class OutcomeStore:
     def close(self) -> None:
         self._db.close()
 
-    def bind_settings(self, model: str, settings: dict, hashed: dict[str, str] | None = None) -> None:
-        """Records ``settings`` for ``model``, or checks them against those already recorded; a refusal names
-        the settings that differ, those in ``hashed`` (a digest's key -> what it digests) in words."""
+    def bind_settings(self, model: str, settings: dict, hashed: dict[str, str] | None = None,
+                      run_models=None) -> None:
+        """Records ``settings`` for ``model`` and ``run_models`` (the names of every model of the run sharing
+        this store), or checks them against those already recorded; nothing is recorded unless all of it
+        passes. A refusal names the settings that differ, those in ``hashed`` (a digest's key -> what it
+        digests) in words."""
         text = json.dumps(settings, sort_keys=True)
         settings = json.loads(text)  # compared as stored: tuples come back as lists
         key = f"settings:{model}"
-        with self._transaction():
+        with self._transaction():  # a refusal raised inside rolls back, so a refused run records nothing
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                self._check_settings(model, json.loads(row[0]), settings, hashed or {})
+            recorded_models = self.run_models()
+            models = None if run_models is None else sorted(set(run_models))
+            if models is not None and recorded_models is not None and recorded_models != models:
+                raise SettingsMismatchError(f"{self.path} holds a run of {', '.join(recorded_models)}, and this one "
+                                            f"is of {', '.join(models)}; resume with the same models, or start "
+                                            "over (--overwrite; from Python, another out_dir)")
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES (?, ?)", (key, text))
-                return
-        recorded = json.loads(row[0])
+            if models is not None and recorded_models is None:
+                self._db.execute("INSERT INTO meta VALUES ('run_models', ?)", (json.dumps(models),))
+
+    def _check_settings(self, model: str, recorded: dict, settings: dict, hashed: dict[str, str]) -> None:
         differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
         if "store_format" in differ:
             raise SettingsMismatchError(f"{self.path} holds a run of {model} stored by another version of lipkern "
@@ -90,26 +103,11 @@ class OutcomeStore:
                                         f"{settings.get('store_format')}); it cannot be resumed: start over "
                                         "(--overwrite; from Python, another out_dir)")
         if differ:
-            hashed = hashed or {}
             details = "; ".join(f"{hashed[k]} differ" if k in hashed else
                                 f"{k}: recorded {recorded.get(k)!r}, now {settings.get(k)!r}" for k in differ)
             raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings ({details}); "
                                         "resume with the same arguments, or start over (--overwrite; from "
                                         "Python, another out_dir)")
-
-    def bind_run_models(self, models) -> None:
-        """Records the names of every model of the run sharing this store, or checks them against those
-        already recorded: a resumed run that brought a model more (or fewer) would report a different run."""
-        models = sorted(set(models))
-        with self._transaction():
-            recorded = self.run_models()
-            if recorded is None:
-                self._db.execute("INSERT INTO meta VALUES ('run_models', ?)", (json.dumps(models),))
-                return
-        if recorded != models:
-            raise SettingsMismatchError(f"{self.path} holds a run of {', '.join(recorded)}, and this one is of "
-                                        f"{', '.join(models)}; resume with the same models, or start over "
-                                        "(--overwrite; from Python, another out_dir)")
 
     def run_models(self) -> list[str] | None:
         """The models the run was started with (None where its starter did not record them)."""
