@@ -117,6 +117,22 @@ def test_store_round_trip_settings_and_rollback(tmp_path):
     assert not again.has("m", 9, "u") and again.count("m") == 1
 
 
+def test_store_refusal_names_the_entries_that_differ_in_the_callers_words(tmp_path):
+    """A dict-valued setting is compared entry by entry, so a refusal names the entry, not two whole dicts;
+    a value with a formatter is shown through it; nothing of the refused settings is recorded."""
+    store = OutcomeStore(tmp_path)
+    recorded = {"eps": 8 / 255, "budget": {"pgd_steps": 50, "n_test": 100}, "model_sha": "a"}
+    store.bind_settings("m", recorded, {"model_sha": "the model's weights"})
+    changed = {"eps": 4 / 255, "budget": {"pgd_steps": 100, "n_test": 100}, "model_sha": "b"}
+    with pytest.raises(SettingsMismatchError) as refused:
+        store.bind_settings("m", changed, {"model_sha": "the model's weights"},
+                            shown={"eps": lambda e: f"{round(e * 255)}/255"})
+    assert ("other settings (budget.pgd_steps: recorded 50, now 100; eps: recorded 8/255, now 4/255; "
+            "the model's weights differ)") in str(refused.value)
+    assert "n_test" not in str(refused.value)
+    store.bind_settings("m", recorded, {"model_sha": "the model's weights"})
+
+
 def test_store_ties_a_run_to_its_models_outputs(tmp_path):
     """Outputs within numerical noise of those recorded resume (NaN matching NaN); other outputs, or another
     number of them, are refused, saying by how much they differ."""
@@ -634,10 +650,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(one_process_run, tmp_pa
     assert not (out / "results.json").exists()
     refused = subprocess.run(_cli(out), env=ENV, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    changed = subprocess.run(_cli(out, "--resume", "--seed", "1"), env=ENV, capture_output=True, text=True,
-                             timeout=120)
-    assert changed.returncode == 2 and ("other settings (seed: recorded 0, now 1; the test samples drawn (n_test, "
-                                        "seed) differ)") in changed.stderr
+    changed = subprocess.run(_cli(out, "--resume", "--seed", "1", "--eps", "16/255"), env=ENV, capture_output=True,
+                             text=True, timeout=120)
+    assert changed.returncode == 2 and ("other settings (eps: recorded 32/255, now 16/255; seed: recorded 0, now 1; "
+                                        "the test samples drawn (n_test, seed) differ)") in changed.stderr
     resumed = subprocess.run(_cli(out, "--resume"), env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     already = int(re.search(r"(\d+) already done", resumed.stderr).group(1))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 
 import torch.nn as nn
 
 from lipkern.calibrate import calibrate, set_ratio
-from lipkern.convert import check_convert_arguments, convert, straight_through
+from lipkern.convert import activation_of, check_convert_arguments, convert, straight_through
 from lipkern.nn import has_input_remap, input_channel_dim, remap_modules
 
 __all__ = ["UnusableConversionError", "calibrated", "check_convert_arguments", "converted_copy", "has_input_remap",
@@ -47,13 +48,18 @@ def converted_copy(model: nn.Module, convert_kwargs: dict) -> nn.Module:
         raise UnusableConversionError(
             f"inputs_of {', '.join(map(repr, unmatched))} {'names' if len(unmatched) == 1 else 'name'} no module "
             f"of the model (fnmatch globs on qualified module names{example})")
-    try:
-        m = convert(copy.deepcopy(model), **convert_kwargs)
-    except TypeError as e:  # a pattern that matched a module without an input remap, named by convert
-        raise UnusableConversionError(str(e)) from None
+    with warnings.catch_warnings():
+        # Said by the refusal below, with what the model has instead.
+        warnings.filterwarnings("ignore", message="lipkern.convert: nothing was converted", category=UserWarning)
+        try:
+            m = convert(copy.deepcopy(model), **convert_kwargs)
+        except TypeError as e:  # a pattern that matched a module without an input remap, named by convert
+            raise UnusableConversionError(str(e)) from None
     if not remap_modules(m):
+        present = sorted({act for act in map(activation_of, model.modules()) if act is not None})
+        has = f"its activation modules are {', '.join(present)}" if present else "it has no activation module"
         raise UnusableConversionError(f"lipkern.convert with {convert_kwargs or 'its defaults'} placed no remap in "
-                                      "the model: it has none of the selected activations and no layer matched "
+                                      f"the model: none of the selected activations ({has}) and no layer matched "
                                       "inputs_of")
     return m
 

@@ -343,7 +343,7 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
         cleanup.callback(store.close)
         mismatch = None
         try:
-            store.bind_settings(name, settings, HASHED_SETTINGS, run_models)
+            store.bind_settings(name, settings, HASHED_SETTINGS, run_models, shown={"eps": eps_label})
             # Each rank compares its own outputs: one may differ where the others pass.
             store.bind_outputs(name, _probe_outputs(original, test, dev))
         except SettingsMismatchError as caught:

@@ -15,6 +15,7 @@ import io
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -53,6 +54,17 @@ def holds_outcomes(out_dir) -> bool:
         return True
 
 
+def _differences(recorded: dict, settings: dict, prefix: str = ""):
+    """(key, recorded value, new value) of each setting that differs; a dict on both sides by its entries
+    (``budget.pgd_steps``), so that a refusal does not print two whole budgets."""
+    for key in sorted(set(recorded) | set(settings)):
+        old, new = recorded.get(key), settings.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            yield from _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            yield prefix + key, old, new
+
+
 class OutcomeStore:
     def __init__(self, out_dir):
         self.path = Path(out_dir) / FILENAME
@@ -72,18 +84,19 @@ class OutcomeStore:
         self._db.close()
 
     def bind_settings(self, model: str, settings: dict, hashed: dict[str, str] | None = None,
-                      run_models=None) -> None:
+                      run_models=None, shown: dict[str, Callable[[Any], str]] | None = None) -> None:
         """Records ``settings`` for ``model`` and ``run_models`` (the names of every model of the run sharing
         this store), or checks them against those already recorded; nothing is recorded unless all of it
-        passes. A refusal names the settings that differ, those in ``hashed`` (a digest's key -> what it
-        digests) in words."""
+        passes. A refusal names the settings that differ (a dict-valued one by its entries that differ),
+        those in ``hashed`` (a digest's key -> what it digests) in words and the values of those in
+        ``shown`` (key -> formatter) as it formats them."""
         text = json.dumps(settings, sort_keys=True)
         settings = json.loads(text)  # compared as stored: tuples come back as lists
         key = f"settings:{model}"
         with self._transaction():  # a refusal raised inside rolls back, so a refused run records nothing
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
             if row is not None:
-                self._check_settings(model, json.loads(row[0]), settings, hashed or {})
+                self._check_settings(model, json.loads(row[0]), settings, hashed or {}, shown or {})
             recorded_models = self.run_models()
             models = None if run_models is None else sorted(set(run_models))
             if models is not None and recorded_models is not None and recorded_models != models:
@@ -95,19 +108,20 @@ class OutcomeStore:
             if models is not None and recorded_models is None:
                 self._db.execute("INSERT INTO meta VALUES ('run_models', ?)", (json.dumps(models),))
 
-    def _check_settings(self, model: str, recorded: dict, settings: dict, hashed: dict[str, str]) -> None:
-        differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-        if "store_format" in differ:
+    def _check_settings(self, model: str, recorded: dict, settings: dict, hashed: dict[str, str],
+                        shown: dict[str, Callable[[Any], str]]) -> None:
+        if recorded.get("store_format") != settings.get("store_format"):
             raise SettingsMismatchError(f"{self.path} holds a run of {model} stored by another version of lipkern "
                                         f"(store format {recorded.get('store_format')}, this one's "
                                         f"{settings.get('store_format')}); it cannot be resumed: start over "
                                         "(--overwrite; from Python, another out_dir)")
-        if differ:
-            details = "; ".join(f"{hashed[k]} differ" if k in hashed else
-                                f"{k}: recorded {recorded.get(k)!r}, now {settings.get(k)!r}" for k in differ)
-            raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings ({details}); "
-                                        "resume with the same arguments, or start over (--overwrite; from "
-                                        "Python, another out_dir)")
+        details = [f"{hashed[key]} differ" if key in hashed else
+                   f"{key}: recorded {shown.get(key, repr)(old)}, now {shown.get(key, repr)(new)}"
+                   for key, old, new in _differences(recorded, settings)]
+        if details:
+            raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings "
+                                        f"({'; '.join(details)}); resume with the same arguments, or start over "
+                                        "(--overwrite; from Python, another out_dir)")
 
     def run_models(self) -> list[str] | None:
         """The models the run was started with (None where its starter did not record them)."""
