@@ -133,6 +133,25 @@ def test_store_refusal_names_the_entries_that_differ_in_the_callers_words(tmp_pa
     store.bind_settings("m", recorded, {"model_sha": "the model's weights"})
 
 
+def test_time_left_weighs_each_kind_of_unit_by_its_own_timings(tmp_path):
+    """The estimate prices each remaining unit at the mean of stored units of its kind (AutoAttack costs far
+    more than a sweep), and is not made while a remaining kind has never been timed."""
+    import io
+
+    store = OutcomeStore(tmp_path)
+    for chunk, (aa, sweep) in enumerate([(100.0, 2.0), (140.0, 4.0)]):
+        store.put("m", chunk, "original/aa", {"aa": np.ones(1, bool)}, seconds=aa)
+        store.put("m", chunk, "original/sweep", {"s": np.ones(1, bool)}, seconds=sweep)
+    log = io.StringIO()
+    remaining = ["original/aa", "original/sweep", "original/sweep"]
+    assert api._print_time_left("m", remaining, store, log, "from the units stored earlier")
+    assert log.getvalue() == ("lipkern eval: m: estimated time left 2.1 min (3 units, from the units stored "
+                              "earlier)\n")  # 120 + 3 + 3 s
+    assert not api._print_time_left("m", [*remaining, "original/smoothing"], store, log, "after chunk 0")
+    assert not api._print_time_left("other", remaining, store, log, "after chunk 0")
+    assert log.getvalue().count("\n") == 1
+
+
 def test_store_ties_a_run_to_its_models_outputs(tmp_path):
     """Outputs within numerical noise of those recorded resume (NaN matching NaN); other outputs, or another
     number of them, are refused, saying by how much they differ."""
@@ -658,5 +677,6 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(one_process_run, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     already = int(re.search(r"(\d+) already done", resumed.stderr).group(1))
     assert already >= units > 0
+    assert "estimated time left" in resumed.stderr
     assert _per_sample(out)[0] == _per_sample(one_process_run)[0]
     assert (out / "report.md").read_text() == (one_process_run / "report.md").read_text()

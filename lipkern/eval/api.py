@@ -505,7 +505,9 @@ def _run_chunks(plan: _Plan, store: OutcomeStore, original, converted, info: _La
     bar = tqdm(total=len(todo), desc=f"eval {plan.name}" + (f" [rank {processes.rank}]" if processes.world > 1
                                                              else ""), disable=not progress, unit="unit",
                position=position + processes.rank, dynamic_ncols=True)
-    start, estimated = time.perf_counter(), False
+    estimated = False
+    if processes.is_main and todo:
+        estimated = _print_time_left(plan.name, [u for _, u in todo], store, log, "from the units stored earlier")
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, (k, unit) in enumerate(todo):
         if k not in cache:
@@ -525,12 +527,25 @@ def _run_chunks(plan: _Plan, store: OutcomeStore, original, converted, info: _La
         bar.update(1)
         done_chunk = i + 1 == len(todo) or todo[i + 1][0] != k
         if done_chunk and not estimated and processes.is_main and i + 1 < len(todo):
-            estimated = True
-            elapsed = time.perf_counter() - start
-            print(f"lipkern eval: {plan.name}: estimated time left {_duration(elapsed / (i + 1) * (len(todo) - i - 1))}"
-                  f" (first chunk took {_duration(elapsed)})", file=log, flush=True)
+            estimated = _print_time_left(plan.name, [u for _, u in todo[i + 1:]], store, log,
+                                         f"after chunk {k}")
     bar.close()
     return store_writes
+
+
+def _print_time_left(model: str, units: list[str], store: OutcomeStore, log, basis: str) -> bool:
+    """Prints the time ``units`` will take, each at the mean of the stored units of its kind (any process or
+    session's); returns whether it could: the kinds cost very differently (AutoAttack against a sweep, and
+    smoothing runs on the first samples only), so no estimate is made while a kind has no timing yet."""
+    timed: dict[str, list[float]] = {}
+    for unit, seconds in store.unit_seconds(model):
+        timed.setdefault(unit, []).append(seconds)
+    if not timed or any(unit not in timed for unit in units):
+        return False
+    left = sum(sum(timed[unit]) / len(timed[unit]) for unit in units)
+    print(f"lipkern eval: {model}: estimated time left {_duration(left)} ({len(units)} units, {basis})", file=log,
+          flush=True)
+    return True
 
 
 def _duration(seconds: float) -> str:
