@@ -221,6 +221,9 @@ def _run_batch(model: nn.Module, batch, index: int, device) -> None:
     (a Hugging Face ``BatchEncoding``: input ids with their attention mask), alone or first in a
     tuple."""
     x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(x, torch.Tensor) and x.numel() == 0:
+        # Its layers would be called with nothing to take statistics of.
+        raise ValueError(f"data batch {index} holds no elements (shape {tuple(x.shape)})")
     if isinstance(x, collections.abc.Mapping):
         model(**{key: _on(device, value) for key, value in x.items()})
         return
@@ -232,14 +235,30 @@ def _run_batch(model: nn.Module, batch, index: int, device) -> None:
     model(_on(device, x))
 
 
-def _batches(data, max_batches, progress: bool, desc: str):
+def _check_scan_arguments(data, max_batches, **flags) -> None:
+    """The arguments every scan takes, checked before it changes anything."""
+    if isinstance(data, torch.Tensor):
+        raise TypeError(
+            "data must be an iterable of batches, got one tensor (it would be scanned sample by "
+            "sample): pass [x] for a single batch"
+        )
+    if not isinstance(data, collections.abc.Iterable):
+        raise TypeError(f"data must be an iterable of batches, got {type(data).__name__}")
     if max_batches is not None and (
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
         raise ValueError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
-    total = max_batches
-    if hasattr(data, "__len__"):
-        total = len(data) if max_batches is None else min(len(data), max_batches)
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _batches(data, max_batches, progress: bool, desc: str):
+    try:
+        length = len(data)
+    except TypeError:  # an iterator, or a DataLoader over an IterableDataset without a length
+        length = None
+    total = max_batches if length is None else min(length, max_batches or length)
     from tqdm.auto import tqdm
 
     # islice stops before pulling a batch past max_batches (a DataLoader would load it).
@@ -265,13 +284,13 @@ def _agree(batches: int, error: Optional[BaseException], group) -> None:
         if status[1]:
             raise RuntimeError("lipkern.calibrate failed on another rank (see its error)")
         if batches and status[0] == 0:
-            raise ValueError("another rank's data is empty: calibration needs at least one "
+            raise ValueError("another rank's data is empty: a scan needs at least one "
                              "batch on every rank")
         batches = -int(status[0])
     elif error is not None:
         raise error
     if batches == 0:
-        raise ValueError("data is empty: calibration needs at least one batch")
+        raise ValueError("data is empty: a scan needs at least one batch")
 
 
 def _scan(
@@ -326,7 +345,7 @@ class _ChannelAxes:
     def __init__(self, model: nn.Module, modules) -> None:
         from lipkern.convert import layout_of_type
 
-        self._made: list[tuple[weakref.ref, str, type, int]] = []
+        self._made: list[tuple[weakref.ref, str, type, int, bool]] = []
         self._handles = []
         for name, module in lnn.unwrapped(model).named_modules():
             layout = layout_of_type(module)
@@ -342,7 +361,13 @@ class _ChannelAxes:
     def _recorder(self, name: str, layout: int):
         def record(module, args, output):
             if isinstance(output, torch.Tensor):
-                self._made.append((weakref.ref(output), name, type(module), layout))
+                # A convolution also takes an unbatched input, whose channels come first.
+                unbatched = isinstance(module, nn.modules.conv._ConvNd) and (
+                    output.dim() == len(module.kernel_size) + 1
+                )
+                self._made.append(
+                    (weakref.ref(output), name, type(module), 0 if unbatched else layout, unbatched)
+                )
         return record
 
     def _checker(self, layer_name: str):
@@ -350,9 +375,17 @@ class _ChannelAxes:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or x.dim() == 0:
                 return
-            for ref, maker, maker_type, layout in self._made:
+            for ref, maker, maker_type, layout, unbatched in self._made:
                 if ref() is x:
                     if layout % x.dim() != layer.channel_dim % x.dim():
+                        if unbatched:
+                            raise ChannelAxisError(
+                                f"layer {layer_name!r} reads its channels on axis "
+                                f"{layer.channel_dim}, but its input of shape "
+                                f"{tuple(x.shape)} comes from {maker_type.__name__} {maker!r} "
+                                "called on an unbatched input, whose channels are on axis 0: "
+                                "calibrate on batches, as the model will run"
+                            )
                         raise ChannelAxisError(
                             f"layer {layer_name!r} reads its channels on axis "
                             f"{layer.channel_dim}, but its input of shape {tuple(x.shape)} "
@@ -450,6 +483,7 @@ def calibrate(
     """
     c_r = thresholds.check_ratio(c_r)
     thresholds.check_settings(granularity, statistic, center)
+    _check_scan_arguments(data, max_batches, progress=progress, measure=measure)
     # The second pass over an iterator would find it spent, or (with max_batches) measure
     # other batches than the calibration read.
     if measure and isinstance(data, collections.abc.Iterator):
@@ -493,6 +527,12 @@ def _calibrate(
             axes.remove()
     if _distributed():
         _all_reduce_calibration(modules, group)
+    if not any(module.reached for _, module in modules):
+        raise RuntimeError(
+            f"lipkern.calibrate: none of the model's {len(modules)} converted layers was called on "
+            "the data, so nothing would be calibrated: the model's forward does not run them (a "
+            "fused path that bypasses its submodules?)"
+        )
     unused, mixed = [], []
     for name, module in modules:
         if not module.reached:
@@ -529,6 +569,7 @@ def measure_remapped(
     Redundant input remaps (fed by a converted activation) map to None; uncalibrated layers are
     left out. All-reduced across ranks when torch.distributed is initialised.
     """
+    _check_scan_arguments(data, max_batches, progress=progress)
     modules = [(name, m) for name, m in _converted(model) if m.calibrated]
     if not modules:
         raise RuntimeError("no calibrated layer to measure; run lipkern.calibrate first")
@@ -585,18 +626,6 @@ def _expected_channels(module: lnn.RemapAct) -> Optional[int]:
     return module.expected_channels
 
 
-def _refuse_scanning(modes, what: str, remedy: str) -> None:
-    """A ValueError naming the first layer of ``modes`` ((name, mode) pairs) in mode
-    "calibrate", which a layer holds only while a calibration scan runs: loaded so, a model would
-    gather statistics instead of remapping."""
-    for name, mode in modes:
-        if mode == "calibrate":
-            raise ValueError(
-                f"lipkern.{what}: layer {name!r} is in mode {mode!r}, the middle of a scan; "
-                f"{remedy}"
-            )
-
-
 def save_calibration(model: nn.Module, path) -> None:
     """Write every converted layer's thresholds, centres, statistics and settings to ``path``.
 
@@ -615,8 +644,10 @@ def save_calibration(model: nn.Module, path) -> None:
                 "no converted layer holds a calibration to save; run lipkern.calibrate (or "
                 "load_calibration) first"
             )
-        _refuse_scanning([(name, module.mode) for name, module in modules], "save_calibration",
-                         "save it once the scan has finished")
+        lnn.refuse_scanning(
+            [(name, module.mode) for name, module in modules], "lipkern.save_calibration",
+            "save it once the scan has finished",
+        )
         tensors = {}
         for name, module in modules:
             for buffer in _SAVED_BUFFERS:
@@ -678,8 +709,8 @@ def load_calibration(model: nn.Module, path) -> None:
     modules = _converted(model)
     with torch.inference_mode(False):
         saved, tensors = _read_calibration(path)
-    _refuse_scanning(
-        [(name, entry.get("mode")) for name, entry in saved.items()], "load_calibration",
+    lnn.refuse_scanning(
+        [(name, entry.get("mode")) for name, entry in saved.items()], "lipkern.load_calibration",
         f"{path} was saved mid-scan; save the calibration again once its scan has finished",
     )
     # Checked while holding the layers, so no other thread's calibration changes them between

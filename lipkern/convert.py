@@ -34,7 +34,11 @@ returns the same model (a model that *is* an activation module is returned as it
   activations; GPT-2's MLP, made of transformers' ``Conv1D`` (a linear layer with its weight
   transposed), gets them on ``c_fc`` and ``c_proj``.
   Combines with ``inputs_of``; :func:`describe` prints what was placed where.
-- Warnings: a pattern of ``inputs_of`` that matches nothing, and a conversion that changes nothing.
+- Warnings: a pattern of ``inputs_of`` that matches nothing, a selected activation held as a
+  function (``nn.TransformerEncoderLayer(activation="relu")``), which no module stands for, and a
+  conversion that changes nothing.
+- ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` with a remap inside are kept off
+  PyTorch's fused inference path, which would skip their submodules (``unconvert`` restores it).
 - ``channel_dim`` of each activation: ``None`` infers it from what the activation sees. Inside a
   fused norm + activation layer (timm's ``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct2d``:
   ``1``; ``LayerNormAct``: ``-1``) it is that layer's layout; otherwise the nearest preceding
@@ -106,6 +110,18 @@ _TORCH_EQUIVALENTS = {
     "silu": nn.SiLU,
 }
 
+# PyTorch runs these modules at inference (eval, no grad) through one native kernel that never
+# calls their submodules: with a remap inside, the remap would be skipped without a word. Each
+# flag, set to the value given, keeps a module off that path; unconvert puts the flag back.
+_FUSED_PATH_FLAGS = (
+    (nn.TransformerEncoderLayer, "activation_relu_or_gelu", 0),
+    (nn.TransformerEncoder, "use_nested_tensor", False),
+)
+_SAVED_FUSED_PATH_FLAG = "_lipkern_fused_path_flag"
+# Layers that may hold their activation as a function (activation="relu"), which convert cannot
+# replace: torch.nn.functional's functions, by the act each computes.
+_FUNCTION_ACTIVATION_HOLDERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
 _CHANNEL_LAST_TYPES = (nn.Linear, nn.LayerNorm)
 _CHANNEL_FIRST_NORMS = (
     nn.modules.batchnorm._BatchNorm,
@@ -142,13 +158,14 @@ _ACTIVATION_NAMESPACES = (
     "transformers.activations",
 )
 # Left alone without a warning: modules that are no pointwise activation though defined beside
-# them, and gates / squashing functions (squeeze-excitation gates, BERT's pooler), which are not
-# what the remap is for.
+# them, the identity that transformers puts where a config names no activation, and gates /
+# squashing functions (squeeze-excitation gates, BERT's pooler), which are not what the remap
+# is for.
 _NOT_ACTIVATIONS = frozenset(
     (
         "MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "GLU",
-        "Sigmoid", "Hardsigmoid", "HardSigmoid", "HardSigmoidMe", "LogSigmoid", "Tanh",
-        "Tanhshrink", "Softsign",
+        "LinearActivation", "Sigmoid", "Hardsigmoid", "HardSigmoid", "HardSigmoidMe",
+        "LogSigmoid", "Tanh", "Tanhshrink", "Softsign",
     )
 )
 
@@ -245,6 +262,11 @@ def check_acts(acts) -> tuple[str, ...]:
     """``acts`` as a tuple of activation families, or a ValueError naming the accepted ones."""
     if isinstance(acts, str):
         acts = (acts,)
+    if not isinstance(acts, Iterable):
+        raise TypeError(
+            f"acts must be an activation family or several, among {ACT_FAMILIES}, got "
+            f"{type(acts).__name__}"
+        )
     acts = tuple(acts)
     for act in acts:
         if act not in ACT_FAMILIES:
@@ -407,12 +429,61 @@ def convert(
             f"lipkern.convert: left activation modules that no lipkern op computes exactly: "
             f"{listing}"
         )
+    if replaced or added:
+        _keep_off_fused_paths(model)
+    functions = _function_activations(model, acts)
+    if functions:
+        warnings.warn(
+            f"lipkern.convert: left activations that are functions, not modules, which convert "
+            f"cannot replace: {', '.join(functions[:3])}"
+            + (f" and {len(functions) - 3} more" if len(functions) > 3 else "")
+            + " (build the layer with a module: activation=nn.ReLU() or nn.GELU(), not a string)"
+        )
     if not replaced and not added:
         warnings.warn(
             f"lipkern.convert: nothing was converted (acts={acts}, inputs_of={inputs_of}): no "
             "matching activation module or input layer that is not converted already"
         )
     return model
+
+
+def _holds_remap(module: nn.Module) -> bool:
+    return any(isinstance(m, RemapAct) or has_input_remap(m) for m in module.modules())
+
+
+def _keep_off_fused_paths(model: nn.Module) -> None:
+    for module in model.modules():
+        for cls, flag, off in _FUSED_PATH_FLAGS:
+            if (
+                isinstance(module, cls)
+                and hasattr(module, flag)
+                and not hasattr(module, _SAVED_FUSED_PATH_FLAG)
+                and _holds_remap(module)
+            ):
+                setattr(module, _SAVED_FUSED_PATH_FLAG, getattr(module, flag))
+                setattr(module, flag, off)
+
+
+def _restore_fused_paths(model: nn.Module) -> None:
+    for module in model.modules():
+        for cls, flag, _ in _FUSED_PATH_FLAGS:
+            if isinstance(module, cls) and hasattr(module, _SAVED_FUSED_PATH_FLAG):
+                setattr(module, flag, getattr(module, _SAVED_FUSED_PATH_FLAG))
+                delattr(module, _SAVED_FUSED_PATH_FLAG)
+
+
+def _function_activations(model: nn.Module, acts: tuple[str, ...]) -> list[str]:
+    """Qualified names of selected activations that a layer holds as a function, not a module."""
+    import torch.nn.functional as F
+
+    functions = {F.relu: "relu", F.gelu: "gelu", F.silu: "silu"}
+    return [
+        f"{name}.activation" if name else "activation"
+        for name, module in model.named_modules()
+        if isinstance(module, _FUNCTION_ACTIVATION_HOLDERS)
+        and not isinstance(module.activation, nn.Module)
+        and _selected(functions.get(module.activation, ""), acts)
+    ]
 
 
 def _is_remap_config(value) -> bool:
@@ -486,6 +557,7 @@ def unconvert(model: nn.Module) -> nn.Module:
         parent._modules[name] = originals.setdefault(id(parent._modules[name]), original)
     for module in wrapped:
         remove_input_remap(module)
+    _restore_fused_paths(model)
     return model
 
 

@@ -4,8 +4,11 @@
 silu) and :class:`InputRemap` is the identity-activation remap placed on the *input* of a Linear
 or Conv layer (e.g. the LayerNorm output that feeds a transformer's FC1). Both have a ``mode``:
 
-- ``"off"``: the plain activation, bit-identical to the ``torch.nn`` module it replaced (timm's
-  ``Swish`` computes ``x * sigmoid(x)``, which may differ from ``F.silu`` by an ulp).
+- ``"off"``: the plain activation, bit-identical to the ``torch.nn`` module it replaced, but for
+  modules that write the formula out in Python, rounding each step on its own: timm's ``Swish``
+  (``x * sigmoid(x)``, an ulp from ``F.silu``), transformers' ``NewGELUActivation`` and
+  ``AccurateGELUActivation`` (the tanh formula) and ``GELUActivation(use_gelu_python=True)``
+  (the erf formula), within a few ulps of lipkern's op (``F.gelu``'s).
 - ``"calibrate"``: the plain activation, computed by the fused ``lipkern.remap_act_stats`` op with
   threshold 0 (so nothing is remapped), whose per-channel statistics are merged into buffers.
 - ``"apply"``: ``lipkern.remap_act`` with the calibrated threshold (and centre). Calling it before
@@ -150,6 +153,18 @@ def config_from_state(value):
         except (UnicodeDecodeError, json.JSONDecodeError):
             return value
     return value
+
+
+def refuse_scanning(modes, what: str, remedy: str) -> None:
+    """A ValueError naming the first layer of ``modes`` ((name, mode) pairs) in mode
+    "calibrate", which a layer holds only while a calibration scan runs: loaded so, a model would
+    gather statistics instead of remapping."""
+    for name, mode in modes:
+        if mode == "calibrate":
+            raise ValueError(
+                f"{what}: layer {name!r} is in mode {mode!r}, the middle of a scan; "
+                f"{remedy}"
+            )
 
 
 class RemapAct(nn.Module):
@@ -358,6 +373,10 @@ class RemapAct(nn.Module):
         if config is None:
             return
         config = config_from_state(config)
+        refuse_scanning(
+            [(self.layer_name, config.get("mode"))], "load_state_dict",
+            "the state_dict was taken mid-scan: take it again once the scan has finished",
+        )
         tensors = {
             name: state_dict[prefix + name] for name in self._buffers if prefix + name in state_dict
         }

@@ -170,6 +170,8 @@ def test_root_activation_and_bad_arguments():
         RemapAct("relu", backend="gpu")
     with pytest.raises(TypeError, match="inputs_of must be a glob pattern or patterns, got int"):
         convert(Mlp(nn.GELU()), inputs_of=3)
+    with pytest.raises(TypeError, match="acts must be an activation family or several, .* got NoneType"):
+        convert(Mlp(nn.GELU()), acts=None)
 
 
 def test_channel_dim_override_and_inference():
@@ -281,3 +283,57 @@ def test_describe_names_the_layers_inside_wrappers():
     names = [info.name for info in describe(model)]
     for wrapped in (nn.DataParallel(model), torch.compile(model)):
         assert [info.name for info in describe(wrapped)] == names == ["1"]
+
+
+def test_transformer_encoder_layers_run_their_remaps_at_inference():
+    """PyTorch's fused inference path for nn.TransformerEncoderLayer (and the encoder's nested
+    tensors) never calls the layer's submodules: a converted layer is kept off it, so its remaps
+    act under no_grad in eval as they do under grad, padding mask included; unconvert puts the
+    fused path back."""
+    import lipkern
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, activation=nn.GELU(), batch_first=True)
+    model = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(2, 5, 16)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    with torch.no_grad():
+        original = model(x)
+    convert(model, preset="paper")
+    report = lipkern.calibrate(model, [x], c_r=0.5, progress=False)
+    assert len(report.layers) == 6  # two GELUs, two linear1 and two linear2 inputs
+    with torch.no_grad():
+        remapped, masked = model(x), model(x, src_key_padding_mask=padding)
+    assert not torch.allclose(remapped, original, atol=1e-3)
+    torch.testing.assert_close(remapped, model(x).detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        masked[0], model(x, src_key_padding_mask=padding)[0].detach(), rtol=0, atol=1e-6
+    )
+    lipkern.unconvert(model)
+    assert model.use_nested_tensor and all(m.activation_relu_or_gelu == 2 for m in model.layers)
+    with torch.no_grad():
+        assert torch.equal(model(x), original)
+
+
+@pytest.mark.filterwarnings("ignore:lipkern.convert. nothing was converted")
+def test_an_activation_held_as_a_function_is_named_in_a_warning():
+    layers = nn.Sequential(
+        nn.TransformerEncoderLayer(8, 2, 16, activation="relu"),
+        nn.TransformerDecoderLayer(8, 2, 16, activation="gelu"),
+    )
+    with pytest.warns(UserWarning, match=r"functions, not modules.*: 0\.activation, 1\.activation "):
+        convert(layers, acts=("relu", "gelu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="lipkern.convert: nothing was converted")
+        convert(nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, activation="relu")), acts=("silu",))
+
+
+def test_transformers_identity_activation_is_no_unsupported_activation():
+    """transformers' LinearActivation (where a config names no activation) is the identity, not an
+    activation lipkern lacks: no warning names it."""
+    activations = pytest.importorskip("transformers.activations")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        convert(nn.Sequential(nn.Linear(2, 2), activations.LinearActivation(), nn.ReLU()))

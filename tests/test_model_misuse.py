@@ -83,6 +83,64 @@ def test_calibrating_on_empty_data_keeps_the_previous_calibration():
     _assert_same_state(model, before)
 
 
+def test_scan_arguments_are_refused_before_the_model_changes():
+    model = _calibrated()
+    before = _state(model)
+    for data, kwargs, error, message in [
+        (None, {}, TypeError, "data must be an iterable of batches, got NoneType"),
+        (torch.randn(5, 6), {}, TypeError, r"got one tensor .*pass \[x\] for a single batch"),
+        ([torch.randn(0, 6)], {}, ValueError, r"data batch 0 holds no elements \(shape \(0, 6\)\)"),
+        (_data(), {"progress": "no"}, TypeError, "progress must be True or False, got 'no'"),
+        (_data(), {"measure": 1}, TypeError, "measure must be True or False, got 1"),
+    ]:
+        with pytest.raises(error, match=message):
+            lipkern.calibrate(model, data, **kwargs)
+        _assert_same_state(model, before)
+    with pytest.raises(TypeError, match="data must be an iterable of batches, got one tensor"):
+        lipkern.measure_remapped(model, torch.randn(5, 6))
+    with pytest.raises(ValueError, match="data is empty: a scan needs at least one batch"):
+        lipkern.measure_remapped(model, [])
+    _assert_same_state(model, before)
+
+
+def test_a_scan_takes_a_loader_without_a_length():
+    """A DataLoader over an IterableDataset has __len__ but raises from it: the scan runs with the
+    total unknown, and gives what a list of the same batches gives."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    batches = _data(4)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(batches)
+
+    streamed, listed = _model(), _model()
+    report = lipkern.calibrate(streamed, DataLoader(Stream(), batch_size=None), measure=True)
+    lipkern.calibrate(listed, batches, progress=False)
+    assert report.batches == 4
+    for (_, a), (_, b) in zip(lipkern.nn.remap_modules(streamed), lipkern.nn.remap_modules(listed)):
+        assert torch.equal(a.threshold, b.threshold)
+    lipkern.calibrate(streamed, DataLoader(Stream(), batch_size=None), max_batches=2, progress=False)
+
+
+def test_a_scan_that_reaches_no_converted_layer_is_an_error():
+    """A forward that bypasses its submodules calibrates nothing: an error, not an empty report."""
+
+    class Bypass(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(6, 6), nn.ReLU()
+
+        def forward(self, x):
+            return torch.relu(torch.nn.functional.linear(x, self.fc.weight, self.fc.bias))
+
+    model = lipkern.convert(Bypass(), inputs_of=("fc",))
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="none of the model's 2 converted layers was called"):
+        lipkern.calibrate(model, _data(), progress=False)
+    _assert_same_state(model, before)
+
+
 def test_failed_measure_pass_undoes_the_whole_calibration():
     model = _calibrated()
     before = _state(model)
@@ -436,6 +494,18 @@ def test_a_calibration_mid_scan_is_neither_saved_nor_loaded(tmp_path):
     lipkern.load_calibration(_model(), good)
 
 
+def test_a_state_dict_taken_mid_scan_is_not_loaded():
+    """load_state_dict refuses a layer in mode "calibrate" as load_calibration does."""
+    source = _calibrated()
+    source[1].begin_calibration()
+    state = source.state_dict()
+    target = _calibrated()
+    before = _state(target)
+    with pytest.raises(ValueError, match="load_state_dict: layer '1' is in mode 'calibrate'.*taken mid-scan"):
+        target.load_state_dict(state)
+    _assert_same_state(target, before)
+
+
 def test_concurrent_calibration_of_different_models_is_independent(frequent_thread_switches):
     # Each scan tracks its own converted activations' outputs (input remaps after an activation
     # are redundant); the other thread's scan must neither hide nor fake them.
@@ -508,6 +578,19 @@ def test_per_channel_calibration_stops_where_the_inferred_axis_is_not_the_inputs
     lipkern.calibrate(model, data, granularity="channel", progress=False)
     channels = model.conv.out_channels
     assert model.get_submodule(layer).threshold.shape == (channels,)
+
+
+def test_per_channel_calibration_on_unbatched_images_is_refused():
+    """An unbatched [C, H, W] image through a convolution has its channels on axis 0, where the
+    layer (axis 1, for batches) would take H for its channels: refused, per tensor it runs."""
+    model = lipkern.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    state = _state(model)
+    with pytest.raises(ChannelAxisError, match=r"input of shape \(8, 10, 10\) comes from Conv2d '0' "
+                                               r"called on an unbatched input.*calibrate on batches"):
+        lipkern.calibrate(model, [torch.randn(3, 12, 12)], granularity="channel", progress=False)
+    _assert_same_state(model, state)
+    lipkern.calibrate(model, [torch.randn(2, 3, 12, 12)], granularity="channel", progress=False)
+    assert model[1].threshold.shape == (8,)
 
 
 def test_a_layer_norm_over_several_axes_fixes_no_channel_axis():
