@@ -18,8 +18,10 @@ returns the same model (a model that *is* an activation module is returned as it
   not what the remap is for and are left alone silently.
 - A module object reached under several names (or called at several sites, as torchvision's
   ResNet ``relu``) becomes ONE RemapAct with one threshold over all its sites.
-- ``inputs_of``: glob patterns (:mod:`fnmatch`) on qualified module names; each matching
-  ``nn.Linear`` / convolution gets an :class:`lipkern.nn.InputRemap` on its input, keeping its
+- ``inputs_of``: glob patterns (:mod:`fnmatch`) on qualified module names, each of which must
+  match only ``nn.Linear``, transformers' ``Conv1D`` or convolution layers (another match, such
+  as the GELU that a broad ``"blocks.*.mlp.*"`` also hits, is a TypeError naming it, before
+  anything changes); each gets an :class:`lipkern.nn.InputRemap` on its input, keeping its
   parameter names (``fc1.weight`` stays, ``fc1.input_remap.*`` is added). Whether that input is
   already a converted activation's output is decided at calibration (see :mod:`lipkern.nn`).
 - ``preset="paper"``: input remaps where the paper puts them, found by structure instead of
