@@ -235,8 +235,14 @@ def _run_batch(model: nn.Module, batch, index: int, device) -> None:
     model(_on(device, x))
 
 
-def _check_scan_arguments(data, max_batches, **flags) -> None:
+def _check_scan_arguments(model, data, max_batches, **flags) -> None:
     """The arguments every scan takes, checked before it changes anything."""
+    device = _model_device(_uncompiled(model)) if isinstance(model, nn.Module) else None
+    if device is not None and device.type == "meta":
+        raise ValueError(
+            "model's parameters are on the meta device and hold no values: materialise them "
+            "(model.to_empty(device=...), then load the weights) before a scan"
+        )
     if isinstance(data, torch.Tensor):
         raise TypeError(
             "data must be an iterable of batches, got one tensor (it would be scanned sample by "
@@ -483,7 +489,7 @@ def calibrate(
     """
     c_r = thresholds.check_ratio(c_r)
     thresholds.check_settings(granularity, statistic, center)
-    _check_scan_arguments(data, max_batches, progress=progress, measure=measure)
+    _check_scan_arguments(model, data, max_batches, progress=progress, measure=measure)
     # The second pass over an iterator would find it spent, or (with max_batches) measure
     # other batches than the calibration read.
     if measure and isinstance(data, collections.abc.Iterator):
@@ -569,7 +575,7 @@ def measure_remapped(
     Redundant input remaps (fed by a converted activation) map to None; uncalibrated layers are
     left out. All-reduced across ranks when torch.distributed is initialised.
     """
-    _check_scan_arguments(data, max_batches, progress=progress)
+    _check_scan_arguments(model, data, max_batches, progress=progress)
     modules = [(name, m) for name, m in _converted(model) if m.calibrated]
     if not modules:
         raise RuntimeError("no calibrated layer to measure; run lipkern.calibrate first")

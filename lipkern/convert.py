@@ -382,6 +382,13 @@ def convert(
                 input_channel_dim(module)
             except TypeError as error:
                 raise TypeError(f"inputs_of {pattern!r} matched {name!r}: {error}") from None
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if isinstance(parent, nn.MultiheadAttention):
+                raise TypeError(
+                    f"inputs_of {pattern!r} matched {name!r}: nn.MultiheadAttention computes with "
+                    "its projection's weights and never calls it, so an input remap there would "
+                    "never run"
+                )
     added = 0
     for pattern, hits in matched.items():
         if not hits and pattern in inputs_of:

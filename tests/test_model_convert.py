@@ -337,3 +337,11 @@ def test_transformers_identity_activation_is_no_unsupported_activation():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         convert(nn.Sequential(nn.Linear(2, 2), activations.LinearActivation(), nn.ReLU()))
+
+
+def test_an_input_remap_inside_multihead_attention_is_refused():
+    """nn.MultiheadAttention uses out_proj's weights without calling it: a remap there never runs."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, activation=nn.GELU())
+    with pytest.raises(TypeError, match="matched 'self_attn.out_proj': nn.MultiheadAttention computes"):
+        convert(layer, inputs_of=("linear1", "self_attn.*"))
+    assert not remap_modules(layer) and isinstance(layer.activation, nn.GELU)

@@ -101,6 +101,10 @@ def test_scan_arguments_are_refused_before_the_model_changes():
     with pytest.raises(ValueError, match="data is empty: a scan needs at least one batch"):
         lipkern.measure_remapped(model, [])
     _assert_same_state(model, before)
+    with torch.device("meta"):
+        meta = lipkern.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU()))
+    with pytest.raises(ValueError, match="model's parameters are on the meta device"):
+        lipkern.calibrate(meta, _data(), progress=False)
 
 
 def test_a_scan_takes_a_loader_without_a_length():
