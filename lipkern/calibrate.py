@@ -235,9 +235,15 @@ def _run_batch(model: nn.Module, batch, index: int, device) -> None:
     model(_on(device, x))
 
 
-def _check_scan_arguments(model, data, max_batches, **flags) -> None:
-    """The arguments every scan takes, checked before it changes anything."""
-    device = _model_device(_uncompiled(model)) if isinstance(model, nn.Module) else None
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_scan_arguments(device, data, max_batches, progress) -> None:
+    """A scan's arguments, checked before its first batch; inside the scan, so that under
+    torch.distributed a rank's refusal reaches every rank (_agree) instead of leaving them
+    waiting."""
     if device is not None and device.type == "meta":
         raise ValueError(
             "model's parameters are on the meta device and hold no values: materialise them "
@@ -245,18 +251,17 @@ def _check_scan_arguments(model, data, max_batches, **flags) -> None:
         )
     if isinstance(data, torch.Tensor):
         raise TypeError(
-            "data must be an iterable of batches, got one tensor (it would be scanned sample by "
-            "sample): pass [x] for a single batch"
+            "data must be an iterable of batches, got one tensor, which a scan would iterate "
+            "along its first axis: pass [x] for one batch (list(x) for a stack of batches)"
         )
-    if not isinstance(data, collections.abc.Iterable):
+    # A map-style Dataset iterates by __getitem__ without being an Iterable.
+    if not isinstance(data, collections.abc.Iterable) and not hasattr(type(data), "__getitem__"):
         raise TypeError(f"data must be an iterable of batches, got {type(data).__name__}")
     if max_batches is not None and (
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
         raise ValueError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+    _check_flag("progress", progress)
 
 
 def _batches(data, max_batches, progress: bool, desc: str):
@@ -310,6 +315,7 @@ def _scan(
     batches, error = 0, None
     model.eval()
     try:
+        _check_scan_arguments(device, data, max_batches, progress)
         with torch.no_grad():
             for index, batch in _batches(data, max_batches, progress, desc):
                 _run_batch(model, batch, index, device)
@@ -489,7 +495,7 @@ def calibrate(
     """
     c_r = thresholds.check_ratio(c_r)
     thresholds.check_settings(granularity, statistic, center)
-    _check_scan_arguments(model, data, max_batches, progress=progress, measure=measure)
+    _check_flag("measure", measure)
     # The second pass over an iterator would find it spent, or (with max_batches) measure
     # other batches than the calibration read.
     if measure and isinstance(data, collections.abc.Iterator):
@@ -575,7 +581,6 @@ def measure_remapped(
     Redundant input remaps (fed by a converted activation) map to None; uncalibrated layers are
     left out. All-reduced across ranks when torch.distributed is initialised.
     """
-    _check_scan_arguments(model, data, max_batches, progress=progress)
     modules = [(name, m) for name, m in _converted(model) if m.calibrated]
     if not modules:
         raise RuntimeError("no calibrated layer to measure; run lipkern.calibrate first")

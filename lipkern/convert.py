@@ -121,7 +121,7 @@ _FUSED_PATH_FLAGS = (
 )
 _SAVED_FUSED_PATH_FLAG = "_lipkern_fused_path_flag"
 # Layers that may hold their activation as a function (activation="relu"), which convert cannot
-# replace: torch.nn.functional's functions, by the act each computes.
+# replace (see _function_activations).
 _FUNCTION_ACTIVATION_HOLDERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 _CHANNEL_LAST_TYPES = (nn.Linear, nn.LayerNorm)
@@ -261,7 +261,8 @@ def _infer_channel_dim(parent: nn.Module, siblings: list[nn.Module], position: i
 
 
 def check_acts(acts) -> tuple[str, ...]:
-    """``acts`` as a tuple of activation families, or a ValueError naming the accepted ones."""
+    """``acts`` as a tuple of activation families; a TypeError for no iterable, a ValueError
+    naming the accepted families for an unknown one."""
     if isinstance(acts, str):
         acts = (acts,)
     if not isinstance(acts, Iterable):

@@ -131,6 +131,10 @@ def test_store_refusal_names_the_entries_that_differ_in_the_callers_words(tmp_pa
             "the model's weights differ)") in str(refused.value)
     assert "n_test" not in str(refused.value)
     store.bind_settings("m", recorded, {"model_sha": "the model's weights"})
+    # Where the formatter writes both values alike, they are shown in full.
+    with pytest.raises(SettingsMismatchError, match=r"eps: recorded 0\.031372549019607\d*, now 0\.03137255"):
+        store.bind_settings("m", {**recorded, "eps": 8 / 255 + 1e-9}, {"model_sha": "the model's weights"},
+                            shown={"eps": lambda e: f"{round(e * 255)}/255"})
 
 
 def test_time_left_weighs_each_kind_of_unit_by_its_own_timings(tmp_path):

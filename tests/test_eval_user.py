@@ -1,5 +1,6 @@
 """`lipkern eval` on a user's model and data, the RobustBench path, and bad input."""
 import argparse
+import copy
 import sys
 import textwrap
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import lipkern
 from lipkern.eval import cli_eval
 from lipkern.eval.api import Budget, EvalInputError, evaluate
 
@@ -261,5 +263,8 @@ def test_api_refuses_a_conversion_before_any_work(tmp_path, recwarn):
         with pytest.raises(EvalInputError, match=message):
             evaluate(model, (x, y), (x, y), convert_kwargs=kwargs, out_dir=tmp_path, progress=False)
         assert not any(tmp_path.iterdir())
+    with pytest.raises(EvalInputError, match="holds lipkern remap layers already: pass the model before"):
+        evaluate(lipkern.convert(copy.deepcopy(model)), (x, y), (x, y), out_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
     # The refusal says what convert's "nothing was converted" warning would, so that warning is not shown too.
     assert not [w for w in recwarn if "nothing was converted" in str(w.message)]

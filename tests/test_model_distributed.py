@@ -68,6 +68,15 @@ def _worker(rank, init_file, out_dir):
             message = f"ValueError: {error}"
         with open(os.path.join(out_dir, f"rank{rank}.empty"), "w") as handle:
             handle.write(message)
+        # Rank 1 passes one tensor as its data: refused there, and every other rank raises too.
+        try:
+            data = torch.randn(4, 8) if rank == 1 else _shard(rank, _data())
+            calibrate(_model(), data, progress=False)
+            message = "no error"
+        except (TypeError, RuntimeError) as error:
+            message = f"{type(error).__name__}: {error}"
+        with open(os.path.join(out_dir, f"rank{rank}.bad_data"), "w") as handle:
+            handle.write(message)
     except Exception as error:  # reported to the parent process through a file
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as handle:
             handle.write(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
@@ -122,3 +131,11 @@ def test_error_on_one_rank_is_raised_on_every_rank(spawned):
         message = (spawned / f"rank{rank}.empty").read_text()
         expected = "data is empty" if rank == 1 else "another rank's data is empty"
         assert message.startswith(f"ValueError: {expected}"), (rank, message)
+
+
+def test_a_bad_argument_on_one_rank_is_raised_on_every_rank(spawned):
+    for rank in range(WORLD):
+        message = (spawned / f"rank{rank}.bad_data").read_text()
+        expected = ("TypeError: data must be an iterable of batches, got one tensor" if rank == 1 else
+                    "RuntimeError: lipkern.calibrate failed on another rank")
+        assert message.startswith(expected), (rank, message)

@@ -88,7 +88,7 @@ def test_scan_arguments_are_refused_before_the_model_changes():
     before = _state(model)
     for data, kwargs, error, message in [
         (None, {}, TypeError, "data must be an iterable of batches, got NoneType"),
-        (torch.randn(5, 6), {}, TypeError, r"got one tensor .*pass \[x\] for a single batch"),
+        (torch.randn(5, 6), {}, TypeError, r"got one tensor, .*pass \[x\] for one batch \(list\(x\) for a stack"),
         ([torch.randn(0, 6)], {}, ValueError, r"data batch 0 holds no elements \(shape \(0, 6\)\)"),
         (_data(), {"progress": "no"}, TypeError, "progress must be True or False, got 'no'"),
         (_data(), {"measure": 1}, TypeError, "measure must be True or False, got 1"),
@@ -105,6 +105,23 @@ def test_scan_arguments_are_refused_before_the_model_changes():
         meta = lipkern.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU()))
     with pytest.raises(ValueError, match="model's parameters are on the meta device"):
         lipkern.calibrate(meta, _data(), progress=False)
+
+
+def test_a_scan_takes_a_map_style_dataset_of_batches():
+    """A Dataset with __getitem__ and __len__ but no __iter__ iterates as Python iterates it."""
+    batches = _data(3)
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, index):
+            return batches[index]
+
+    from_dataset, from_list = _model(), _model()
+    lipkern.calibrate(from_dataset, Batches(), progress=False)
+    lipkern.calibrate(from_list, batches, progress=False)
+    assert torch.equal(from_dataset[1].threshold, from_list[1].threshold)
 
 
 def test_a_scan_takes_a_loader_without_a_length():

@@ -34,10 +34,15 @@ def _remappable_inputs(model: nn.Module) -> list[str]:
 
 
 def converted_copy(model: nn.Module, convert_kwargs: dict) -> nn.Module:
-    """A converted deep copy of ``model`` (``model`` is untouched); UnusableConversionError where the
-    conversion cannot place what it was asked to. ``lipkern.convert`` only warns of an ``inputs_of`` pattern
-    that names no module, but an evaluation that left out a layer it was asked to remap answers another
-    question."""
+    """A converted deep copy of ``model`` (``model`` is untouched); UnusableConversionError where ``model``
+    is converted already or the conversion cannot place what it was asked to. ``lipkern.convert`` only
+    warns of an ``inputs_of`` pattern that names no module, but an evaluation that left out a layer it was
+    asked to remap answers another question."""
+    if remap_modules(model):
+        # Evaluated as "the original", it would be compared against a second remap of itself.
+        raise UnusableConversionError("the model holds lipkern remap layers already: pass the model before "
+                                      "lipkern.convert (lipkern.unconvert gives it back); the evaluation "
+                                      "converts a copy")
     inputs_of = convert_kwargs.get("inputs_of", ())
     patterns = (inputs_of,) if isinstance(inputs_of, str) else tuple(inputs_of)
     names = [name for name, _ in model.named_modules()]

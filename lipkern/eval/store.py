@@ -65,6 +65,13 @@ def _differences(recorded: dict, settings: dict, prefix: str = ""):
             yield prefix + key, old, new
 
 
+def _shown(formatter, old, new) -> tuple[str, str]:
+    """Two differing values as ``formatter`` writes them, or in full where it writes both alike."""
+    if formatter is not None and formatter(old) != formatter(new):
+        return formatter(old), formatter(new)
+    return repr(old), repr(new)
+
+
 class OutcomeStore:
     def __init__(self, out_dir):
         self.path = Path(out_dir) / FILENAME
@@ -116,7 +123,7 @@ class OutcomeStore:
                                         f"{settings.get('store_format')}); it cannot be resumed: start over "
                                         "(--overwrite; from Python, another out_dir)")
         details = [f"{hashed[key]} differ" if key in hashed else
-                   f"{key}: recorded {shown.get(key, repr)(old)}, now {shown.get(key, repr)(new)}"
+                   "{}: recorded {}, now {}".format(key, *_shown(shown.get(key), old, new))
                    for key, old, new in _differences(recorded, settings)]
         if details:
             raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings "
