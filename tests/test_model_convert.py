@@ -306,6 +306,8 @@ def test_transformer_encoder_layers_run_their_remaps_at_inference():
     with torch.no_grad():
         remapped, masked = model(x), model(x, src_key_padding_mask=padding)
     assert not torch.allclose(remapped, original, atol=1e-3)
+    # Not bit for bit: under grad mode nn.MultiheadAttention picks another attention kernel
+    # (measured 6e-7 apart on these outputs of size ~1), a difference of PyTorch's, not the remap's.
     torch.testing.assert_close(remapped, model(x).detach(), rtol=0, atol=1e-6)
     torch.testing.assert_close(
         masked[0], model(x, src_key_padding_mask=padding)[0].detach(), rtol=0, atol=1e-6
@@ -333,7 +335,7 @@ def test_an_activation_held_as_a_function_is_named_in_a_warning():
 def test_transformers_identity_activation_is_no_unsupported_activation():
     """transformers' LinearActivation (where a config names no activation) is the identity, not an
     activation lipkern lacks: no warning names it."""
-    activations = pytest.importorskip("transformers.activations")
+    from transformers import activations
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         convert(nn.Sequential(nn.Linear(2, 2), activations.LinearActivation(), nn.ReLU()))
