@@ -457,10 +457,6 @@ def convert(
     return model
 
 
-def _holds_remap(module: nn.Module) -> bool:
-    return any(isinstance(m, RemapAct) or has_input_remap(m) for m in module.modules())
-
-
 def _keep_off_fused_paths(model: nn.Module) -> None:
     for module in model.modules():
         for cls, flag, off in _FUSED_PATH_FLAGS:
@@ -468,7 +464,7 @@ def _keep_off_fused_paths(model: nn.Module) -> None:
                 isinstance(module, cls)
                 and hasattr(module, flag)
                 and not hasattr(module, _SAVED_FUSED_PATH_FLAG)
-                and _holds_remap(module)
+                and remap_modules(module)  # input remaps are RemapAct children too
             ):
                 setattr(module, _SAVED_FUSED_PATH_FLAG, getattr(module, flag))
                 setattr(module, flag, off)
