@@ -413,11 +413,11 @@ def test_overwrite_replaces_only_lipkern_files_once_the_arguments_are_checked(tm
     assert all((used / name).read_text() == "earlier" for name in earlier if name.endswith((".md", ".json")))
 
 
-def _store_one_unit_then(error):
+def _store_one_unit_then(error, chunk=0):
     def evaluate(*args, out_dir, **kwargs):
         store = OutcomeStore(out_dir)
         store.bind_settings("preact_wrn", {"eps": 0.2})
-        store.put("preact_wrn", 0, "clean", {"correct": np.ones(3, dtype=bool)}, seconds=0.1)
+        store.put("preact_wrn", chunk, "clean", {"correct": np.ones(3, dtype=bool)}, seconds=0.1)
         store.close()
         raise error
     return evaluate
@@ -497,6 +497,26 @@ def test_a_failed_resumed_run_keeps_its_store(tmp_path, monkeypatch, capsys):
     _assert_the_earlier_store(used)
 
 
+@pytest.mark.parametrize("error, status", [(SettingsMismatchError("eps: recorded 8/255, now 16/255"), 2),
+                                           (KeyboardInterrupt(), 130)])
+def test_a_resumed_run_that_stores_nothing_keeps_the_held_files(tmp_path, monkeypatch, capsys, error, status):
+    used = tmp_path / "used"
+    _earlier_run(used)
+    held = used / (cli_eval.HELD_PREFIX + "killed")
+    held.mkdir()
+    (held / "report.md").write_text("older")
+    before = sorted(p.name for p in used.iterdir())
+
+    def refused(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(api, "evaluate", refused)
+    assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--resume"]) == status
+    capsys.readouterr()
+    assert sorted(p.name for p in used.iterdir()) == before
+    assert (held / "report.md").read_text() == "older"
+
+
 def test_a_run_that_stored_work_replaces_the_earlier_one(tmp_path, monkeypatch, capsys):
     used = tmp_path / "used"
     _earlier_run(used)
@@ -517,7 +537,7 @@ def test_a_run_that_stored_work_replaces_the_earlier_one(tmp_path, monkeypatch, 
     assert sorted(p.name for p in used.iterdir()) == ["outcomes.sqlite"]
     # A resumed run that stores work deletes what a killed --overwrite left held.
     held.mkdir()
-    monkeypatch.setattr(api, "evaluate", _store_one_unit_then(KeyboardInterrupt()))
+    monkeypatch.setattr(api, "evaluate", _store_one_unit_then(KeyboardInterrupt(), chunk=1))
     assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--resume"]) == 130
     assert sorted(p.name for p in used.iterdir()) == ["outcomes.sqlite"]
 

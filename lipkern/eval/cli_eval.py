@@ -411,9 +411,10 @@ def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
 @dataclass
 class OutDirChange:
     """What start_out_dir changed: the directories it made (deepest first), where the files that
-    --overwrite replaces wait, and the held directories of a killed run that a resumed run found. A run
-    that ends before storing any work leaves --out as it was; with several processes, whose others may
-    still hold the store open, it leaves the replaced files where they wait and says so."""
+    --overwrite replaces wait, the held directories of a killed run that a resumed run found, and the units
+    its store held then. A run that ends before storing any work leaves --out as it was; with several
+    processes, whose others may still hold the store open, it leaves the replaced files where they wait and
+    says so."""
 
     out: Path
     made: list[Path]
@@ -421,6 +422,7 @@ class OutDirChange:
     resumed: bool
     shared: bool
     leftovers: list[Path]
+    units_at_start: int = 0
 
     def restore(self) -> None:
         """Undoes start_out_dir's own steps: the held files back, the directories it made gone."""
@@ -447,13 +449,17 @@ class OutDirChange:
         self.held, self.leftovers = None, []
 
     def settle(self) -> str:
-        """After a failure: "stored" where the run (or the resumed one) stored work, which stays; "held" where
-        several processes ran and the replaced files wait in ``held``; otherwise "restored": what the run
-        wrote removed and what it replaced put back."""
-        from .store import holds_outcomes
+        """After a failure: "stored" where the run stored work, which stays and replaces the earlier run's
+        files, or where it resumed a store, which stays (a resumed run that stored nothing, a refused one
+        included, deletes nothing); "held" where several processes ran and the replaced files wait in
+        ``held``; otherwise "restored": what the run wrote removed and what it replaced put back."""
+        from .store import unit_count
 
-        if self.resumed or holds_outcomes(self.out):
-            self.finish()
+        units = unit_count(self.out)
+        stored_work = units is None or units > self.units_at_start
+        if self.resumed or stored_work:
+            if stored_work:
+                self.finish()
             return "stored"
         if self.shared and self.held is not None:
             return "held"
@@ -473,7 +479,7 @@ def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bo
     --overwrite replaces (``shared``: several processes run); a failure here undoes what it did. A resumed
     run must bring the models the stored run was started with: with one left out, the report would miss it
     and its work would stay behind; with one added, the original command could no longer resume."""
-    from .store import FILENAME, OutcomeStore
+    from .store import FILENAME, OutcomeStore, unit_count
 
     out = Path(path)
     change = OutDirChange(out, [p for p in (out, *out.parents) if not p.exists()], None, resume, shared, [])
@@ -495,6 +501,7 @@ def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bo
         raise
     if resume:
         change.leftovers = [e for e in out.iterdir() if e.is_dir() and e.name.startswith(HELD_PREFIX)]
+        change.units_at_start = unit_count(out) or 0  # an unreadable store is refused below
         try:
             store = OutcomeStore(out)
             try:

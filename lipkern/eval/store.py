@@ -36,22 +36,29 @@ class SettingsMismatchError(ValueError):
     """A resumed run's settings differ from those the store was started with."""
 
 
-def holds_outcomes(out_dir) -> bool:
-    """Whether the store in ``out_dir`` holds a finished unit, read without writing or waiting on a lock;
-    a store that cannot be read counts as holding some (the caller then keeps it)."""
+def unit_count(out_dir) -> int | None:
+    """How many finished units the store in ``out_dir`` holds (0 without a store), read without writing or
+    waiting on a lock; None where a store is there but cannot be read."""
     path = Path(out_dir) / FILENAME
     if not path.is_file():
-        return False
+        return 0
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
         try:
-            return db.execute("SELECT 1 FROM units LIMIT 1").fetchone() is not None
+            return db.execute("SELECT COUNT(*) FROM units").fetchone()[0]
         finally:
             db.close()
     except sqlite3.OperationalError as e:
-        return "no such table" not in str(e)
+        return 0 if "no such table" in str(e) else None
     except sqlite3.Error:
-        return True
+        return None
+
+
+def holds_outcomes(out_dir) -> bool:
+    """Whether the store in ``out_dir`` holds a finished unit; a store that cannot be read counts as holding
+    some (the caller then keeps it)."""
+    count = unit_count(out_dir)
+    return count is None or count > 0
 
 
 def _differences(recorded: dict, settings: dict, prefix: str = ""):
