@@ -60,6 +60,14 @@ def test_user_model_and_npz(tmp_path, tiny_model, capsys):
     assert m["name"] == "make" and abs(m["eps"] - 8 / 255) < 1e-12
     assert list(m["configs"]) == ["original", "2^-7", "2^-5"]
     assert m["n_test"] == 16 and m["n_calib"] == 16  # half of the file calibrates, the other half tests
+    # Each outcome traces to its row of --data (test_indices count within the test half).
+    data = np.load(tmp_path / "d.npz")
+    rows = m["data_rows"]
+    assert len(rows) == 16 and rows != m["test_indices"]
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(data["x"][rows]))
+    clean = "".join("1" if c else "0" for c in (logits.argmax(1).numpy() == data["y"][rows]))
+    assert m["configs"]["original"]["outcomes"]["clean"] == clean
     assert "| make | 2^-5 |" in capsys.readouterr().out
 
 

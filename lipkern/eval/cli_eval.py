@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lipkern.cli import positive
@@ -233,6 +234,7 @@ class Job:
     eps: float
     n_test: int | None
     calib_source: str
+    test_rows: np.ndarray | None = None  # see Dataset.test_rows
 
 
 def _user_jobs(args) -> list[Job]:
@@ -282,7 +284,7 @@ def _user_jobs(args) -> list[Job]:
         name = args.model.rsplit(":", 1)[-1]
     n_test = args.n_test or min(QUICK.n_test if args.quick else len(dataset.test), len(dataset.test))
     return [Job(args.name or name, model.eval(), calib, dataset.test, calib, None, _convert_kwargs(args, None),
-                args.eps if args.eps is not None else 8 / 255, n_test, source)]
+                args.eps if args.eps is not None else 8 / 255, n_test, source, dataset.test_rows)]
 
 
 def _convert_kwargs(args, default):
@@ -319,9 +321,14 @@ def _evaluate_job(job: Job, options: dict, threads: int, position: int):
 
     torch.set_num_threads(threads)
     model = job.model if job.model is not None else load_embedded(job.name)
-    return evaluate(model, job.calib, job.test, eps=job.eps, convert_kwargs=job.convert_kwargs, name=job.name,
-                    num_classes=job.num_classes, progress_position=position, ablation_data=job.ablation,
-                    n_test=job.n_test, calib_source=job.calib_source, **options)
+    result = evaluate(model, job.calib, job.test, eps=job.eps, convert_kwargs=job.convert_kwargs, name=job.name,
+                      num_classes=job.num_classes, progress_position=position, ablation_data=job.ablation,
+                      n_test=job.n_test, calib_source=job.calib_source, **options)
+    if job.test_rows is not None:
+        # test_indices count within the test split; these trace each attacked sample to its row of --data.
+        for entry in result.models:
+            entry["data_rows"] = job.test_rows[entry["test_indices"]].tolist()
+    return result
 
 
 def _start_worker():

@@ -42,6 +42,8 @@ class Dataset:
     test: Split
     num_classes: int
     calib_source: str = ""
+    # The row of the source file each test sample is (None: not read from a file).
+    test_rows: np.ndarray | None = None
 
 
 def _stratified_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +113,7 @@ def load_npz(path: str | Path, *, num_classes: int | None = None, calib_fraction
         raise ValueError(f"--data {path}: missing array(s) {missing}; the file must contain 'x' (N, C, H, W) "
                          f"float in [0, 1] and 'y' (N,) integer labels (found: {sorted(arrays)})")
     x, y = _check_xy(arrays["x"], arrays["y"], f"--data {path}", num_classes)
+    test_rows = np.arange(len(y))
     if all_test:
         calib, test, source = None, Split(x, y), ""
     elif "x_calib" in arrays or "y_calib" in arrays:
@@ -127,11 +130,13 @@ def load_npz(path: str | Path, *, num_classes: int | None = None, calib_fraction
         n_calib = min(max(1, int(round(len(y) * calib_fraction))), len(y) - 1)
         calib = Split(x[perm[:n_calib]], y[perm[:n_calib]])
         test = Split(x[perm[n_calib:]], y[perm[n_calib:]])
+        test_rows = perm[n_calib:].numpy()
         source = (f"a random {n_calib} of the {len(y)} samples of {path} (seed {seed}), the rest tests; no "
                   "training data was given (pass --calib-data with training images, as the paper calibrates)")
     labels = [s.y for s in (calib, test) if s is not None]
     n_cls = num_classes if num_classes is not None else int(max(int(t.max()) for t in labels)) + 1
-    return Dataset(name=path.stem, train=None, calib=calib, test=test, num_classes=n_cls, calib_source=source)
+    return Dataset(name=path.stem, train=None, calib=calib, test=test, num_classes=n_cls, calib_source=source,
+                   test_rows=test_rows)
 
 
 def load_calibration_npz(path: str | Path) -> Split:
