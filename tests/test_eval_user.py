@@ -126,13 +126,73 @@ def test_checkpoint_that_is_not_a_state_dict(tmp_path, tiny_model, capsys):
     garbage.write_bytes(b"not a checkpoint at all")
     torch.save(torch.zeros(3), tensor)
     torch.save({"model": torch.nn.Linear(2, 2)}, module)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
     for path, says in ((garbage, "not a state dict that torch.load(weights_only=True) reads"),
                        (tensor, "holds a Tensor, not a state dict"),
-                       (module, "not a state dict that torch.load(weights_only=True) reads")):
+                       (module, "holds pickled Python objects (a whole model?), which are not loaded"),
+                       (empty, "not a state dict that torch.load(weights_only=True) reads (EOFError)")):
         err = _error(["--model", tiny_model, "--checkpoint", str(path), "--data", str(_npz(tmp_path / "d.npz")),
                       "--out", str(tmp_path / "out")], capsys)
         assert f"--checkpoint {path}: {says}" in err and "Traceback" not in err
         assert not (tmp_path / "out").exists()
+
+
+FAILING_MODULE = textwrap.dedent("""
+    import torch
+    import torch.nn as nn
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(x.flatten(1)[:, :5]), x
+
+    class Flat(Pair):
+        def forward(self, x):
+            return self.act(x.flatten(1)).sum(1)
+
+    def pair():
+        return Pair()
+
+    def flat():
+        return Flat()
+
+    def raises():
+        raise RuntimeError("no weights here")
+
+    def needs(width):
+        return nn.Linear(width, 5)
+""")
+
+
+def test_a_model_that_fails_or_returns_no_logits_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "failing_eval_model.py").write_text(FAILING_MODULE)
+    (tmp_path / "broken_eval_module.py").write_text("raise ValueError('set LIPKERN_DATA first')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = str(_npz(tmp_path / "d.npz"))
+    for spec, says in (("failing_eval_model:raises", "calling it raised RuntimeError: no weights here"),
+                       ("failing_eval_model:needs", "calling it raised TypeError: needs() missing 1 required"),
+                       ("broken_eval_module:f", "importing 'broken_eval_module' raised ValueError: set LIPKERN_DATA"),
+                       ("failing_eval_model:pair", "must return logits of shape (N, classes), got tuple"),
+                       ("failing_eval_model:flat", "must return logits of shape (N, classes), got shape (2,)")):
+        err = _error(["--model", spec, "--data", data, "--out", str(tmp_path / "out")], capsys)
+        assert says in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_or_unfitting_robustbench_model_is_a_clear_error(tmp_path, capsys):
+    data = str(_npz(tmp_path / "d.npz"))
+    err = _error(["--robustbench", "NoSuch2099Model", "--model-dir", str(tmp_path), "--data", data], capsys)
+    assert "--robustbench: unknown RobustBench model 'NoSuch2099Model'" in err and "place" not in err
+    target = tmp_path / "cifar10" / "Linf" / "Wong2020Fast.pt"
+    target.parent.mkdir(parents=True)
+    torch.save({"state_dict": torch.nn.Linear(2, 2).state_dict()}, target)
+    err = _error(["--robustbench", "Wong2020Fast", "--model-dir", str(tmp_path), "--data", data], capsys)
+    assert "--robustbench Wong2020Fast: its checkpoint in --model-dir" in err and "does not load" in err
+    assert len(err) < 1000 and "Traceback" not in err
 
 
 def test_arguments_of_another_model_source_are_refused(tmp_path, tiny_model, capsys):
@@ -253,6 +313,24 @@ def test_api_rejects_bad_arguments():
         evaluate(model, x, (x, y[:3]))
     with pytest.raises(EvalInputError, match=r"calib_data: y must have shape \(N,\)"):
         evaluate(model, (x, y[:, None]), (x, y))
+    # The image box holds for both splits, and NaN is outside it.
+    x_nan = x.clone()
+    x_nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(EvalInputError, match=r"test_data: x must lie in \[0, 1\], without NaN"):
+        evaluate(model, (x, y), (x_nan, y))
+    with pytest.raises(EvalInputError, match=r"calib_data: x must lie in \[0, 1\], without NaN"):
+        evaluate(model, x * 5, (x, y))
+    for ratios in (0.5, "2^-8", [0.5, "0.25"]):
+        with pytest.raises(EvalInputError, match="ratios must be a list of numbers in"):
+            evaluate(model, (x, y), (x, y), ratios=ratios)
+    with pytest.raises(EvalInputError, match="n_test must be a finite integer"):
+        evaluate(model, (x, y), (x, y), n_test=2.0)
+    with pytest.raises(EvalInputError, match="out_dir must be an existing directory"):
+        evaluate(model, (x, y), (x, y), out_dir="/nonexistent/lipkern-out")
+    # numpy scalars pass the checks as the numbers they are: the run goes on to the labels' check.
+    with pytest.raises(EvalInputError, match="labels out of range"):
+        evaluate(model, (x, y), (x, y + 5), eps=np.float32(16 / 255), n_test=np.int64(2), seed=np.int64(1),
+                 ratios=np.array([2**-7]))
 
 
 def test_api_refuses_a_conversion_before_any_work(tmp_path, recwarn):

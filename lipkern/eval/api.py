@@ -22,11 +22,13 @@ import contextlib
 import contextvars
 import copy
 import math
+import numbers
 import re
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -170,8 +172,9 @@ def _as_split(data, what: str, *, labelled: bool) -> Split:
 
 
 def _check_number(name: str, value, low=None, high=None, *, integer=False, low_open=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (not integer or float(value).is_integer())
+    # numpy's scalars count as what they are: np.float32 a number, np.int64 an integer, 4.0 not an integer.
+    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, (bool, np.bool_))
+    ok = ok and math.isfinite(value)
     ok = ok and (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
     if not ok:
         rng = f"{'>' if low_open else '>='} {low}" if low is not None else ""
@@ -186,7 +189,7 @@ def check_name(name) -> None:
 
 
 def check_eps(eps) -> None:
-    if isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 1:
+    if isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 1:
         raise EvalInputError(f"eps must be < 1 (an L-inf radius in [0, 1] input units), got {eps!r}; "
                              f"did you mean {eps:g}/255?")
     _check_number("eps", eps, 0, 1, low_open=True)
@@ -198,8 +201,10 @@ def _check_data(model, calib: Split, test: Split, num_classes, device) -> int:
             raise EvalInputError(f"{what} is empty")
         if s.x.dim() != 4:
             raise EvalInputError(f"{what}: x must have shape (N, C, H, W), got {tuple(s.x.shape)}")
-    if test.x.min() < 0 or test.x.max() > 1:
-        raise EvalInputError("test_data: x must lie in [0, 1] (attacks clip to that box)")
+    for what, s, why in (("test_data", test, "attacks clip to that box"),
+                         ("calib_data", calib, "the thresholds are taken on the images the model will see")):
+        if s.x.isnan().any() or s.x.min() < 0 or s.x.max() > 1:
+            raise EvalInputError(f"{what}: x must lie in [0, 1], without NaN ({why})")
     expected = _input_channels(model)
     c = test.x.shape[1]
     if expected is not None and c != expected:
@@ -210,12 +215,18 @@ def _check_data(model, calib: Split, test: Split, num_classes, device) -> int:
     if calib.x.shape[1:] != test.x.shape[1:]:
         raise EvalInputError(f"calib_data has samples of shape {tuple(calib.x.shape[1:])}, test_data "
                              f"{tuple(test.x.shape[1:])}")
+    probe = test.x[:2]
     try:
         with torch.no_grad():
-            n_out = model.eval()(test.x[:2].to(device)).shape[-1]
-    except RuntimeError as e:
+            logits = model.eval()(probe.to(device))
+    except Exception as e:  # noqa: BLE001 -- the model's own code may fail in any way
+        lines = str(e).splitlines()
         raise EvalInputError(f"the model cannot run on the data's samples (shape {tuple(test.x.shape[1:])}, "
-                             f"dtype {test.x.dtype}): {str(e).splitlines()[0]}") from None
+                             f"dtype {test.x.dtype}): {type(e).__name__}: {lines[0] if lines else ''}") from None
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) == len(probe)):
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise EvalInputError(f"the model must return logits of shape (N, classes), got {got} for N = {len(probe)}")
+    n_out = logits.shape[1]
     if n_out < 4:
         raise EvalInputError(f"the model outputs {n_out} logits; AutoAttack's targeted DLR loss needs at least "
                              "4 classes")
@@ -285,6 +296,9 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
             check_name(model_name)
     _check_number("seed", seed, 0, integer=True)
     check_eps(eps)
+    if not (isinstance(ratios, (list, tuple, np.ndarray))
+            and all(isinstance(r, numbers.Real) and not isinstance(r, bool) for r in ratios)):
+        raise EvalInputError(f"ratios must be a list of numbers in (0, 1), got {ratios!r}")
     ratios = tuple(float(r) for r in ratios)
     if not ratios or any(not (0 < r < 1) for r in ratios):
         raise EvalInputError(f"ratios must be a non-empty list of values in (0, 1), got {list(ratios)}")
@@ -301,11 +315,16 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     if n_calib is not None:
         _check_number("n_calib", n_calib, 1, len(calib), integer=True)
         calib = calib.head(n_calib)
+    # numpy scalars passed the checks; the settings are stored as JSON, which takes Python numbers only.
+    eps, sigma, seed, batch_size, chunk_size = float(eps), float(sigma), int(seed), int(batch_size), int(chunk_size)
+    n_test = None if n_test is None else int(n_test)
     try:
         processes = parallel.current()
         dev = parallel.resolve_device(device, processes.local_rank)
     except parallel.DeviceError as e:
         raise EvalInputError(str(e)) from None
+    if out_dir is not None and not Path(out_dir).is_dir():
+        raise EvalInputError(f"out_dir must be an existing directory, got {str(out_dir)!r}")
     if out_dir is None and processes.world > 1:
         raise EvalInputError("out_dir is required when several processes evaluate together")
     original = copy.deepcopy(model).eval().to(dev)

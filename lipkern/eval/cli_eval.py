@@ -178,6 +178,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _described(error: BaseException) -> str:
+    """An exception's type and the first line of its message, which may be empty."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines and lines[0] else type(error).__name__
+
+
 def _load_callable_model(spec: str) -> torch.nn.Module:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -185,16 +191,22 @@ def _load_callable_model(spec: str) -> torch.nn.Module:
     # `python -m` puts the working directory on sys.path; a console script does not, so do it here.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    # The user's code may fail in any way; its failure is reported as theirs, not as lipkern's traceback.
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise EvalInputError(f"--model: cannot import {module_name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise EvalInputError(f"--model: importing {module_name!r} raised {_described(e)}") from None
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
             raise EvalInputError(f"--model: {module_name!r} has no attribute {attr!r}")
         fn = getattr(fn, part)
-    model = fn() if callable(fn) and not isinstance(fn, torch.nn.Module) else fn
+    try:
+        model = fn() if callable(fn) and not isinstance(fn, torch.nn.Module) else fn
+    except Exception as e:  # noqa: BLE001
+        raise EvalInputError(f"--model {spec}: calling it raised {_described(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise EvalInputError(f"--model: {spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -206,9 +218,13 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
         raise EvalInputError(f"--checkpoint: no such file: {p}")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 -- a damaged or foreign file fails anywhere in the unpickler
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            # torch's own advice there, weights_only=False, would run code from the file.
+            raise EvalInputError(f"--checkpoint {p}: holds pickled Python objects (a whole model?), which are "
+                                 "not loaded; save model.state_dict() instead") from None
         raise EvalInputError(f"--checkpoint {p}: not a state dict that torch.load(weights_only=True) reads "
-                             f"({str(e).splitlines()[0]})") from None
+                             f"({_described(e)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
@@ -246,8 +262,12 @@ def _user_jobs(args) -> list[Job]:
             raise EvalInputError("--checkpoint needs --model (--robustbench reads its checkpoint from --model-dir)")
         if not args.model_dir:
             raise EvalInputError("--robustbench needs --model-dir DIR (checkpoint at <DIR>/<dataset>/Linf/<ID>.pt)")
-        from lipkern.models.robustbench import checkpoint_files
+        from lipkern.models.robustbench import check_model_id, checkpoint_files
 
+        try:
+            check_model_id(args.robustbench, args.dataset)
+        except ValueError as e:
+            raise EvalInputError(f"--robustbench: {e}") from None
         missing = [str(f) for f in checkpoint_files(args.robustbench, args.dataset, args.model_dir)
                    if not Path(f).is_file()]
         if missing:
@@ -275,7 +295,14 @@ def _user_jobs(args) -> list[Job]:
     if args.robustbench:
         from lipkern.models import load_robustbench
 
-        model = load_robustbench(args.robustbench, args.dataset, args.model_dir)
+        try:
+            model = load_robustbench(args.robustbench, args.dataset, args.model_dir)
+        except (RuntimeError, pickle.UnpicklingError) as e:
+            # load_state_dict lists every key of a large network; its start says what does not fit.
+            message = " ".join(str(e).split())
+            shown = message if len(message) <= 600 else message[:600] + " ..."
+            raise EvalInputError(f"--robustbench {args.robustbench}: its checkpoint in --model-dir "
+                                 f"{args.model_dir} does not load: {shown}") from None
         name = args.robustbench
     else:
         model = _load_callable_model(args.model)

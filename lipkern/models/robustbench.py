@@ -174,18 +174,23 @@ def _zoo_entry(model_id: str, dataset: str, threat_model: str):
     return models.get(model_id)
 
 
+def check_model_id(model_id: str, dataset: str = "cifar10", threat_model: str = "Linf") -> None:
+    """Raises ValueError unless ``model_id`` is in the installed robustbench zoo or EXTRA_MODELS."""
+    _check_dataset(dataset)
+    if _zoo_entry(model_id, dataset, threat_model) is None and (dataset, model_id) not in EXTRA_MODELS:
+        raise ValueError(
+            f"unknown RobustBench model {model_id!r} for {dataset}/{threat_model}: neither in the "
+            f"installed robustbench zoo nor in lipkern's EXTRA_MODELS {sorted(EXTRA_MODELS)}"
+        )
+
+
 def robustbench_architecture(model_id: str, dataset: str = "cifar10", threat_model: str = "Linf"):
     """The architecture of RobustBench model ``model_id``, random weights, eval mode."""
-    _check_dataset(dataset)
+    check_model_id(model_id, dataset, threat_model)
     entry = _zoo_entry(model_id, dataset, threat_model)
     if entry is not None:
         return entry["model"]().eval()
-    if (dataset, model_id) in EXTRA_MODELS:
-        return EXTRA_MODELS[(dataset, model_id)]().eval()
-    raise ValueError(
-        f"unknown RobustBench model {model_id!r} for {dataset}/{threat_model}: neither in the "
-        f"installed robustbench zoo nor in lipkern's EXTRA_MODELS {sorted(EXTRA_MODELS)}"
-    )
+    return EXTRA_MODELS[(dataset, model_id)]().eval()
 
 
 def checkpoint_path(model_id: str, dataset: str, model_dir, threat_model: str = "Linf") -> Path:
