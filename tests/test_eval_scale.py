@@ -89,6 +89,10 @@ def test_verdicts_on_constructed_outcomes():
     # A gain that shrinks but stays positive without significance is not called masking.
     assert stats.verdict(autoattack=gain, worst_case=none) == stats.UNCONFIRMED
     assert stats.verdict(autoattack=none, worst_case=none, clean=loss) == stats.LOSS
+    # A gain bought with clean accuracy says so.
+    assert stats.verdict(autoattack=gain, worst_case=gain, clean=loss) == stats.GAIN + stats.CLEAN_COST
+    assert stats.verdict(autoattack=gain, worst_case=gone, clean=loss) == stats.MASKING + stats.CLEAN_COST
+    assert stats.verdict(autoattack=gain, worst_case=gain, clean=none) == stats.GAIN
     assert stats.verdict(autoattack=none, worst_case=none) == stats.NO_CHANGE
     assert stats.verdict(autoattack=loss, worst_case=none) == stats.LOSS
     assert stats.verdict(autoattack=none, worst_case=loss) == stats.LOSS

@@ -116,6 +116,7 @@ LOSS = "significant loss"
 MASKING = "gain under AutoAttack only, gone under the adaptive or transfer attack (gradient masking)"
 UNCONFIRMED = ("gain under AutoAttack, not confirmed in the worst case over the adaptive and transfer attacks "
                "(inconclusive at this sample size)")
+CLEAN_COST = ", at a significant loss of clean accuracy"
 
 
 def verdict(autoattack: PairedComparison, worst_case: PairedComparison, clean: PairedComparison | None = None) -> str:
@@ -126,12 +127,16 @@ def verdict(autoattack: PairedComparison, worst_case: PairedComparison, clean: P
     A gain counts only if it holds in the worst case. An AutoAttack gain whose worst-case estimate is gone
     (difference <= 0) is the masking signature RobustBench found for MeanSparse; one that shrinks but stays
     positive without significance is reported as unconfirmed rather than as masking. A significant loss in
-    clean accuracy is a loss whatever the attacks say.
+    clean accuracy is a loss where the attacks show no gain, and is named beside any gain they show (a robust
+    gain bought with clean accuracy is a trade-off, not a free improvement).
     """
+    clean_loss = clean is not None and clean.direction < 0
     if worst_case.direction > 0:
-        return GAIN
-    if autoattack.direction > 0:
-        return MASKING if worst_case.difference <= 0 else UNCONFIRMED
-    if worst_case.direction < 0 or autoattack.direction < 0 or (clean is not None and clean.direction < 0):
+        robust = GAIN
+    elif autoattack.direction > 0:
+        robust = MASKING if worst_case.difference <= 0 else UNCONFIRMED
+    elif worst_case.direction < 0 or autoattack.direction < 0 or clean_loss:
         return LOSS
-    return NO_CHANGE
+    else:
+        return NO_CHANGE
+    return robust + CLEAN_COST if clean_loss else robust
