@@ -45,7 +45,7 @@ def test_accuracies_in_unit_interval(quick_run):
                 values += [c["adaptive"], c["transfer"]]
             assert all(0.0 <= v <= 1.0 for v in values), (m["name"], label)
             assert c["worst_case"] <= min(c["clean"], c["autoattack"], c["cw"])
-            assert c["audit"]["verdict"] in ("PASS", "WARN")
+            assert c["audit"]["verdict"] in ("PASS", "WARN")  # 40 samples: a margin of 7.5 points
             assert c["audit"]["verdict"] == "PASS" or c["audit"]["reasons"]
         for row in m["weight_variant"]["rows"] + m["calib_ablation"]["rows"]:
             low, high = row["robust_interval"]

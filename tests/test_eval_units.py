@@ -139,6 +139,11 @@ def test_audit_flags_masking():
     text = " ".join(res["reasons"])
     for word in ("FGSM", "largest eps", "adaptive", "Square"):
         assert word in text
+    # On 11 samples the margin (3 samples, 27 points) lets nothing fail: no PASS is given, a failure still warns.
+    few = audit.audit(base, 11)
+    assert few["verdict"] == "INCONCLUSIVE" and "11 samples give a margin of 27 points" in few["reasons"][0]
+    assert audit.audit(base, 12)["verdict"] == "PASS"
+    assert audit.audit(dict(base, pgd={"8": 0.4, "96": 0.3}), 3)["verdict"] == "WARN"
 
 
 def test_split_head_and_batches():

@@ -12,7 +12,9 @@ For each model configuration (original, each c^r):
      APGD-T and FAB-T, Square (5000 queries) breaks at most a margin's worth more (AutoAttack's own
      check_square_sr asks the same). Running Square alone on all points instead would double AutoAttack's cost.
 A failed check means the gradients the white-box attacks used were less useful than they should be, i.e.
-the white-box numbers may overstate robustness. Verdict PASS when every applicable check holds, else WARN.
+the white-box numbers may overstate robustness. Verdict PASS when every applicable check holds, else WARN;
+INCONCLUSIVE instead of PASS where the margin exceeds WIDEST_MARGIN (fewer than 12 samples), since checks
+with such a margin could not have failed.
 
 Margin: max(MARGIN, MARGIN_SAMPLES / n) in accuracy units, so that on small test sets a difference of one or
 two images is not reported as masking. The audit is a screen for masking symptoms; whether a difference is
@@ -23,6 +25,7 @@ from __future__ import annotations
 MARGIN = 0.02
 MARGIN_SAMPLES = 3
 NEAR_ZERO = 0.05
+WIDEST_MARGIN = 0.25
 
 
 def margin_for(n: int) -> float:
@@ -60,5 +63,12 @@ def audit(cfg: dict, n: int, original_autoattack: float | None = None) -> dict:
     check("Square not stronger than the gradient attacks", cfg["square_gain"] <= m,
           f"Square lowers accuracy by {cfg['square_gain']:.3f} after APGD-CE/APGD-T/FAB-T")
     failed = [c for c in checks if not c["ok"]]
-    return {"verdict": "PASS" if not failed else "WARN", "margin": m, "checks": checks,
-            "reasons": [f"{c['check']}: {c['detail']}" for c in failed]}
+    reasons = [f"{c['check']}: {c['detail']}" for c in failed]
+    if failed:
+        verdict = "WARN"
+    elif m > WIDEST_MARGIN:
+        verdict = "INCONCLUSIVE"
+        reasons = [f"{n} samples give a margin of {100 * m:.0f} points, too wide for the checks to flag masking"]
+    else:
+        verdict = "PASS"
+    return {"verdict": verdict, "margin": m, "checks": checks, "reasons": reasons}
