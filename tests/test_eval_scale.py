@@ -281,6 +281,8 @@ def test_cuda_without_a_gpu_is_a_clear_error_at_once(capsys):
         evaluate(_tiny_model(), (x, y), (x, y), device="cuda")
     with pytest.raises(EvalInputError, match="^device: cannot parse 'tpu'"):
         evaluate(_tiny_model(), (x, y), (x, y), device="tpu")
+    with pytest.raises(EvalInputError, match="^device: 'cpu:3' is not a device; PyTorch has one CPU device"):
+        evaluate(_tiny_model(), (x, y), (x, y), device="cpu:3")
     assert cli_eval.main(["--device", "cuda:1", "--no-progress", "--out", "/nonexistent/never-written"]) == 2
     err = capsys.readouterr().err
     assert "--device=cuda:1: no CUDA GPU" in err and err.rstrip().endswith("use --device=cpu")

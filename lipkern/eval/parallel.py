@@ -31,6 +31,9 @@ def resolve_device(spec: str | torch.device | None, local_rank: int = 0, argumen
     except RuntimeError:
         raise DeviceError(f"{argument}: cannot parse {text!r}; give auto, cpu, cuda or cuda:N") from None
     if device.type == "cpu":
+        if device.index not in (None, 0):
+            # PyTorch has one CPU device; cpu:3 would run on it without a word.
+            raise DeviceError(f"{argument}: {text!r} is not a device; PyTorch has one CPU device, cpu")
         return torch.device("cpu")
     if device.type != "cuda":
         raise DeviceError(f"{argument}: {text!r} is not supported; give auto, cpu, cuda or cuda:N")
