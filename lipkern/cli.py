@@ -121,6 +121,7 @@ def _quiet_cuda_home_warning() -> None:
 def _add_verify_parser(subparsers) -> None:
     from lipkern.ops.activations import ACTIVATIONS
     from lipkern.ops.api import BACKENDS
+    from lipkern.tools.verify import seed_argument
 
     ops = ("fwd", "stats", "inplace", "bwd")
     p = subparsers.add_parser(
@@ -146,7 +147,7 @@ def _add_verify_parser(subparsers) -> None:
         "--device", action="append", type=verify_device,
         help="cpu, cuda or cuda:N (repeatable; default: all present)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_argument, default=0)
     p.add_argument(
         "--json",
         metavar="FILE",

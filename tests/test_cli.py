@@ -384,3 +384,35 @@ def test_verify_checks_a_name_given_twice_once(capsys):
                           "--dtype", "fp32", "--backend", "reference")
     rows = [line for line in out.splitlines() if line.startswith("fwd ")]
     assert status == 0 and len(rows) == len(set(rows)) and rows, out
+
+
+def test_verify_counts_one_check_in_the_singular(capsys):
+    status, out = _verify(capsys, "--op", "fwd", "--act", "relu")
+    assert status == 0 and "\n1 check, 0 FAIL" in out, out
+
+
+@pytest.mark.parametrize("seed", [verify.SEEDS.start, verify.SEEDS.stop - 1])
+def test_verify_runs_at_either_end_of_the_seed_range(capsys, seed):
+    status, out = _verify(capsys, "--op", "fwd", "--act", "relu", "--seed", str(seed))
+    assert status == 0, out
+
+
+@pytest.mark.parametrize(
+    "seed", ["99999999999999999999", str(verify.SEEDS.stop), str(verify.SEEDS.start - 1)]
+)
+def test_verify_refuses_a_seed_out_of_range_before_any_work(monkeypatch, capsys, seed):
+    _refuse_work(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["verify", "--quick", "--seed", seed])
+    assert exit_info.value.code == 2
+    assert f"argument --seed: must be between {verify.SEEDS.start} and" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, where mkdir fails")
+def test_sweep_refuses_an_out_directory_it_cannot_create_before_any_work(monkeypatch, capsys):
+    # /proc/nope passes every check short of creating it; the sweep must not time first.
+    _refuse_work(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--sweep", "--sweep-max", "2^14", "--out", "/proc/nope"])
+    assert exit_info.value.code == 2
+    assert "--out '/proc/nope': cannot create the directory" in capsys.readouterr().err

@@ -188,6 +188,28 @@ def test_compile_of_stats_has_no_graph_break():
     assert torch.equal(count, count_eager)
 
 
+@pytest.mark.parametrize("parameter", ["threshold", "center"])
+def test_compile_takes_a_float_that_changes_between_calls(parameter):
+    """From the second value on, torch.compile traces a float argument as a symbolic number;
+    the values are still checked, by guards that retrace on a value eager would refuse."""
+
+    def remap(x, value):
+        if parameter == "threshold":
+            return lipkern.remap_act(x, value, "gelu")
+        return lipkern.remap_act(x, 0.1, "gelu", center=value)
+
+    x = torch.randn(64, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(remap, fullgraph=True, backend="aot_eager")
+    for value in (0.05, 0.1, 0.3):
+        assert same_bits(compiled(x, value), remap(x, value)).all()
+    bad, message = (-0.1, "threshold must be >= 0") if parameter == "threshold" else (
+        float("inf"), "center must be finite"
+    )
+    with pytest.raises(ValueError, match=message):
+        torch.compile(remap, backend="aot_eager")(x, bad)
+
+
 def test_export_keeps_the_op():
     class Block(torch.nn.Module):
         def __init__(self):

@@ -151,3 +151,24 @@ def test_largest_float32_values_are_kept():
         lipkern.remap_act(x, 0.1, act="relu", center=big),
         lipkern.remap_act(x, 0.1, act="relu", center=torch.tensor(big)),
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+@pytest.mark.parametrize("parameter", ["threshold", "center"])
+def test_inplace_with_a_threshold_or_centre_inside_x(backend, act, parameter):
+    # The kernels read the parameters while they write x: a row of x as the threshold or centre
+    # must act as the row's values before the call, not as they are being remapped.
+    x = torch.randn(2000, 64)
+    x[3] = x[3].abs()  # a valid threshold row: >= 0
+    before = x.clone()
+    if parameter == "threshold":
+        args, kwargs = (x[3],), {}
+        want = lipkern.remap_act(before, before[3].clone(), act=act, backend=backend)
+    else:
+        args, kwargs = (0.05,), {"center": x[3]}
+        want = lipkern.remap_act(
+            before, 0.05, act=act, center=before[3].clone(), backend=backend
+        )
+    lipkern.remap_act_(x, *args, act=act, backend=backend, **kwargs)
+    assert torch.equal(x, want)

@@ -235,14 +235,16 @@ def _normalise_parameter(
             number = float(value)
         except OverflowError:  # an int beyond float64
             number = math.inf if value > 0 else -math.inf
-        if math.isnan(number):
+        # Comparisons only, no math.isnan and the like: torch.compile turns a float that changes
+        # between calls into a symbolic one, which comparisons trace (as guards) and math cannot.
+        if number != number:
             raise ValueError(f"{name} must not be NaN")
         # Parameters are float32: beyond its range a number is +-inf, as a float64 tensor is.
         if abs(number) >= _FLOAT32_OVERFLOW:
-            number = math.copysign(math.inf, number)
+            number = math.inf if number > 0 else -math.inf
         if is_threshold and number < 0:
             raise ValueError(f"threshold must be >= 0, got {value}")
-        if not is_threshold and math.isinf(number):
+        if not is_threshold and abs(number) == math.inf:
             raise ValueError(f"center must be finite in float32, got {value}")
         return torch.full((), number, dtype=torch.float32, device=x.device)
     if not isinstance(value, torch.Tensor):
@@ -368,8 +370,21 @@ def remap_act_(
             "remap_act_ is for inference and overwrites x, which requires grad; "
             "use lipkern.remap_act or run under torch.no_grad()"
         )
+    threshold = _apart_from(threshold, x)
+    center = _apart_from(center, x)
     chosen.remap_act_(x, threshold, center, act, channel_dim)
     return x
+
+
+def _apart_from(value: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``value``, or a copy of it where it may lie in ``x``'s memory (``remap_act_(x, x[0])``):
+    the kernels read the thresholds and centres while they overwrite x, so they would read
+    values already remapped, and :func:`_normalise_parameter` passes an fp32 contiguous view of x
+    through as it is. The copy is of C floats at most. Under torch.compile the aliasing cannot be
+    asked, so the copy is always made."""
+    if value is not None and (torch.compiler.is_compiling() or torch._C._is_alias_of(value, x)):
+        return value.clone()
+    return value
 
 
 def remap_act_traceable(x, threshold, center, act: str, channel_dim: int) -> torch.Tensor:

@@ -78,7 +78,10 @@ def _output_dir(text: str) -> str:
 
 def argument_error(args) -> Optional[str]:
     """Why the bench arguments do not make a run, or None: a sweep chooses its own shapes and
-    output, so the options of a single run would be silently ignored, and the other way round."""
+    output, so the options of a single run would be silently ignored, and the other way round.
+    A sweep's ``--out`` directory is created here, once the arguments are otherwise good: only
+    creating it tells whether the results could be written there (``/proc/x`` passes every check
+    short of that), and finding out after the timings would lose them."""
     if not args.sweep:
         given = [f"--{dest.replace('_', '-')}" for dest, default in SWEEP_DEFAULTS.items()
                  if getattr(args, dest) != default]
@@ -95,6 +98,10 @@ def argument_error(args) -> Optional[str]:
     ]
     if ignored:
         return f"--sweep times its own sizes of one dtype; it cannot take {', '.join(ignored)}"
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:
+        return f"--out {args.out!r}: cannot create the directory ({error.strerror or error})"
     return None
 
 
@@ -103,7 +110,8 @@ def sizes(args) -> list[int]:
 
 
 def run(args) -> dict:
-    """Time every panel at every size, print a table, write sweep.json and sweep.png."""
+    """Time every panel at every size, print a table, write sweep.json and sweep.png into
+    ``args.out``, which :func:`argument_error` created."""
     torch.set_num_threads(args.threads)
     bench.steady_allocator()
     dtype_name = (args.dtype or ["fp32"])[0]
@@ -138,7 +146,6 @@ def run(args) -> dict:
         "panels": {panel: [n for n in names if n in wanted] for panel, names in PANELS.items()},
         "points": points,
     }
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
