@@ -195,6 +195,12 @@ def check_eps(eps) -> None:
     _check_number("eps", eps, 0, 1, low_open=True)
 
 
+def described(error: BaseException) -> str:
+    """An exception's type and the first line of its message, which may be empty."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines and lines[0] else type(error).__name__
+
+
 def _check_data(model, calib: Split, test: Split, num_classes, device) -> int:
     for what, s in (("calib_data", calib), ("test_data", test)):
         if len(s) == 0:
@@ -220,9 +226,8 @@ def _check_data(model, calib: Split, test: Split, num_classes, device) -> int:
         with torch.no_grad():
             logits = model.eval()(probe.to(device))
     except Exception as e:  # noqa: BLE001 -- the model's own code may fail in any way
-        lines = str(e).splitlines()
         raise EvalInputError(f"the model cannot run on the data's samples (shape {tuple(test.x.shape[1:])}, "
-                             f"dtype {test.x.dtype}): {type(e).__name__}: {lines[0] if lines else ''}") from None
+                             f"dtype {test.x.dtype}): {described(e)}") from None
     if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) == len(probe)):
         got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise EvalInputError(f"the model must return logits of shape (N, classes), got {got} for N = {len(probe)}")

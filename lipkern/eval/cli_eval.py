@@ -27,7 +27,7 @@ import torch
 
 from lipkern.cli import positive
 
-from .api import EvalInputError, ratio_label
+from .api import EvalInputError, described, ratio_label
 
 DEFAULT_OUT = "lipkern-eval-out"
 
@@ -178,12 +178,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _described(error: BaseException) -> str:
-    """An exception's type and the first line of its message, which may be empty."""
-    lines = str(error).splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines and lines[0] else type(error).__name__
-
-
 def _load_callable_model(spec: str) -> torch.nn.Module:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -197,7 +191,7 @@ def _load_callable_model(spec: str) -> torch.nn.Module:
     except ImportError as e:
         raise EvalInputError(f"--model: cannot import {module_name!r}: {e}") from None
     except Exception as e:  # noqa: BLE001
-        raise EvalInputError(f"--model: importing {module_name!r} raised {_described(e)}") from None
+        raise EvalInputError(f"--model: importing {module_name!r} raised {described(e)}") from None
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
@@ -206,7 +200,7 @@ def _load_callable_model(spec: str) -> torch.nn.Module:
     try:
         model = fn() if callable(fn) and not isinstance(fn, torch.nn.Module) else fn
     except Exception as e:  # noqa: BLE001
-        raise EvalInputError(f"--model {spec}: calling it raised {_described(e)}") from None
+        raise EvalInputError(f"--model {spec}: calling it raised {described(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise EvalInputError(f"--model: {spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -224,7 +218,7 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
             raise EvalInputError(f"--checkpoint {p}: holds pickled Python objects (a whole model?), which are "
                                  "not loaded; save model.state_dict() instead") from None
         raise EvalInputError(f"--checkpoint {p}: not a state dict that torch.load(weights_only=True) reads "
-                             f"({_described(e)})") from None
+                             f"({described(e)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
