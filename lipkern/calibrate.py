@@ -545,16 +545,35 @@ def _calibrate(
             "the data, so nothing would be calibrated: the model's forward does not run them (a "
             "fused path that bypasses its submodules?)"
         )
-    unused, mixed = [], []
+    unused, empty, mixed = [], [], []
     for name, module in modules:
-        if not module.reached:
+        if module.has_stats and int(module.count.sum()) == 0:
+            # Called with empty inputs only (an expert no token was routed to): no value to
+            # take a threshold from, so it is left as an unreached layer is.
+            empty.append(name)
+            module.stats = None
+            module.hist = torch.zeros(0, dtype=torch.int64, device=module.threshold.device)
+        elif not module.reached:
             unused.append(name)
-            module.threshold = torch.zeros(0, dtype=torch.float32, device=module.threshold.device)
-            module.mode = "apply"
+        else:
+            module.finish_calibration(c_r)
+            if 0 < module.sites_fed < module.sites_seen:
+                mixed.append(name)
             continue
-        module.finish_calibration(c_r)
-        if 0 < module.sites_fed < module.sites_seen:
-            mixed.append(name)
+        module.threshold = torch.zeros(0, dtype=torch.float32, device=module.threshold.device)
+        module.mode = "apply"
+    if len(unused) + len(empty) == len(modules):
+        raise RuntimeError(
+            "lipkern.calibrate: no converted layer saw a value, so nothing would be calibrated: "
+            f"these were called with empty inputs (numel 0) only: {empty}"
+        )
+    if empty:
+        warnings.warn(
+            "lipkern.calibrate: layers called on the data with empty inputs (numel 0) only, "
+            f"which hold no value to take a threshold from, stay uncalibrated: {empty}; called "
+            "later with values they raise rather than run unremapped: calibrate on data that "
+            "gives them values, or set their mode to 'off'"
+        )
     if unused:
         warnings.warn(
             f"lipkern.calibrate: layers never called on the data stay uncalibrated: {unused}; "

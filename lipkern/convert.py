@@ -84,7 +84,7 @@ from typing import Iterable, Optional
 from torch import nn
 
 from lipkern.ops.activations import ACTIVATIONS
-from lipkern.ops.api import check_backend
+from lipkern.ops.api import check_backend, index_channel_dim
 from lipkern.nn import (
     COMPILE_FORMS,
     InputRemap,
@@ -278,6 +278,8 @@ def check_acts(acts) -> tuple[str, ...]:
 
 
 def _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form, backend):
+    """``(acts, inputs_of, channel_dim)`` in the forms :func:`convert` uses, or the error for
+    the first bad argument."""
     check_backend(backend)
     if compile_form not in COMPILE_FORMS:
         raise ValueError(f"compile_form must be one of {COMPILE_FORMS}, got {compile_form!r}")
@@ -290,11 +292,12 @@ def _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form, backe
         inputs_of = tuple(inputs_of)
     except TypeError:
         raise TypeError(f"inputs_of must be a glob pattern or patterns, got {type(inputs_of).__name__}") from None
-    if channel_dim is not None and (
-        isinstance(channel_dim, bool) or not isinstance(channel_dim, int)
-    ):
-        raise TypeError(f"channel_dim must be None or an int, got {type(channel_dim).__name__}")
-    return acts, inputs_of
+    if channel_dim is not None:
+        try:
+            channel_dim = index_channel_dim(channel_dim)
+        except TypeError as error:
+            raise TypeError(f"{error} (or None, which infers it)") from None
+    return acts, inputs_of, channel_dim
 
 
 def check_convert_arguments(**kwargs) -> None:
@@ -339,7 +342,9 @@ def convert(
     """Replace activations by RemapAct and add input remaps; returns ``model`` (see module doc)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    acts, inputs_of = _checked_arguments(acts, inputs_of, channel_dim, preset, compile_form, backend)
+    acts, inputs_of, channel_dim = _checked_arguments(
+        acts, inputs_of, channel_dim, preset, compile_form, backend
+    )
 
     unsupported: dict[int, tuple[str, str]] = {}  # id -> (class name, first qualified name)
 

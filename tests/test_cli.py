@@ -16,6 +16,7 @@ import lipkern
 from lipkern import cli, testing
 from lipkern.tools import bench, sweep, verify
 from lipkern.ops import api
+from lipkern.ulp import NAN_MISMATCH
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,6 +110,43 @@ def test_exceptions_become_fail_rows(capsys):
     (row,) = report.rows
     assert row.verdict == "FAIL" and "kernel exploded" in row.describe()
     assert "kernel exploded" in verify.format_table(report)
+
+
+def test_nan_vs_num_is_explained_in_the_table_and_the_json(capsys):
+    """GELU-tanh's backward: PyTorch's formula gives NaN once x * x overflows float32, where the
+    C++ kernels give the derivative's value; the row passes, and the legend says when and why."""
+    arguments = ["verify", "--quick", "--backend", "cpu", "--dtype", "fp32", "--act", "gelu_tanh",
+                 "--op", "bwd"]
+    assert cli.main(arguments) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (row,) = [line.split() for line in lines if line.startswith("bwd")]
+    assert row[4] == "NaN-vs-num" and row[8] == "PASS"
+    (meaning,) = [line for line in lines if line.startswith("NaN-vs-num: ")]
+    assert "overflows float32" in meaning and "within 2 ulps of the float64 value" in meaning
+    assert cli.main([*arguments, "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"][0]["max_ulp"] == NAN_MISMATCH
+    assert report["legend"]["NaN-vs-num"] == meaning.removeprefix("NaN-vs-num: ")
+    assert f"max_ulp {NAN_MISMATCH} in the JSON" in meaning
+
+
+class _NumberWhereTheReferenceIsNaN(verify.BackendUnderTest):
+    """The reference's backward, with 0.5 where it is NaN for a finite input (where the
+    derivative is 1 or 0): within the absolute bound the test suite grants there, but wrong."""
+
+    def backward(self, case, act, straight_through):
+        dx = super().backward(case, act, straight_through)
+        return torch.where(dx.isnan() & case.x.isfinite(), 0.5, dx)
+
+
+def test_a_wrong_number_where_the_reference_is_nan_fails():
+    report = verify.run_verify(
+        backends=[_NumberWhereTheReferenceIsNaN("reference")], acts=["gelu_tanh"],
+        dtypes=["fp32"], ops=["bwd"], devices=["cpu"], quick=True,
+    )
+    (row,) = report.rows
+    assert row.max_ulp == NAN_MISMATCH and row.verdict == "FAIL"
+    assert "numbers where the reference is NaN more than 2 ulps from the float64 value" in row.describe()
 
 
 def test_cases_hold_special_values_and_exact_ties():

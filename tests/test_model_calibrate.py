@@ -327,6 +327,30 @@ def test_unused_layer_warns_and_stays_uncalibrated():
     assert set(measure_remapped(model, [torch.randn(3, 2)])) == {"used.1"}
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_a_layer_called_with_empty_inputs_only_says_so(granularity):
+    """An expert no token was routed to: called, but never with a value. It is no "never called"
+    layer, and no error either: it stays uncalibrated as an unreached layer does."""
+    model = _converted(nn.ModuleDict({"used": nn.Sequential(nn.Linear(2, 2), nn.ReLU()),
+                                      "idle": nn.Sequential(nn.Linear(2, 2), nn.ReLU())}))
+    model.forward = lambda x: model["used"](x) + model["idle"](x[:0]).sum()
+    with pytest.warns(UserWarning, match=r"called on the data with empty inputs \(numel 0\) only.*\['idle.1'\]") as caught:
+        _calibrate(model, [torch.randn(3, 2)], granularity=granularity)
+    assert not any("never called" in str(w.message) for w in caught)
+    assert model["used"][1].calibrated and not model["idle"][1].calibrated
+    assert [layer.name for layer in set_ratio(model, 2**-3).layers] == ["used.1"]
+    model.forward = lambda x: model["idle"](x[:0])
+    with pytest.raises(RuntimeError, match=r"no converted layer saw a value.*empty inputs \(numel 0\) only: \['idle.1'\]"):
+        _calibrate(model, [torch.randn(3, 2)], granularity=granularity)
+    assert model["used"][1].calibrated  # the failed scan changed nothing
+    # A layer scanned by hand, outside calibrate, says the same when asked for thresholds.
+    layer = model["idle"][1]
+    layer.begin_calibration(granularity)
+    layer(torch.randn(0, 2))
+    with pytest.raises(RuntimeError, match=r"^idle.1: no calibration statistics \(called with empty inputs, numel 0, only\)"):
+        layer.set_ratio(2**-3)
+
+
 class PartlyFed(nn.Module):
     """``fc`` reads a converted ReLU's output at one call and a plain tensor at the other."""
 

@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -178,6 +179,21 @@ def test_channel_dim_override_and_inference():
     model = convert(ConvNet(), channel_dim=-1)
     assert model.relu.channel_dim == -1
     assert convert(ConvNet()).relu.channel_dim == 1
+
+
+def test_channel_dim_may_be_a_numpy_integer_and_is_kept_as_an_int():
+    """An axis computed with numpy (np.int64) is an integer; the layer keeps a Python int, which
+    its config (stored as JSON in the state dict) can hold."""
+    model = convert(ConvNet(), channel_dim=np.int64(-1))
+    assert type(model.relu.channel_dim) is int and model.relu.channel_dim == -1
+    layer = RemapAct("relu", channel_dim=np.int32(1))
+    assert type(layer.channel_dim) is int and layer.channel_dim == 1
+    assert layer.get_extra_state().numel() > 0
+    for bad in (True, np.float32(1), 1.0):
+        with pytest.raises(TypeError, match="channel_dim must be an integer"):
+            RemapAct("relu", channel_dim=bad)
+        with pytest.raises(TypeError, match=r"channel_dim must be an integer .*\(or None, which infers it\)"):
+            convert(ConvNet(), channel_dim=bad)
 
 
 def test_describe_lists_layers():

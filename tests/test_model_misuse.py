@@ -3,6 +3,7 @@ threads, in-place conversion and bad ratios."""
 
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -312,6 +313,20 @@ def test_an_unsupported_dtype_names_the_layer():
         model(torch.randn(2, 6, dtype=torch.float64))
     with pytest.raises(TypeError, match=r"^1 \(RemapAct\): lipkern: x must be float16"):
         lipkern.calibrate(model, [torch.randn(2, 6, dtype=torch.float64)], progress=False)
+
+
+@pytest.mark.parametrize("mode", ["apply", "calibrate"])
+def test_an_input_without_strides_names_the_layer_and_the_layout(mode):
+    layer = _calibrated()[3]
+    if mode == "calibrate":
+        layer.begin_calibration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch warns that nested tensors are a prototype
+        nested = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)])
+    for x, got in ((torch.randn(5, 8).to_sparse(), "layout torch.sparse_coo"),
+                   (nested, "a nested tensor")):
+        with pytest.raises(TypeError, match=rf"^3 \(RemapAct\): x must be a dense \(strided\) tensor, got {got}"):
+            layer(x)
 
 
 def test_model_layer_functions_name_a_model_that_is_not_one():

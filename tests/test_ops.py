@@ -303,6 +303,26 @@ def test_shapes(backend, act, shape, channel_dim):
     check(compare_stats(stats, x, t, c, act, d), "statistics")
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("act", ACTS)
+def test_more_dimensions_than_onednn_takes(backend, act):
+    """Rank 13: PyTorch's CPU erf-GELU hands contiguous tensors to oneDNN, which takes 12."""
+    x = make_x((2,) * 12 + (3,), torch.float32)
+    flat, grad_y = x.view(-1, 3), torch.randn(x.shape)
+    threshold = torch.rand(3) * 0.6
+    leaf = x.clone().requires_grad_(True)
+    y = lipkern.remap_act(leaf, threshold, act, None, -1, backend=backend)
+    (dx,) = torch.autograd.grad(y, leaf, grad_y)
+    _, stats = lipkern.remap_act_stats(x, threshold, act, None, -1, backend=backend)
+    t, c, d = normalise_arguments(flat, threshold, act, None, -1)
+    check(compare_forward(y.view(-1, 3), flat, t, c, act, d), "forward")
+    check(compare_backward(dx.view(-1, 3), grad_y.view(-1, 3), flat, t, c, act, d, False), "backward")
+    check(compare_stats(stats, flat, t, c, act, d), "statistics")
+    written = reference.remap_act_backward_reference(grad_y, x, t, c, act, x.dim() - 1, False)
+    assert same_bits(written.view(-1, 3), reference.remap_act_backward_reference(
+        grad_y.view(-1, 3), flat, t, c, act, d, False)).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_scan_of_ten_million_counts_exactly(backend):
     """10^7 bf16 elements: counts exact and sums right (a bf16 accumulator stalls at 256)."""

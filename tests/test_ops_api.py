@@ -1,5 +1,8 @@
 """The public op API: argument errors, torch.library integration, compile, export, properties."""
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +17,10 @@ from conftest import kernel_backends
 
 BACKENDS = kernel_backends()
 X = torch.randn(4, 6)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # PyTorch warns that these layouts are beta / prototype
+    CSR = X.to_sparse_csr()
+    NESTED = torch.nested.nested_tensor([torch.randn(2, 6), torch.randn(3, 6)], layout=torch.jagged)
 
 
 @pytest.mark.parametrize(
@@ -24,6 +31,10 @@ X = torch.randn(4, 6)
         (dict(x=torch.zeros(3, dtype=torch.float64)), TypeError, "got dtype torch.float64"),
         (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
         (dict(x=torch.tensor(1.0)), ValueError, "x must have at least one dimension"),
+        (dict(x=X.to_sparse()), TypeError, r"x must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
+        (dict(x=CSR), TypeError, r"x must be a dense \(strided\) tensor, got layout torch.sparse_csr"),
+        (dict(x=X.to_mkldnn()), TypeError, r"x must be a dense \(strided\) tensor, got layout torch._mkldnn"),
+        (dict(x=NESTED), TypeError, r"x must be a dense \(strided\) tensor, got a nested tensor"),
         (dict(threshold=-0.1), ValueError, "threshold must be >= 0"),
         (dict(threshold=float("nan")), ValueError, "threshold must not be NaN"),
         (dict(threshold=torch.tensor([0.1, -1, 0, 0, 0, 0])), ValueError, "threshold must be >= 0"),
@@ -35,9 +46,16 @@ X = torch.randn(4, 6)
         (dict(center=torch.zeros(2, 3)), ValueError, r"center must have shape \(\) or \(6,\)"),
         (dict(center=float("inf")), ValueError, "center must be finite"),
         (dict(center=torch.tensor(float("nan"))), ValueError, "center must not contain NaN"),
+        (dict(threshold=torch.full((6,), 0.1, requires_grad=True)), ValueError,
+         r"threshold requires grad, but the remap is not differentiable .*pass threshold\.detach\(\)"),
+        (dict(center=torch.zeros((), requires_grad=True)), ValueError,
+         r"center requires grad, but the remap is not differentiable .*pass center\.detach\(\)"),
         (dict(channel_dim=2), ValueError, "channel_dim=2 is out of range"),
         (dict(channel_dim=-3), ValueError, "channel_dim=-3 is out of range"),
         (dict(channel_dim=1.0), TypeError, "channel_dim must be an int"),
+        (dict(channel_dim=np.float64(1)), TypeError, r"channel_dim must be an integer \(an int or a numpy integer\), got float64"),
+        (dict(channel_dim=True), TypeError, "channel_dim must be an integer .*got bool"),
+        (dict(channel_dim=np.bool_(True)), TypeError, "channel_dim must be an integer .*got bool"),
         (dict(act="tanh"), ValueError, "act must be one of"),
         (dict(backend="cuda"), ValueError, "backend must be one of"),
     ],
@@ -49,6 +67,18 @@ def test_bad_input_raises_a_clear_error(function, kwargs, error, match):
     arguments.update(kwargs)
     with pytest.raises(error, match=match):
         getattr(lipkern, function)(**arguments)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("channel_dim", [np.int64(1), np.int32(-2), torch.tensor(1)], ids=repr)
+def test_channel_dim_may_be_any_integer(backend, channel_dim):
+    x, t = torch.randn(2, 6, 3), torch.rand(6)
+    want, want_stats = lipkern.remap_act_stats(x, t, "gelu", channel_dim=1, backend=backend)
+    y = lipkern.remap_act(x, t, "gelu", channel_dim=channel_dim, backend=backend)
+    y_stats, stats = lipkern.remap_act_stats(x, t, "gelu", channel_dim=channel_dim, backend=backend)
+    y_inplace = lipkern.remap_act_(x.clone(), t, "gelu", channel_dim=channel_dim, backend=backend)
+    assert all(same_bits(out, want).all() for out in (y, y_stats, y_inplace))
+    assert all(torch.equal(a, b) for a, b in zip(stats.as_tuple(), want_stats.as_tuple()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -315,8 +345,6 @@ def test_forward_mode_through_a_calibrated_model():
 def test_numbers_of_every_kind_are_thresholds_and_straight_through_is_a_bool():
     """numpy's scalars are numbers (np.float32 is no Python float); straight_through="no"
     would have meant True."""
-    import numpy as np
-
     x = torch.randn(4, 6)
     want = lipkern.remap_act(x, 0.25, "gelu")
     for threshold in (np.float32(0.25), np.float64(0.25), np.float16(0.25)):

@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import math
 import numbers
+import operator
 from typing import Optional, Protocol
 
 import torch
@@ -200,18 +201,54 @@ def _runs_cpu_kernels(backend, x: torch.Tensor) -> bool:
     )
 
 
+def _layout_error(x: torch.Tensor) -> Optional[TypeError]:
+    """The error for an ``x`` without strides (sparse, nested, mkldnn), else None: the kernels
+    and the reference index x by its strides, and PyTorch's own errors for such a tensor name
+    neither x nor what was expected."""
+    if x.is_nested:
+        return TypeError("x must be a dense (strided) tensor, got a nested tensor")
+    if x.layout != torch.strided:
+        return TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
+    return None
+
+
+def _refuse_layout(x: torch.Tensor) -> None:
+    """Raise :func:`_layout_error`'s error, if x has one, in place of the error being handled
+    (the kernels' dispatch failing on such an x, in PyTorch's words)."""
+    error = _layout_error(x)
+    if error is not None:
+        raise error from None
+
+
 def _check_x(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _refuse_layout(x)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got dtype {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the channel axis), got a 0-d tensor")
 
 
+def index_channel_dim(channel_dim) -> int:
+    """``channel_dim`` as a Python int. Any integer is taken (``operator.index``: an int, a numpy
+    integer, an integer tensor of one element), not a bool, which would read as axis 0 or 1."""
+    is_bool = isinstance(channel_dim, bool) or (
+        isinstance(channel_dim, torch.Tensor) and channel_dim.dtype == torch.bool
+    )
+    if not is_bool:
+        try:
+            return operator.index(channel_dim)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"channel_dim must be an integer (an int or a numpy integer), got "
+        f"{type(channel_dim).__name__}"
+    )
+
+
 def _normalise_channel_dim(channel_dim, x: torch.Tensor) -> int:
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    channel_dim = index_channel_dim(channel_dim)
     if not -x.dim() <= channel_dim < x.dim():
         raise ValueError(
             f"channel_dim={channel_dim} is out of range for x with {x.dim()} dimensions "
@@ -261,9 +298,13 @@ def _normalise_parameter(
         )
     if value.device != x.device:
         raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
-    # Attribute checks first: each of these calls costs a dispatch even when it returns value.
     if value.requires_grad:
-        value = value.detach()
+        # Detaching it would make its gradient vanish without a word.
+        raise ValueError(
+            f"{name} requires grad, but the remap is not differentiable with respect to its "
+            f"{name} (only x gets a gradient); pass {name}.detach()"
+        )
+    # Attribute checks first: each of these calls costs a dispatch even when it returns value.
     if value.dtype != torch.float32:
         value = value.to(torch.float32)
     if not value.is_contiguous():
@@ -314,12 +355,17 @@ def remap_act(
     """Fused ``act`` + threshold remap: ``a = act(x)``; ``y = c if |a - c| < t else a``.
 
     Args:
-        x: float16, bfloat16 or float32 tensor; any layout (channels_last without a copy).
-        threshold: ``t >= 0``, a float or a tensor of shape ``()`` or ``(C,)``.
+        x: float16, bfloat16 or float32 tensor; any strided layout (channels_last without a
+            copy); sparse and nested tensors are refused.
+        threshold: ``t >= 0``, a float or a tensor of shape ``()`` or ``(C,)``. The op is not
+            differentiable with respect to ``threshold`` or ``center``: a tensor that requires
+            grad is refused (ValueError) rather than silently given no gradient; pass
+            ``.detach()``.
         act: ``"identity"``, ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"silu"``.
         center: ``None`` (remap to 0, the paper's forged function) or a float / ``()`` / ``(C,)``
             tensor (the MeanSparse variant).
-        channel_dim: the channel axis of ``x`` (``-1`` for ``[..., C]``, ``1`` for NCHW).
+        channel_dim: the channel axis of ``x`` (``-1`` for ``[..., C]``, ``1`` for NCHW), any
+            integer (a numpy integer too), not a bool.
         backend: ``"auto"``, ``"cpu"``, ``"reference"`` or ``"triton"``.
         straight_through: backward ignores the mask (``dx = dy * act'(x)``): the BPDA gradient
             an adaptive attack uses. The forward value is unchanged.
@@ -435,12 +481,18 @@ def remap_act_prechecked(
         )
     dim = x.dim()
     if _runs_cpu_kernels(backend, x) and -dim <= channel_dim < dim:
-        if inplace:
-            torch.ops.lipkern.remap_act_.default(x, threshold, center, act, channel_dim % dim)
-            return x
-        return torch.ops.lipkern.remap_act.default(
-            x, threshold, center, act, channel_dim % dim, straight_through
-        )
+        # x's layout is asked only once the op has failed (the dispatcher's NotImplementedError,
+        # a RuntimeError, for a sparse x): a try block costs nothing until then.
+        try:
+            if inplace:
+                torch.ops.lipkern.remap_act_.default(x, threshold, center, act, channel_dim % dim)
+                return x
+            return torch.ops.lipkern.remap_act.default(
+                x, threshold, center, act, channel_dim % dim, straight_through
+            )
+        except RuntimeError:
+            _refuse_layout(x)
+            raise
     if inplace:
         return remap_act_(x, threshold, act, center, channel_dim, backend)
     return remap_act(x, threshold, act, center, channel_dim, backend, straight_through)
@@ -459,9 +511,13 @@ def remap_act_stats_prechecked(
     layer's buffers without building a ChannelStats)."""
     dim = x.dim()
     if _runs_cpu_kernels(backend, x) and -dim <= channel_dim < dim:
-        y, *fields = torch.ops.lipkern.remap_act_stats.default(
-            x, threshold, center, act, channel_dim % dim
-        )
+        try:
+            y, *fields = torch.ops.lipkern.remap_act_stats.default(
+                x, threshold, center, act, channel_dim % dim
+            )
+        except RuntimeError:
+            _refuse_layout(x)
+            raise
         return y, tuple(fields)
     y, stats = remap_act_stats(x, threshold, act, center, channel_dim, backend)
     return y, stats.as_tuple()

@@ -34,6 +34,23 @@ from lipkern.ops.activations import (
 )
 
 
+# The most dimensions a oneDNN memory descriptor takes (DNNL_MAX_NDIMS).
+_ONEDNN_MAX_DIMS = 12
+
+
+def _pointwise(fn, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+    """``fn(x, *more)`` for an element-wise ``fn`` of tensors shaped like ``x``, at any rank.
+
+    PyTorch's CPU erf-GELU and its backward hand a contiguous ``x`` (float32 / bfloat16) to
+    oneDNN, which fails beyond 12 dimensions ("dimensions are invalid"). Element-wise, the same
+    values come from flat views, and a contiguous ``x`` has one (the result viewed back is laid
+    out as ``x``). Any other ``x`` takes PyTorch's own kernels, at any rank.
+    """
+    if x.dim() <= _ONEDNN_MAX_DIMS or not x.is_contiguous():
+        return fn(x, *more)
+    return fn(x.view(-1), *(t.reshape(-1) for t in more)).view(x.shape)
+
+
 def activation_reference(x: torch.Tensor, act: str) -> torch.Tensor:
     """``act(x)`` on a float32 tensor, with PyTorch's own eager kernels.
 
@@ -50,7 +67,7 @@ def activation_reference(x: torch.Tensor, act: str) -> torch.Tensor:
     if act == "relu":
         return torch.where(x.isnan(), x.detach(), torch.relu(x))
     infinite = x.isinf()
-    a = lookup(act).torch_fn(torch.where(infinite, 0.0, x))
+    a = _pointwise(lookup(act).torch_fn, torch.where(infinite, 0.0, x))
     limit = torch.where(x > 0, x, -0.0)
     return torch.where(infinite, limit, a)
 
@@ -67,7 +84,7 @@ def activation_backward_reference(grad_a: torch.Tensor, x: torch.Tensor, act: st
         # A select, not a product: the gradient is +0 where x <= 0, as PyTorch's threshold_backward.
         return torch.where(x > 0, grad_a, 0.0)
     if act == "gelu":
-        grad_x = torch.ops.aten.gelu_backward(grad_a, x)
+        grad_x = _pointwise(lambda v, g: torch.ops.aten.gelu_backward(g, v), x, grad_a)
     elif act == "gelu_tanh":
         grad_x = torch.ops.aten.gelu_backward(grad_a, x, approximate="tanh")
     elif act == "silu":

@@ -113,8 +113,12 @@ def accumulate(current: Optional[tuple], fields: tuple, granularity: str, where:
 
 def statistic_value(stats: Optional[ChannelStats], hist: torch.Tensor, statistic: str, where: str):
     """The per-channel (or pooled) ``M`` of ``t = ratio * M``, float64."""
-    if stats is None or int(stats.count.sum()) == 0:
+    if stats is None:
         raise RuntimeError(f"{where}: no calibration statistics (never called)")
+    if int(stats.count.sum()) == 0:
+        raise RuntimeError(
+            f"{where}: no calibration statistics (called with empty inputs, numel 0, only)"
+        )
     kind, q = parse_statistic(statistic)
     if kind == "max":
         return stats.amax.double()
