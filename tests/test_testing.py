@@ -56,3 +56,18 @@ def test_backward_rejects_a_wrong_gradient():
     wrong = dx * 1.001
     assert not compare_backward(wrong, grad, x, t, None, "gelu", 1, False).ok
     assert (ulp_distance(wrong, dx) > 0).any()
+
+
+def test_backward_rejects_a_wrong_gradient_at_large_inputs():
+    # Where x is large the derivative is 0 or 1 up to tiny terms: the rule must not loosen with
+    # |x| there.
+    for act in ("gelu", "gelu_tanh", "silu"):
+        x = torch.tensor([[1e6, -1e6, 3e4, -3e4, 12.0, -12.0]])
+        grad, t = torch.ones_like(x), torch.zeros(())
+        dx = reference.remap_act_backward_reference(grad, x, t, None, act, 1, False)
+        assert compare_backward(dx, grad, x, t, None, act, 1, False).ok, act
+        for index in range(x.shape[1]):
+            wrong = dx.clone()
+            wrong[0, index] += 1e-4
+            result = compare_backward(wrong, grad, x, t, None, act, 1, False)
+            assert not result.ok, (act, float(x[0, index]))
