@@ -103,6 +103,15 @@ ACT_FAMILIES = tuple(act for act in ACTIVATIONS if act != "identity")
 PRESETS = ("paper",)
 # The attribute of a RemapAct made by convert that holds the module it replaced.
 _ORIGINAL = "_lipkern_original"
+
+
+class UnmatchedPatternWarning(UserWarning):
+    """An ``inputs_of`` pattern that named no module of the model; ``pattern`` holds it, for a
+    caller that turns the warning into its own refusal."""
+
+    def __init__(self, pattern: str):
+        super().__init__(f"lipkern.convert: inputs_of pattern {pattern!r} matched no module")
+        self.pattern = pattern
 # torch.nn modules that compute each lipkern act, for RemapActs that replaced nothing.
 _TORCH_EQUIVALENTS = {
     "identity": nn.Identity,
@@ -398,7 +407,7 @@ def convert(
     added = 0
     for pattern, hits in matched.items():
         if not hits and pattern in inputs_of:
-            warnings.warn(f"lipkern.convert: inputs_of pattern {pattern!r} matched no module")
+            warnings.warn(UnmatchedPatternWarning(pattern))
         for name, module in hits:
             if not has_input_remap(module):
                 add_input_remap(

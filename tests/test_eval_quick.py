@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from lipkern.eval import cli_eval
+from lipkern.eval.report import write_report
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_quick")
     # An earlier run's report: --overwrite holds it aside, and deletes it once this run is done.
-    (out / "report.md").write_text("earlier")
+    write_report({"models": []}, out)
     assert cli_eval.main(["--quick", "--no-progress", "--out", str(out), "--overwrite"]) == 0
     assert not [p for p in out.iterdir() if p.name.startswith(cli_eval.HELD_PREFIX)]
     return out, json.loads((out / "results.json").read_text())

@@ -373,6 +373,21 @@ def test_out_problems_fail_before_any_work(tmp_path, monkeypatch, capsys):
     assert "not writable" in capsys.readouterr().err
 
 
+def _report_file(path, text="earlier"):
+    """A file as write_report writes one of its name (its mark, then ``text``)."""
+    from lipkern.eval import report
+
+    if path.suffix == ".png":
+        fig, ax = report.plt.subplots()
+        ax.set_title(text)
+        report._finish(fig, ax, path, legend=dict(handles=[]))
+    elif path.name == "report.md":
+        path.write_text(f"{report.TITLE}\n\n{text}\n")
+    else:
+        path.write_text(json.dumps({"generator": report.GENERATOR, "models": [], "note": text}, indent=1))
+    return path.read_bytes()
+
+
 def _earlier_run(path):
     """A directory as an earlier run of preact_wrn leaves it: the store, the report, its figures."""
     path.mkdir()
@@ -380,7 +395,7 @@ def _earlier_run(path):
     store.bind_settings("preact_wrn", {"eps": 0.1})
     store.close()
     for name in ("report.md", "results.json", "robust_accuracy_preact_wrn.png", "sweep_preact_wrn.png"):
-        (path / name).write_text("earlier")
+        _report_file(path / name)
     return sorted(p.name for p in path.iterdir())
 
 
@@ -416,7 +431,8 @@ def test_overwrite_replaces_only_lipkern_files_once_the_arguments_are_checked(tm
     assert len(seen) == 1 and seen[0].startswith(cli_eval.HELD_PREFIX)
     assert "is as it was before the run" in capsys.readouterr().err
     assert sorted(p.name for p in used.iterdir()) == earlier
-    assert all((used / name).read_text() == "earlier" for name in earlier if name.endswith((".md", ".json")))
+    assert all((used / name).read_bytes() == _report_file(tmp_path / name) for name in earlier
+               if name.endswith((".md", ".json")))
 
 
 def _store_one_unit_then(error, chunk=0):
@@ -454,7 +470,7 @@ def test_a_run_that_stores_nothing_leaves_out_as_it_was(tmp_path, monkeypatch, c
             assert cli_eval.main(argv) == status
     assert sorted(p.name for p in used.iterdir()) == earlier
     _assert_the_earlier_store(used)
-    assert (used / "report.md").read_text() == "earlier"
+    assert (used / "report.md").read_bytes() == _report_file(tmp_path / "report.md")
     assert not (tmp_path / "a").exists()
     capsys.readouterr()
 
@@ -510,7 +526,7 @@ def test_a_resumed_run_that_stores_nothing_keeps_the_held_files(tmp_path, monkey
     _earlier_run(used)
     held = used / (cli_eval.HELD_PREFIX + "killed")
     held.mkdir()
-    (held / "report.md").write_text("older")
+    older = _report_file(held / "report.md", "older")
     before = sorted(p.name for p in used.iterdir())
 
     def refused(*args, **kwargs):
@@ -520,7 +536,7 @@ def test_a_resumed_run_that_stores_nothing_keeps_the_held_files(tmp_path, monkey
     assert cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--resume"]) == status
     capsys.readouterr()
     assert sorted(p.name for p in used.iterdir()) == before
-    assert (held / "report.md").read_text() == "older"
+    assert (held / "report.md").read_bytes() == older
 
 
 def test_a_run_that_stored_work_replaces_the_earlier_one(tmp_path, monkeypatch, capsys):
@@ -536,7 +552,7 @@ def test_a_run_that_stored_work_replaces_the_earlier_one(tmp_path, monkeypatch, 
     # A run killed while the earlier files were held aside leaves them; the next --overwrite replaces them too.
     held = used / (cli_eval.HELD_PREFIX + "killed")
     held.mkdir()
-    (held / "report.md").write_text("older")
+    _report_file(held / "report.md", "older")
     monkeypatch.setattr(api, "evaluate", _store_one_unit_then(RuntimeError("model broke")))
     with pytest.raises(RuntimeError, match="model broke"):
         cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--out", str(used), "--overwrite"])
@@ -584,14 +600,26 @@ def test_resume_needs_the_same_run(tmp_path, monkeypatch, capsys):
 
 
 def test_the_report_replaces_only_its_own_figures(tmp_path):
+    """write_report's files are told by the mark they carry: a figure of an earlier report goes, a file of the
+    user's stays, the name of a figure of lipkern's notwithstanding."""
     from lipkern.eval.report import is_report_file, write_report
 
-    assert is_report_file("robust_accuracy_m.png") and is_report_file("report.md.tmp")
-    assert not is_report_file("diagram.png") and not is_report_file("report.txt")
+    _report_file(tmp_path / "sweep_dropped.png")
+    (tmp_path / "sweep_mine.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"a figure of the user's")
     (tmp_path / "diagram.png").write_bytes(b"mine")
-    (tmp_path / "sweep_dropped.png").write_bytes(b"an earlier report's")
     write_report({"models": []}, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagram.png", "report.md", "results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagram.png", "report.md", "results.json",
+                                                          "sweep_mine.png"]
+    assert is_report_file(tmp_path / "report.md") and is_report_file(tmp_path / "results.json")
+    assert json.loads((tmp_path / "results.json").read_text())["generator"] == "lipkern eval"
+    # A temporary cut short by a killed write is the report's; a file of the user's by any of its names is not.
+    (tmp_path / "report.md.tmp").write_bytes((tmp_path / "report.md").read_bytes()[:5])
+    (tmp_path / "notes").mkdir()
+    for name in ("report.md", "results.json", "robust_accuracy_m.png", "report.md.tmp"):
+        (tmp_path / "notes" / name).write_text("# my notes\n")
+    assert is_report_file(tmp_path / "report.md.tmp")
+    assert not any(is_report_file(p) for p in (tmp_path / "notes").iterdir())
+    assert not is_report_file(tmp_path / "diagram.png") and not is_report_file(tmp_path / "notes")
 
 
 def test_bad_data_files_are_clear_errors(tmp_path, capsys):
@@ -701,8 +729,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(one_process_run, tmp_pa
     assert refused.returncode == 2 and "--resume" in refused.stderr
     changed = subprocess.run(_cli(out, "--resume", "--seed", "1", "--eps", "16/255"), env=ENV, capture_output=True,
                              text=True, timeout=120)
-    assert changed.returncode == 2 and ("other settings (eps: recorded 32/255, now 16/255; seed: recorded 0, now 1; "
-                                        "the test samples drawn (n_test, seed) differ)") in changed.stderr
+    assert changed.returncode == 2 and ("other settings (--eps (from Python, eps): recorded 32/255, now 16/255; "
+                                        "--seed (from Python, seed): recorded 0, now 1; the test samples drawn "
+                                        "(--n-test, --seed; from Python, n_test, seed) differ)") in changed.stderr
     resumed = subprocess.run(_cli(out, "--resume"), env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     already = int(re.search(r"(\d+) already done", resumed.stderr).group(1))
@@ -710,3 +739,74 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(one_process_run, tmp_pa
     assert "estimated time left" in resumed.stderr
     assert _per_sample(out)[0] == _per_sample(one_process_run)[0]
     assert (out / "report.md").read_text() == (one_process_run / "report.md").read_text()
+
+
+def test_a_refused_resume_names_what_the_caller_set(tmp_path, monkeypatch):
+    """Each differing setting is named by the flag (and the Python argument) that set it, not by the key it is
+    stored under, with the values; a budget by its name, whose entries differ because it does."""
+    model, calib, test = _tiny_model(), _tiny_data(), _tiny_data(seed=1)
+    run = dict(eps=8 / 255, ratios=(2 ** -6,), budget=MICRO, progress=False, device=torch.device("cpu"),
+               chunk_size=4, out_dir=tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "_run_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, calib, test, **run)  # the settings are recorded before the first chunk
+    with pytest.raises(SettingsMismatchError) as refused:
+        evaluate(model, calib, test, **{**run, "budget": None, "quick": True, "chunk_size": 2,
+                                        "ratios": (2 ** -6, 2 ** -4)}, convert_kwargs={"acts": ("gelu",)})
+    said = str(refused.value)
+    for part in ("the budget (--quick; from Python, quick or budget): recorded 'micro', now 'quick'",
+                 "--chunk-size (from Python, chunk_size): recorded 4, now 2",
+                 "--acts (from Python, convert_kwargs['acts']): recorded None, now ['gelu']",
+                 "--ratios (from Python, ratios): recorded 2^-6, now 2^-6,2^-4"):
+        assert part in said, said
+    assert "budget." not in said and "chunk_size:" not in said and "pgd_steps" not in said
+
+
+def test_overwrite_tells_lipkern_files_by_what_they_hold(tmp_path, monkeypatch, capsys):
+    """Files of the user's with the names lipkern gives its outputs are refused, and stay as they were; what a
+    killed run leaves (a temporary cut short, the store's journal, the write test, a held directory) is
+    lipkern's and goes."""
+    from lipkern.eval.store import is_store_file
+
+    _fail_if_evaluated(monkeypatch)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "report.md").write_text("# my report\n")
+    (theirs / "results.json").write_text('{"models": []}')
+    (theirs / "sweep_mine.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"a figure of the user's")
+    db = sqlite3.connect(theirs / "outcomes.sqlite")
+    db.execute("CREATE TABLE units (x)")
+    db.commit()
+    db.close()
+    held = theirs / (cli_eval.HELD_PREFIX + "mine")
+    held.mkdir()
+    (held / "notes.txt").write_text("mine")
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}  # noqa: E731
+    before = files(theirs)
+    assert cli_eval.main(["--no-progress", "--out", str(theirs), "--overwrite"]) == 2
+    assert (f"did not write ({cli_eval.HELD_PREFIX}mine/, outcomes.sqlite, report.md, results.json, "
+            "sweep_mine.png)") in capsys.readouterr().err
+    assert files(theirs) == before
+    # An earlier run killed while it wrote: everything in it is lipkern's, so the evaluation starts.
+    used = tmp_path / "used"
+    _earlier_run(used)
+    (used / "report.md.tmp").write_bytes((used / "report.md").read_bytes()[:10])
+    (used / "outcomes.sqlite-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7")
+    (used / cli_eval.WRITE_PROBE).write_bytes(b"")
+    (used / (cli_eval.HELD_PREFIX + "killed")).mkdir()
+    _report_file(used / (cli_eval.HELD_PREFIX + "killed") / "results.json")
+    before = files(used)
+    with pytest.raises(AssertionError, match="the evaluation started"):
+        cli_eval.main(["--no-progress", "--embedded", "preact_wrn", "--jobs", "1", "--out", str(used),
+                       "--overwrite"])
+    assert files(used) == before
+    # An empty store is one SQLite was making when its run was killed; a journal is lipkern's only beside its store.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "outcomes.sqlite").write_bytes(b"")
+    (theirs / "outcomes.sqlite-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7")
+    assert is_store_file(tmp_path / "empty" / "outcomes.sqlite") and is_store_file(used / "outcomes.sqlite-journal")
+    assert not is_store_file(theirs / "outcomes.sqlite") and not is_store_file(theirs / "outcomes.sqlite-journal")

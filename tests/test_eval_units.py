@@ -178,3 +178,49 @@ def test_report_accuracies_carry_the_wilson_interval_of_their_count():
     assert _acc(None, 80) == "-"
     with pytest.raises(ValueError, match="no count of 7 samples"):
         _acc(0.1, 7)
+
+
+def test_remapped_layer_plot_keeps_its_legend_off_the_bars(tmp_path, monkeypatch):
+    """Bars near 100 % fill every corner of the axes: the legend stands outside them, within the figure."""
+    from lipkern.eval import report
+
+    names = [f"blocks.{i}.mlp.fc1" for i in range(3)] + ["blocks.0.shortcut"]
+    configs = ["original", "2^-8", "2^-7", "2^-6"]
+    m = {"name": "m", "layers": {"names": names, "n_samples": 4,
+                                 "zero_fraction": {k: {n: 0.98 for n in names} for k in configs}}}
+    drawn = []
+    monkeypatch.setattr(report.plt, "close", drawn.append)
+    path = tmp_path / "remapped_m.png"
+    report._plot_layers(m, path)
+    assert path.read_bytes().startswith(b"\x89PNG") and report.is_report_file(path)
+    (fig,) = drawn
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == configs
+    assert not legend.overlaps(ax.get_window_extent(renderer))
+    assert fig.bbox.x0 <= legend.x0 <= legend.x1 <= fig.bbox.x1 and fig.bbox.y0 <= legend.y0 <= legend.y1 <= fig.bbox.y1
+
+
+def test_inputs_of_patterns_are_matched_once(monkeypatch):
+    """lipkern.convert matches each pattern against each module name; the evaluation does not match them again."""
+    import fnmatch
+    from collections import Counter
+
+    calls = Counter()
+    match = fnmatch.fnmatchcase
+
+    def counted(name, pattern):
+        if pattern in ("2", "fc*"):  # not the import machinery's own matching, as pytest's rewriting hook
+            calls[name, pattern] += 1
+        return match(name, pattern)
+
+    monkeypatch.setattr(fnmatch, "fnmatchcase", counted)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    converted = _remap.converted_copy(model, {"inputs_of": ("2",)})
+    assert _remap.has_input_remap(converted[2]) and not _remap.has_input_remap(converted[0])
+    assert calls[("2", "2")] == 1 and set(calls.values()) == {1}
+    calls.clear()
+    with pytest.raises(_remap.UnusableConversionError, match="inputs_of 'fc\\*' names no module of the model"):
+        _remap.converted_copy(model, {"inputs_of": ("fc*",)})
+    assert calls and set(calls.values()) == {1}

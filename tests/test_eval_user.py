@@ -138,6 +138,44 @@ def test_checkpoint_that_is_not_a_state_dict(tmp_path, tiny_model, capsys):
         assert not (tmp_path / "out").exists()
 
 
+def test_checkpoint_wrapped_as_training_scripts_save_it(tmp_path, tiny_model):
+    """A state dict under one of the usual keys beside other entries, or saved from DistributedDataParallel
+    ("module." before every key), loads; two candidates, or none, are a clear error."""
+    torch.manual_seed(1)
+    make = __import__("tiny_eval_model").make
+    trained = make().state_dict()
+    ddp = {f"module.{k}": v for k, v in trained.items()}
+    for i, saved in enumerate(({"model": trained, "epoch": 3}, {"model_state_dict": trained, "optimizer": {}},
+                               {"net": trained}, {"state_dict": trained}, ddp, {"model": ddp, "epoch": 3})):
+        path = tmp_path / f"w{i}.pt"
+        torch.save(saved, path)
+        model = make()
+        cli_eval._load_checkpoint(model, str(path))
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items()), saved.keys()
+    for saved, says in (({"model": trained, "net": trained, "epoch": 3},
+                         "holds a state dict under each of 'model', 'net'; save the one to evaluate on its own"),
+                        ({"epoch": 3, "optimizer": {"lr": 0.1}},
+                         "holds a dict with keys 'epoch', 'optimizer', not a state dict (a mapping of parameter "
+                         "names to tensors, or one under 'state_dict', 'model_state_dict', 'model' or 'net')")):
+        torch.save(saved, tmp_path / "bad.pt")
+        with pytest.raises(EvalInputError, match="^--checkpoint .*bad.pt: (.*)") as refused:
+            cli_eval._load_checkpoint(make(), str(tmp_path / "bad.pt"))
+        assert says in str(refused.value)
+
+
+def test_calibration_images_without_labels(tmp_path, tiny_model, capsys):
+    """Calibration does not use labels: an x_calib in --data without y_calib calibrates, as --calib-data's x
+    alone does; a y_calib without the images it labels is refused."""
+    rng = np.random.default_rng(1)
+    path = _npz(tmp_path / "d.npz", x_calib=rng.random((12, 1, 6, 6), dtype=np.float32))
+    (job,) = cli_eval._user_jobs(_parse(["--model", tiny_model, "--data", str(path)]))
+    assert len(job.calib) == 12 and len(job.test) == 32 and job.calib_source == f"the array x_calib of {path}"
+    assert torch.equal(job.calib.x, torch.from_numpy(np.load(path)["x_calib"]))
+    labels_only = _npz(tmp_path / "y.npz", y_calib=np.zeros(12, np.int64))
+    err = _error(["--model", tiny_model, "--data", str(labels_only)], capsys)
+    assert "'y_calib' without 'x_calib'; the calibration images go in 'x_calib'" in err
+
+
 FAILING_MODULE = textwrap.dedent("""
     import torch
     import torch.nn as nn
@@ -246,9 +284,20 @@ def test_bad_eps(eps, capsys):
 
 
 def test_too_many_test_samples_says_where_the_rest_went(tmp_path, tiny_model, capsys):
-    err = _error(["--model", tiny_model, "--data", str(_npz(tmp_path / "d.npz")), "--n-test", "20"], capsys)
-    assert ("--n-test 20: make's test data holds 16 samples (the calibration data: a random 16 of the 32 samples "
-            "of") in err
+    data = str(_npz(tmp_path / "d.npz"))
+    err = _error(["--model", tiny_model, "--data", data, "--n-test", "20"], capsys)
+    assert (f"--n-test 20: make's test data holds 16 samples (the 16 of the 32 samples of {data} that calibration "
+            "left (seed 0); with calibration data of its own (--calib-data) all of them test)") in err
+    calib = str(_npz(tmp_path / "c.npz", n=8))
+    err = _error(["--model", tiny_model, "--data", data, "--calib-data", calib, "--n-test", "40"], capsys)
+    assert f"--n-test 40: make's test data holds 32 samples (all of x in {data})" in err
+    # The embedded models' test split is their own: no calibration took from it.
+    err = _error(["--embedded", "preact_wrn", "--n-test", "100000", "--out", str(tmp_path / "out")], capsys)
+    assert ("--n-test 100000: preact_wrn's test data holds 359 samples (the digits test split, 359 of the 1797 "
+            "images)") in err and "calibration" not in err
+    err = _error(["--embedded", "preact_wrn", "--n-calib", "100000", "--out", str(tmp_path / "out")], capsys)
+    assert ("--n-calib 100000: preact_wrn's calibration data holds 512 samples (the first 512 images of the digits "
+            "training split)") in err
 
 
 def test_an_infinite_eps_is_not_offered_a_hint(capsys):
@@ -354,3 +403,62 @@ def test_api_refuses_a_conversion_before_any_work(tmp_path, recwarn):
     assert not any(tmp_path.iterdir())
     # The refusal says what convert's "nothing was converted" warning would, so that warning is not shown too.
     assert not [w for w in recwarn if "nothing was converted" in str(w.message)]
+
+
+def test_evaluate_sets_the_thread_count_only_when_asked_and_puts_it_back(tmp_path, monkeypatch):
+    """torch's thread count is process-wide: evaluate() changes it for its own run with threads=N, for every
+    forward from the first (the data check) to the attacks, puts it back however the run ends, and leaves it
+    alone without threads."""
+    from lipkern.eval import api
+
+    previous = torch.get_num_threads()
+    other = 1 if previous > 1 else 2
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(torch.get_num_threads()))
+
+    class Stopped(Exception):
+        pass
+
+    def attacks(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise Stopped
+
+    monkeypatch.setattr(api, "_run_chunks", attacks)
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 5
+    try:
+        for threads, expected in ((other, other), (None, previous)):
+            seen.clear()
+            with pytest.raises(Stopped):
+                evaluate(model, x, (x, y), budget=MICRO, ratios=(2 ** -6,), progress=False, device="cpu",
+                         threads=threads)
+            assert len(seen) > 2 and set(seen) == {expected}
+            assert torch.get_num_threads() == previous
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(EvalInputError, match="threads must be a finite integer >= 1, got 0"):
+        evaluate(model, x, (x, y), threads=0)
+
+
+def test_the_embedded_models_are_loaded_once(tmp_path, monkeypatch, capsys):
+    """Each model is built and its checkpoint read once: the conversion check and the evaluation share it."""
+    from lipkern.eval import api, embedded
+
+    loaded, evaluated = [], []
+    load = embedded.load_embedded
+
+    def counted(name):
+        loaded.append((name, load(name)))
+        return loaded[-1][1]
+
+    def interrupted(model, *args, name, **kwargs):
+        evaluated.append((name, model))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded, "load_embedded", counted)
+    monkeypatch.setattr(api, "evaluate", interrupted)
+    assert cli_eval.main(["--no-progress", "--jobs", "1", "--out", str(tmp_path / "out")]) == 130
+    capsys.readouterr()
+    assert [name for name, _ in loaded] == ["preact_wrn", "tiny_vit"]
+    assert len(evaluated) == 1 and evaluated[0][1] is loaded[0][1]

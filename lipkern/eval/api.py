@@ -49,8 +49,25 @@ DEFAULT_SIGMA = 0.25
 CERT_RADII = tuple(round(0.05 * i, 2) for i in range(0, 21))
 DEFAULT_CHUNK = 100
 # The settings a resumed run is checked on by digest, and what each digests (a refusal names them in words).
-HASHED_SETTINGS = {"model_sha": "the model's weights", "test_indices_sha": "the test samples drawn (n_test, seed)",
+HASHED_SETTINGS = {"model_sha": "the model's weights",
+                   "test_indices_sha": "the test samples drawn (--n-test, --seed; from Python, n_test, seed)",
                    "test_sha": "the test data", "calib_sha": "the calibration data"}
+# What the caller set to give each of the other settings, on the command line and from Python: a refusal to
+# resume names that, not the key it is stored under.
+SETTING_NAMES = {
+    "eps": "--eps (from Python, eps)",
+    "ratios": "--ratios (from Python, ratios)",
+    "budget": "the budget (--quick; from Python, quick or budget)",
+    "seed": "--seed (from Python, seed)",
+    "sigma": "--sigma (from Python, sigma)",
+    "chunk_size": "--chunk-size (from Python, chunk_size)",
+    "batch_size": "--batch-size (from Python, batch_size)",
+    "device_type": "the device type (--device; from Python, device)",
+    "n_calib": "the number of calibration samples (--n-calib; from Python, n_calib)",
+    "convert_kwargs": "the conversion (--acts, --inputs-of; from Python, convert_kwargs)",
+    "convert_kwargs.acts": "--acts (from Python, convert_kwargs['acts'])",
+    "convert_kwargs.inputs_of": "--inputs-of (from Python, convert_kwargs['inputs_of'])",
+}
 DEFAULT_BATCH = 500
 # Small enough that a few hundred calibration samples still give each of 8 ranks a batch; the batches are the
 # same for any number of processes, so the thresholds are too.
@@ -265,7 +282,8 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
              progress: bool = True, progress_position: int = 0, budget: Budget | None = None,
              device: str | torch.device | None = "auto", n_test: int | None = None, n_calib: int | None = None,
              batch_size: int = DEFAULT_BATCH, chunk_size: int = DEFAULT_CHUNK, out_dir=None,
-             calib_source: str = "given by the caller", run_models=None, log=None) -> EvalResult:
+             calib_source: str = "given by the caller", run_models=None, log=None,
+             threads: int | None = None) -> EvalResult:
     """Evaluate ``model`` and its remapped versions (one calibration scan, then ``set_ratio`` per c^r).
 
     ``calib_data`` (training data, never test data) calibrates the thresholds; ``test_data`` is ``(x, y)`` with x
@@ -281,6 +299,11 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     ``run_models``: the names of every model evaluated into the same ``out_dir`` (``name`` among them); the store
     records them, and a resumed call must name the same ones (None: no such check).
     ``log``: where the one-line work summary and time estimate go (default stderr, main rank only).
+    ``threads``: torch's intra-op threads while the evaluation runs, put back as they were when it returns (None:
+    left as they are). The setting is process-wide, so it is changed only when asked for. Small models are
+    latency-bound, and more threads than free cores make OpenMP spin and run several times slower: on a small
+    or shared machine pass the number of free cores, 1 where other processes share them (``lipkern eval``'s
+    ``--threads`` default).
     """
     budget = budget or (QUICK if quick else FULL)
     calib = _as_split(calib_data, "calib_data", labelled=False)
@@ -315,6 +338,8 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
     _check_number("sigma", sigma, 0, low_open=True)
     _check_number("batch_size", batch_size, 1, integer=True)
     _check_number("chunk_size", chunk_size, 1, integer=True)
+    if threads is not None:
+        _check_number("threads", threads, 1, integer=True)
     if n_test is not None:
         _check_number("n_test", n_test, 1, len(test), integer=True)
     if n_calib is not None:
@@ -332,33 +357,38 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
         raise EvalInputError(f"out_dir must be an existing directory, got {str(out_dir)!r}")
     if out_dir is None and processes.world > 1:
         raise EvalInputError("out_dir is required when several processes evaluate together")
-    original = copy.deepcopy(model).eval().to(dev)
-    for p in original.parameters():
-        p.requires_grad_(False)
-    n_cls = _check_data(original, calib, test, num_classes, dev)
-    ablation = calib if ablation_data is None else _as_split(ablation_data, "ablation_data", labelled=False)
-    for what, size in [("calibration", len(calib)), *(("ablation calibration", k) for k in
-                                                       _ablation_sizes(len(calib), len(ablation),
-                                                                       budget.n_ablation_sizes))]:
-        if math.ceil(size / CALIB_BATCH) < processes.world:
-            raise EvalInputError(f"{size} {what} samples make {math.ceil(size / CALIB_BATCH)} batches of "
-                                 f"{CALIB_BATCH}, fewer than the {processes.world} processes; every process needs "
-                                 "a batch (use more calibration data or fewer processes)")
-    order = select_samples(len(test), n_test if n_test is not None else budget.n_test, seed)
-    plan = _Plan(name, budget, ratios, order, chunk_size, eps, sigma, seed, n_cls, batch_size)
-    # Everything a per-sample outcome depends on: a resumed run must match it, or the report would mix runs.
-    settings = {"store_format": STORE_FORMAT, "eps": eps, "ratios": list(ratios), "budget": asdict(budget),
-                "seed": seed, "sigma": sigma, "chunk_size": chunk_size, "batch_size": batch_size, "device_type": dev.type,
-                "model_sha": _digest(*(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()
-                                       for t in original.state_dict().values() if t.numel())), "test_indices_sha": _digest(order), "n_calib": len(calib),
-                "convert_kwargs": _jsonable(convert_kwargs), "test_sha": _digest(test.x.numpy(), test.y.numpy()),
-                "calib_sha": _digest(calib.x.numpy())}
-
-    try:
-        converted = _remap.converted_copy(original, convert_kwargs)
-    except _remap.UnusableConversionError as e:
-        raise EvalInputError(f"{name}: {e}") from None
     with contextlib.ExitStack() as cleanup:
+        if threads is not None:
+            cleanup.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(int(threads))
+        original = copy.deepcopy(model).eval().to(dev)
+        for p in original.parameters():
+            p.requires_grad_(False)
+        n_cls = _check_data(original, calib, test, num_classes, dev)
+        ablation = calib if ablation_data is None else _as_split(ablation_data, "ablation_data", labelled=False)
+        for what, size in [("calibration", len(calib)), *(("ablation calibration", k) for k in
+                                                           _ablation_sizes(len(calib), len(ablation),
+                                                                           budget.n_ablation_sizes))]:
+            if math.ceil(size / CALIB_BATCH) < processes.world:
+                raise EvalInputError(f"{size} {what} samples make {math.ceil(size / CALIB_BATCH)} batches of "
+                                     f"{CALIB_BATCH}, fewer than the {processes.world} processes; every process "
+                                     "needs a batch (use more calibration data or fewer processes)")
+        order = select_samples(len(test), n_test if n_test is not None else budget.n_test, seed)
+        plan = _Plan(name, budget, ratios, order, chunk_size, eps, sigma, seed, n_cls, batch_size)
+        # Everything a per-sample outcome depends on: a resumed run must match it, or the report would mix runs.
+        settings = {"store_format": STORE_FORMAT, "eps": eps, "ratios": list(ratios), "budget": asdict(budget),
+                    "seed": seed, "sigma": sigma, "chunk_size": chunk_size, "batch_size": batch_size,
+                    "device_type": dev.type,
+                    "model_sha": _digest(*(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()
+                                           for t in original.state_dict().values() if t.numel())),
+                    "test_indices_sha": _digest(order), "n_calib": len(calib),
+                    "convert_kwargs": _jsonable(convert_kwargs), "test_sha": _digest(test.x.numpy(), test.y.numpy()),
+                    "calib_sha": _digest(calib.x.numpy())}
+
+        try:
+            converted = _remap.converted_copy(original, convert_kwargs)
+        except _remap.UnusableConversionError as e:
+            raise EvalInputError(f"{name}: {e}") from None
         if out_dir is None:
             out_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="lipkern-eval-"))
         # Opened once the model has converted (a model that cannot be remapped leaves no store behind) and
@@ -367,7 +397,8 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
         cleanup.callback(store.close)
         mismatch = None
         try:
-            store.bind_settings(name, settings, HASHED_SETTINGS, run_models, shown={"eps": eps_label})
+            store.bind_settings(name, settings, HASHED_SETTINGS, run_models, named=SETTING_NAMES,
+                                shown={"eps": eps_label, "ratios": lambda rs: ",".join(map(ratio_label, rs))})
             # Each rank compares its own outputs: one may differ where the others pass.
             store.bind_outputs(name, _probe_outputs(original, test, dev))
         except SettingsMismatchError as caught:

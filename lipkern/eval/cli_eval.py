@@ -130,8 +130,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100", "imagenet"),
                    help="RobustBench dataset of --robustbench (default cifar10)")
     p.add_argument("--data", metavar="FILE.npz",
-                   help="arrays x (N, C, H, W) float in [0, 1] and y (N,); optional x_calib / y_calib, else half "
-                        "of the file calibrates (default: the embedded digits data)")
+                   help="arrays x (N, C, H, W) float in [0, 1] and y (N,); optional x_calib (calibration images; "
+                        "y_calib optional), else half of the file calibrates (default: the embedded digits data)")
     p.add_argument("--calib-data", metavar="FILE.npz",
                    help="calibration images (array x, (N, C, H, W) in [0, 1]; take them from the training set, "
                         "as the paper does); then all of --data is test data")
@@ -206,6 +206,15 @@ def _load_callable_model(spec: str) -> torch.nn.Module:
     return model
 
 
+# Where training scripts commonly put the state dict in a checkpoint that holds more (epoch, optimizer, ...).
+CHECKPOINT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")
+_WRAPPERS_SAID = ", ".join(map(repr, CHECKPOINT_WRAPPERS[:-1])) + f" or {CHECKPOINT_WRAPPERS[-1]!r}"
+
+
+def _holds_tensors(value) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
 def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
@@ -219,11 +228,22 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
                                  "not loaded; save model.state_dict() instead") from None
         raise EvalInputError(f"--checkpoint {p}: not a state dict that torch.load(weights_only=True) reads "
                              f"({described(e)})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise EvalInputError(f"--checkpoint {p}: holds a {type(state).__name__}, not a state dict (a mapping of "
-                             "parameter names to tensors, or one under 'state_dict')")
+    if isinstance(state, Mapping) and not _holds_tensors(state):
+        wrapped = [key for key in CHECKPOINT_WRAPPERS if _holds_tensors(state.get(key))]
+        if len(wrapped) > 1:
+            raise EvalInputError(f"--checkpoint {p}: holds a state dict under each of "
+                                 f"{', '.join(map(repr, wrapped))}; save the one to evaluate on its own")
+        if wrapped:
+            state = state[wrapped[0]]
+    if not isinstance(state, Mapping) or (state and not any(isinstance(v, torch.Tensor) for v in state.values())):
+        what = (f"dict with keys {', '.join(map(repr, list(state)[:8]))}{', ...' if len(state) > 8 else ''}"
+                if isinstance(state, Mapping) else type(state).__name__)
+        raise EvalInputError(f"--checkpoint {p}: holds a {what}, not a state dict (a mapping of parameter names "
+                             f"to tensors, or one under {_WRAPPERS_SAID})")
+    # DistributedDataParallel saves its wrapped module's entries under "module.".
+    if state and all(str(key).startswith("module.") for key in state) and not any(
+            key.startswith("module.") for key in model.state_dict()):
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -232,10 +252,10 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
 
 @dataclass
 class Job:
-    """One model to evaluate. ``model`` is None for an embedded model, loaded where it is evaluated."""
+    """One model to evaluate, loaded once in the main process; a worker process gets it with the job."""
 
     name: str
-    model: torch.nn.Module | None
+    model: torch.nn.Module
     calib: object
     test: object
     ablation: object
@@ -244,7 +264,9 @@ class Job:
     eps: float
     n_test: int | None
     calib_source: str
+    test_source: str
     test_rows: np.ndarray | None = None  # see Dataset.test_rows
+    embedded: bool = False
 
 
 def _user_jobs(args) -> list[Job]:
@@ -305,7 +327,7 @@ def _user_jobs(args) -> list[Job]:
         name = args.model.rsplit(":", 1)[-1]
     n_test = args.n_test or min(QUICK.n_test if args.quick else len(dataset.test), len(dataset.test))
     return [Job(args.name or name, model.eval(), calib, dataset.test, calib, None, _convert_kwargs(args, None),
-                args.eps if args.eps is not None else 8 / 255, n_test, source, dataset.test_rows)]
+                args.eps if args.eps is not None else 8 / 255, n_test, source, dataset.test_source, dataset.test_rows)]
 
 
 def _convert_kwargs(args, default):
@@ -319,8 +341,8 @@ def _convert_kwargs(args, default):
 
 def _embedded_jobs(args) -> list[Job]:
     from .api import DEFAULT_EPS
-    from .data import CALIB_SIZE, load_digits
-    from .embedded import EMBEDDED
+    from .data import load_digits
+    from .embedded import EMBEDDED, load_embedded
 
     if args.checkpoint or args.model_dir or args.data or args.calib_data:
         raise EvalInputError("--checkpoint needs --model, --model-dir needs --robustbench, and --data / "
@@ -330,19 +352,16 @@ def _embedded_jobs(args) -> list[Job]:
     dataset = load_digits()
     eps = args.eps if args.eps is not None else DEFAULT_EPS
     names = [args.embedded] if args.embedded else list(EMBEDDED)
-    return [Job(name, None, dataset.calib, dataset.test, dataset.train, dataset.num_classes,
-                _convert_kwargs(args, EMBEDDED[name][1]), eps, args.n_test,
-                f"the first {CALIB_SIZE} images of the digits training split") for name in names]
+    return [Job(name, load_embedded(name), dataset.calib, dataset.test, dataset.train, dataset.num_classes,
+                _convert_kwargs(args, EMBEDDED[name][1]), eps, args.n_test, dataset.calib_source,
+                dataset.test_source, embedded=True) for name in names]
 
 
-def _evaluate_job(job: Job, options: dict, threads: int, position: int):
+def _evaluate_job(job: Job, options: dict, position: int):
     """Evaluates one job; runs in the main process or in a worker process (hence module level)."""
     from .api import evaluate
-    from .embedded import load_embedded
 
-    torch.set_num_threads(threads)
-    model = job.model if job.model is not None else load_embedded(job.name)
-    result = evaluate(model, job.calib, job.test, eps=job.eps, convert_kwargs=job.convert_kwargs, name=job.name,
+    result = evaluate(job.model, job.calib, job.test, eps=job.eps, convert_kwargs=job.convert_kwargs, name=job.name,
                       num_classes=job.num_classes, progress_position=position, ablation_data=job.ablation,
                       n_test=job.n_test, calib_source=job.calib_source, **options)
     if job.test_rows is not None:
@@ -366,14 +385,14 @@ def _start_worker():
     tqdm.set_lock(threading.RLock())
 
 
-def _evaluate_in_workers(jobs, options, threads, n_workers):
+def _evaluate_in_workers(jobs, options, n_workers):
     """One worker process per model. Ctrl-C stops the workers at once; their finished units stay stored."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(n_workers, initializer=_start_worker)
     try:
-        pending = [pool.apply_async(_evaluate_job, (job, options, threads, i)) for i, job in enumerate(jobs)]
+        pending = [pool.apply_async(_evaluate_job, (job, options, i)) for i, job in enumerate(jobs)]
         # Waiting in short slices keeps the parent responsive to Ctrl-C (a bare get() may not return to it).
         for r in pending:
             while not r.ready():
@@ -398,12 +417,16 @@ HELD_PREFIX = ".lipkern-replaced-"
 
 
 def _written_by_eval(entry: Path) -> bool:
+    """Whether lipkern eval wrote ``entry``, told by what it holds (the mark each of its files carries), not by
+    its name alone: a file of the user's that has the name of one is neither replaced nor deleted."""
     from .report import is_report_file
     from .store import is_store_file
 
     if entry.is_dir():
-        return entry.name.startswith(HELD_PREFIX)
-    return entry.is_file() and (entry.name == WRITE_PROBE or is_store_file(entry.name) or is_report_file(entry.name))
+        return entry.name.startswith(HELD_PREFIX) and all(_written_by_eval(e) for e in entry.iterdir())
+    if entry.name == WRITE_PROBE:
+        return entry.is_file() and entry.stat().st_size == 0
+    return is_store_file(entry) or is_report_file(entry)
 
 
 def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
@@ -429,7 +452,8 @@ def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise EvalInputError(f"--out {out} holds files lipkern did not write ({shown}); --overwrite only "
-                                 "replaces an earlier lipkern eval output. Choose another directory")
+                                 "replaces an earlier lipkern eval output, told by what its files hold. Choose "
+                                 "another directory")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise EvalInputError(f"--out {out} is not writable ({existing} is not a writable directory)")
@@ -528,7 +552,7 @@ def start_out_dir(path: str, replaced: list[Path], models: list[str], resume: bo
             raise EvalInputError(f"--out {out} is not writable: {e.strerror or e}") from None
         raise
     if resume:
-        change.leftovers = [e for e in out.iterdir() if e.is_dir() and e.name.startswith(HELD_PREFIX)]
+        change.leftovers = [e for e in out.iterdir() if e.is_dir() and _written_by_eval(e)]
         change.units_at_start = unit_count(out) or 0  # an unreadable store is refused below
         try:
             store = OutcomeStore(out)
@@ -571,27 +595,25 @@ def _settle(change: OutDirChange | None) -> str | None:
 def _check_sample_counts(jobs: list[Job], args) -> None:
     """--n-test and --n-calib against each model's data, before --out is touched."""
     for job in jobs:
-        for flag, wanted, split, what in (("--n-test", args.n_test, job.test, "test"),
-                                          ("--n-calib", args.n_calib, job.calib, "calibration")):
+        for flag, wanted, split, what, source in (("--n-test", args.n_test, job.test, "test", job.test_source),
+                                                  ("--n-calib", args.n_calib, job.calib, "calibration",
+                                                   job.calib_source)):
             if wanted is not None and wanted > len(split):
-                # Where --data is split, the test data is only what the calibration left.
-                source = f" (the calibration data: {job.calib_source})" if what == "test" else ""
-                raise EvalInputError(f"{flag} {wanted}: {job.name}'s {what} data holds {len(split)} samples{source}")
+                raise EvalInputError(f"{flag} {wanted}: {job.name}'s {what} data holds {len(split)} samples "
+                                     f"({source})")
 
 
 def _check_conversions(jobs: list[Job]) -> None:
     """Each model's conversion (--acts, --inputs-of), tried on a copy before --out is touched or the first model
     runs: a refusal would otherwise come only when the evaluation reaches that model."""
     from ._remap import UnusableConversionError, converted_copy
-    from .embedded import load_embedded
 
     for job in jobs:
-        model = job.model if job.model is not None else load_embedded(job.name)
         try:
-            converted_copy(model, job.convert_kwargs)
+            converted_copy(job.model, job.convert_kwargs)
         except UnusableConversionError as e:
             hint = "; --inputs-of applies to every embedded model, name one with --embedded" if (
-                job.model is None and len(jobs) > 1 and "inputs_of" in str(e)) else ""
+                job.embedded and len(jobs) > 1 and "inputs_of" in str(e)) else ""
             raise EvalInputError(f"{job.name}: {e}{hint}") from None
 
 
@@ -639,16 +661,12 @@ def run_eval(args) -> int:
         options = dict(ratios=args.ratios or DEFAULT_RATIOS, quick=args.quick, sigma=args.sigma, seed=args.seed,
                        progress=not args.no_progress, device=device, batch_size=args.batch_size,
                        chunk_size=args.chunk_size, out_dir=args.out, n_calib=args.n_calib,
-                       run_models=[job.name for job in jobs])
+                       run_models=[job.name for job in jobs], threads=args.threads)
         n_workers = 1 if processes.world > 1 else min(args.jobs, len(jobs))
         if n_workers > 1:
-            parts = _evaluate_in_workers(jobs, options, args.threads, n_workers)
+            parts = _evaluate_in_workers(jobs, options, n_workers)
         else:
-            previous = torch.get_num_threads()
-            try:
-                parts = [_evaluate_job(job, options, args.threads, 0) for job in jobs]
-            finally:
-                torch.set_num_threads(previous)
+            parts = [_evaluate_job(job, options, 0) for job in jobs]
         if processes.is_main:
             result = EvalResult()
             for part in parts:

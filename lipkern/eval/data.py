@@ -42,6 +42,7 @@ class Dataset:
     test: Split
     num_classes: int
     calib_source: str = ""
+    test_source: str = ""
     # The row of the source file each test sample is (None: not read from a file).
     test_rows: np.ndarray | None = None
 
@@ -85,6 +86,7 @@ def load_digits(calib_size: int = CALIB_SIZE) -> Dataset:
         test=to_split(test_idx),
         num_classes=10,
         calib_source=f"the first {calib_size} images of the digits training split",
+        test_source=f"the digits test split, {len(test_idx)} of the {len(y)} images",
     )
 
 
@@ -102,8 +104,9 @@ def load_npz(path: str | Path, *, num_classes: int | None = None, calib_fraction
              seed: int = SPLIT_SEED, all_test: bool = False) -> Dataset:
     """A user's data file: arrays ``x`` (N, C, H, W) float in [0, 1] and ``y`` (N,) integer labels.
 
-    Optional arrays ``x_calib`` / ``y_calib`` give the calibration set; without them a fixed random
-    ``calib_fraction`` of the file is used for calibration and the rest for testing (the two never overlap).
+    An optional array ``x_calib`` gives the calibration set (its labels ``y_calib`` may be left out: calibration does
+    not use them); without it a fixed random ``calib_fraction`` of the file is used for calibration and the rest for
+    testing (the two never overlap).
     ``all_test``: the calibration data comes from elsewhere, so all of ``x`` is test data (``calib`` is None).
     """
     path = Path(path)
@@ -114,15 +117,18 @@ def load_npz(path: str | Path, *, num_classes: int | None = None, calib_fraction
                          f"float in [0, 1] and 'y' (N,) integer labels (found: {sorted(arrays)})")
     x, y = _check_xy(arrays["x"], arrays["y"], f"--data {path}", num_classes)
     test_rows = np.arange(len(y))
+    test_source = f"all of x in {path}"
     if all_test:
         calib, test, source = None, Split(x, y), ""
     elif "x_calib" in arrays or "y_calib" in arrays:
-        if not ("x_calib" in arrays and "y_calib" in arrays):
-            raise ValueError(f"--data {path}: 'x_calib' and 'y_calib' must be given together")
-        xc, yc = _check_xy(arrays["x_calib"], arrays["y_calib"], f"--data {path} (calibration)", num_classes)
-        if xc.shape[1:] != x.shape[1:]:
-            raise ValueError(f"--data {path}: x_calib has shape {xc.shape}, x has {x.shape}")
-        calib, test, source = Split(xc, yc), Split(x, y), f"the arrays x_calib / y_calib of {path}"
+        if "x_calib" not in arrays:
+            raise ValueError(f"--data {path}: 'y_calib' without 'x_calib'; the calibration images go in 'x_calib' "
+                             "(N, C, H, W) float in [0, 1], their labels are optional")
+        calib = _calibration_split(arrays["x_calib"], arrays.get("y_calib"), f"--data {path} (calibration)")
+        if calib.x.shape[1:] != x.shape[1:]:
+            raise ValueError(f"--data {path}: x_calib has shape {tuple(calib.x.shape)}, x has {tuple(x.shape)}")
+        test = Split(x, y)
+        source = f"the array{'s x_calib / y_calib' if 'y_calib' in arrays else ' x_calib'} of {path}"
     else:
         if len(y) < 2:
             raise ValueError(f"--data {path}: need at least 2 samples to split into calibration and test")
@@ -133,10 +139,12 @@ def load_npz(path: str | Path, *, num_classes: int | None = None, calib_fraction
         test_rows = perm[n_calib:].numpy()
         source = (f"a random {n_calib} of the {len(y)} samples of {path} (seed {seed}), the rest tests; no "
                   "training data was given (pass --calib-data with training images, as the paper calibrates)")
+        test_source = (f"the {len(test)} of the {len(y)} samples of {path} that calibration left (seed {seed}); "
+                       "with calibration data of its own (--calib-data) all of them test")
     labels = [s.y for s in (calib, test) if s is not None]
     n_cls = num_classes if num_classes is not None else int(max(int(t.max()) for t in labels)) + 1
     return Dataset(name=path.stem, train=None, calib=calib, test=test, num_classes=n_cls, calib_source=source,
-                   test_rows=test_rows)
+                   test_source=test_source, test_rows=test_rows)
 
 
 def load_calibration_npz(path: str | Path) -> Split:
@@ -146,10 +154,14 @@ def load_calibration_npz(path: str | Path) -> Split:
     if "x" not in arrays:
         raise ValueError(f"--calib-data {path}: missing array 'x' (N, C, H, W) float in [0, 1] "
                          f"(found: {sorted(arrays)})")
-    x = arrays["x"]
-    y = arrays.get("y", np.zeros(len(x), dtype=np.int64))
-    xt, yt = _check_xy(x, y, f"--calib-data {path}", None)
-    return Split(xt, yt)
+    return _calibration_split(arrays["x"], arrays.get("y"), f"--calib-data {path}")
+
+
+def _calibration_split(x: np.ndarray, y: np.ndarray | None, what: str) -> Split:
+    """Calibration images, checked as test data is; calibration does not use labels, so they may be left out
+    (zeros stand in for them)."""
+    labels = np.zeros(x.shape[:1], dtype=np.int64) if y is None else y
+    return Split(*_check_xy(x, labels, what, None))
 
 
 def _check_xy(x: np.ndarray, y: np.ndarray, what: str, num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:

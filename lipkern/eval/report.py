@@ -16,6 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .stats import wilson_interval  # noqa: E402
 
 SHOWN_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Every file write_report writes carries a mark of lipkern's (figures in their PNG metadata), so that --overwrite
+# and a new report replace only those, not a file of the user's that has the name of one.
+TITLE = "# lipkern evaluation report"
+GENERATOR = "lipkern eval"
+_PNG_MARK = b"tEXtSource\x00" + GENERATOR.encode()
+_TEXT_MARKS = {"report.md": (TITLE + "\n").encode(), "results.json": f'{{\n "generator": "{GENERATOR}",'.encode()}
 
 
 def chunk_phrase(n_samples: int, chunk_size: int) -> str:
@@ -215,7 +221,7 @@ def _model_sections(m: dict) -> list[str]:
 
 
 def render_markdown(results: dict) -> str:
-    parts = ["# lipkern evaluation report", "## Verdict", "\n".join(verdict_lines(results)),
+    parts = [TITLE, "## Verdict", "\n".join(verdict_lines(results)),
              "## Main table", main_table(results)]
     for m in results["models"]:
         parts += _model_sections(m)
@@ -229,7 +235,7 @@ def _finish(fig, ax, path, legend: dict) -> None:
     ax.title.set_fontsize(9)
     ax.legend(**legend)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Source": GENERATOR})
     plt.close(fig)
 
 
@@ -295,7 +301,8 @@ def _plot_layers(m, path):
                   ha="right", fontsize=7)
     ax.set(ylabel="layer inputs equal to 0 (%)", ylim=(0, 100),
            title=f"{m['name']}: remapped proportion per layer ({ly['n_samples']} test samples)")
-    _finish(fig, ax, path, legend=dict(fontsize=7, ncol=len(confs)))
+    # Bars reach any height up to 100 %, so no corner inside the axes is free of them: the legend goes outside.
+    _finish(fig, ax, path, legend=dict(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0))
 
 
 def _plot_lipschitz(m, path):
@@ -335,13 +342,31 @@ def _plot_sweep(m, path):
 
 FIGURES = {"robust_accuracy": _plot_main, "smoothing": _plot_smoothing, "remapped": _plot_layers,
            "lipschitz": _plot_lipschitz, "sweep": _plot_sweep}
-REPORT_FILES = ("report.md", "results.json")
 
 
-def is_report_file(name: str) -> bool:
-    """A file :func:`write_report` writes (or its temporary, left by a killed write)."""
-    name = name.removesuffix(".tmp")
-    return name in REPORT_FILES or (name.endswith(".png") and any(name.startswith(f"{kind}_") for kind in FIGURES))
+def is_report_file(path) -> bool:
+    """Whether :func:`write_report` wrote ``path`` (or its temporary, which a killed write leaves cut short):
+    a file of one of its names that carries its mark."""
+    path = Path(path)
+    name = path.name.removesuffix(".tmp")
+    if name in _TEXT_MARKS:
+        mark = _TEXT_MARKS[name]
+        head = _head(path, len(mark))
+        return head == mark or (head is not None and name != path.name and mark.startswith(head))
+    if name.endswith(".png") and any(name.startswith(f"{kind}_") for kind in FIGURES):
+        # The metadata chunks come before the image data, near the start.
+        head = _head(path, 4096)
+        return head is not None and _PNG_MARK in head
+    return False
+
+
+def _head(path: Path, size: int) -> bytes | None:
+    """The first ``size`` bytes of ``path``; None where it is no file that can be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return None
 
 
 def write_report(results: dict, out_dir) -> dict:
@@ -349,7 +374,7 @@ def write_report(results: dict, out_dir) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # A resumed or partial earlier report may have drawn figures this one does not.
     for stale in out.glob("*.png"):
-        if is_report_file(stale.name):
+        if is_report_file(stale):
             stale.unlink()
     files = {"report": out / "report.md", "results": out / "results.json"}
     for m in results["models"]:
@@ -361,7 +386,7 @@ def write_report(results: dict, out_dir) -> dict:
             files[f"{kind}_{m['name']}"] = path
     md = render_markdown(results)
     md += "\n## Figures\n\n" + "\n".join(f"![{k}]({p.name})" for k, p in files.items() if p.suffix == ".png") + "\n"
-    _write_atomic(files["results"], json.dumps(results, indent=1))
+    _write_atomic(files["results"], json.dumps({"generator": GENERATOR, **results}, indent=1))
     _write_atomic(files["report"], md)
     return {k: str(p) for k, p in files.items()}
 

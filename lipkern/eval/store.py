@@ -27,9 +27,25 @@ LOCK_TIMEOUT_S = 600
 OUTPUT_TOLERANCE = 1e-3
 
 
-def is_store_file(name: str) -> bool:
-    """The database or one of SQLite's files beside it (a killed run's journal among them)."""
-    return name == FILENAME or name.startswith(FILENAME + "-")
+# Stamped into the database header (PRAGMA application_id, bytes 68-71) when the store is made, so that an
+# outcome store is told from another file of its name by what it holds ("LKEV").
+APPLICATION_ID = 0x4C4B4556
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def is_store_file(path) -> bool:
+    """Whether ``path`` is an outcome store lipkern made or one of SQLite's files beside one (a killed run's
+    journal), told by content: the database by the application id in its header, or empty (a run killed while
+    SQLite made it); a file of SQLite's by the database it belongs to."""
+    path = Path(path)
+    if path.name != FILENAME:
+        return path.name.startswith(FILENAME + "-") and path.is_file() and is_store_file(path.with_name(FILENAME))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(72)
+    except OSError:
+        return False
+    return not head or (head.startswith(_SQLITE_MAGIC) and int.from_bytes(head[68:72], "big") == APPLICATION_ID)
 
 
 class SettingsMismatchError(ValueError):
@@ -63,13 +79,25 @@ def holds_outcomes(out_dir) -> bool:
 
 def _differences(recorded: dict, settings: dict, prefix: str = ""):
     """(key, recorded value, new value) of each setting that differs; a dict on both sides by its entries
-    (``budget.pgd_steps``), so that a refusal does not print two whole budgets."""
+    (``budget.pgd_steps``), so that a refusal does not print two whole budgets, or by its ``name`` entry alone
+    where that differs (the other entries of the quick and the full budget differ because they are two)."""
     for key in sorted(set(recorded) | set(settings)):
         old, new = recorded.get(key), settings.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            yield from _differences(old, new, f"{prefix}{key}.")
+            if "name" in old and "name" in new and old["name"] != new["name"]:
+                yield prefix + key, old["name"], new["name"]
+            else:
+                yield from _differences(old, new, f"{prefix}{key}.")
         elif old != new:
             yield prefix + key, old, new
+
+
+def _named(key: str, named: dict[str, str]) -> str:
+    """What ``named`` calls a setting: by its key, or an entry of a dict-valued one by its parent's name."""
+    parent, _, entry = key.partition(".")
+    if key in named or not (entry and parent in named):
+        return named.get(key, key)
+    return f"{entry} of {named[parent]}"
 
 
 def _shown(formatter, old, new) -> tuple[str, str]:
@@ -85,6 +113,7 @@ class OutcomeStore:
         self._db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
         self._db.execute("PRAGMA synchronous=FULL")
         with self._transaction():
+            self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             # `seconds`: the unit's own compute time, read without its outcomes' blob.
             self._db.execute("CREATE TABLE IF NOT EXISTS units (model TEXT NOT NULL, chunk INTEGER NOT NULL, "
@@ -98,11 +127,13 @@ class OutcomeStore:
         self._db.close()
 
     def bind_settings(self, model: str, settings: dict, hashed: dict[str, str] | None = None,
-                      run_models=None, shown: dict[str, Callable[[Any], str]] | None = None) -> None:
+                      run_models=None, shown: dict[str, Callable[[Any], str]] | None = None,
+                      named: dict[str, str] | None = None) -> None:
         """Records ``settings`` for ``model`` and ``run_models`` (the names of every model of the run sharing
         this store), or checks them against those already recorded; nothing is recorded unless all of it
-        passes. A refusal names the settings that differ (a dict-valued one by its entries that differ),
-        those in ``hashed`` (a digest's key -> what it digests) in words and the values of those in
+        passes. A refusal names the settings that differ (a dict-valued one by its entries that differ) as
+        ``named`` calls them (key or ``parent.entry`` -> what the caller set; by key where it has no name),
+        those in ``hashed`` (a digest's key -> what it digests) in words, and shows the values of those in
         ``shown`` (key -> formatter) as it formats them."""
         text = json.dumps(settings, sort_keys=True)
         settings = json.loads(text)  # compared as stored: tuples come back as lists
@@ -110,7 +141,7 @@ class OutcomeStore:
         with self._transaction():  # a refusal raised inside rolls back, so a refused run records nothing
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
             if row is not None:
-                self._check_settings(model, json.loads(row[0]), settings, hashed or {}, shown or {})
+                self._check_settings(model, json.loads(row[0]), settings, hashed or {}, shown or {}, named or {})
             recorded_models = self.run_models()
             models = None if run_models is None else sorted(set(run_models))
             if models is not None and recorded_models is not None and recorded_models != models:
@@ -123,14 +154,14 @@ class OutcomeStore:
                 self._db.execute("INSERT INTO meta VALUES ('run_models', ?)", (json.dumps(models),))
 
     def _check_settings(self, model: str, recorded: dict, settings: dict, hashed: dict[str, str],
-                        shown: dict[str, Callable[[Any], str]]) -> None:
+                        shown: dict[str, Callable[[Any], str]], named: dict[str, str]) -> None:
         if recorded.get("store_format") != settings.get("store_format"):
             raise SettingsMismatchError(f"{self.path} holds a run of {model} stored by another version of lipkern "
                                         f"(store format {recorded.get('store_format')}, this one's "
                                         f"{settings.get('store_format')}); it cannot be resumed: start over "
                                         "(--overwrite; from Python, another out_dir)")
         details = [f"{hashed[key]} differ" if key in hashed else
-                   "{}: recorded {}, now {}".format(key, *_shown(shown.get(key), old, new))
+                   "{}: recorded {}, now {}".format(_named(key, named), *_shown(shown.get(key), old, new))
                    for key, old, new in _differences(recorded, settings)]
         if details:
             raise SettingsMismatchError(f"{self.path} holds a run of {model} with other settings "
