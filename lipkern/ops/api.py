@@ -233,6 +233,8 @@ def _check_x(x) -> None:
 def index_channel_dim(channel_dim) -> int:
     """``channel_dim`` as a Python int. Any integer is taken (``operator.index``: an int, a numpy
     integer, an integer tensor of one element), not a bool, which would read as axis 0 or 1."""
+    if type(channel_dim) is int:  # every call's case, spared the checks below
+        return channel_dim
     is_bool = isinstance(channel_dim, bool) or (
         isinstance(channel_dim, torch.Tensor) and channel_dim.dtype == torch.bool
     )
