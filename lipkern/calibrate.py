@@ -570,9 +570,9 @@ def _calibrate(
     if empty:
         warnings.warn(
             "lipkern.calibrate: layers called on the data with empty inputs (numel 0) only, "
-            f"which hold no value to take a threshold from, stay uncalibrated: {empty}; called "
-            "later with values they raise rather than run unremapped: calibrate on data that "
-            "gives them values, or set their mode to 'off'"
+            f"which hold no value to take a threshold from, stay uncalibrated: {empty}; they "
+            "pass empty inputs on, and called later with values they raise rather than run "
+            "unremapped: calibrate on data that gives them values, or set their mode to 'off'"
         )
     if unused:
         warnings.warn(

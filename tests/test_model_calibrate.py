@@ -339,6 +339,11 @@ def test_a_layer_called_with_empty_inputs_only_says_so(granularity):
     assert not any("never called" in str(w.message) for w in caught)
     assert model["used"][1].calibrated and not model["idle"][1].calibrated
     assert [layer.name for layer in set_ratio(model, 2**-3).layers] == ["used.1"]
+    # The forward that calibrated it still runs; a value reaching it is refused, by name.
+    x = torch.randn(3, 2)
+    assert torch.equal(model(x), model["used"](x))
+    with pytest.raises(RuntimeError, match=r"idle.1: .*empty inputs only"):
+        model["idle"](x)
     model.forward = lambda x: model["idle"](x[:0])
     with pytest.raises(RuntimeError, match=r"no converted layer saw a value.*empty inputs \(numel 0\) only: \['idle.1'\]"):
         _calibrate(model, [torch.randn(3, 2)], granularity=granularity)

@@ -315,15 +315,17 @@ def test_an_unsupported_dtype_names_the_layer():
         lipkern.calibrate(model, [torch.randn(2, 6, dtype=torch.float64)], progress=False)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("mode", ["apply", "calibrate"])
-def test_an_input_without_strides_names_the_layer_and_the_layout(mode):
+def test_an_input_without_strides_names_the_layer_and_the_layout(mode, granularity):
     layer = _calibrated()[3]
     if mode == "calibrate":
-        layer.begin_calibration()
+        layer.begin_calibration(granularity)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PyTorch warns that nested tensors are a prototype
         nested = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)])
     for x, got in ((torch.randn(5, 8).to_sparse(), "layout torch.sparse_coo"),
+                   (torch.randn(5, 8).to_mkldnn(), "layout torch._mkldnn"),
                    (nested, "a nested tensor")):
         with pytest.raises(TypeError, match=rf"^3 \(RemapAct\): x must be a dense \(strided\) tensor, got {got}"):
             layer(x)

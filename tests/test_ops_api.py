@@ -70,6 +70,17 @@ def test_bad_input_raises_a_clear_error(function, kwargs, error, match):
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_a_threshold_that_requires_grad_is_taken_where_nothing_records(backend):
+    # Under no_grad no gradient can go missing: an nn.Parameter threshold serves inference.
+    x, t = torch.randn(4, 6), torch.rand(6)
+    want = lipkern.remap_act(x, t, "gelu", backend=backend)
+    with torch.no_grad():
+        y = lipkern.remap_act(x, torch.nn.Parameter(t.clone()), "gelu", center=torch.nn.Parameter(t * 0),
+                              backend=backend)
+    assert same_bits(y, want).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 @pytest.mark.parametrize("channel_dim", [np.int64(1), np.int32(-2), torch.tensor(1)], ids=repr)
 def test_channel_dim_may_be_any_integer(backend, channel_dim):
     x, t = torch.randn(2, 6, 3), torch.rand(6)

@@ -301,11 +301,13 @@ def _normalise_parameter(
     if value.device != x.device:
         raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
     if value.requires_grad:
-        # Detaching it would make its gradient vanish without a word.
-        raise ValueError(
-            f"{name} requires grad, but the remap is not differentiable with respect to its "
-            f"{name} (only x gets a gradient); pass {name}.detach()"
-        )
+        # Where autograd records, detaching it would make its gradient vanish without a word.
+        if torch.is_grad_enabled():
+            raise ValueError(
+                f"{name} requires grad, but the remap is not differentiable with respect to its "
+                f"{name} (only x gets a gradient); pass {name}.detach()"
+            )
+        value = value.detach()
     # Attribute checks first: each of these calls costs a dispatch even when it returns value.
     if value.dtype != torch.float32:
         value = value.to(torch.float32)
@@ -360,9 +362,9 @@ def remap_act(
         x: float16, bfloat16 or float32 tensor; any strided layout (channels_last without a
             copy); sparse and nested tensors are refused.
         threshold: ``t >= 0``, a float or a tensor of shape ``()`` or ``(C,)``. The op is not
-            differentiable with respect to ``threshold`` or ``center``: a tensor that requires
-            grad is refused (ValueError) rather than silently given no gradient; pass
-            ``.detach()``.
+            differentiable with respect to ``threshold`` or ``center``: where autograd records, a
+            tensor that requires grad is refused (ValueError) rather than silently given no
+            gradient; pass ``.detach()``.
         act: ``"identity"``, ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"silu"``.
         center: ``None`` (remap to 0, the paper's forged function) or a float / ``()`` / ``(C,)``
             tensor (the MeanSparse variant).
