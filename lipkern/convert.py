@@ -103,15 +103,6 @@ ACT_FAMILIES = tuple(act for act in ACTIVATIONS if act != "identity")
 PRESETS = ("paper",)
 # The attribute of a RemapAct made by convert that holds the module it replaced.
 _ORIGINAL = "_lipkern_original"
-
-
-class UnmatchedPatternWarning(UserWarning):
-    """An ``inputs_of`` pattern that named no module of the model; ``pattern`` holds it, for a
-    caller that turns the warning into its own refusal."""
-
-    def __init__(self, pattern: str):
-        super().__init__(f"lipkern.convert: inputs_of pattern {pattern!r} matched no module")
-        self.pattern = pattern
 # torch.nn modules that compute each lipkern act, for RemapActs that replaced nothing.
 _TORCH_EQUIVALENTS = {
     "identity": nn.Identity,
@@ -319,6 +310,18 @@ def check_convert_arguments(**kwargs) -> None:
                        arguments["preset"], arguments["compile_form"], arguments["backend"])
 
 
+def matched_inputs(model: nn.Module, inputs_of) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Each ``inputs_of`` pattern (one glob or several) and the ``(name, module)`` pairs of ``model``
+    it matches, in module order: what :func:`convert` places input remaps on."""
+    patterns = (inputs_of,) if isinstance(inputs_of, str) else tuple(inputs_of)
+    matched = {pattern: [] for pattern in patterns}
+    for name, module in model.named_modules():
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(name, pattern):
+                matched[pattern].append((name, module))
+    return matched
+
+
 def _mlp_linears(model: nn.Module, acts: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
     """The linear children (:func:`lipkern.nn.is_linear`) of every module that also has a
     selected activation child, but for one registered last: the layers of MLP blocks whatever
@@ -383,11 +386,7 @@ def convert(
         return new
 
     # Input remaps first, while names are those of the original model.
-    matched = {pattern: [] for pattern in inputs_of}
-    for name, module in model.named_modules():
-        for pattern in inputs_of:
-            if fnmatch.fnmatchcase(name, pattern):
-                matched[pattern].append((name, module))
+    matched = matched_inputs(model, inputs_of)
     if preset == "paper":
         matched["preset 'paper'"] = _mlp_linears(model, acts)
     # Every match checked before the first one changes: a refused match leaves the model as it was.
@@ -407,7 +406,7 @@ def convert(
     added = 0
     for pattern, hits in matched.items():
         if not hits and pattern in inputs_of:
-            warnings.warn(UnmatchedPatternWarning(pattern))
+            warnings.warn(f"lipkern.convert: inputs_of pattern {pattern!r} matched no module")
         for name, module in hits:
             if not has_input_remap(module):
                 add_input_remap(

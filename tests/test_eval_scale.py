@@ -596,7 +596,13 @@ def test_resume_needs_the_same_run(tmp_path, monkeypatch, capsys):
     broken.mkdir()
     (broken / "outcomes.sqlite").write_text("not a database")
     assert cli_eval.main(["--no-progress", "--embedded", "tiny_vit", "--out", str(broken), "--resume"]) == 2
-    assert "outcomes.sqlite is not a readable outcome store" in capsys.readouterr().err
+    assert "outcomes.sqlite is not an outcome store lipkern made" in capsys.readouterr().err
+    # A store of lipkern's cut short after its header.
+    _earlier_run(tmp_path / "cut")
+    store = tmp_path / "cut" / "outcomes.sqlite"
+    store.write_bytes(store.read_bytes()[:100])
+    assert cli_eval.main(["--no-progress", "--embedded", "tiny_vit", "--out", str(store.parent), "--resume"]) == 2
+    assert "outcomes.sqlite is not a readable outcome store: database disk image is malformed" in capsys.readouterr().err
 
 
 def test_the_report_replaces_only_its_own_figures(tmp_path):
@@ -764,6 +770,43 @@ def test_a_refused_resume_names_what_the_caller_set(tmp_path, monkeypatch):
                  "--ratios (from Python, ratios): recorded 2^-6, now 2^-6,2^-4"):
         assert part in said, said
     assert "budget." not in said and "chunk_size:" not in said and "pgd_steps" not in said
+
+
+def test_an_earlier_lipkerns_output_is_lipkerns_and_a_database_of_the_users_is_left_alone(tmp_path):
+    """A store and results.json from before the marks are told by their tables and keys; a database of the
+    user's under the store's name is neither resumed into nor marked, and a file of SQLite's name pattern is
+    lipkern's only where SQLite makes it."""
+    from lipkern.eval.store import FILENAME, NotAStoreError, is_store_file
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    OutcomeStore(earlier).close()
+    db = sqlite3.connect(earlier / FILENAME)
+    db.execute("PRAGMA application_id = 0")
+    db.commit()
+    db.close()
+    (earlier / "results.json").write_text(json.dumps(
+        {"models": [{"name": "m", "configs": [], "ratio_labels": []}], "meta": {"quick": True}}, indent=1))
+    _report_file(earlier / "report.md")
+    assert cli_eval.check_out_dir(str(earlier), resume=False, overwrite=True) == sorted(earlier.iterdir())
+    (earlier / f"{FILENAME}-backup").write_bytes(b"a copy of the user's")
+    (earlier / f"{FILENAME}-mj0A1b2C3d").write_bytes(b"")
+    assert not is_store_file(earlier / f"{FILENAME}-backup") and is_store_file(earlier / f"{FILENAME}-mj0A1b2C3d")
+    with pytest.raises(EvalInputError, match=rf"did not write \({FILENAME}-backup\)"):
+        cli_eval.check_out_dir(str(earlier), resume=False, overwrite=True)
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    db = sqlite3.connect(theirs / FILENAME)
+    db.execute("CREATE TABLE measurements (x)")
+    db.commit()
+    db.close()
+    before = (theirs / FILENAME).read_bytes()
+    with pytest.raises(EvalInputError, match=f"--resume: .*{FILENAME} is not an outcome store lipkern made"):
+        cli_eval.check_out_dir(str(theirs), resume=True, overwrite=False)
+    with pytest.raises(NotAStoreError, match="not an outcome store lipkern made"):
+        OutcomeStore(theirs)
+    assert (theirs / FILENAME).read_bytes() == before and not is_store_file(theirs / FILENAME)
 
 
 def test_overwrite_tells_lipkern_files_by_what_they_hold(tmp_path, monkeypatch, capsys):

@@ -146,12 +146,28 @@ def test_checkpoint_wrapped_as_training_scripts_save_it(tmp_path, tiny_model):
     trained = make().state_dict()
     ddp = {f"module.{k}": v for k, v in trained.items()}
     for i, saved in enumerate(({"model": trained, "epoch": 3}, {"model_state_dict": trained, "optimizer": {}},
-                               {"net": trained}, {"state_dict": trained}, ddp, {"model": ddp, "epoch": 3})):
+                               {"net": trained}, {"state_dict": trained}, ddp, {"model": ddp, "epoch": 3},
+                               {"state_dict": trained, "best_acc": torch.tensor(0.9)})):
         path = tmp_path / f"w{i}.pt"
         torch.save(saved, path)
         model = make()
         cli_eval._load_checkpoint(model, str(path))
         assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items()), saved.keys()
+
+    class Noted(torch.nn.Module):
+        """A module whose extra state, in the state dict beside the tensors, is no tensor."""
+
+        def get_extra_state(self):
+            return {"note": "kept"}
+
+        def set_extra_state(self, state):
+            self.note = state["note"]
+
+    noted = torch.nn.Sequential(make(), Noted())
+    torch.save({"state_dict": noted.state_dict(), "epoch": 3}, tmp_path / "noted.pt")
+    model = torch.nn.Sequential(make(), Noted())
+    cli_eval._load_checkpoint(model, str(tmp_path / "noted.pt"))
+    assert model[1].note == "kept" and torch.equal(model[0][0].weight, noted[0][0].weight)
     for saved, says in (({"model": trained, "net": trained, "epoch": 3},
                          "holds a state dict under each of 'model', 'net'; save the one to evaluate on its own"),
                         ({"epoch": 3, "optimizer": {"lr": 0.1}},
@@ -174,6 +190,12 @@ def test_calibration_images_without_labels(tmp_path, tiny_model, capsys):
     labels_only = _npz(tmp_path / "y.npz", y_calib=np.zeros(12, np.int64))
     err = _error(["--model", tiny_model, "--data", str(labels_only)], capsys)
     assert "'y_calib' without 'x_calib'; the calibration images go in 'x_calib'" in err
+    from lipkern.eval.data import load_npz
+
+    # Unused, calibration labels do not count the classes either.
+    far_label = _npz(tmp_path / "far.npz", labels=np.arange(32) % 5, x_calib=rng.random((12, 1, 6, 6), dtype=np.float32),
+                     y_calib=np.full(12, 99))
+    assert load_npz(far_label).num_classes == 5
 
 
 FAILING_MODULE = textwrap.dedent("""

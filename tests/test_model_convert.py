@@ -10,7 +10,7 @@ import torchvision
 from timm.layers import activations as timm_acts
 from torch import nn
 
-from lipkern.convert import UnmatchedPatternWarning, convert, describe, straight_through
+from lipkern.convert import convert, describe, straight_through
 from lipkern.nn import InputRemap, RemapAct, remap_modules
 from lipkern.testing import compare_forward
 from model_helpers import model_backend
@@ -145,10 +145,8 @@ def test_inputs_of_conv_and_bad_target():
 
 
 def test_warnings_when_nothing_matches():
-    with pytest.warns(UserWarning, match="matched no module") as said:
-        convert(Mlp(nn.GELU()), inputs_of=("fc*", "*.nothing"))
-    unmatched = [w.message for w in said if isinstance(w.message, UnmatchedPatternWarning)]
-    assert [w.pattern for w in unmatched] == ["*.nothing"]
+    with pytest.warns(UserWarning, match="matched no module"):
+        convert(Mlp(nn.GELU()), inputs_of=("*.nothing",))
     with pytest.warns(UserWarning, match="nothing was converted"):
         convert(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
     with warnings.catch_warnings():

@@ -8,8 +8,7 @@ import warnings
 import torch.nn as nn
 
 from lipkern.calibrate import calibrate, set_ratio
-from lipkern.convert import (UnmatchedPatternWarning, activation_of, check_convert_arguments, convert,
-                             straight_through)
+from lipkern.convert import activation_of, check_convert_arguments, convert, matched_inputs, straight_through
 from lipkern.nn import has_input_remap, input_channel_dim, remap_modules
 
 __all__ = ["UnusableConversionError", "calibrated", "check_convert_arguments", "converted_copy", "has_input_remap",
@@ -43,29 +42,27 @@ def converted_copy(model: nn.Module, convert_kwargs: dict) -> nn.Module:
         raise UnusableConversionError("the model holds lipkern remap layers already: pass the model before "
                                       "lipkern.convert (lipkern.unconvert gives it back); the evaluation "
                                       "converts a copy")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            m = convert(copy.deepcopy(model), **convert_kwargs)
-        except TypeError as e:  # a pattern that matched a module without an input remap, named by convert
-            raise UnusableConversionError(str(e)) from None
-    # convert matched the patterns and warned of each that named no module; that warning becomes the refusal.
-    unmatched = [w.message.pattern for w in caught if isinstance(w.message, UnmatchedPatternWarning)]
+    matched = matched_inputs(model, convert_kwargs.get("inputs_of", ()))
+    unmatched = [pattern for pattern, hits in matched.items() if not hits]
     if unmatched:
         usable = _remappable_inputs(model)
         example = f", such as {usable[-1]!r}" if usable else "; the model has no Linear or convolution layer"
         raise UnusableConversionError(
             f"inputs_of {', '.join(map(repr, unmatched))} {'names' if len(unmatched) == 1 else 'name'} no module "
             f"of the model (fnmatch globs on qualified module names{example})")
+    with warnings.catch_warnings():
+        # Said by the refusal below, with what the model has instead.
+        warnings.filterwarnings("ignore", message="lipkern.convert: nothing was converted", category=UserWarning)
+        try:
+            m = convert(copy.deepcopy(model), **convert_kwargs)
+        except TypeError as e:  # a pattern that matched a module without an input remap, named by convert
+            raise UnusableConversionError(str(e)) from None
     if not remap_modules(m):
         present = sorted({act for act in map(activation_of, model.modules()) if act is not None})
         has = f"its activation modules are {', '.join(present)}" if present else "it has no activation module"
         raise UnusableConversionError(f"lipkern.convert with {convert_kwargs or 'its defaults'} placed no remap in "
                                       f"the model: none of the selected activations ({has}) and no layer matched "
                                       "inputs_of")
-    for w in caught:
-        # Recording held back convert's other warnings: they reach the caller as convert gave them.
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return m
 
 

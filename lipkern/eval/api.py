@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import _remap, attacks, audit, layers, lipschitz, parallel, smoothing, stats, weight_variant
 from .data import Split
 from .report import chunk_phrase
-from .store import OutcomeStore, SettingsMismatchError
+from .store import NotAStoreError, OutcomeStore, SettingsMismatchError
 
 DEFAULT_RATIOS = (2 ** -8, 2 ** -7, 2 ** -6)
 DEFAULT_EPS = 32 / 255  # see lipkern/eval/train.py for why this suits 8x8 digits
@@ -393,7 +393,10 @@ def evaluate(model: nn.Module, calib_data, test_data, *, eps: float = DEFAULT_EP
             out_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="lipkern-eval-"))
         # Opened once the model has converted (a model that cannot be remapped leaves no store behind) and
         # before the calibration: a resumed run with other settings stops here, and a run killed later resumes.
-        store = OutcomeStore(out_dir)
+        try:
+            store = OutcomeStore(out_dir)
+        except NotAStoreError as e:
+            raise EvalInputError(f"out_dir: {e}") from None
         cleanup.callback(store.close)
         mismatch = None
         try:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import math
 import os
@@ -212,7 +213,9 @@ _WRAPPERS_SAID = ", ".join(map(repr, CHECKPOINT_WRAPPERS[:-1])) + f" or {CHECKPO
 
 
 def _holds_tensors(value) -> bool:
-    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+    """Whether ``value`` could be a state dict: a mapping with tensors among its values (a module's extra state
+    need not be one)."""
+    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
@@ -228,22 +231,26 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
                                  "not loaded; save model.state_dict() instead") from None
         raise EvalInputError(f"--checkpoint {p}: not a state dict that torch.load(weights_only=True) reads "
                              f"({described(e)})") from None
-    if isinstance(state, Mapping) and not _holds_tensors(state):
+    model_keys = set(model.state_dict())
+    # A training script's checkpoint holds the state dict beside its epoch, optimizer, metrics (tensors too).
+    if isinstance(state, Mapping) and not model_keys & set(state):
         wrapped = [key for key in CHECKPOINT_WRAPPERS if _holds_tensors(state.get(key))]
         if len(wrapped) > 1:
             raise EvalInputError(f"--checkpoint {p}: holds a state dict under each of "
                                  f"{', '.join(map(repr, wrapped))}; save the one to evaluate on its own")
         if wrapped:
             state = state[wrapped[0]]
-    if not isinstance(state, Mapping) or (state and not any(isinstance(v, torch.Tensor) for v in state.values())):
+    if not isinstance(state, Mapping) or (state and not _holds_tensors(state)):
         what = (f"dict with keys {', '.join(map(repr, list(state)[:8]))}{', ...' if len(state) > 8 else ''}"
                 if isinstance(state, Mapping) else type(state).__name__)
         raise EvalInputError(f"--checkpoint {p}: holds a {what}, not a state dict (a mapping of parameter names "
                              f"to tensors, or one under {_WRAPPERS_SAID})")
-    # DistributedDataParallel saves its wrapped module's entries under "module.".
-    if state and all(str(key).startswith("module.") for key in state) and not any(
-            key.startswith("module.") for key in model.state_dict()):
-        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "module.")
+    # DistributedDataParallel saves its wrapped module's entries under "module.", before the module's own names.
+    if state and all(str(key).startswith("module.") for key in state) and not model_keys & set(state):
+        stripped = copy.copy(state)  # a shallow copy keeps the state dict's _metadata
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(stripped, "module.")
+        if model_keys & set(stripped):
+            state = stripped
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -433,7 +440,7 @@ def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
     """Checks ``--out`` before any work, changing nothing: refuses a file, a non-empty directory without
     --resume / --overwrite, --resume without a stored run, --overwrite of a directory that holds anything
     lipkern did not write, and an unwritable place. Returns the entries --overwrite is to replace."""
-    from .store import FILENAME
+    from .store import FILENAME, is_store_file
 
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -444,6 +451,9 @@ def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
             raise EvalInputError(f"--resume: {out} does not exist; there is no run to continue")
         if not (out / FILENAME).is_file():
             raise EvalInputError(f"--resume: {out} holds no outcome store ({FILENAME}) to continue")
+        if not is_store_file(out / FILENAME):
+            raise EvalInputError(f"--resume: {out / FILENAME} is not an outcome store lipkern made; there is no "
+                                 "run to continue")
     elif entries and not overwrite:
         raise EvalInputError(f"--out {out} is not empty; continue its run with --resume, replace it with "
                              "--overwrite, or choose another directory")
@@ -452,8 +462,9 @@ def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise EvalInputError(f"--out {out} holds files lipkern did not write ({shown}); --overwrite only "
-                                 "replaces an earlier lipkern eval output, told by what its files hold. Choose "
-                                 "another directory")
+                                 "replaces an earlier lipkern eval output, told by what its files hold (the "
+                                 "figures of a lipkern from before 2026-12-05 carry no mark: delete them "
+                                 "yourself). Choose another directory")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise EvalInputError(f"--out {out} is not writable ({existing} is not a writable directory)")

@@ -141,8 +141,8 @@ def load_npz(path: str | Path, *, num_classes: int | None = None, calib_fraction
                   "training data was given (pass --calib-data with training images, as the paper calibrates)")
         test_source = (f"the {len(test)} of the {len(y)} samples of {path} that calibration left (seed {seed}); "
                        "with calibration data of its own (--calib-data) all of them test")
-    labels = [s.y for s in (calib, test) if s is not None]
-    n_cls = num_classes if num_classes is not None else int(max(int(t.max()) for t in labels)) + 1
+    # From y, the file's own labels: y_calib goes unused, and unchecked it must not count classes.
+    n_cls = num_classes if num_classes is not None else int(y.max()) + 1
     return Dataset(name=path.stem, train=None, calib=calib, test=test, num_classes=n_cls, calib_source=source,
                    test_source=test_source, test_rows=test_rows)
 

@@ -352,12 +352,25 @@ def is_report_file(path) -> bool:
     if name in _TEXT_MARKS:
         mark = _TEXT_MARKS[name]
         head = _head(path, len(mark))
-        return head == mark or (head is not None and name != path.name and mark.startswith(head))
+        if head == mark or (head is not None and name != path.name and mark.startswith(head)):
+            return True
+        return name == "results.json" == path.name and _unmarked_results(path)
     if name.endswith(".png") and any(name.startswith(f"{kind}_") for kind in FIGURES):
         # The metadata chunks come before the image data, near the start.
         head = _head(path, 4096)
         return head is not None and _PNG_MARK in head
     return False
+
+
+def _unmarked_results(path: Path) -> bool:
+    """Whether ``path`` holds results as an earlier lipkern wrote them, before the mark: its two keys, and
+    models with their configurations."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (isinstance(results, dict) and set(results) == {"models", "meta"} and isinstance(results["models"], list)
+            and all(isinstance(m, dict) and {"name", "configs", "ratio_labels"} <= set(m) for m in results["models"]))
 
 
 def _head(path: Path, size: int) -> bytes | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable
@@ -33,19 +34,52 @@ APPLICATION_ID = 0x4C4B4556
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+# The files SQLite keeps beside a database: its rollback journal, write-ahead log and shared memory, and a
+# super-journal (``-mj`` and hex digits).
+_SQLITE_SIDE_FILE = re.compile(re.escape(FILENAME) + r"-(journal|wal|shm|mj[0-9A-Fa-f]+)")
+# The tables an outcome store holds, and the columns of each: a store an earlier lipkern made, before the
+# application id, is told by them.
+_STORE_TABLES = {"meta": ["key", "value"], "units": ["model", "chunk", "unit", "data", "seconds"]}
+
+
 def is_store_file(path) -> bool:
     """Whether ``path`` is an outcome store lipkern made or one of SQLite's files beside one (a killed run's
-    journal), told by content: the database by the application id in its header, or empty (a run killed while
-    SQLite made it); a file of SQLite's by the database it belongs to."""
+    journal), told by content: the database by the application id in its header, by its tables where an earlier
+    lipkern left the id unset, or empty (a run killed while SQLite made it: it holds nothing); a file of SQLite's
+    by its name and the database it belongs to."""
     path = Path(path)
     if path.name != FILENAME:
-        return path.name.startswith(FILENAME + "-") and path.is_file() and is_store_file(path.with_name(FILENAME))
+        return (_SQLITE_SIDE_FILE.fullmatch(path.name) is not None and path.is_file()
+                and is_store_file(path.with_name(FILENAME)))
     try:
         with open(path, "rb") as f:
             head = f.read(72)
     except OSError:
         return False
-    return not head or (head.startswith(_SQLITE_MAGIC) and int.from_bytes(head[68:72], "big") == APPLICATION_ID)
+    if not head:
+        return True
+    if not head.startswith(_SQLITE_MAGIC) or len(head) < 72:
+        return False
+    application_id = int.from_bytes(head[68:72], "big")
+    return application_id == APPLICATION_ID or (application_id == 0 and _tables(path) in ({}, _STORE_TABLES))
+
+
+def _tables(path: Path) -> dict[str, list[str]] | None:
+    """The tables of the SQLite database at ``path`` and their columns, read without writing or waiting on a
+    lock; None where it cannot be read."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+        try:
+            names = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            return {name: [row[1] for row in db.execute(f"PRAGMA table_info({name!r})")] for name in names}
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+
+
+class NotAStoreError(ValueError):
+    """The output directory holds a file of the store's name that no lipkern made."""
 
 
 class SettingsMismatchError(ValueError):
@@ -110,10 +144,15 @@ def _shown(formatter, old, new) -> tuple[str, str]:
 class OutcomeStore:
     def __init__(self, out_dir):
         self.path = Path(out_dir) / FILENAME
+        if self.path.exists() and not is_store_file(self.path):
+            # Opening it would add the store's tables to a database of the user's and mark it lipkern's.
+            raise NotAStoreError(f"{self.path} is not an outcome store lipkern made; move it away, or choose "
+                                 "another directory")
         self._db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
         self._db.execute("PRAGMA synchronous=FULL")
         with self._transaction():
-            self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            if self._db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+                self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             # `seconds`: the unit's own compute time, read without its outcomes' blob.
             self._db.execute("CREATE TABLE IF NOT EXISTS units (model TEXT NOT NULL, chunk INTEGER NOT NULL, "
