@@ -462,9 +462,9 @@ def check_out_dir(path: str, resume: bool, overwrite: bool) -> list[Path]:
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise EvalInputError(f"--out {out} holds files lipkern did not write ({shown}); --overwrite only "
-                                 "replaces an earlier lipkern eval output, told by what its files hold (the "
-                                 "figures of a lipkern from before 2026-12-05 carry no mark: delete them "
-                                 "yourself). Choose another directory")
+                                 "replaces an earlier lipkern eval output, told by what its files hold (an "
+                                 "older lipkern's figures carry no mark: delete them yourself). Choose "
+                                 "another directory")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise EvalInputError(f"--out {out} is not writable ({existing} is not a writable directory)")
