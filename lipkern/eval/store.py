@@ -68,7 +68,7 @@ def _tables(path: Path) -> dict[str, list[str]] | None:
     """The tables of the SQLite database at ``path`` and their columns, read without writing or waiting on a
     lock; None where it cannot be read."""
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+        db = _read_only(path)
         try:
             names = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
             return {name: [row[1] for row in db.execute(f"PRAGMA table_info({name!r})")] for name in names}
@@ -76,6 +76,11 @@ def _tables(path: Path) -> dict[str, list[str]] | None:
             db.close()
     except sqlite3.Error:
         return None
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection that neither writes to the database at ``path`` nor waits long on its lock."""
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
 
 
 class NotAStoreError(ValueError):
@@ -93,7 +98,7 @@ def unit_count(out_dir) -> int | None:
     if not path.is_file():
         return 0
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+        db = _read_only(path)
         try:
             return db.execute("SELECT COUNT(*) FROM units").fetchone()[0]
         finally:

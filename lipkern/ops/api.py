@@ -201,23 +201,14 @@ def _runs_cpu_kernels(backend, x: torch.Tensor) -> bool:
     )
 
 
-def _layout_error(x: torch.Tensor) -> Optional[TypeError]:
-    """The error for an ``x`` without strides (sparse, nested, mkldnn), else None: the kernels
-    and the reference index x by its strides, and PyTorch's own errors for such a tensor name
-    neither x nor what was expected."""
-    if x.is_nested:
-        return TypeError("x must be a dense (strided) tensor, got a nested tensor")
-    if x.layout != torch.strided:
-        return TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
-    return None
-
-
 def _refuse_layout(x: torch.Tensor) -> None:
-    """Raise :func:`_layout_error`'s error, if x has one, in place of the error being handled
-    (the kernels' dispatch failing on such an x, in PyTorch's words)."""
-    error = _layout_error(x)
-    if error is not None:
-        raise error from None
+    """Raise for an ``x`` without strides (sparse, nested, mkldnn), in place of any error being
+    handled: the kernels and the reference index x by its strides, and PyTorch's own errors for
+    such a tensor name neither x nor what was expected."""
+    if x.is_nested:
+        raise TypeError("x must be a dense (strided) tensor, got a nested tensor") from None
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}") from None
 
 
 def _check_x(x) -> None:

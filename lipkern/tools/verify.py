@@ -453,8 +453,9 @@ def legend(report: Report) -> dict[str, str]:
             "only in a backward, where PyTorch's fp32 formula gives NaN for a finite input whose "
             "derivative is finite (GELU-tanh's once x * x overflows float32, |x| above about "
             "1.8e19, where the derivative is 1 or 0), and only if the backend's number is within "
-            "the backward rule's absolute bound of the float64 value (72 x 2^-24 x |dy| there, "
-            "plus an ulp; of either remap decision in the tie band)"
+            "the backward rule's absolute bound of the float64 value "
+            f"({8 * (1 + testing.DERIVATIVE_TERMS_FLAT_FROM):g} x 2^-24 x |dy| there, plus an ulp; "
+            "of either remap decision in the tie band)"
         )
     return entries
 
