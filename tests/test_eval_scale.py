@@ -780,7 +780,9 @@ def test_an_earlier_lipkerns_output_is_lipkerns_and_a_database_of_the_users_is_l
 
     earlier = tmp_path / "earlier"
     earlier.mkdir()
-    OutcomeStore(earlier).close()
+    store = OutcomeStore(earlier)
+    store.bind_settings("m", {"eps": 0.1})
+    store.close()
     db = sqlite3.connect(earlier / FILENAME)
     db.execute("PRAGMA application_id = 0")
     db.commit()
@@ -789,6 +791,13 @@ def test_an_earlier_lipkerns_output_is_lipkerns_and_a_database_of_the_users_is_l
         {"models": [{"name": "m", "configs": [], "ratio_labels": []}], "meta": {"quick": True}}, indent=1))
     _report_file(earlier / "report.md")
     assert cli_eval.check_out_dir(str(earlier), resume=False, overwrite=True) == sorted(earlier.iterdir())
+    # Resumed with other settings, it is refused and left exactly as it was.
+    stored = (earlier / FILENAME).read_bytes()
+    store = OutcomeStore(earlier)
+    with pytest.raises(SettingsMismatchError):
+        store.bind_settings("m", {"eps": 0.2})
+    store.close()
+    assert (earlier / FILENAME).read_bytes() == stored and is_store_file(earlier / FILENAME)
     (earlier / f"{FILENAME}-backup").write_bytes(b"a copy of the user's")
     (earlier / f"{FILENAME}-mj0A1b2C3d").write_bytes(b"")
     assert not is_store_file(earlier / f"{FILENAME}-backup") and is_store_file(earlier / f"{FILENAME}-mj0A1b2C3d")

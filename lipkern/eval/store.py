@@ -156,7 +156,9 @@ class OutcomeStore:
         self._db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
         self._db.execute("PRAGMA synchronous=FULL")
         with self._transaction():
-            if self._db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            # Marked when made; an earlier lipkern's store is told by its tables and stays as it is, since
+            # opening it may end in a refusal, which must leave it untouched.
+            if self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
                 self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             # `seconds`: the unit's own compute time, read without its outcomes' blob.
